@@ -1,0 +1,1 @@
+"""nilmc.calibration_data"""

@@ -1,0 +1,241 @@
+"""The ``nilmc`` command line: a thin click layer over the Python API.
+
+Exit codes: 0 ok, 1 accuracy gate failed, 2 bad input or usage, 3 internal error.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from nilmc.compiler.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, NilmcError
+
+
+def _emit_error(msg: str, code: int) -> None:
+    click.echo(f"nilmc: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors become one line and exit 2; bugs become one line and exit 3."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NilmcError as exc:
+            _emit_error(exc.one_line(), exc.exit_code)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            _emit_error("interrupted", EXIT_BAD_INPUT)
+        except Exception as exc:  # an internal bug: say so, never a bare traceback
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().params.get("debug"):
+                raise
+            _emit_error(f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it", EXIT_INTERNAL)
+
+    return wrapper
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(fn)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+class _Group(click.Group):
+    """Usage errors exit 2 (click's default), with our prefix."""
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+@click.version_option(package_name="nilmc")
+def cli(debug: bool) -> None:
+    """nilmc: compile seq2point NILM models for edge targets, with accuracy proven per artifact.
+
+    Exit codes: 0 ok, 1 accuracy gate failed, 2 bad input or usage, 3 internal error.
+    """
+
+
+# ------------------------------------------------------------------ backends
+@cli.command("backends")
+@json_option
+@handle_errors
+def backends_cmd(as_json: bool) -> None:
+    """List backends with their precisions and whether each is available here."""
+    from nilmc.backends.registry import default_registry
+
+    rows = default_registry().status()
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        mark = "yes" if r["available"] else "no"
+        click.echo(f"{r['name']:<14} {','.join(r['precisions']):<32} available: {mark:<3} {'' if r['available'] else r['reason']}")
+        if r.get("description"):
+            click.echo(f"{'':<14} {r['description']}")
+
+
+# ------------------------------------------------------------------ compile
+def _load_data(path: str | Path, role: str) -> Any:
+    from nilmc.calibration_data.dataset import NilmDataset
+
+    return NilmDataset.load(path)
+
+
+def print_summary(summary: Any) -> None:
+    from nilmc.compiler.report import summary_table
+
+    click.echo(summary_table(summary))
+
+
+def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
+                junit: str | None, as_json: bool) -> None:
+    from nilmc.backends.registry import default_registry
+    from nilmc.compiler.compare import parse_budget
+    from nilmc.compiler.driver import CompileOptions, compile_model
+    from nilmc.compiler.frontend import load_model
+
+    registry = default_registry()
+    tlist = registry.parse_targets(targets)
+    budget = parse_budget(max_delta)
+    model = load_model(model_path)
+    eval_ds = _load_data(eval_path, "evaluation")
+    calib_ds = _load_data(calib, "calibration") if calib else None
+    progress = None if as_json else (lambda s: click.echo(f"  .. {s}", err=True))
+    summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry,
+                            options=CompileOptions(junit=Path(junit) if junit else None), progress=progress)
+    if as_json:
+        _print_json(summary.to_json())
+    else:
+        print_summary(summary)
+        click.echo(f"bundles written to {out}")
+    if not summary.passed:
+        click.echo(f"nilmc: accuracy gate FAILED for: {', '.join(summary.failed_targets())}", err=True)
+        sys.exit(EXIT_GATE_FAILED)
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--calib", type=click.Path(), default=None, help="Calibration set (.npz).")
+@click.option("--eval", "eval_path", type=click.Path(), required=True, help="Evaluation set (.npz) every artifact is verified on.")
+@click.option("--targets", default="onnxruntime:fp32", show_default=True, help="Comma-separated backend:precision list; 'all' for every available target.")
+@click.option("--out", type=click.Path(), required=True, help="Output directory (one bundle per target + summary.json).")
+@click.option("--max-delta", default=None, help="Budget, e.g. 'eacc=0.5,mae=3' (EACC in points, MAE in W). Default eacc=0.5.")
+@click.option("--junit", type=click.Path(), default=None, help="Write JUnit XML (one test case per target).")
+@json_option
+@handle_errors
+def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None, as_json: bool) -> None:
+    """Lower MODEL to every target, verify each artifact against FP32, gate on the budget."""
+    run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json)
+
+
+@cli.command("example")
+@click.option("--out", type=click.Path(), default="nilmc-example-out", show_default=True, help="Output directory.")
+@click.option("--targets", default="all", show_default=True, help="Targets to compile (default: every available one).")
+@json_option
+@handle_errors
+def example_cmd(out: str, targets: str, as_json: bool) -> None:
+    """Compile the shipped reference T-P model with the shipped calibration/evaluation sets."""
+    from nilmc.calibration_data.shipped import shipped_paths
+
+    p = shipped_paths()
+    run_compile(str(p["model"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json)
+
+
+# ------------------------------------------------------------------ verify
+@cli.command("verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--eval", "eval_path", type=click.Path(), required=True, help="Evaluation set (.npz).")
+@click.option("--max-delta", default=None, help="Override the budget stored in the bundle.")
+@json_option
+@handle_errors
+def verify_cmd(bundle: str, eval_path: str, max_delta: str | None, as_json: bool) -> None:
+    """Re-check an existing bundle (hashes, then metrics) without recompiling.
+
+    BUNDLE is a target bundle directory, or a compile output directory (every bundle in it).
+    """
+    from nilmc.compiler.compare import parse_budget
+    from nilmc.compiler.driver import MANIFEST, verify_bundle
+    from nilmc.compiler.errors import BadInputError
+
+    root = Path(bundle)
+    if not root.exists():
+        raise BadInputError(f"bundle {bundle!r} does not exist", "pass a directory written by nilmc compile")
+    bundles = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    if not bundles:
+        raise BadInputError(f"{bundle!r} holds no {MANIFEST}", "pass a directory written by nilmc compile")
+    eval_ds = _load_data(eval_path, "evaluation")
+    budget = parse_budget(max_delta) if max_delta else None
+    results = [verify_bundle(b, eval_ds, budget=budget) for b in bundles]
+    if as_json:
+        _print_json([{"bundle": str(r.bundle), "passed": r.passed, "hash_problems": r.hash_problems,
+                      "report": r.report.to_json() if r.report else None} for r in results])
+    else:
+        for r in results:
+            if r.hash_problems:
+                click.echo(f"{r.bundle}: TAMPERED: " + "; ".join(r.hash_problems))
+            else:
+                click.echo(f"{r.bundle}: {r.report}")
+    bad = [r for r in results if not r.passed]
+    if any(r.hash_problems for r in bad):
+        _emit_error("bundle files do not match their manifest: " + ", ".join(str(r.bundle) for r in bad if r.hash_problems) + "; recompile them", EXIT_BAD_INPUT)
+    if bad:
+        click.echo("nilmc: accuracy gate FAILED for: " + ", ".join(str(r.bundle) for r in bad), err=True)
+        sys.exit(EXIT_GATE_FAILED)
+
+
+# ------------------------------------------------------------------ train
+@cli.command("train")
+@click.option("--data", "data_path", type=click.Path(), default=None, help="Training set (.npz); default: generate one with --setup/--seed.")
+@click.option("--val", "val_path", type=click.Path(), default=None, help="Validation set (.npz) for early stopping.")
+@click.option("--appliance", required=True, help="Appliance to disaggregate (a target column of the data).")
+@click.option("--normalization", default="C", show_default=True, help="Input normalization A-E (Table 1 of seed 003).")
+@click.option("--architecture", type=click.Choice(["seq2point", "classic"]), default="seq2point", show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 10000), default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="Output stem: writes OUT.keras, OUT.keras.contract.json, OUT.onnx.")
+@json_option
+@handle_errors
+def train_cmd(data_path: str | None, val_path: str | None, appliance: str, normalization: str, architecture: str, epochs: int, seed: int, out: str, as_json: bool) -> None:
+    """Train a reference seq2point model reproducibly."""
+    from nilmc.calibration_data.normalization import Normalization
+    from nilmc.compiler.driver import reference_metrics
+    from nilmc.compiler.frontend import load_model
+    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+
+    norm = Normalization.parse(normalization)
+    if data_path is None:
+        from nilmc.calibration_data.errors_compat import BadInputError  # noqa: F401  (placeholder, replaced below)
+    train = _load_data(data_path, "training")
+    val = _load_data(val_path, "validation") if val_path else None
+    model, contract = train_seq2point(train, val, appliance=appliance, normalization=norm,
+                                      config=TrainConfig(epochs=epochs, seed=seed, architecture=architecture))
+    paths = save_trained(model, contract, out)
+    result: dict[str, Any] = {"files": {k: str(v) for k, v in paths.items()}, "parameters": int(model.count_params())}
+    if val is not None:
+        m, _ = reference_metrics(load_model(paths["onnx"]), val)
+        result["val_metrics"] = m.to_json()
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"trained {architecture} for {appliance} ({result['parameters']:,} parameters) -> {paths['onnx']}")
+        if "val_metrics" in result:
+            click.echo("validation (FP32, onnxruntime): " + ", ".join(f"{k}={v:.4g}" for k, v in result["val_metrics"].items() if isinstance(v, float)))
+
+
+def main() -> None:
+    cli(prog_name="nilmc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Comparison is a value: ``compare(reference, candidate, budget) -> Report``.
+
+Deltas are losses: positive means the candidate is worse than the FP32 reference
+(``ref - cand`` for higher-is-better EACC/F1, ``cand - ref`` for lower-is-better
+MAE/SAE/NDE). A budget bounds the loss per metric, e.g. ``eacc=0.5`` (points).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from nilmc.compiler.errors import BadInputError
+from nilmc.compiler.metrics import Metrics, compare_metrics
+
+# EACC and F1 budgets are in percentage points; MAE in watts; SAE/NDE as fractions.
+KNOWN_BUDGET_METRICS = ("eacc", "mae", "sae", "nde", "f1")
+DEFAULT_BUDGET: dict[str, float] = {"eacc": 0.5}
+
+
+def parse_budget(text: str | None) -> dict[str, float]:
+    """Parse ``eacc=0.5,mae=3`` into ``{"eacc": 0.5, "mae": 3.0}``; empty → the default ``eacc=0.5``."""
+    if text is None or not text.strip():
+        return dict(DEFAULT_BUDGET)
+    out: dict[str, float] = {}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        key, sep, val = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in KNOWN_BUDGET_METRICS:
+            raise BadInputError(f"budget entry {part!r} is not METRIC=VALUE with a known metric", f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)}")
+        try:
+            v = float(val)
+        except ValueError:
+            raise BadInputError(f"budget value {val!r} for {key} is not a number", "use e.g. eacc=0.5") from None
+        if not v >= 0:
+            raise BadInputError(f"budget value {v} for {key} is negative or NaN", "a budget is a maximum loss, >= 0")
+        out[key] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Violation:
+    metric: str
+    delta: float
+    limit: float
+
+    @property
+    def excess(self) -> float:
+        return self.delta - self.limit
+
+    def __str__(self) -> str:
+        return f"{self.metric} loss {self.delta:+.4g} > budget {self.limit:g}"
+
+
+@dataclass(frozen=True)
+class Report:
+    """Outcome of comparing one candidate with the reference; truthy when it passed."""
+
+    target: str
+    reference: Metrics
+    candidate: Metrics
+    deltas: Mapping[str, float]
+    budget: Mapping[str, float]
+    verification: str  # measured | emulated | not verified
+    violations: tuple[Violation, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return not self.violations
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    def worst_first(self) -> list[Violation]:
+        return sorted(self.violations, key=lambda v: -v.excess)
+
+    def __str__(self) -> str:
+        if self:
+            return f"{self.target}: PASS ({self.verification}) eacc delta {self.deltas.get('eacc', 0.0):+.3f} pts"
+        return f"{self.target}: FAIL ({self.verification}) " + "; ".join(str(v) for v in self.worst_first())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "passed": self.passed,
+            "verification": self.verification,
+            "reference": self.reference.to_json(),
+            "candidate": self.candidate.to_json(),
+            "deltas": dict(self.deltas),
+            "budget": dict(self.budget),
+            "violations": [{"metric": v.metric, "delta": v.delta, "limit": v.limit} for v in self.worst_first()],
+            **({"extra": dict(self.extra)} if self.extra else {}),
+        }
+
+
+def compare(reference: Metrics, candidate: Metrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured", extra: Mapping[str, Any] | None = None) -> Report:
+    """Compare candidate metrics with the reference under ``budget``."""
+    deltas = compare_metrics(reference, candidate)
+    violations = []
+    for metric, limit in budget.items():
+        d = deltas.get(metric)
+        if d is None:
+            raise BadInputError(f"budget names metric {metric!r}, which the comparison does not produce", f"use one of {', '.join(sorted(deltas))}")
+        if not d <= limit:  # NaN fails too
+            violations.append(Violation(metric, float(d), float(limit)))
+    return Report(target, reference, candidate, deltas, dict(budget), verification, tuple(violations), dict(extra or {}))

@@ -1,0 +1,46 @@
+"""Readable tables of compile results."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nilmc.compiler.driver import CompileSummary
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def summary_table(summary: "CompileSummary") -> str:
+    ref = summary.reference
+    lines = [
+        f"FP32 reference (onnxruntime, measured): EACC {ref.eacc * 100:.2f} %  MAE {ref.mae:.2f} W  SAE {ref.sae:.4f}  "
+        f"NDE {ref.nde:.4f}  F1 {ref.f1:.3f}",
+        "",
+    ]
+    head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "size", "lat b1 ms", "gate")
+    rows = [head]
+    for r in summary.results:
+        row = r.row()
+        gate = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
+        rows.append((
+            row["target"], row["verification"],
+            _fmt(None if row["eacc"] is None else row["eacc"] * 100, ".2f"), _fmt(row["mae_w"], ".2f"),
+            _fmt(row["delta_eacc_pts"], "+.3f"), _fmt(row["delta_mae_w"], "+.2f"),
+            _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate,
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for r in summary.results:
+        if r.error:
+            lines.append(f"  {r.target}: {r.error}")
+        elif not r.passed and r.report is not None:
+            lines.append(f"  {r.target}: " + "; ".join(str(v) for v in r.report.worst_first()))
+    return "\n".join(lines)

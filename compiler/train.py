@@ -1,0 +1,108 @@
+"""Reproducible training of the reference seq2point models (``nilmc train``).
+
+Determinism: ``tf.keras.utils.set_random_seed`` + op determinism + a fixed
+shuffle order, so the same data, setup and seed give the same weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nilmc.calibration_data.dataset import NilmDataset
+from nilmc.calibration_data.normalization import Normalization, TargetScaling
+from nilmc.compiler.contract import ModelContract
+from nilmc.compiler.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options. Defaults: 30 epochs, batch 256, Adam 1e-3, MSE, seed 0,
+    early stopping on validation loss with patience 6 (best weights restored)."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    seed: int = 0
+    patience: int = 6
+    architecture: str = "seq2point"  # or "classic"
+    verbose: int = 0
+
+
+def contract_for(ds: NilmDataset, appliance: str, normalization: Normalization | str) -> ModelContract:
+    """The input contract a model trained on ``ds`` for ``appliance`` will carry."""
+    k = ds.appliance_index(appliance)
+    spec = ds.normalization_spec(normalization)
+    if not ds.target_std:
+        raise BadInputError("the training set carries no target statistics", "regenerate it with nilmc data generate")
+    thr = ds.on_thresholds[k] if ds.on_thresholds else 10.0
+    return ModelContract(
+        input_shape=ds.input_shape,
+        normalization=spec,
+        appliance=appliance,
+        target=TargetScaling(float(ds.target_mean[k]), float(max(ds.target_std[k], 1e-6))),
+        on_threshold_w=float(thr),
+        peak_power_w=float(np.max(ds.y[:, k])),
+        feature_names=tuple(ds.feature_names),
+        setup=str(ds.info.get("setup", "")),
+    )
+
+
+def train_seq2point(
+    train: NilmDataset,
+    val: NilmDataset | None = None,
+    *,
+    appliance: str,
+    normalization: Normalization | str = "C",
+    config: TrainConfig = TrainConfig(),
+) -> tuple[Any, ModelContract]:
+    """Train a seq2point model for one appliance; returns ``(keras_model, contract)``."""
+    from nilmc.compiler.models import MODEL_BUILDERS
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("training")
+    contract = contract_for(train, appliance, normalization)
+    k = train.appliance_index(appliance)
+
+    def xy(ds: NilmDataset) -> tuple[np.ndarray, np.ndarray]:
+        contract.check_input(ds.x, source="the validation set" if ds is val else "the training set")
+        return contract.normalization.apply(ds.raw_x()), contract.target.from_watts(ds.y[:, k])[:, None]
+
+    x, y = xy(train)
+    tf.keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    try:
+        builder = MODEL_BUILDERS[config.architecture]
+    except KeyError:
+        raise BadInputError(f"unknown architecture {config.architecture!r}", f"available: {', '.join(MODEL_BUILDERS)}") from None
+    model = builder(contract.input_shape) if config.architecture == "seq2point" else builder(contract.input_shape[0])
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate), loss="mse")
+    callbacks = []
+    val_data = None
+    if val is not None:
+        val_data = xy(val)
+        callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True))
+    model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, validation_data=val_data,
+              shuffle=True, callbacks=callbacks, verbose=config.verbose)
+    return model, contract
+
+
+def save_trained(model: Any, contract: ModelContract, out: str | Path) -> dict[str, Path]:
+    """Write ``<out>.keras``, its contract sidecar and ``<out>.onnx`` (contract embedded), atomically."""
+    import tempfile
+
+    from nilmc.compiler.frontend import keras_to_onnx, save_contract_sidecar
+    from nilmc.compiler.io import atomic_write_bytes
+
+    out = Path(out)
+    keras_path = out.with_suffix(".keras")
+    onnx_path = out.with_suffix(".onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_keras = Path(tmp) / "model.keras"
+        model.save(tmp_keras)
+        atomic_write_bytes(keras_path, tmp_keras.read_bytes())
+    save_contract_sidecar(keras_path, contract)
+    keras_to_onnx(model, contract).save_onnx(onnx_path)
+    return {"keras": keras_path, "onnx": onnx_path}
