@@ -1,0 +1,403 @@
+"""Integer semantics in one place: ranges, rounding, (de)quantization, requantization, reference ops.
+
+This module is the executable specification every emulator and test agrees with
+(STYLE.md 6). Conventions:
+
+* Integer ranges come from one table, :data:`INT_RANGES` (``int8``, ``uint8``,
+  ``int8_narrow`` = [-127, 127] stored as int8, ``int16``, ``int32``).
+* Rounding is always explicit, a :class:`Rounding`:
+  ``HALF_EVEN`` (ONNX QuantizeLinear, numpy ``rint``; TensorRT), ``HALF_AWAY``
+  (C ``round``; TFLite's ``TfLiteRound``), ``HALF_UP`` = DPU_ROUND, ``floor(x + 0.5)``,
+  so -2.5 -> -2 (Vitis AI DPU).
+* Reference ops compute the exact accumulator in int64 and then *wrap* it to the
+  accumulator width (two's complement, what hardware does on overflow); whether
+  the exact value fits is the business of ``overflow.py`` (``fits_accumulator``).
+* Activations are NHWC, convolution weights OHWI (TFLite and the DPU's [OC, KH, KW, IC]),
+  dense weights ``[in, out]``.
+* Fixed-point requantization follows TFLite's reference kernels (gemmlowp
+  ``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT``, i.e. the
+  double-rounding variant); ``bits=16`` gives the same scheme with a 16-bit
+  normalized multiplier, our emulation hypothesis for the NXP (VeriSilicon) NPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from nilmc.compiler.errors import QuantizationError
+
+
+# --------------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class IntRange:
+    """A code range ``[lo, hi]`` and the integer type that stores it."""
+
+    name: str
+    lo: int
+    hi: int
+    storage: str  # numpy / ONNX storage type name: int8, uint8, int16, int32
+
+    @property
+    def signed(self) -> bool:
+        return self.lo < 0
+
+    @property
+    def bits(self) -> int:
+        return int(np.iinfo(self.storage).bits)
+
+    @property
+    def levels(self) -> int:
+        return self.hi - self.lo + 1
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.storage)
+
+
+INT_RANGES: dict[str, IntRange] = {
+    "int8": IntRange("int8", -128, 127, "int8"),
+    "uint8": IntRange("uint8", 0, 255, "uint8"),
+    "int8_narrow": IntRange("int8_narrow", -127, 127, "int8"),
+    "int16": IntRange("int16", -32768, 32767, "int16"),
+    "int32": IntRange("int32", -(2**31), 2**31 - 1, "int32"),
+}
+
+
+def int_range(name: str) -> IntRange:
+    """Look up a code range by name (see :data:`INT_RANGES`)."""
+    try:
+        return INT_RANGES[name]
+    except KeyError:
+        raise QuantizationError(f"unknown integer range {name!r}", f"available: {', '.join(INT_RANGES)}") from None
+
+
+def int_range_for(bits: int, *, signed: bool, narrow: bool = False) -> IntRange:
+    """The table entry for ``bits``/``signed``/``narrow`` (8-bit narrow -> ``int8_narrow``)."""
+    name = ("int" if signed else "uint") + str(bits) + ("_narrow" if narrow else "")
+    if narrow and not signed:
+        raise QuantizationError(f"narrow range needs a signed type, got {bits}-bit unsigned", "use signed weights")
+    return int_range(name)
+
+
+def accumulator_limit(bits: int) -> int:
+    """Largest magnitude a signed ``bits``-wide accumulator holds: ``2**(bits-1) - 1``."""
+    return 2 ** (bits - 1) - 1
+
+
+# --------------------------------------------------------------------------- rounding
+class Rounding(str, Enum):
+    HALF_EVEN = "half_even"  # ONNX QuantizeLinear, TensorRT
+    HALF_AWAY = "half_away"  # C round(), TFLite
+    HALF_UP = "half_up"  # DPU_ROUND: floor(x + 0.5), -2.5 -> -2
+
+    @classmethod
+    def parse(cls, value: "str | Rounding") -> "Rounding":
+        if isinstance(value, Rounding):
+            return value
+        aliases = {"dpu_round": "half_up", "round_half_to_even": "half_even", "round": "half_away"}
+        key = aliases.get(str(value).lower(), str(value).lower())
+        try:
+            return cls(key)
+        except ValueError:
+            raise QuantizationError(f"unknown rounding mode {value!r}", f"available: {', '.join(r.value for r in cls)}") from None
+
+
+DPU_ROUND = Rounding.HALF_UP
+
+
+def round_values(x: np.ndarray, mode: Rounding) -> np.ndarray:
+    """Round floats to integers (still float dtype) with an explicit tie rule."""
+    x = np.asarray(x)
+    if mode is Rounding.HALF_EVEN:
+        return np.rint(x)
+    if mode is Rounding.HALF_AWAY:
+        return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    return np.floor(x + 0.5)
+
+
+def rounding_divide(x: np.ndarray, d: int | np.ndarray, mode: Rounding) -> np.ndarray:
+    """Exact integer ``round(x / d)`` for int arrays and positive integer ``d``."""
+    x = np.asarray(x, np.int64)
+    d = np.asarray(d, np.int64)
+    q = np.floor_divide(x, d)
+    twice_r = 2 * (x - q * d)
+    up = twice_r > d
+    tie = twice_r == d
+    if mode is Rounding.HALF_UP:
+        up |= tie
+    elif mode is Rounding.HALF_AWAY:
+        up |= tie & (x > 0)
+    else:
+        up |= tie & (q % 2 == 1)
+    return q + up
+
+
+def rounding_shift_right(x: np.ndarray, shift: int | np.ndarray, mode: Rounding) -> np.ndarray:
+    """``round(x / 2**shift)`` on integers; a negative shift is an exact left shift."""
+    x = np.asarray(x, np.int64)
+    shift = np.asarray(shift, np.int64)
+    right = rounding_divide(x, np.left_shift(np.int64(1), np.maximum(shift, 0)), mode)
+    return np.where(shift >= 0, right, x * np.left_shift(np.int64(1), np.maximum(-shift, 0)))
+
+
+def clamp(x: np.ndarray, rng: IntRange) -> np.ndarray:
+    """Saturate to ``rng`` and cast to its storage type."""
+    return np.clip(x, rng.lo, rng.hi).astype(rng.np_dtype)
+
+
+def wrap(acc: np.ndarray, bits: int) -> np.ndarray:
+    """Two's-complement wrap of exact integers to a ``bits``-wide accumulator."""
+    acc = np.asarray(acc, np.int64)
+    half = np.int64(1) << (bits - 1)
+    out = ((acc + half) % (half * 2)) - half
+    return out.astype(np.int32) if bits <= 32 else out
+
+
+def fits_accumulator(acc: np.ndarray, bits: int) -> bool:
+    return bool(np.all(np.abs(np.asarray(acc, np.int64)) <= accumulator_limit(bits)))
+
+
+# --------------------------------------------------------------------------- affine grids
+def _along(v: np.ndarray | float, axis: int | None, ndim: int) -> np.ndarray:
+    v = np.asarray(v)
+    if axis is None or v.ndim == 0:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def quantize(
+    x: np.ndarray,
+    scale: float | np.ndarray,
+    zero_point: int | np.ndarray,
+    rng: IntRange,
+    *,
+    axis: int | None = None,
+    rounding: Rounding = Rounding.HALF_EVEN,
+) -> np.ndarray:
+    """``clamp(round(x / scale) + zero_point)``.
+
+    Division happens in float32 for float32 input (as onnxruntime's QuantizeLinear),
+    else in float64. ``axis`` names the channel axis of per-channel ``scale``.
+    """
+    x = np.asarray(x)
+    ftype = np.float32 if x.dtype == np.float32 else np.float64
+    s = _along(np.asarray(scale, ftype), axis, x.ndim)
+    z = _along(np.asarray(zero_point, np.int64), axis, x.ndim)
+    q = round_values(x.astype(ftype) / s, rounding).astype(np.int64) + z
+    return clamp(q, rng)
+
+
+def dequantize(q: np.ndarray, scale: float | np.ndarray, zero_point: int | np.ndarray, *, axis: int | None = None) -> np.ndarray:
+    """``(q - zero_point) * scale`` as float32."""
+    q = np.asarray(q)
+    s = _along(np.asarray(scale, np.float32), axis, q.ndim)
+    z = _along(np.asarray(zero_point, np.int64), axis, q.ndim)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def affine_params(lo: float, hi: float, rng: IntRange, *, symmetric: bool) -> tuple[float, int]:
+    """Scale and zero point mapping the real range ``[lo, hi]`` onto ``rng``.
+
+    The range is first widened to contain 0 (zero must be exact). Symmetric:
+    ``scale = max(|lo|, |hi|) / rng.hi``, zero point 0 (TensorRT, TFLite weights,
+    the DPU). Asymmetric: ``scale = (hi - lo) / (rng.hi - rng.lo)``, zero point
+    ``round_half_even(rng.lo - lo / scale)`` clamped. The scale is rounded to
+    float32 (what ONNX stores). A zero-width range gets scale 1.0 (any scale
+    represents an all-zero tensor exactly).
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        if not rng.signed:
+            raise QuantizationError(f"symmetric quantization needs a signed range, got {rng.name}", "use int8 activations")
+        scale = float(np.float32(max(-lo, hi) / rng.hi))
+        return (scale, 0) if scale > 0 and math.isfinite(scale) else (1.0, 0)
+    scale = float(np.float32((hi - lo) / (rng.hi - rng.lo)))
+    if not (scale > 0 and math.isfinite(scale)):
+        return 1.0, int(np.clip(0, rng.lo, rng.hi))
+    zp = int(np.clip(np.rint(rng.lo - lo / scale), rng.lo, rng.hi))
+    return scale, zp
+
+
+def representable_range(scale: float, zero_point: int, rng: IntRange) -> tuple[float, float]:
+    """Smallest and largest real value the grid represents (codes ``rng.lo``/``rng.hi``)."""
+    return (rng.lo - zero_point) * scale, (rng.hi - zero_point) * scale
+
+
+def pot_scale(fix_position: int) -> float:
+    """Power-of-two scale ``2**-fix_position`` (the DPU's ``real = q * 2**-fix_point``)."""
+    return float(np.ldexp(1.0, -int(fix_position)))
+
+
+def fix_position_candidates(scale: float) -> tuple[int, ...]:
+    """The fix positions whose power-of-two scales bracket ``scale`` (floor and ceil of -log2)."""
+    f = -math.log2(scale)
+    return tuple(sorted({math.floor(f), math.ceil(f)}))
+
+
+# --------------------------------------------------------------------------- fixed-point requantization
+def quantize_multiplier(real: float, *, bits: int = 32) -> tuple[int, int]:
+    """Normalized fixed-point multiplier: ``real ~= m * 2**(shift - (bits-1))``, ``m`` in ``[2**(bits-2), 2**(bits-1))``.
+
+    ``shift`` > 0 means a left shift (TFLite convention). ``bits=32`` is TFLite,
+    ``bits=16`` the 16-bit variant for the NXP NPU emulation.
+    """
+    if not (real > 0 and math.isfinite(real)):
+        if real == 0:
+            return 0, 0
+        raise QuantizationError(f"requantization multiplier must be positive and finite, got {real}", "check the scales")
+    frac, shift = math.frexp(real)
+    m = int(round_values(np.float64(frac * 2 ** (bits - 1)), Rounding.HALF_AWAY))
+    if m == 2 ** (bits - 1):
+        m //= 2
+        shift += 1
+    return m, shift
+
+
+def _div_trunc(a: np.ndarray, d: int) -> np.ndarray:
+    return np.sign(a) * (np.abs(a) // d)
+
+
+def doubling_high_mul(a: np.ndarray, m: np.ndarray | int, *, bits: int = 32) -> np.ndarray:
+    """gemmlowp ``SaturatingRoundingDoublingHighMul`` generalised to ``bits``."""
+    a = np.asarray(a, np.int64)
+    m = np.asarray(m, np.int64)
+    ab = a * m
+    nudge = np.where(ab >= 0, 1 << (bits - 2), 1 - (1 << (bits - 2)))
+    out = _div_trunc(ab + nudge, 1 << (bits - 1))
+    lowest = -(1 << (bits - 1))
+    return np.where((a == lowest) & (m == lowest), (1 << (bits - 1)) - 1, out)
+
+
+def multiply_by_quantized_multiplier(x: np.ndarray, m: np.ndarray | int, shift: np.ndarray | int, *, bits: int = 32) -> np.ndarray:
+    """TFLite ``MultiplyByQuantizedMultiplier``: high-mul, then round-half-away right shift."""
+    shift = np.asarray(shift, np.int64)
+    left = np.left_shift(np.int64(1), np.maximum(shift, 0))
+    hm = doubling_high_mul(np.asarray(x, np.int64) * left, m, bits=bits)
+    return rounding_shift_right(hm, np.maximum(-shift, 0), Rounding.HALF_AWAY)
+
+
+def requantize(
+    acc: np.ndarray, multiplier: np.ndarray | int, shift: np.ndarray | int, zero_point: int, rng: IntRange, *, bits: int = 32
+) -> np.ndarray:
+    """Accumulator -> output codes: ``clamp(mbqm(acc) + zero_point)`` (channels last for per-channel m/shift)."""
+    return clamp(multiply_by_quantized_multiplier(acc, multiplier, shift, bits=bits) + zero_point, rng)
+
+
+def shift_requantize(acc: np.ndarray, shift: int | np.ndarray, rng: IntRange, *, rounding: Rounding = DPU_ROUND) -> np.ndarray:
+    """Power-of-two requantization (DPU ``shift_cut``): ``clamp(round(acc / 2**shift))``."""
+    return clamp(rounding_shift_right(acc, shift, rounding), rng)
+
+
+# --------------------------------------------------------------------------- reference integer ops
+def _centred(q: np.ndarray, zero_point: np.ndarray | int, axis: int | None = None) -> np.ndarray:
+    q = np.asarray(q, np.int64)
+    return q - _along(np.asarray(zero_point, np.int64), axis, q.ndim)
+
+
+def conv2d_nhwc(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    x_zero_point: int = 0,
+    w_zero_point: int | np.ndarray = 0,
+    strides: tuple[int, int] = (1, 1),
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilations: tuple[int, int] = (1, 1),
+    acc_bits: int = 32,
+) -> np.ndarray:
+    """Integer Conv2D: x ``(N,H,W,C)``, w ``(O,KH,KW,C)``, pads ``(top, left, bottom, right)`` -> accumulator ``(N,OH,OW,O)``.
+
+    Padding holds real zeros (the zero point); bias is already in accumulator units.
+    """
+    xc = _centred(x, x_zero_point)
+    wc = _centred(w, w_zero_point, axis=0)
+    pt, pl, pb, pr = pads
+    xp = np.pad(xc, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    (dh, dw), (kh, kw) = dilations, w.shape[1:3]
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+    win = win[:, :: strides[0], :: strides[1], :, ::dh, ::dw]  # (N, OH, OW, C, KH, KW)
+    acc = np.einsum("nhwcij,oijc->nhwo", win, wc)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    return wrap(acc, acc_bits)
+
+
+def dense(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    x_zero_point: int = 0,
+    w_zero_point: int | np.ndarray = 0,
+    acc_bits: int = 32,
+) -> np.ndarray:
+    """Integer Dense: x ``(N, in)``, w ``(in, out)`` -> accumulator ``(N, out)``."""
+    acc = _centred(x, x_zero_point) @ _centred(w, w_zero_point, axis=1)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    return wrap(acc, acc_bits)
+
+
+def relu(q: np.ndarray, zero_point: int = 0) -> np.ndarray:
+    """ReLU on codes: real zero is the zero point."""
+    return np.maximum(q, np.asarray(zero_point).astype(np.asarray(q).dtype))
+
+
+def leaky_relu(acc: np.ndarray, *, alpha_num: int = 26, alpha_shift: int = 8, rounding: Rounding = DPU_ROUND) -> np.ndarray:
+    """Leaky ReLU on zero-centred integers with a fixed-point slope ``alpha_num / 2**alpha_shift``.
+
+    Defaults are the DPU's forced slope 26/256 with DPU_ROUND.
+    """
+    acc = np.asarray(acc, np.int64)
+    return np.where(acc >= 0, acc, rounding_shift_right(acc * alpha_num, alpha_shift, rounding))
+
+
+def add(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    a_scale: float,
+    a_zero_point: int,
+    b_scale: float,
+    b_zero_point: int,
+    out_scale: float,
+    out_zero_point: int,
+    rng: IntRange,
+    left_shift: int = 20,
+    bits: int = 32,
+) -> np.ndarray:
+    """Quantized elementwise add (TFLite reference: rescale both to a common scale, sum, requantize)."""
+    twice_max = 2.0 * max(a_scale, b_scale)
+    ma, sa = quantize_multiplier(a_scale / twice_max, bits=bits)
+    mb, sb = quantize_multiplier(b_scale / twice_max, bits=bits)
+    mo, so = quantize_multiplier(twice_max / ((1 << left_shift) * out_scale), bits=bits)
+    ra = multiply_by_quantized_multiplier(_centred(a, a_zero_point) << left_shift, ma, sa, bits=bits)
+    rb = multiply_by_quantized_multiplier(_centred(b, b_zero_point) << left_shift, mb, sb, bits=bits)
+    return requantize(ra + rb, mo, so, out_zero_point, rng, bits=bits)
+
+
+def _pool_windows(q: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int]) -> np.ndarray:
+    win = sliding_window_view(np.asarray(q), kernel, axis=(1, 2))  # (N, OH', OW', C, KH, KW)
+    return win[:, :: strides[0], :: strides[1]]
+
+
+def avg_pool(
+    q: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int] | None = None, *, rounding: Rounding = Rounding.HALF_AWAY
+) -> np.ndarray:
+    """Average pool on codes (NHWC, VALID padding): int32 sum, rounded division, same scale/zero point."""
+    win = _pool_windows(q, kernel, strides or kernel).astype(np.int64)
+    total = win.sum(axis=(-1, -2))
+    out = rounding_divide(total, kernel[0] * kernel[1], rounding)
+    return out.astype(np.asarray(q).dtype)
+
+
+def max_pool(q: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int] | None = None) -> np.ndarray:
+    """Max pool on codes (NHWC, VALID padding); scale and zero point pass through."""
+    return _pool_windows(q, kernel, strides or kernel).max(axis=(-1, -2))

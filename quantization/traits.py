@@ -1,0 +1,151 @@
+"""Per-target quantization traits, as data (STYLE.md 5).
+
+Every difference between targets that the algorithms care about is a field of
+the frozen :class:`QuantTraits`; the algorithms read fields, never backend names.
+Named presets below are the records backends declare in their ``capabilities``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from nilmc.compiler.errors import QuantizationError
+from nilmc.quantization.intops import IntRange, Rounding, int_range_for
+
+_IO_DTYPES = ("int8", "uint8", "float")
+
+
+@dataclass(frozen=True)
+class QuantTraits:
+    """How one target quantizes.
+
+    Defaults describe a plain onnxruntime-style INT8 target. Fields:
+
+    * ``per_channel_weights`` (True): one weight scale per output channel.
+    * ``symmetric_activations`` (False) / ``symmetric_weights`` (True): zero point 0.
+    * ``power_of_two`` (False): scales are exact powers of two (``2**-fix_position``).
+    * ``narrow_range_weights`` (False): weights use [-127, 127].
+    * ``weight_bits`` / ``activation_bits`` (8) and ``accumulator_bits`` (32).
+    * ``rounding`` (HALF_EVEN): tie rule used when nilmc itself rounds (weights, bias, emulators).
+    * ``io_dtype`` ("float"): what the deployed model takes and returns: "int8", "uint8" or "float".
+    * ``allow_int16_activations`` (False): whether a tensor may be promoted to int16.
+    * ``activation_signed`` (True): int8 (True) or uint8 (False) activation codes.
+    * ``bias_bits`` (32): 32 = int32 bias with scale ``s_in * s_w``; smaller = own
+      per-tensor scale (the DPU stores an 8-bit bias with its own fix position).
+    * ``requant_shift_range`` (None): allowed ``fw + fi - fo`` for power-of-two targets (DPU shift_cut).
+    * ``requant_multiplier_bits`` (32): width of the normalized requantization multiplier
+      (16 for the NXP NPU emulation).
+    """
+
+    name: str = "custom"
+    per_channel_weights: bool = True
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    power_of_two: bool = False
+    narrow_range_weights: bool = False
+    weight_bits: int = 8
+    activation_bits: int = 8
+    accumulator_bits: int = 32
+    rounding: Rounding = Rounding.HALF_EVEN
+    io_dtype: str = "float"
+    allow_int16_activations: bool = False
+    activation_signed: bool = True
+    bias_bits: int = 32
+    requant_shift_range: tuple[int, int] | None = None
+    requant_multiplier_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if self.io_dtype not in _IO_DTYPES:
+            raise QuantizationError(f"traits {self.name!r}: unknown io_dtype {self.io_dtype!r}", f"use one of {', '.join(_IO_DTYPES)}")
+        if self.symmetric_activations and not self.activation_signed:
+            raise QuantizationError(f"traits {self.name!r}: symmetric activations need signed codes", "set activation_signed=True")
+        if self.narrow_range_weights and not self.symmetric_weights:
+            raise QuantizationError(f"traits {self.name!r}: narrow-range weights must be symmetric", "set symmetric_weights=True")
+        if not 8 <= self.accumulator_bits <= 64:
+            raise QuantizationError(f"traits {self.name!r}: accumulator_bits={self.accumulator_bits} is out of [8, 64]", "use 16, 24 or 32")
+        self.weight_range  # validate bit widths against the integer table
+        self.activation_range
+        object.__setattr__(self, "rounding", Rounding.parse(self.rounding))
+
+    @property
+    def weight_range(self) -> IntRange:
+        return int_range_for(self.weight_bits, signed=True, narrow=self.narrow_range_weights)
+
+    @property
+    def activation_range(self) -> IntRange:
+        return int_range_for(self.activation_bits, signed=self.activation_signed)
+
+    @property
+    def bias_range(self) -> IntRange:
+        return int_range_for(self.bias_bits, signed=True)
+
+    @property
+    def bias_uses_product_scale(self) -> bool:
+        """True when bias is stored at ``s_in * s_w`` (int32); otherwise with its own scale."""
+        return self.bias_bits == 32
+
+    def with_(self, **changes: Any) -> "QuantTraits":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rounding"] = self.rounding.value
+        d["requant_shift_range"] = None if self.requant_shift_range is None else list(self.requant_shift_range)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "QuantTraits":
+        d = dict(d)
+        if d.get("requant_shift_range") is not None:
+            d["requant_shift_range"] = tuple(int(v) for v in d["requant_shift_range"])
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise QuantizationError(f"quantization traits are malformed ({exc})", "write them with QuantTraits.to_json") from None
+
+
+# onnxruntime / OpenVINO: per-channel symmetric int8 weights, asymmetric uint8 activations, float I/O (QDQ).
+GENERIC_INT8 = QuantTraits(name="generic_int8", activation_signed=False)
+
+# TFLite full-integer: per-channel narrow int8 weights, asymmetric int8 activations, int32 accumulators,
+# C round() (half away) when quantizing, int8 I/O.
+TFLITE_INT8 = QuantTraits(name="tflite_int8", narrow_range_weights=True, rounding=Rounding.HALF_AWAY, io_dtype="int8")
+
+# TensorRT explicit Q/DQ: symmetric everywhere (zero point 0), per-channel weights on the output-channel axis,
+# amax/127 scales, round half to even, float I/O.
+TENSORRT_INT8 = QuantTraits(name="tensorrt_int8", symmetric_activations=True, narrow_range_weights=True)
+
+# NXP eIQ (i.MX 8M Plus NPU) per-tensor path: per-tensor asymmetric weights and activations (the legacy
+# per-tensor layout this NPU runs fastest), 16-bit normalized requantization multiplier.
+EIQ_PER_TENSOR = QuantTraits(
+    name="eiq_per_tensor",
+    per_channel_weights=False,
+    symmetric_weights=False,
+    rounding=Rounding.HALF_AWAY,
+    io_dtype="int8",
+    requant_multiplier_bits=16,
+)
+
+# Vitis AI DPU: per-tensor symmetric int8, power-of-two scales, DPU_ROUND, 8-bit bias with its own fix
+# position, shift_cut in [0, 16], ~24-bit accumulator headroom (REFERENCE.md: inferred, not documented).
+DPU_POT = QuantTraits(
+    name="dpu_pot",
+    per_channel_weights=False,
+    symmetric_activations=True,
+    power_of_two=True,
+    accumulator_bits=24,
+    rounding=Rounding.HALF_UP,
+    io_dtype="int8",
+    bias_bits=8,
+    requant_shift_range=(0, 16),
+)
+
+PRESETS: dict[str, QuantTraits] = {t.name: t for t in (GENERIC_INT8, TFLITE_INT8, TENSORRT_INT8, EIQ_PER_TENSOR, DPU_POT)}
+
+
+def preset(name: str) -> QuantTraits:
+    """A named preset (see :data:`PRESETS`)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise QuantizationError(f"unknown quantization traits preset {name!r}", f"available: {', '.join(PRESETS)}") from None
