@@ -1,4 +1,11 @@
-"""onnxruntime FP32: the reference every other artifact is compared with."""
+"""onnxruntime: FP32 (the reference every artifact is compared with) and INT8.
+
+``int8`` is nilmc's *ideal INT8 reference*: the QDQ ONNX graph built from nilmc's
+own parameters (generic traits: per-channel symmetric int8 weights, asymmetric
+uint8 activations) and executed by onnxruntime, whose CPU provider fuses the
+Q/DQ pairs into integer kernels. It shows what INT8 costs before any vendor
+toolchain is involved.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from nilmc.backends.base import Artifact, Capabilities, Verification
+from nilmc.quantization.traits import GENERIC_INT8
 
 if TYPE_CHECKING:
     from nilmc.compiler.model import Model
@@ -48,16 +56,28 @@ class OrtRunner:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     capabilities = Capabilities(
-        precisions=("fp32",),
-        description="ONNX FP32 on onnxruntime CPU: the reference",
+        precisions=("fp32", "int8"),
+        description="ONNX on onnxruntime CPU: FP32 reference and nilmc's ideal INT8 (QDQ)",
+        traits={"int8": GENERIC_INT8},
         requires=("onnxruntime",),
         extra=None,
     )
 
     def lower(self, model: "Model", out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
         out_dir = Path(out_dir)
-        model.save_onnx(out_dir / "model.onnx")
-        return Artifact(self.name, precision, out_dir, "model.onnx", ["model.onnx"], kind="ONNX FP32 (onnxruntime)")
+        if precision == "fp32":
+            model.save_onnx(out_dir / "model.onnx")
+            return Artifact(self.name, precision, out_dir, "model.onnx", ["model.onnx"], kind="ONNX FP32 (onnxruntime)")
+        from nilmc.compiler.model import Model as _Model
+        from nilmc.quantization.context import require_quant
+        from nilmc.quantization.qdq import build_qdq_model
+
+        ctx = require_quant(options, f"{self.name}:{precision}")
+        params = ctx.params(GENERIC_INT8)
+        qdq = _Model(build_qdq_model(model.graph, params), model.contract, source=model.source)
+        qdq.save_onnx(out_dir / "model_qdq.onnx")
+        return Artifact(self.name, precision, out_dir, "model_qdq.onnx", ["model_qdq.onnx"], kind="ONNX QDQ INT8 (onnxruntime)",
+                        info={"quantization": params.to_json()})
 
     def runner(self, artifact: Artifact) -> OrtRunner:
         return OrtRunner(artifact.path)

@@ -75,6 +75,7 @@ class CompileSummary:
     reference: Metrics
     results: list[TargetResult] = field(default_factory=list)
     out_dir: Path | None = None
+    calibration_s: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -88,6 +89,7 @@ class CompileSummary:
             "nilmc_version": nilmc.__version__,
             "passed": self.passed,
             "reference": self.reference.to_json(),
+            "calibration_s": round(self.calibration_s, 3),
             "targets": [r.row() for r in self.results],
         }
 
@@ -223,11 +225,19 @@ def compile_model(
     truth = eval_truth(model, eval_ds)
     raw_eval = eval_ds.raw_x()
 
+    quant = None
+    if calib is not None:
+        from nilmc.quantization.context import QuantContext
+
+        quant = QuantContext(model, calib)  # statistics are collected once, on first use
+    lower_options = {"calibration": calib, "quant": quant}
+
     with atomic_directory(out_dir) as tmp_out:
         model.save_onnx(tmp_out / "reference" / "model.onnx")
         for target in targets:
             say(f"lowering {target}")
-            summary.results.append(_compile_one(model, target, tmp_out / _bundle_name(target), registry, calib, eval_ds, raw_eval, truth, ref_metrics, budget, options))
+            summary.results.append(_compile_one(model, target, tmp_out / _bundle_name(target), registry, lower_options, eval_ds, raw_eval, truth, ref_metrics, budget, options))
+        summary.calibration_s = quant.calibration_s if quant is not None else 0.0
         atomic_write_json(tmp_out / SUMMARY, summary.to_json())
         if options.junit is not None:
             from nilmc.compiler.junit import junit_xml
@@ -236,13 +246,13 @@ def compile_model(
     return summary
 
 
-def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry, calib: NilmDataset | None, eval_ds: NilmDataset,
+def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry, lower_options: Mapping[str, Any], eval_ds: NilmDataset,
                  raw_eval: np.ndarray, truth: np.ndarray, ref_metrics: Metrics, budget: Mapping[str, float], options: CompileOptions) -> TargetResult:
     backend = registry.get(target.backend)
     t0 = time.perf_counter()
     try:
         bundle.mkdir(parents=True)
-        art = backend.lower(model, bundle, precision=target.precision, options={"calibration": calib})
+        art = backend.lower(model, bundle, precision=target.precision, options=lower_options)
         compile_s = time.perf_counter() - t0
         with backend.runner(art) as runner:
             verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
