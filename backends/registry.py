@@ -151,8 +151,11 @@ class Registry:
 def register_builtins(registry: Registry) -> None:
     """Every built-in backend, in one place."""
     from nilmc.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from nilmc.backends.openvino_backend import OpenVINOBackend
+    from nilmc.backends.tensorrt_backend import TensorRTBackend
 
-    registry.register(OnnxRuntimeBackend())
+    for backend in (OnnxRuntimeBackend(), OpenVINOBackend(), TensorRTBackend()):
+        registry.register(backend)
 
 
 def default_registry(*, plugins: bool = True) -> Registry:

@@ -265,7 +265,7 @@ def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry,
         return TargetResult(target, None, None, error=exc.one_line(), compile_s=time.perf_counter() - t0)
     cand = nilm_metrics(truth, pred, on_threshold_w=model.contract.on_threshold_w)
     report = compare(ref_metrics, cand, budget, target=str(target), verification=verification.value)
-    size = (bundle / art.primary).stat().st_size
+    size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
     _write_manifest(bundle, target, art, model, report, eval_ds, {"latency_ms_b1": lat, "compile_s": round(compile_s, 3)})
     return TargetResult(target, report, bundle, art.kind, size, lat, compile_s)
 

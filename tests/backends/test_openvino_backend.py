@@ -1,0 +1,140 @@
+"""OpenVINO IR backend on the TF-free tiny model (fast)."""
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("openvino")
+
+from nilmc.backends.base import Backend, Verification  # noqa: E402
+from nilmc.backends.openvino_backend import (  # noqa: E402
+    BIN,
+    OPENVINO_INT8,
+    XML,
+    Int8NotExecutedError,
+    OpenVINOBackend,
+    _check_int8,
+)
+from nilmc.backends.registry import Registry  # noqa: E402
+from nilmc.compiler.errors import DataError, UnknownBackendError  # noqa: E402
+from nilmc.compiler.model import Model  # noqa: E402
+from nilmc.quantization.context import QuantContext  # noqa: E402
+from nilmc.quantization.qdq import build_qdq_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quant(tiny, tiny_ds):
+    return QuantContext(tiny, tiny_ds)
+
+
+@pytest.fixture(scope="module")
+def x_eval(tiny, tiny_eval):
+    return tiny.contract.prepare(tiny_eval.raw_x())
+
+
+@pytest.fixture(scope="module")
+def lowered(tiny, quant, tmp_path_factory):
+    backend = OpenVINOBackend()
+    return {p: backend.lower(tiny, tmp_path_factory.mktemp(f"ov_{p}"), precision=p, options={"quant": quant})
+            for p in backend.capabilities.precisions}
+
+
+def _ort(proto, x):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_is_a_backend_and_registers():
+    backend = OpenVINOBackend()
+    assert isinstance(backend, Backend)
+    reg = Registry()
+    reg.register(backend)
+    assert reg.parse_target("openvino:fp16").precision == "fp16"
+    assert backend.capabilities.requires == ("openvino",) and backend.capabilities.extra == "openvino"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_artifact_is_xml_plus_bin_and_runs_measured(lowered, precision, x_eval):
+    art = lowered[precision]
+    assert art.primary == XML and set(art.files) == {XML, BIN}
+    assert all((art.directory / f).stat().st_size > 0 for f in art.files)
+    backend = OpenVINOBackend()
+    with backend.runner(art) as r:
+        assert r.verification is Verification.MEASURED
+        batched = r.infer({"input": x_eval})["output"]
+        single = np.concatenate([r.infer({"input": x_eval[i:i + 1]})["output"] for i in range(20)])
+    assert batched.shape == (len(x_eval), 1)
+    np.testing.assert_allclose(single, batched[:20], rtol=0, atol=1e-6)  # dynamic batch: same numbers
+
+
+def test_fp32_and_fp16_match_the_onnx_reference(lowered, tiny, x_eval):
+    ref = _ort(tiny.graph, x_eval)
+    backend = OpenVINOBackend()
+    for precision, atol in (("fp32", 1e-4), ("fp16", 2e-2)):
+        with backend.runner(lowered[precision]) as r:
+            np.testing.assert_allclose(r.infer({"input": x_eval})["output"], ref, rtol=0, atol=atol)
+
+
+def test_int8_executes_nilmc_qdq_graph(lowered, tiny, quant, x_eval):
+    """The INT8 IR computes what nilmc's QDQ graph computes in onnxruntime (same parameters)."""
+    qdq = build_qdq_model(tiny.graph, quant.params(OPENVINO_INT8))
+    with OpenVINOBackend().runner(lowered["int8"]) as r:
+        got = r.infer({"input": x_eval})["output"]
+    np.testing.assert_allclose(got, _ort(qdq, x_eval), rtol=0, atol=1e-4)
+
+
+def test_int8_layers_run_in_int8(lowered):
+    info = lowered["int8"].info
+    counts = info["runtime_precisions"]
+    assert counts["FullyConnected"] and set(counts["FullyConnected"]) <= {"u8", "i8"}
+    assert all(row["precision"] in ("u8", "i8") for row in info["runtime_layers"])
+    assert "quantization" in info and info["tools"] == ["openvino"]
+
+
+def test_fp32_layers_run_in_f32(lowered):
+    assert lowered["fp32"].info["runtime_precisions"] == {"FullyConnected": {"f32": 2}}
+
+
+def test_fp16_bin_is_about_half_and_says_what_it_means(lowered):
+    fp32 = (lowered["fp32"].directory / BIN).stat().st_size
+    fp16 = (lowered["fp16"].directory / BIN).stat().st_size
+    assert 0.45 <= fp16 / fp32 <= 0.55
+    note = lowered["fp16"].info["note"]
+    assert "INFERENCE_PRECISION_HINT=f32" in note and "FP16" in note
+    assert all(row["kernel"].endswith("f32") for row in lowered["fp16"].info["runtime_layers"])
+
+
+def test_no_int8_layer_is_a_typed_error():
+    with pytest.raises(Int8NotExecutedError, match="no Convolution/FullyConnected/MatMul in int8"):
+        _check_int8([{"name": "mm", "type": "FullyConnected", "precision": "f32", "kernel": "brgemm_f32"}])
+
+
+def test_int8_needs_calibration(tiny, tmp_path):
+    with pytest.raises(DataError, match="calibration"):
+        OpenVINOBackend().lower(tiny, tmp_path, precision="int8", options={})
+
+
+def test_unknown_precision(tiny, tmp_path):
+    with pytest.raises(UnknownBackendError, match="available: fp32, fp16, int8"):
+        OpenVINOBackend().lower(tiny, tmp_path, precision="int4")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_ir_is_byte_identical_between_lowerings(lowered, tiny, quant, tmp_path, precision):
+    again = OpenVINOBackend().lower(tiny, tmp_path, precision=precision, options={"quant": quant})
+    first = lowered[precision]
+    assert all(filecmp.cmp(first.directory / f, again.directory / f, shallow=False) for f in first.files)
+
+
+def test_static_batch_becomes_dynamic(tiny, tmp_path, x_eval):
+    from onnx import TensorProto, helper
+
+    proto = tiny.graph.__class__()
+    proto.CopyFrom(tiny.graph)
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, *tiny.contract.input_shape]))
+    static = Model(proto, tiny.contract)
+    art = OpenVINOBackend().lower(static, tmp_path, precision="fp32")
+    with OpenVINOBackend().runner(art) as r:
+        assert r.infer({"input": x_eval[:7]})["output"].shape == (7, 1)
