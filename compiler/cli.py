@@ -196,7 +196,8 @@ def verify_cmd(bundle: str, eval_path: str, max_delta: str | None, as_json: bool
 
 # ------------------------------------------------------------------ train
 @cli.command("train")
-@click.option("--data", "data_path", type=click.Path(), default=None, help="Training set (.npz); default: generate one with --setup/--seed.")
+@click.option("--data", "data_path", type=click.Path(), default=None, help="Training set (.npz); default: generate train/val splits with --setup/--seed.")
+@click.option("--setup", default="T-P", show_default=True, help="Feature setup when generating data (e.g. T-P, TF-VIP, LF-P).")
 @click.option("--val", "val_path", type=click.Path(), default=None, help="Validation set (.npz) for early stopping.")
 @click.option("--appliance", required=True, help="Appliance to disaggregate (a target column of the data).")
 @click.option("--normalization", default="C", show_default=True, help="Input normalization A-E (Table 1 of seed 003).")
@@ -206,7 +207,7 @@ def verify_cmd(bundle: str, eval_path: str, max_delta: str | None, as_json: bool
 @click.option("--out", type=click.Path(), required=True, help="Output stem: writes OUT.keras, OUT.keras.contract.json, OUT.onnx.")
 @json_option
 @handle_errors
-def train_cmd(data_path: str | None, val_path: str | None, appliance: str, normalization: str, architecture: str, epochs: int, seed: int, out: str, as_json: bool) -> None:
+def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance: str, normalization: str, architecture: str, epochs: int, seed: int, out: str, as_json: bool) -> None:
     """Train a reference seq2point model reproducibly."""
     from nilmc.calibration_data.normalization import Normalization
     from nilmc.compiler.driver import reference_metrics
@@ -215,9 +216,13 @@ def train_cmd(data_path: str | None, val_path: str | None, appliance: str, norma
 
     norm = Normalization.parse(normalization)
     if data_path is None:
-        from nilmc.calibration_data.errors_compat import BadInputError  # noqa: F401  (placeholder, replaced below)
-    train = _load_data(data_path, "training")
-    val = _load_data(val_path, "validation") if val_path else None
+        from nilmc.calibration_data.windows import build_splits
+
+        splits = build_splits(setup, seed=seed, splits=("train", "val"))
+        train, val = splits["train"], splits["val"]
+    else:
+        train = _load_data(data_path, "training")
+        val = _load_data(val_path, "validation") if val_path else None
     model, contract = train_seq2point(train, val, appliance=appliance, normalization=norm,
                                       config=TrainConfig(epochs=epochs, seed=seed, architecture=architecture))
     paths = save_trained(model, contract, out)
@@ -231,6 +236,70 @@ def train_cmd(data_path: str | None, val_path: str | None, appliance: str, norma
         click.echo(f"trained {architecture} for {appliance} ({result['parameters']:,} parameters) -> {paths['onnx']}")
         if "val_metrics" in result:
             click.echo("validation (FP32, onnxruntime): " + ", ".join(f"{k}={v:.4g}" for k, v in result["val_metrics"].items() if isinstance(v, float)))
+
+
+# ------------------------------------------------------------------ data
+@cli.group("data")
+def data_group() -> None:
+    """Generate, convert and inspect NILM data sets (.npz, never pickle)."""
+
+
+@data_group.command("generate")
+@click.option("--setup", default="T-P", show_default=True, help="Feature domain and measurement, e.g. T-P, TF-VIP, TFHF-P; LF-P = classic 599 x 8 s.")
+@click.option("--appliances", default=None, help="Comma-separated target appliances (default: all the generator simulates).")
+@click.option("--windows", "n_windows", type=click.IntRange(1, 10_000_000), default=5000, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "calib", "eval"]), default="train", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="Output .npz file.")
+@json_option
+@handle_errors
+def data_generate(setup: str, appliances: str | None, n_windows: int, split: str, seed: int, out: str, as_json: bool) -> None:
+    """Synthesize a household data set (deterministic by seed)."""
+    from nilmc.calibration_data.shipped import inspect_dataset
+    from nilmc.calibration_data.windows import generate_dataset
+
+    kw: dict[str, Any] = {"appliances": appliances} if appliances else {}
+    generate_dataset(setup=setup, n_windows=n_windows, seed=seed, split=split, out=out, **kw)
+    _show_inspect(inspect_dataset(out), as_json)
+
+
+@data_group.command("convert")
+@click.argument("layout", type=click.Choice(["redd_low", "redd_high", "ukdale", "refit", "ukdale_excerpt"]))
+@click.argument("path", type=click.Path())
+@click.option("--setup", default="T-P", show_default=True, help="Feature setup for high-frequency layouts.")
+@click.option("--appliances", default=None, help="Comma-separated appliances to keep (default: all).")
+@click.option("--targets", "targets_path", type=click.Path(), default=None, help="REDD low_freq house directory with per-appliance targets (for redd_high).")
+@click.option("--out", type=click.Path(), required=True, help="Output .npz file.")
+@json_option
+@handle_errors
+def data_convert(layout: str, path: str, setup: str, appliances: str | None, targets_path: str | None, out: str, as_json: bool) -> None:
+    """Convert a REDD / UK-DALE / REFIT layout on disk into a nilmc data set."""
+    from nilmc.calibration_data.loaders import convert_dataset
+    from nilmc.calibration_data.shipped import inspect_dataset
+
+    convert_dataset(layout, path, out=out, setup=setup, appliances=appliances, targets_path=targets_path)
+    _show_inspect(inspect_dataset(out), as_json)
+
+
+@data_group.command("inspect")
+@click.argument("path", type=click.Path())
+@json_option
+@handle_errors
+def data_inspect(path: str, as_json: bool) -> None:
+    """Summarize a data set: shapes, appliances, normalization statistics, provenance."""
+    from nilmc.calibration_data.shipped import inspect_dataset
+
+    _show_inspect(inspect_dataset(path), as_json)
+
+
+def _show_inspect(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(info)
+        return
+    for k, v in info.items():
+        if isinstance(v, (dict, list)) and len(json.dumps(v, default=str)) > 100:
+            v = json.dumps(v, default=str)[:97] + "..."
+        click.echo(f"{k:<24} {v}")
 
 
 def main() -> None:
