@@ -5,6 +5,18 @@ way the graph takes them (contract normalization applied), the statistics
 collected **once** (lazily, on first use), and caches the parameters each set of
 traits derives from them. The compile driver creates one and hands it to every
 backend's ``lower`` as ``options["quant"]``.
+
+``params(traits)`` runs the accuracy techniques of :func:`api.ptq_params` by default
+(``techniques``, an :class:`api.Techniques`): per-tensor estimator selection by output
+error, a cross-validated range headroom, the output range fitted to the contract's peak
+power, and bias correction where it lowers the held-out output error — each measured on
+the calibration windows. A budget in ``techniques.budget`` adds the mixed-precision
+fallback, scored with NILM metrics on the calibration set (``eval_fn`` overrides).
+Backends read ``params.keep_float`` (units kept at FP32) and ``params.adjusted``
+(bias-corrected float biases) when they write integer graphs; ``build_qdq_model`` does.
+``params(traits, estimator=...)`` (or any other keyword) gives the plain parameters of
+:func:`params.derive_params`, as before; ``techniques=api.Techniques.plain()`` turns the
+techniques off for a whole context.
 """
 from __future__ import annotations
 
@@ -31,9 +43,18 @@ class QuantContext:
     calibration: "NilmDataset"
     estimator: str = "minmax"
     bins: int = 2048
+    techniques: Any = None  # api.Techniques; None -> api.Techniques() (every technique on, measured)
+    eval_fn: Any = None  # for a mixed-precision budget: fn(onnx_model) -> Metrics (default: on the calibration set)
     _stats: Statistics | None = field(default=None, init=False, repr=False)
     _params: dict[tuple[Any, ...], QuantParams] = field(default_factory=dict, init=False, repr=False)
-    calibration_s: float = field(default=0.0, init=False)
+    statistics_s: float = field(default=0.0, init=False)  # the one FP32 statistics pass
+    techniques_s: dict[str, float] = field(default_factory=dict, init=False)  # traits name -> seconds spent on techniques
+    normalization_report: Any = field(default=None, init=False, repr=False)  # normalization_check.NormalizationReport
+
+    @property
+    def calibration_s(self) -> float:
+        """Statistics pass plus every traits' techniques, seconds."""
+        return self.statistics_s + sum(self.techniques_s.values())
 
     @property
     def calib_x(self) -> np.ndarray:
@@ -46,16 +67,45 @@ class QuantContext:
             import time
 
             t0 = time.perf_counter()
-            self._stats = collect_statistics(self.model.graph, self.calib_x, bins=self.bins)
-            self.calibration_s = time.perf_counter() - t0
+            x = self.calib_x
+            tech = self.techniques
+            if tech is None or tech.check_normalization:
+                from nilmc.quantization.normalization_check import check_normalization
+
+                self.normalization_report = check_normalization(self.model.contract, x, policy="error" if tech is None else tech.normalization_policy)
+            self._stats = collect_statistics(self.model.graph, x, bins=self.bins)
+            self.statistics_s = time.perf_counter() - t0
         return self._stats
 
     def params(self, traits: QuantTraits, *, estimator: str | None = None, **kw: Any) -> QuantParams:
-        """Parameters for ``traits`` from the shared statistics (cached per traits + options)."""
+        """Parameters for ``traits`` from the shared statistics (cached per traits + options).
+
+        Without keywords: the techniques pipeline (module docstring), timed into
+        ``techniques_s``. With ``estimator`` or :func:`derive_params` keywords: plain parameters.
+        """
+        if estimator is None and not kw:
+            return self._advanced(traits)
         est = estimator or self.estimator
         key = (traits, est, repr(sorted(kw.items())))
         if key not in self._params:
             self._params[key] = derive_params(self.model.graph, self.statistics, traits, estimator=est, **kw)
+        return self._params[key]
+
+    def _advanced(self, traits: QuantTraits) -> QuantParams:
+        import time
+
+        from nilmc.quantization.api import Techniques, make_eval_fn, ptq_params
+
+        tech = self.techniques if self.techniques is not None else Techniques()
+        key = (traits, "techniques", tech.key())
+        if key not in self._params:
+            stats = self.statistics
+            t0 = time.perf_counter()
+            eval_fn = self.eval_fn or (make_eval_fn(self.model, self.calibration) if tech.budget else None)
+            outcome = ptq_params(self.model.graph, stats, traits, self.calib_x, contract=self.model.contract,
+                                 estimator="auto" if tech.select_estimators else self.estimator, techniques=tech, eval_fn=eval_fn)
+            self.techniques_s[traits.name] = time.perf_counter() - t0
+            self._params[key] = outcome.params
         return self._params[key]
 
 

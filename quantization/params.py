@@ -99,7 +99,15 @@ class TensorQuant:
 
 @dataclass
 class QuantParams:
-    """Parameters for a whole model under one set of traits (JSON-serialisable)."""
+    """Parameters for a whole model under one set of traits (JSON-serialisable).
+
+    Besides the per-tensor parameters: ``keep_float`` (default empty) names layers
+    (weighted node names) or activation tensors a target keeps at higher precision
+    (mixed-precision fallback; :func:`qdq.build_qdq_model` leaves them float),
+    ``adjusted`` (default empty) holds float constants that replace the graph's own
+    (bias-corrected biases; quantize ``params.constant(name, constants)``), and
+    ``provenance`` records how the parameters were chosen.
+    """
 
     traits: QuantTraits
     tensors: dict[str, TensorQuant]
@@ -107,6 +115,16 @@ class QuantParams:
     layers: list[Layer] = field(default_factory=list)
     estimator: str = "minmax"
     model_digest: str = ""
+    # Layer names / activation tensors a target keeps at higher precision (float): mixed-precision fallback.
+    keep_float: tuple[str, ...] = ()
+    # Float constants that replace the model's own (bias-corrected biases); quantize these, not the graph's.
+    adjusted: dict[str, np.ndarray] = field(default_factory=dict)
+    # How the parameters were chosen (estimator selection, bias correction, fallback): JSON-able notes.
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def constant(self, name: str, constants: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The float value to quantize for constant ``name``: the adjusted one when present, else the graph's."""
+        return self.adjusted[name] if name in self.adjusted else constants[name]
 
     def __getitem__(self, name: str) -> TensorQuant:
         key = self.shared.get(name, name)
@@ -131,6 +149,10 @@ class QuantParams:
             "model_digest": self.model_digest, "shared": dict(self.shared),
             "layers": [asdict(l) | {"internal": list(l.internal)} for l in self.layers],
             "tensors": {n: t.to_json() for n, t in self.tensors.items()},
+            "keep_float": list(self.keep_float),
+            "adjusted": {n: {"shape": list(np.shape(v)), "values": np.asarray(v, np.float64).ravel().tolist()}
+                         for n, v in self.adjusted.items()},
+            "provenance": dict(self.provenance),
         }
 
     @classmethod
@@ -140,6 +162,9 @@ class QuantParams:
             return cls(
                 QuantTraits.from_json(d["traits"]), {n: TensorQuant.from_json(t) for n, t in d["tensors"].items()},
                 dict(d.get("shared", {})), layers, str(d.get("estimator", "")), str(d.get("model_digest", "")),
+                tuple(str(v) for v in d.get("keep_float", ())),
+                {n: np.asarray(v["values"], np.float32).reshape(v["shape"]) for n, v in d.get("adjusted", {}).items()},
+                dict(d.get("provenance", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise QuantizationError(f"quantization parameters are malformed ({type(exc).__name__}: {exc})", "derive them again") from None
@@ -340,6 +365,6 @@ def replace_activation(params: QuantParams, tq: TensorQuant, g: QuantGraph) -> Q
         return out
     for layer in g.layers:
         if layer.bias and g.root(layer.input) == tq.name:
-            bias = bias_quant(layer.bias, g.constants[layer.bias], tq, out.tensors[layer.weight], out.traits)
+            bias = bias_quant(layer.bias, out.constant(layer.bias, g.constants), tq, out.tensors[layer.weight], out.traits)
             out = out.with_tensor(bias)
     return out

@@ -23,12 +23,21 @@ What is written:
   integer kernels add to the accumulator, so the reference sees the same bias rounding)
   or, for 8-bit-bias traits (DPU), int8 with its own scale.
 
+Mixed precision: names in ``keep_float`` (the keyword option, united with
+``params.keep_float``) stay float. A *layer* name keeps that layer's weight and bias
+float and leaves its input activation unquantized, so the layer computes in FP32; an
+*activation* name leaves that tensor (and every passthrough tensor sharing its
+parameters) unquantized. Bias-corrected values in ``params.adjusted`` replace the
+graph's constants (quantized, or written as float for kept layers).
+
 Activation rounding in the graph is onnxruntime's QuantizeLinear (half to even)
 whatever ``traits.rounding`` says; weight and bias codes use ``traits.rounding``.
 Writes ONNX IR 10; the default-domain opset is raised to 13 (per-channel
 DequantizeLinear) or 21 when an int16 tensor is present.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -68,7 +77,7 @@ def _q_node(src: str, dst: str, prefix: str) -> onnx.NodeProto:
 
 def _constant_qdq(name: str, params: QuantParams, g: QuantGraph) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     tq = params.tensors[name]
-    codes = quantize_constant(tq, g.constants[name], params.traits)
+    codes = quantize_constant(tq, params.constant(name, g.constants), params.traits)
     inits = [numpy_helper.from_array(codes, name + "_quantized"), *_scale_zp_inits(name, tq)]
     return [_dq_node(name + "_quantized", name + "_dequantized", name, tq)], inits
 
@@ -100,12 +109,40 @@ def _activation_qdq(
     return src, [q, dq], _scale_zp_inits(prefix, tq)
 
 
-def _check(onnx_model: onnx.ModelProto, params: QuantParams, g: QuantGraph) -> None:
+def float_sets(g: QuantGraph, names: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Resolve ``keep_float`` names: (activation tensors left unquantized, constants left float).
+
+    A layer name keeps its weight and bias float and its input activation (with every
+    tensor sharing that activation's parameters) unquantized; an activation name keeps
+    that activation and its sharers. Unknown names raise :class:`QuantizationError`.
+    """
+    layers = {l.name: l for l in g.layers}
+    points = set(g.quant_points) | set(g.shared)
+    roots: set[str] = set()
+    consts: set[str] = set()
+    unknown = []
+    for name in names:
+        if name in layers:
+            layer = layers[name]
+            consts.update(n for n in (layer.weight, layer.bias) if n)
+            roots.add(g.root(layer.input))
+        elif name in points:
+            roots.add(g.root(name))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise QuantizationError(f"keep_float names {sorted(unknown)} are neither layers nor activation tensors of this model",
+                                f"layers: {', '.join(layers)}; activations: {', '.join(g.quant_points)}")
+    tensors = {t for t in points if g.root(t) in roots}
+    return tensors, consts
+
+
+def _check(onnx_model: onnx.ModelProto, params: QuantParams, g: QuantGraph, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     if params.model_digest and params.model_digest != model_digest(onnx_model):
         raise QuantizationError("the quantization parameters were derived for a different model",
                                 "derive them again for this graph (derive_params)")
-    missing = [t for t in g.quant_points + list(g.shared) if t not in params]
-    missing += [n for l in g.layers for n in (l.weight, l.bias) if n and n not in params.tensors]
+    missing = [t for t in g.quant_points + list(g.shared) if t not in skip and t not in params]
+    missing += [n for l in g.layers for n in (l.weight, l.bias) if n and n not in skip and n not in params.tensors]
     if missing:
         raise QuantizationError(f"no quantization parameters for tensors {missing}", "derive parameters for this model")
 
@@ -131,8 +168,21 @@ def _drop_unused(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
+def _float_constants(model: onnx.ModelProto, names: set[str], params: QuantParams) -> None:
+    """Write adjusted (bias-corrected) float values over the graph's own for constants that stay float."""
+    for init in model.graph.initializer:
+        if init.name in names and init.name in params.adjusted:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(params.adjusted[init.name], np.float32).reshape(tuple(init.dims)), init.name))
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in names and node.output[0] in params.adjusted:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    value = np.asarray(params.adjusted[node.output[0]], np.float32).reshape(tuple(attr.t.dims))
+                    attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
+
+
 def _weights_qdq(
-    g: QuantGraph, params: QuantParams, nodes: list[onnx.NodeProto]
+    g: QuantGraph, params: QuantParams, nodes: list[onnx.NodeProto], skip: set[str] = frozenset()  # type: ignore[assignment]
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Integer initializers + DequantizeLinear for every layer's weight and bias; consumers rewired."""
     head: list[onnx.NodeProto] = []
@@ -140,7 +190,7 @@ def _weights_qdq(
     done: set[str] = set()
     for layer in g.layers:
         for name in (layer.weight, layer.bias):
-            if name is None or name in done:
+            if name is None or name in done or name in skip:
                 continue
             dq, extra = _constant_qdq(name, params, g)
             head += dq
@@ -150,19 +200,26 @@ def _weights_qdq(
     return head, inits
 
 
-def build_qdq_model(onnx_model: onnx.ModelProto, params: QuantParams) -> onnx.ModelProto:
+def build_qdq_model(onnx_model: onnx.ModelProto, params: QuantParams, *, keep_float: Iterable[str] = ()) -> onnx.ModelProto:
     """An ONNX QDQ model (IR 10) of ``onnx_model`` with exactly the scales and zero points in ``params``.
 
-    Raises :class:`QuantizationError` when ``params`` belong to another model or miss a tensor.
+    ``keep_float`` (default empty; united with ``params.keep_float``): layer names and
+    activation tensors left at FP32 (see the module docstring). Raises
+    :class:`QuantizationError` when ``params`` belong to another model, miss a tensor,
+    or ``keep_float`` names something the model does not have.
     """
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
     g = analyze(model)
-    _check(onnx_model, params, g)
+    float_acts, float_consts = float_sets(g, [*params.keep_float, *keep_float])
+    _check(onnx_model, params, g, float_acts | float_consts)
+    _float_constants(model, float_consts, params)
     nodes = list(model.graph.node)
-    head, inits = _weights_qdq(g, params, nodes)
+    head, inits = _weights_qdq(g, params, nodes, float_consts)
     after: dict[str, list[onnx.NodeProto]] = {}  # tensor -> Q/DQ nodes that follow its producer
     for tensor in g.quant_points + list(g.shared):
+        if tensor in float_acts:
+            continue
         anchor, qdq, extra = _activation_qdq(tensor, params, nodes, set(g.outputs))
         inits += extra
         after.setdefault(anchor, []).extend(qdq)

@@ -1,0 +1,86 @@
+"""Small onnxruntime helpers shared by the accuracy techniques (selection, bias correction,
+headroom, mixed precision, report): run a graph over windows in batches, expose extra tensors,
+measure output error against FP32. Private: the public entry points are in those modules."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DEFAULT_BATCH = 512
+
+
+def session(model: onnx.ModelProto) -> Any:
+    """A CPU onnxruntime session (default graph optimizations, quiet logs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # the default (all optimizations): QDQ pairs fuse into integer kernels, as the onnxruntime:int8 runner executes them
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the float tensors ``names``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in present:
+            m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            present.add(name)
+    return m
+
+
+def input_name(model: onnx.ModelProto) -> str:
+    inits = {t.name for t in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, outputs: Sequence[str] | None = None, *,
+        batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
+    """Run ``model`` over ``x`` in batches; return ``outputs`` (default: the graph outputs), concatenated."""
+    names = list(outputs) if outputs is not None else [o.name for o in model.graph.output]
+    extra = [n for n in names if n not in {o.name for o in model.graph.output}]
+    sess = session(with_outputs(model, extra) if extra else model)
+    feed = input_name(model)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    x = np.asarray(x, np.float32)
+    for start in range(0, len(x), batch_size):
+        outs = sess.run(names, {feed: x[start:start + batch_size]})
+        for n, v in zip(names, outs):
+            parts[n].append(np.asarray(v))
+    return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
+
+
+def output(model: onnx.ModelProto, x: np.ndarray, *, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    """The first graph output over ``x``, as float64 ``(N, ...)``."""
+    name = model.graph.output[0].name
+    return run(model, x, [name], batch_size=batch_size)[name].astype(np.float64)
+
+
+def mse(reference: np.ndarray, candidate: np.ndarray) -> float:
+    return float(np.mean((np.asarray(candidate, np.float64) - np.asarray(reference, np.float64)) ** 2))
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """``10 log10(sum ref^2 / sum (ref - cand)^2)``; +inf when identical."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(np.sum((np.asarray(candidate, np.float64) - ref) ** 2))
+    signal = float(np.sum(ref ** 2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def subsample(x: np.ndarray, max_windows: int | None) -> np.ndarray:
+    """At most ``max_windows`` windows, evenly spaced (deterministic); all when None."""
+    if max_windows is None or len(x) <= max_windows:
+        return x
+    idx = np.linspace(0, len(x) - 1, max_windows).round().astype(int)
+    return x[idx]

@@ -1,0 +1,490 @@
+"""``quantize(model, calib)``: normalization-aware post-training quantization in one call.
+
+The pipeline (each step measured, recorded in the result and in ``params.provenance``):
+
+1. **Normalization check** — the calibration windows against the contract's declared
+   normalization (:func:`normalization_check.check_normalization`; raw watts fed to a
+   z-score model raise :class:`NormalizationError`).
+2. **Folding** (``fold_normalization=True``) — the input normalization and the target
+   de-normalization go into the graph (:mod:`fold`); the artifact takes raw features and
+   returns watts. For the INT8 graph the input side is an explicit float Mul/Add, so the
+   normalized tensor is what gets quantized (raw features would lose their small ones).
+3. **Statistics** — one FP32 pass (:func:`statistics.collect_statistics`).
+4. **Ranges** — ``estimator="auto"``: per-tensor estimator chosen by model-output error
+   (:func:`selection.select_estimators`); then a cross-validated range headroom
+   (:func:`selection.select_headroom`); the output range always covers 0 W .. the
+   contract's peak power, so the regression head never clips.
+5. **Bias correction** — per-channel, kept only when it lowers the held-out output error
+   (:mod:`bias_correction`).
+6. **Overflow checks** — :func:`overflow.check_overflow` under ``overflow_policy`` plus the
+   per-feature input check for unnormalized models (:func:`normalization_check.check_feature_scales`);
+   ``"fix"`` keeps the layers reading a starved input at FP32.
+7. **Mixed precision** (``budget`` given) — :func:`mixed_precision.mixed_precision` with
+   ``eval_fn`` (default: NILM metrics on the calibration set itself when it carries targets).
+8. **The ideal INT8 reference** — :func:`qdq.build_qdq_model` of the final parameters.
+
+:class:`Techniques` groups the rare knobs; :func:`ptq_params` is the parameter part of the
+pipeline (steps 4–5, 7) that :class:`context.QuantContext` runs for every backend.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from nilmc.compiler.errors import DataError, QuantizationError
+from nilmc.quantization.bias_correction import BiasCorrectionCheck, BiasCorrectionResult, bias_correction_pays, correct_bias
+from nilmc.quantization.estimators import ESTIMATORS
+from nilmc.quantization.graph import analyze
+from nilmc.quantization.mixed_precision import MixedPrecisionResult, Unit, mixed_precision, raise_precision
+from nilmc.quantization.params import QuantParams, activation_from_range, derive_params, replace_activation
+from nilmc.quantization.selection import (
+    CANDIDATES,
+    HEADROOM_GRID,
+    HeadroomResult,
+    SelectionResult,
+    apply_headroom,
+    select_estimators,
+    select_headroom,
+)
+from nilmc.quantization.statistics import Statistics, collect_statistics
+from nilmc.quantization.traits import GENERIC_INT8, QuantTraits
+
+if TYPE_CHECKING:
+    from nilmc.calibration_data.dataset import NilmDataset
+    from nilmc.compiler.contract import ModelContract
+    from nilmc.compiler.metrics import Metrics
+    from nilmc.compiler.model import Model
+    from nilmc.quantization.fold import FoldResult
+    from nilmc.quantization.normalization_check import FeatureScaleReport, NormalizationReport
+    from nilmc.quantization.overflow import OverflowReport
+
+EvalFn = Callable[[onnx.ModelProto], "Metrics"]
+
+
+@dataclass(frozen=True)
+class Techniques:
+    """Accuracy techniques and their knobs (the advanced options of :func:`quantize` and ``QuantContext``).
+
+    Defaults: ``select_estimators`` True (per-tensor choice among ``candidates`` = min-max,
+    percentile, MSE, entropy, switching only for a ``min_gain`` of 2 %); ``headroom`` True
+    (cross-validated over ``headroom_grid`` = 1, 1.25, 1.5, 2, 3 with ``folds`` = 2);
+    ``bias_correction`` True, kept only when ``only_if_better`` (True) holds on held-out
+    windows; ``fit_output_range`` True (output covers 0 W .. peak power); ``max_windows``
+    512 windows per scoring run; ``check_normalization`` True with
+    ``normalization_policy`` ``"error"``; ``budget`` None (no mixed precision; e.g.
+    ``{"eacc": 0.5}``) with ``fallback`` ``"auto"`` (int16 where the traits allow it,
+    else float) and ``max_fallback_units`` None (no limit).
+    """
+
+    select_estimators: bool = True
+    candidates: tuple[str, ...] = CANDIDATES
+    min_gain: float = 0.02
+    headroom: bool = True
+    headroom_grid: tuple[float, ...] = HEADROOM_GRID
+    folds: int = 2
+    bias_correction: bool = True
+    only_if_better: bool = True
+    fit_output_range: bool = True
+    max_windows: int = 512
+    check_normalization: bool = True
+    normalization_policy: str = "error"
+    budget: Mapping[str, float] | None = None
+    fallback: str = "auto"
+    max_fallback_units: int | None = None
+
+    @classmethod
+    def plain(cls) -> "Techniques":
+        """Nothing but the chosen estimator (the baseline the techniques are measured against)."""
+        return cls(select_estimators=False, headroom=False, bias_correction=False, fit_output_range=False)
+
+    def key(self) -> tuple[Any, ...]:
+        """Hashable identity (for caches)."""
+        return (self.select_estimators, self.candidates, self.min_gain, self.headroom, self.headroom_grid, self.folds,
+                self.bias_correction, self.only_if_better, self.fit_output_range, self.max_windows,
+                tuple(sorted((self.budget or {}).items())), self.fallback, self.max_fallback_units)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"select_estimators": self.select_estimators, "candidates": list(self.candidates), "min_gain": self.min_gain,
+                "headroom": self.headroom, "headroom_grid": list(self.headroom_grid), "folds": self.folds,
+                "bias_correction": self.bias_correction, "only_if_better": self.only_if_better,
+                "fit_output_range": self.fit_output_range, "max_windows": self.max_windows,
+                "budget": None if self.budget is None else dict(self.budget), "fallback": self.fallback}
+
+
+# --------------------------------------------------------------------------- output range
+def required_output_range(contract: "ModelContract | None") -> tuple[float, float] | None:
+    """Output values (model units) the head must represent: 0 W .. peak power; None without a peak."""
+    if contract is None or contract.peak_power_w is None:
+        return None
+    if contract.folded:
+        return 0.0, float(contract.peak_power_w)
+    lo, hi = contract.target.from_watts(np.array([0.0, contract.peak_power_w]))
+    return float(min(lo, hi)), float(max(lo, hi))
+
+
+def fit_output_range(params: QuantParams, onnx_model: onnx.ModelProto, contract: "ModelContract | None") -> QuantParams:
+    """Widen every graph output's range to cover :func:`required_output_range` (no-op when it does)."""
+    need = required_output_range(contract)
+    if need is None:
+        return params
+    m = onnx.ModelProto()
+    m.CopyFrom(onnx_model)
+    g = analyze(m)
+    out = params
+    for name in g.outputs:
+        if name not in out or name in out.keep_float:
+            continue
+        tq = out[name]
+        lo, hi = tq.representable()
+        if lo <= need[0] and hi >= need[1]:
+            continue
+        want_lo, want_hi = min(tq.lo[0], need[0]), max(tq.hi[0], need[1])
+        for _ in range(8):  # zero-point rounding can leave the grid a fraction of a code short: widen until covered
+            # no histogram: a power-of-two grid then takes the larger scale (no clipping) rather than the finer one
+            new = activation_from_range(name, want_lo, want_hi, out.traits, rng=tq.rng, hist=None, method=f"{tq.method}+physical range")
+            lo, hi = new.representable()
+            if lo <= need[0] and hi >= need[1]:
+                break
+            want_lo, want_hi = want_lo - (new.scale[0] if lo > need[0] else 0.0), want_hi + (new.scale[0] if hi < need[1] else 0.0)
+        out = replace_activation(out, new, g)
+    return out
+
+
+# --------------------------------------------------------------------------- the parameter pipeline
+@dataclass
+class PtqOutcome:
+    """What :func:`ptq_params` did."""
+
+    params: QuantParams
+    selection: SelectionResult | None = None
+    headroom: HeadroomResult | None = None
+    bias: BiasCorrectionResult | None = None
+    bias_check: BiasCorrectionCheck | None = None
+    mixed: MixedPrecisionResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.selection is not None:
+            d["selection"] = self.selection.to_json()
+        if self.headroom is not None:
+            d["headroom"] = self.headroom.to_json()
+        if self.bias_check is not None:
+            d["bias_correction_check"] = self.bias_check.to_json()
+        d["bias_correction"] = None if self.bias is None else self.bias.to_json()
+        if self.mixed is not None:
+            d["mixed_precision"] = self.mixed.to_json()
+        d["timings_s"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return d
+
+
+def ptq_params(
+    onnx_model: onnx.ModelProto,
+    stats: Statistics,
+    traits: QuantTraits,
+    x: np.ndarray,
+    *,
+    contract: "ModelContract | None" = None,
+    estimator: str = "auto",
+    techniques: Techniques = Techniques(),
+    keep_float: Sequence[str] = (),
+    eval_fn: EvalFn | None = None,
+) -> PtqOutcome:
+    """Parameters for ``traits`` from ``stats`` with the accuracy techniques (module docstring, steps 4, 5, 7).
+
+    ``x``: calibration windows as the graph takes them. ``estimator`` (default ``"auto"``:
+    per-tensor selection when ``techniques.select_estimators``, else min-max; or a fixed
+    estimator name). ``keep_float`` (default none): tensors/layers left float from the
+    start (e.g. the raw input of a folded model). ``eval_fn`` is needed when
+    ``techniques.budget`` is set.
+    """
+    if estimator != "auto" and estimator not in ESTIMATORS:
+        raise QuantizationError(f"unknown range estimator {estimator!r}", f"use auto or one of {', '.join(ESTIMATORS)}")
+    timings: dict[str, float] = {}
+    kf = tuple(keep_float)
+
+    def finalize(p: QuantParams) -> QuantParams:
+        p = replace(p, keep_float=tuple(dict.fromkeys([*p.keep_float, *kf])))
+        return fit_output_range(p, onnx_model, contract) if techniques.fit_output_range else p
+
+    outcome = PtqOutcome(finalize(derive_params(onnx_model, stats, traits, estimator="minmax" if estimator == "auto" else estimator)))
+    choices: dict[str, str] | None = None
+    if estimator == "auto" and techniques.select_estimators:
+        t0 = time.perf_counter()
+        exclude = [*kf, *(o.name for o in onnx_model.graph.output)] if techniques.fit_output_range else list(kf)
+        outcome.selection = select_estimators(onnx_model, stats, traits, x, candidates=techniques.candidates, exclude=exclude,
+                                              min_gain=techniques.min_gain, finalize=finalize, max_windows=techniques.max_windows)
+        outcome.params, choices = outcome.selection.params, outcome.selection.choices
+        timings["selection"] = time.perf_counter() - t0
+    if techniques.headroom and len(x) >= 4 * techniques.folds:
+        t0 = time.perf_counter()
+
+        def make(s: Statistics) -> QuantParams:
+            if choices is not None:
+                return finalize(derive_params(onnx_model, s, traits, per_tensor_estimators=choices))
+            return finalize(derive_params(onnx_model, s, traits, estimator="minmax" if estimator == "auto" else estimator))
+
+        outcome.headroom = select_headroom(onnx_model, x, make, grid=techniques.headroom_grid, folds=techniques.folds,
+                                           exclude=kf, bins=stats.bins, max_windows=2 * techniques.max_windows)
+        outcome.params = apply_headroom(outcome.params, onnx_model, stats, outcome.headroom.headroom, exclude=kf)
+        timings["headroom"] = time.perf_counter() - t0
+    if techniques.bias_correction:
+        t0 = time.perf_counter()
+        pays = not techniques.only_if_better  # too few windows to measure it: not applied unless asked unconditionally
+        if techniques.only_if_better and len(x) >= 4 * techniques.folds:
+            outcome.bias_check = bias_correction_pays(onnx_model, outcome.params, x, folds=techniques.folds,
+                                                      max_windows=2 * techniques.max_windows)
+            pays = outcome.bias_check.pays
+        if pays:
+            outcome.bias = correct_bias(onnx_model, outcome.params, x, max_windows=techniques.max_windows)
+            outcome.params = outcome.bias.params
+        timings["bias_correction"] = time.perf_counter() - t0
+    if techniques.budget:
+        if eval_fn is None:
+            raise QuantizationError("a mixed-precision budget needs eval_fn (NILM metrics of a candidate model)",
+                                    "pass eval_fn=make_eval_fn(model, validation_set) or calibrate with a data set that has targets")
+        t0 = time.perf_counter()
+        outcome.mixed = mixed_precision(onnx_model, outcome.params, eval_fn, techniques.budget, stats=stats,
+                                        fallback=techniques.fallback, max_units=techniques.max_fallback_units)
+        outcome.params = outcome.mixed.params
+        timings["mixed_precision"] = time.perf_counter() - t0
+    outcome.timings = timings
+    outcome.params = replace(outcome.params, provenance={**outcome.params.provenance, **outcome.provenance(),
+                                                         "techniques": techniques.to_json(), "estimator": estimator})
+    return outcome
+
+
+# --------------------------------------------------------------------------- evaluation
+def make_eval_fn(model: "Model", dataset: "NilmDataset", *, batch_size: int = 512) -> EvalFn:
+    """``fn(onnx_model) -> Metrics``: NILM metrics (watts) of a graph of ``model`` on ``dataset``.
+
+    The graph takes what ``model.contract`` prepares and returns model units (a folded
+    contract: raw features and watts). Used for the mixed-precision budget.
+    """
+    from nilmc.compiler.metrics import nilm_metrics
+    from nilmc.quantization import _ort
+
+    contract = model.contract
+    x = contract.prepare(dataset.raw_x())
+    truth = dataset.y[:, dataset.appliance_index(contract.appliance)]
+
+    def fn(graph: onnx.ModelProto) -> "Metrics":
+        out = _ort.output(graph, x, batch_size=batch_size)
+        return nilm_metrics(truth, contract.to_watts(out), on_threshold_w=contract.on_threshold_w)
+
+    return fn
+
+
+# --------------------------------------------------------------------------- the result
+@dataclass
+class QuantizationResult:
+    """Everything :func:`quantize` produced and measured."""
+
+    model: "Model"  # the FP32 model that was quantized (the folded one when folding)
+    params: QuantParams
+    qdq: onnx.ModelProto  # the ideal INT8 reference graph
+    traits: QuantTraits
+    stats: Statistics = field(repr=False)
+    calib_x: np.ndarray = field(repr=False)  # calibration windows as the graph takes them
+    normalization: "NormalizationReport | None" = None
+    feature_scales: "FeatureScaleReport | None" = None
+    overflow: "OverflowReport | None" = None
+    fold: "FoldResult | None" = None
+    ptq: PtqOutcome | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calibration_s(self) -> float:
+        """Wall time of the whole calibration (statistics + techniques), seconds."""
+        return float(self.timings.get("total", 0.0))
+
+    def qdq_model(self) -> "Model":
+        """The QDQ graph as a :class:`Model` (same contract as ``model``)."""
+        from nilmc.compiler.model import Model
+
+        return Model(self.qdq, self.model.contract, source=f"{self.model.source} (int8 qdq)")
+
+    def report(self) -> dict[str, Any]:
+        from nilmc.quantization.report import quantize_report
+
+        return quantize_report(self)
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``model_qdq.onnx``, ``params.json`` and ``report.json`` into ``directory``."""
+        import json
+
+        from nilmc.compiler.io import atomic_write_text
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        out = {"qdq": self.qdq_model().save_onnx(d / "model_qdq.onnx"), "params": self.params.save(d / "params.json")}
+        out["report"] = atomic_write_text(d / "report.json", json.dumps(self.report(), indent=1, sort_keys=True, default=_json_default))
+        return out
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"not JSON-able: {type(v).__name__}")
+
+
+# --------------------------------------------------------------------------- quantize
+def _windows(model: "Model", calib: "NilmDataset | np.ndarray") -> tuple[np.ndarray, np.ndarray | None]:
+    """(windows as the graph takes them, raw windows or None)."""
+    from nilmc.calibration_data.dataset import NilmDataset
+
+    if isinstance(calib, NilmDataset):
+        raw = calib.raw_x()
+        return model.contract.prepare(raw), raw
+    x = np.asarray(calib)
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"calibration windows must be a float array (N, frames, features, 1), got {x.dtype} {x.shape}",
+                        "pass a NilmDataset or windows normalized per the model's contract")
+    model.contract.check_input(x, source="the calibration windows")
+    return x.astype(np.float32, copy=False), None
+
+
+def starved_input_fix(params: QuantParams, onnx_model: onnx.ModelProto) -> tuple[QuantParams, list[str]]:
+    """Keep every layer reading a starved graph input at FP32 (its input *and* weights); returns them.
+
+    int16 activations are no fix: the first layer's weights of an unnormalized model carry
+    the inverse feature scales, so its per-channel weight scales span the same decades.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(onnx_model)
+    g = analyze(m)
+    readers = [l.name for l in g.layers if g.root(l.input) in g.inputs]
+    out = params
+    for name in readers:
+        out = raise_precision(out, Unit(name, "layer", g.inputs[0]), "float", g, None)
+    return out, readers
+
+
+def quantize(
+    model: "Model | str | Path",
+    calib: "NilmDataset | np.ndarray",
+    *,
+    traits: QuantTraits = GENERIC_INT8,
+    estimator: str = "auto",
+    bias_correction: bool = True,
+    fold_normalization: bool = False,
+    overflow_policy: str | Mapping[str, str] = "warn",
+    budget: Mapping[str, float] | None = None,
+    eval_fn: EvalFn | None = None,
+    advanced: Techniques | None = None,
+) -> QuantizationResult:
+    """Normalization-aware PTQ of ``model`` on ``calib`` (see the module docstring for the steps).
+
+    ``model``: a :class:`Model` or a model file. ``calib``: a :class:`NilmDataset` (raw
+    features; the contract normalizes them) or windows already as the graph takes them.
+    ``traits`` (default :data:`GENERIC_INT8`); ``estimator`` (default ``"auto"``: chosen
+    per tensor by output error; or ``"minmax"``, ``"percentile"``, ``"mse"``,
+    ``"entropy"`` for all); ``bias_correction`` (default True, kept only where it pays);
+    ``fold_normalization`` (default False); ``overflow_policy`` (default ``"warn"``; also
+    ``"error"``, ``"fix"`` or a per-check mapping; output clipping is always fixed);
+    ``budget`` (default None; e.g. ``{"eacc": 0.5}`` or ``{"mae": 3.0}``) turns on the
+    mixed-precision fallback scored by ``eval_fn`` (default: NILM metrics on ``calib``
+    when it is a data set with targets; prefer a validation split); ``advanced`` (default
+    :class:`Techniques`()) for the rare knobs. Raises :class:`NormalizationError` when
+    the calibration data do not match the declared normalization, and
+    :class:`QuantizationOverflowError` for findings under policy ``"error"``.
+    """
+    from nilmc.quantization.normalization_check import check_feature_scales, check_normalization
+    from nilmc.quantization.overflow import check_overflow
+    from nilmc.quantization.qdq import build_qdq_model
+
+    t_start = time.perf_counter()
+    if isinstance(model, (str, Path)):
+        from nilmc.compiler.frontend import load_model
+
+        model = load_model(model)
+    tech = replace(advanced or Techniques(), bias_correction=bias_correction and (advanced or Techniques()).bias_correction,
+                   budget=budget if budget is not None else (advanced.budget if advanced else None))
+    x, raw = _windows(model, calib)
+    result_notes: list[str] = []
+    norm = check_normalization(model.contract, x, policy=tech.normalization_policy) if tech.check_normalization else None
+    fold = None
+    keep: tuple[str, ...] = ()
+    if fold_normalization:
+        from nilmc.quantization.fold import fold_normalization as _fold
+
+        raw = raw if raw is not None else model.contract.normalization.invert(x)
+        fold = _fold(model, input_mode="ops", verify_x=raw[:256])
+        model, x, keep = fold.model, np.asarray(raw, np.float32), fold.float_tensors
+    t0 = time.perf_counter()
+    stats = collect_statistics(model.graph, x)
+    timings = {"statistics": time.perf_counter() - t0}
+    if tech.budget and eval_fn is None:
+        eval_fn = _default_eval_fn(model, calib)
+    outcome = ptq_params(model.graph, stats, traits, x, contract=model.contract, estimator=estimator, techniques=tech,
+                         keep_float=keep, eval_fn=eval_fn)
+    timings.update(outcome.timings)
+    float_acts = _float_activations(model.graph, outcome.params)
+    policy = _with_output_fix(overflow_policy, input_is_float=bool(set(_graph_inputs(model.graph)) & float_acts))
+    overflow = _without_float_findings(
+        check_overflow(model.graph, stats, outcome.params, traits, data=x, peak_output=model.contract, policy=policy), float_acts)
+    params = overflow.params
+    scales = check_feature_scales(model.graph, stats, params, feature_names=model.contract.feature_names)
+    if not scales.ok and _policy_of(overflow_policy, "input_features") == "fix":
+        params, readers = starved_input_fix(params, model.graph)
+        result_notes.append(f"layers {readers} kept at float: per-tensor INT8 input would starve {len(scales.lost)} features "
+                            f"(feature spans differ {scales.decades:.1f} decades) and their weights carry the same spread; "
+                            "normalizing the input (C) is the real fix")
+    qdq = build_qdq_model(model.graph, params)
+    timings["total"] = time.perf_counter() - t_start
+    return QuantizationResult(model, params, qdq, traits, stats, x, norm, scales, overflow, fold, outcome, timings, result_notes)
+
+
+def _default_eval_fn(model: "Model", calib: Any) -> EvalFn:
+    from nilmc.calibration_data.dataset import NilmDataset
+
+    if not isinstance(calib, NilmDataset):
+        raise QuantizationError("a mixed-precision budget needs eval_fn, and plain calibration windows carry no targets",
+                                "pass eval_fn=make_eval_fn(model, validation_set) or a calibration NilmDataset")
+    return make_eval_fn(model, calib)
+
+
+def _policy_of(policy: str | Mapping[str, str], check: str) -> str:
+    if isinstance(policy, Mapping):
+        return str(policy.get(check, policy.get("default", "warn")))
+    return str(policy)
+
+
+def _with_output_fix(policy: str | Mapping[str, str], *, input_is_float: bool = False) -> dict[str, str]:
+    """The user's overflow policy with output clipping always fixed (the head must cover the physical range)."""
+    out = dict(policy) if isinstance(policy, Mapping) else {"default": str(policy)}
+    out["output_clipping"] = "fix"
+    # the starved-input finding is fixed here (first layer at float), not by overflow.py; a float input cannot starve
+    if input_is_float or out.get("input_features", out.get("default")) == "fix":
+        out["input_features"] = "warn"
+    return out
+
+
+def _graph_inputs(onnx_model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in onnx_model.graph.initializer}
+    return [i.name for i in onnx_model.graph.input if i.name not in inits]
+
+
+def _float_activations(onnx_model: onnx.ModelProto, params: QuantParams) -> set[str]:
+    from nilmc.quantization.qdq import float_sets
+
+    m = onnx.ModelProto()
+    m.CopyFrom(onnx_model)
+    return float_sets(analyze(m), params.keep_float)[0]
+
+
+def _without_float_findings(report: "OverflowReport", float_acts: set[str]) -> "OverflowReport":
+    """Findings on tensors kept at FP32 do not apply to the artifact: drop them, say so in ``skipped``."""
+    dropped = sorted({f.tensor for f in report.findings if f.tensor in float_acts})
+    if dropped:
+        report.findings = [f for f in report.findings if f.tensor not in float_acts]
+        report.skipped["kept_float"] = f"findings on tensors kept at FP32 dropped: {', '.join(dropped)}"
+    return report
