@@ -150,11 +150,12 @@ class Registry:
 
 def register_builtins(registry: Registry) -> None:
     """Every built-in backend, in one place."""
+    from nilmc.backends.dpu import DPUBackend
     from nilmc.backends.onnxruntime_backend import OnnxRuntimeBackend
     from nilmc.backends.openvino_backend import OpenVINOBackend
     from nilmc.backends.tensorrt_backend import TensorRTBackend
 
-    for backend in (OnnxRuntimeBackend(), OpenVINOBackend(), TensorRTBackend()):
+    for backend in (OnnxRuntimeBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend()):
         registry.register(backend)
 
 

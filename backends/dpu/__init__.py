@@ -1,0 +1,246 @@
+"""AMD Vitis AI DPU (DPUCZDX8G) backend: ``dpu:b2304`` (Ultra96) and ``dpu:b4096`` (ZCU102/ZCU104/KV260).
+
+The precision names the DPU architecture; the arithmetic is always per-tensor
+symmetric INT8 with power-of-two scales and DPU rounding. ``lower`` needs no
+Vitis AI tool and writes into the bundle:
+
+* ``quantized.xmodel`` - XIR protobuf (``xir.proto`` -> ``xir_pb2``) with float ops and
+  ``fix`` ops: the input of ``vai_c_xir`` ("quantized xmodel — compile with vai_c_xir");
+* ``arch.json``, ``compile.sh`` (the exact ``vai_c_xir`` line), ``run_on_board.py`` (VART);
+* ``inspector.json`` - per-layer DPU/CPU placement under the target's limits, and why;
+* ``dpu_params.json`` - fix points, shift_cut / shift_bias, repairs, accumulator peaks.
+
+The runner is the bit-accurate numpy emulator running the xmodel read back from the
+bundle (:attr:`Verification.EMULATED`): the accuracy the gate sees is what the DPU
+computes for that file, on this machine, without a board. ``vai_c_xir`` (in AMD's
+Vitis AI docker image) and a board are needed for the compiled xmodel, latency and
+power; none is claimed here. ``xir`` / ``vart`` are imported only by the board script.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from nilmc.backends.base import Artifact, Capabilities, Verification
+from nilmc.backends.dpu import handoff
+from nilmc.backends.dpu.emulator import DpuEmulator, EmulationError
+from nilmc.backends.dpu.inspector import InspectionReport, inspect_graph
+from nilmc.backends.dpu.ir import DpuGraph, from_onnx
+from nilmc.backends.dpu.quant import DpuParams, DpuQuantOptions, accumulator_peaks, calibrate, check_shifts, to_quant_params
+from nilmc.backends.dpu.xmodel import LABEL, build_xmodel, read_xmodel, serialize
+from nilmc.bitstreams import DPUTarget, available_targets, boards_for, boards_source, load_target, target_from_arch_json
+from nilmc.compiler.errors import BadInputError, InternalError
+from nilmc.compiler.io import atomic_write_bytes, atomic_write_json
+from nilmc.quantization.traits import DPU_POT
+
+if TYPE_CHECKING:
+    from nilmc.compiler.model import Model
+
+INSPECTOR = "inspector.json"
+PARAMS = "dpu_params.json"
+PRECISIONS = ("b2304", "b4096")
+
+
+class DPUUnsupportedError(BadInputError):
+    """The model holds ops nilmc cannot lower to (or emulate on) the DPU."""
+
+
+class DPUEmulatorRunner:
+    """Runs ``quantized.xmodel`` of a bundle in the bit-accurate DPU emulator (no board)."""
+
+    verification = Verification.EMULATED
+
+    def __init__(self, xmodel: Path) -> None:
+        self.path = Path(xmodel)
+        self._emulator: DpuEmulator | None = None
+
+    def __enter__(self) -> "DPUEmulatorRunner":
+        if not self.path.is_file():
+            raise BadInputError(f"{str(self.path)!r} does not exist", "point at a dpu bundle written by nilmc compile")
+        graph, params = read_xmodel(self.path.read_bytes())
+        self._emulator = DpuEmulator(graph, params)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._emulator = None
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._emulator is None:
+            raise InternalError("DPUEmulatorRunner.infer called outside its context", "use `with backend.runner(artifact) as r:`")
+        return self._emulator.infer(feeds)
+
+
+def _target(precision: str, options: Mapping[str, Any]) -> DPUTarget:
+    """The shipped target for ``precision``, or the user's overlay ``arch.json`` (``options['arch_json']``)."""
+    arch = options.get("arch_json")
+    if arch is None:
+        return load_target(precision)
+    t = target_from_arch_json(arch)
+    if t.precision != precision:
+        raise BadInputError(f"{arch} describes {t.name}, but the target is dpu:{precision}", f"use --targets dpu:{t.precision}")
+    return t
+
+
+def _watts_error(model: "Model") -> Any:
+    """Graph-output error as the metrics see it: mean |watts| difference, negatives floored at 0 W."""
+    to_watts = model.contract.to_watts
+
+    def error(ref: np.ndarray, out: np.ndarray) -> float:
+        a = np.maximum(to_watts(np.asarray(ref, np.float32)), 0.0)
+        b = np.maximum(to_watts(np.asarray(out, np.float32)), 0.0)
+        return float(np.mean(np.abs(a - b)))
+
+    return error
+
+
+def _peak_output(model: "Model") -> float | None:
+    """|head value| the output grid must hold: the contract's 0 W and peak power in model units."""
+    c = model.contract
+    if c.peak_power_w is None:
+        return None
+    if c.folded:
+        return float(c.peak_power_w)
+    return float(np.max(np.abs(c.target.from_watts(np.array([0.0, c.peak_power_w])))))
+
+
+INPUT_SIGMAS = 4.0
+
+
+def _input_floor(model: "Model", sigmas: float = INPUT_SIGMAS) -> float | None:
+    """``sigmas`` training standard deviations of the widest normalized feature (None without statistics)."""
+    c = model.contract
+    stats, aff = c.normalization.stats, None if c.folded else c.normalization.affine()
+    if stats is None:
+        return None
+    scale = np.ones_like(np.asarray(stats.std, np.float64)) if aff is None else np.abs(aff[0])
+    return float(sigmas * np.max(np.asarray(stats.std, np.float64) * scale))
+
+
+class DPUBackend:
+    """``dpu:<arch>``: power-of-two INT8 for a DPUCZDX8G, emulated bit-accurately, handed off to vai_c_xir."""
+
+    name = "dpu"
+    capabilities = Capabilities(
+        precisions=PRECISIONS,
+        description="AMD Vitis AI DPUCZDX8G (B2304 Ultra96, B4096 ZCU102/ZCU104/KV260): power-of-two INT8, quantized xmodel + "
+                    "vai_c_xir hand-off, bit-accurate numpy emulation",
+        traits={p: DPU_POT for p in PRECISIONS},
+        requires=(),
+        extra="dpu",
+        limitations={
+            "compile": "vai_c_xir (Vitis AI docker image) compiles quantized.xmodel; it is not run here",
+            "verification": "emulated: bit-accurate numpy model of the DPU arithmetic, no board latency or power",
+            "ops": "conv2d, dense, max/avg pooling, element-wise add, ReLU, LeakyReLU; other ops are reported, not lowered",
+            "qat": "post-training quantization only",
+        },
+    )
+
+    def lower(self, model: "Model", out_dir: Path, *, precision: str = "b2304", options: Mapping[str, Any] | None = None) -> Artifact:
+        """Quantize for the DPU and write the xmodel + hand-off into ``out_dir``.
+
+        ``options``: ``quant`` (the compile's QuantContext, required), ``arch_json`` (a board
+        overlay's arch.json instead of the shipped one, default none), ``dpu_quant``
+        (:class:`DpuQuantOptions`, default: watts error on the head, contract peak covered).
+        """
+        from nilmc.quantization.context import require_quant
+
+        options = dict(options or {})
+        if precision not in PRECISIONS:
+            raise BadInputError(f"dpu has no precision {precision!r}", f"available: {', '.join(available_targets())}")
+        t0 = time.perf_counter()
+        target = _target(precision, options)
+        ctx = require_quant(options, f"{self.name}:{precision}")
+        out_dir = Path(out_dir)
+        graph = from_onnx(model.graph)
+        report = inspect_graph(graph, target)
+        atomic_write_json(out_dir / INSPECTOR, report.to_json())
+        if graph.unsupported:
+            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {report.summary()}",
+                                      "replace those ops (see inspector.json for every layer's placement)")
+        feeds = {model.input_name: ctx.calib_x}
+        qopts = options.get("dpu_quant") or DpuQuantOptions(peak_output=_peak_output(model), output_error=_watts_error(model),
+                                                            input_floor=_input_floor(model))
+        params = calibrate(graph, feeds, target.limits, options=qopts)
+        violations = check_shifts(graph, params, target.limits)
+        if violations:
+            raise InternalError(f"DPU shift repair left {len(violations)} violation(s): {violations[0]}", "report this as a nilmc bug")
+        xmodel = build_xmodel(graph, params, name=f"nilmc_{model.contract.appliance}",
+                              graph_attrs={"target": target.name, "fingerprint": target.fingerprint})
+        atomic_write_bytes(out_dir / handoff.XMODEL, serialize(xmodel))
+        files = [handoff.XMODEL, *handoff.write_handoff(out_dir, target, model.contract), INSPECTOR, PARAMS]
+        peaks = accumulator_peaks(graph, params, feeds)
+        atomic_write_json(out_dir / PARAMS, {**params.to_json(graph), "accumulator_peaks": peaks, "target": target.to_json()})
+        info = self._info(model, graph, params, target, report, ctx, peaks, time.perf_counter() - t0)
+        return Artifact(self.name, precision, out_dir, handoff.XMODEL, files, kind=f"{LABEL} ({target.name})", info=info)
+
+    def _info(self, model: "Model", graph: DpuGraph, params: DpuParams, target: DPUTarget, report: InspectionReport,
+              ctx: Any, peaks: Mapping[str, int], lower_s: float) -> dict[str, Any]:
+        _, qparams = to_quant_params(model.graph, graph, params)
+        calib = _calibration_eacc(model, graph, params, ctx)
+        return {
+            "label": LABEL,
+            "quantization": qparams.to_json(),
+            "tools": ["protobuf"],
+            "target": target.to_json(),
+            "handoff": {
+                "compile": " ".join(handoff.compile_command()),
+                "compile_script": handoff.COMPILE,
+                "compiled_xmodel": f"{handoff.COMPILED_DIR}/{handoff.NET}.xmodel",
+                "run": f"python3 {handoff.RUN} --windows windows.npy --out watts.npy",
+                "needs": "vai_c_xir from AMD's Vitis AI 3.x docker image; a board image with the Vitis AI runtime (xir, vart)",
+            },
+            "verification_note": "emulated: the bit-accurate numpy DPU emulator runs the quantized xmodel read back from this "
+                                 "bundle; vai_c_xir and a DPU board were not run, so no DPU latency or power is claimed",
+            "inspector": {k: v for k, v in report.to_json().items() if k != "layers"},
+            "accumulator_peaks": dict(peaks),
+            "accumulator_headroom": _headroom(peaks),
+            "calibration": {**params.method, **calib},
+            "boards": _board_figures(target, calib.get("eacc_dpu_pct")),
+            "lower_s": round(lower_s, 3),
+        }
+
+    def runner(self, artifact: Artifact) -> DPUEmulatorRunner:
+        return DPUEmulatorRunner(artifact.directory / artifact.primary)
+
+
+def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: Any) -> dict[str, Any]:
+    """FP32 and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
+    from nilmc.backends.dpu.quant import float_forward
+    from nilmc.compiler.metrics import nilm_metrics
+
+    ds = ctx.calibration
+    try:
+        truth = ds.y[:, ds.appliance_index(model.contract.appliance)]
+    except (AttributeError, BadInputError, IndexError):
+        return {}
+    x = ctx.calib_x
+    out = graph.outputs[0]
+    fp32 = model.contract.to_watts(float_forward(graph, {model.input_name: x})[out].astype(np.float32))
+    dpu = model.contract.to_watts(next(iter(DpuEmulator(graph, params).infer({model.input_name: x}).values())))
+    thr = model.contract.on_threshold_w
+    e_ref, e_dpu = nilm_metrics(truth, fp32, on_threshold_w=thr).eacc, nilm_metrics(truth, dpu, on_threshold_w=thr).eacc
+    return {"windows": int(len(x)), "eacc_fp32_pct": round(100 * e_ref, 3), "eacc_dpu_pct": round(100 * e_dpu, 3),
+            "eacc_note": "on the calibration windows (the gate's numbers are in the manifest's verification)"}
+
+
+ACCUMULATOR_BITS = DPU_POT.accumulator_bits  # ~24-bit headroom: inferred from the shift_bias rule, not documented
+
+
+def _headroom(peaks: Mapping[str, int]) -> dict[str, Any]:
+    """Largest calibration accumulator against a signed ``ACCUMULATOR_BITS``-bit accumulator."""
+    limit = 2 ** (ACCUMULATOR_BITS - 1) - 1
+    worst = max(peaks.values(), default=0)
+    return {"bits": ACCUMULATOR_BITS, "limit": limit, "worst": worst, "within": worst <= limit,
+            "note": "accumulator width inferred (shift_bias rule min(0, -(24 - (8 + shift_cut)))), not documented by AMD"}
+
+
+def _board_figures(target: DPUTarget, eacc_pct: float | None) -> dict[str, Any]:
+    rows = [b.figures(eacc_pct) for b in boards_for(target)] if eacc_pct is not None else []
+    return {"source": boards_source(), "eacc": "emulated DPU EACC on the calibration windows", "rows": rows,
+            "formula": "EACC % / TDP W and EACC % / board cost $ (seed 003 Table 8)"}
+
+
+__all__ = ["DPUBackend", "DPUEmulatorRunner", "DPUUnsupportedError", "EmulationError"]
