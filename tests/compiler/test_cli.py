@@ -28,6 +28,11 @@ class LossyBackend(OnnxRuntimeBackend):
     name = "lossy"
     capabilities = Capabilities(precisions=("int8",), description="test double: FP32 + offset")
 
+    def lower(self, model, out_dir, *, precision="int8", options=None):
+        art = super().lower(model, out_dir, precision="fp32")
+        art.precision, art.backend = precision, self.name
+        return art
+
     def runner(self, artifact: Artifact):
         return _NoisyRunner(artifact.path)
 
@@ -50,7 +55,8 @@ def test_backends_lists_onnxruntime_json():
     res = run("backends", "--json")
     assert res.exit_code == 0
     rows = {r["name"]: r for r in json.loads(res.output)}
-    assert rows["onnxruntime"]["available"] is True and rows["onnxruntime"]["precisions"] == ["fp32"]
+    assert rows["onnxruntime"]["available"] is True and rows["onnxruntime"]["precisions"] == ["fp32", "int8"]
+    assert {"openvino", "tensorrt", "dpu"} <= set(rows)
 
 
 def test_compile_fp32_writes_bundle_and_passes(tiny_files):
