@@ -154,8 +154,9 @@ def register_builtins(registry: Registry) -> None:
     from nilmc.backends.onnxruntime_backend import OnnxRuntimeBackend
     from nilmc.backends.openvino_backend import OpenVINOBackend
     from nilmc.backends.tensorrt_backend import TensorRTBackend
+    from nilmc.backends.tflite_backend import TFLiteBackend
 
-    for backend in (OnnxRuntimeBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend()):
+    for backend in (OnnxRuntimeBackend(), TFLiteBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend()):
         registry.register(backend)
 
 

@@ -149,7 +149,8 @@ def example_cmd(out: str, targets: str, as_json: bool) -> None:
     from nilmc.calibration_data.shipped import shipped_paths
 
     p = shipped_paths()
-    run_compile(str(p["model"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json)
+    # The Keras source (not the .onnx) so that Keras-based targets (TFLite, QAT) can lower too.
+    run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json)
 
 
 # ------------------------------------------------------------------ verify

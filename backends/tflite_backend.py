@@ -1,0 +1,362 @@
+"""TFLite: FP32, FP16, dynamic-range INT8, full-integer INT8 from nilmc's ranges, and QAT INT8.
+
+Precisions
+    ``fp32``          TFLiteConverter, no optimization.
+    ``fp16``          float16 weights (``optimizations=[DEFAULT]``, ``supported_types=[float16]``).
+    ``dynamic_int8``  int8 weights, float activations (``optimizations=[DEFAULT]``, no data).
+    ``int8``          full integer, **every parameter nilmc's** (``QuantContext.params`` under
+                      TFLite traits, output range widened to the contract's peak power), built by
+                      :func:`nilmc.backends.tflite_int8.build_int8_tflite`; the read-back check
+                      (runtime-visible scales / zero points == nilmc's) is in ``info["param_check"]``.
+    ``qat_int8``      the same after quantization-aware fine-tuning (:func:`nilmc.quantization.qat.qat_finetune`)
+                      started from those ranges.
+
+Options (``lower(..., options=...)``; the compile driver passes ``quant`` and ``calibration``):
+    ``quant``          the shared :class:`QuantContext` (int8, qat_int8).
+    ``calibration``    the calibration :class:`NilmDataset`; QAT fine-tunes on its labelled windows.
+    ``io_dtype``       ``"int8"`` (default), ``"uint8"`` or ``"float"``: I/O tensors of the integer models.
+    ``per_tensor``     False (default): per-channel weights; True: per-tensor weights.
+    ``estimator``      activation range estimator (default: the context's, min-max).
+    ``qat_epochs`` (3), ``qat_learning_rate`` (1e-4), ``qat_batch_size`` (64), ``qat_seed`` (0),
+    ``qat_train``      a labelled :class:`NilmDataset` (e.g. the training split) to fine-tune on instead of
+                       the calibration set.
+    ``qat_targets``    ``"auto"`` (default: ``"labels"`` with ``qat_train``, ``"teacher"`` on the calibration
+                       set), ``"labels"`` (the set's targets) or ``"teacher"`` (the FP32 model's outputs:
+                       distillation).
+    ``qat_holdout``    0.2 (default): the last fifth of the QAT windows is held out; the epoch with the lowest
+                       held-out MSE is kept (epoch 0 = the PTQ starting point).
+    ``tflm``           True (default): TFLite Micro export (C array + estimate report) for int8 / qat_int8.
+
+QAT here fine-tunes for a few epochs on the calibration set's windows (or ``qat_train``). On the
+calibration set the targets are, by default, the FP32 model's own outputs (distillation): measured
+on a T-P seq2point, fine-tuning on the calibration set's *labels* lost ~24 EACC points, with or
+without fake quantization (1000 windows from other days overfit in 3 epochs), while the goal of
+QAT is only to make the integer model follow the float one. With ``qat_train`` (e.g. the training
+split) the labels are used, as in the usual QAT recipe. A held-out block guards both.
+
+Runner: ``ai_edge_litert.interpreter.Interpreter`` (the TFLite runtime itself, default CPU kernels
+incl. the XNNPACK delegate, 1 thread) -> MEASURED. A batch is run in one invoke by resizing the
+input tensor to the batch (re-allocated only when the batch size changes). Integer I/O: the
+runner quantizes inputs with the input tensor's scale / zero point (round half away from zero, as
+TFLite's QUANTIZE op) and dequantizes outputs with the output tensor's, so it takes and returns
+float model units like every other runner.
+
+Determinism: the converter and the rewrite are deterministic for the same model and parameters
+(byte-identical flatbuffers); QAT is seeded (same machine, same TensorFlow build).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from nilmc.backends.base import Artifact, Capabilities, Verification
+from nilmc.compiler.errors import BadInputError, DataError, MissingDependencyError
+from nilmc.quantization.intops import Rounding, int_range, quantize
+from nilmc.quantization.traits import TFLITE_INT8
+
+if TYPE_CHECKING:
+    from nilmc.compiler.model import Model
+
+FLOAT_PRECISIONS = ("fp32", "fp16", "dynamic_int8")
+INT_PRECISIONS = ("int8", "qat_int8")
+NO_KERAS = "TFLite lowering needs the Keras model; pass the .keras/.h5 file"
+
+
+@dataclass(frozen=True)
+class TFLiteOptions:
+    """Parsed ``options`` of :meth:`TFLiteBackend.lower` (defaults in the module docstring)."""
+
+    io_dtype: str = "int8"
+    per_tensor: bool = False
+    estimator: str | None = None
+    qat_epochs: int = 3
+    qat_learning_rate: float = 1e-4
+    qat_batch_size: int = 64
+    qat_seed: int = 0
+    qat_targets: str = "auto"
+    qat_holdout: float = 0.2
+    tflm: bool = True
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> "TFLiteOptions":
+        from nilmc.backends.tflite_int8 import check_io_dtype
+
+        o = dict(options or {})
+        try:
+            out = cls(
+                io_dtype=check_io_dtype(str(o.get("io_dtype", "int8"))),
+                per_tensor=bool(o.get("per_tensor", False)),
+                estimator=o.get("estimator"),
+                qat_epochs=int(o.get("qat_epochs", 3)),
+                qat_learning_rate=float(o.get("qat_learning_rate", 1e-4)),
+                qat_batch_size=int(o.get("qat_batch_size", 64)),
+                qat_seed=int(o.get("qat_seed", 0)),
+                qat_targets=str(o.get("qat_targets", "auto")),
+                qat_holdout=float(o.get("qat_holdout", 0.2)),
+                tflm=bool(o.get("tflm", True)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise BadInputError(f"invalid TFLite option ({exc})", "see nilmc.backends.tflite_backend for the options and their types") from None
+        if out.qat_targets not in QAT_TARGETS:
+            raise BadInputError(f"unknown qat_targets {out.qat_targets!r}", f"use one of {', '.join(QAT_TARGETS)}")
+        if not 0.0 <= out.qat_holdout < 1.0:
+            raise BadInputError(f"qat_holdout must be in [0, 1), got {out.qat_holdout}", "e.g. 0.2 holds out the last fifth of the QAT windows")
+        return out
+
+
+# --------------------------------------------------------------------------- runner
+class TFLiteRunner:
+    """Runs a ``.tflite`` file with the TFLite runtime (``ai_edge_litert``), float in / float out."""
+
+    verification = Verification.MEASURED
+
+    def __init__(self, path: Path, *, threads: int = 1, output_name: str = "output") -> None:
+        self.path = Path(path)
+        self.threads = threads
+        self.output_name = output_name
+        self._it: Any = None
+        self._batch: int | None = None
+
+    def __enter__(self) -> "TFLiteRunner":
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise MissingDependencyError("ai-edge-litert", "tflite", "running TFLite models") from None
+        self._it = Interpreter(model_path=str(self.path), num_threads=self.threads)
+        self._batch = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._it = None
+
+    def _resize(self, batch: int) -> None:
+        if batch == self._batch:
+            return
+        inp = self._it.get_input_details()[0]
+        self._it.resize_tensor_input(inp["index"], [batch, *[int(d) for d in inp["shape_signature"][1:]]], strict=False)
+        self._it.allocate_tensors()
+        self._batch = batch
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(feeds) != 1:
+            raise BadInputError(f"the TFLite model takes one input, got {len(feeds)} feeds", "pass {'input': windows}")
+        x = np.asarray(next(iter(feeds.values())), np.float32)
+        self._resize(len(x))
+        inp, out = self._it.get_input_details()[0], self._it.get_output_details()[0]
+        self._it.set_tensor(inp["index"], _to_tensor(x, inp))
+        self._it.invoke()
+        return {self.output_name: _from_tensor(self._it.get_tensor(out["index"]), out)}
+
+
+def _to_tensor(x: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype)
+    scale, zp = detail["quantization"]
+    rng = int_range(dtype.name)
+    return quantize(x, float(scale), int(zp), rng, rounding=Rounding.HALF_AWAY).astype(dtype)
+
+
+def _from_tensor(y: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind == "f":
+        return np.asarray(y, np.float32).copy()
+    scale, zp = detail["quantization"]
+    return ((y.astype(np.int64) - int(zp)).astype(np.float32) * np.float32(scale)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- helpers
+def load_keras(model: "Model") -> Any:
+    """The tf_keras model behind ``model`` (its ``keras_path``), or :class:`BadInputError`."""
+    if not model.keras_path:
+        raise BadInputError(f"model {model.source or '?'!r} has no Keras source ({NO_KERAS})",
+                            "load the model from its .keras or .h5 file (nilmc compile model.keras ...), not from .onnx or a SavedModel")
+    from nilmc.compiler.frontend import SourceKind, _read_keras, detect_kind
+
+    path = Path(model.keras_path)
+    kind = detect_kind(path)
+    if kind is not SourceKind.TF_KERAS:
+        raise BadInputError(f"{str(path)!r} is a {kind.value} model; TFLite lowering and QAT here use tf_keras (Keras 2) models",
+                            "save the model with tf_keras (nilmc train does), or export ONNX and use another backend")
+    return _read_keras(path, kind)
+
+
+def _require_modules() -> None:
+    import importlib.util
+
+    for module, package, extra in (("tensorflow", "tensorflow", "tflite"), ("ai_edge_litert", "ai-edge-litert", "tflite")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(package, extra, "TFLite lowering")
+
+
+QAT_TARGETS = ("auto", "teacher", "labels")
+
+
+def _qat_data(model: "Model", keras_model: Any, options: Mapping[str, Any], opts: "TFLiteOptions") -> dict[str, Any]:
+    """QAT windows and targets, split into a training part and a held-out block (the last ``qat_holdout``)."""
+    given = options.get("qat_train") is not None
+    ds = options.get("qat_train") if given else options.get("calibration")
+    if ds is None:
+        raise DataError("qat_int8 fine-tunes on labelled windows but neither options['qat_train'] nor a calibration set was given",
+                        "pass --calib FILE (its windows are used) or options['qat_train']")
+    c = model.contract
+    c.check_input(ds.x, source="the QAT set")
+    x = c.prepare(ds.raw_x())
+    targets = opts.qat_targets if opts.qat_targets != "auto" else ("labels" if given else "teacher")
+    if targets == "labels":
+        y = c.target.from_watts(ds.y[:, ds.appliance_index(c.appliance)])[:, None]
+    else:  # distillation: the FP32 model's own outputs
+        y = np.asarray(keras_model.predict(x, batch_size=512, verbose=0), np.float32).reshape(len(x), -1)
+    n_val = int(round(len(x) * opts.qat_holdout))
+    if n_val and len(x) - n_val < 1:
+        raise DataError(f"{len(x)} QAT windows leave none for training after holding out {n_val}", "pass more windows or lower qat_holdout")
+    split = len(x) - n_val
+    return {"x": x[:split], "y": y[:split], "val": (x[split:], y[split:]) if n_val else None,
+            "source": "qat_train" if given else "calibration", "targets": targets, "held_out": n_val}
+
+
+def _write(out_dir: Path, name: str, data: bytes) -> str:
+    from nilmc.compiler.io import atomic_write_bytes
+
+    atomic_write_bytes(Path(out_dir) / name, data)
+    return name
+
+
+# --------------------------------------------------------------------------- backend
+class TFLiteBackend:
+    name = "tflite"
+    capabilities = Capabilities(
+        precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
+        description="TFLite (ai_edge_litert runtime): FP32, FP16, dynamic-range INT8, full-integer INT8 from nilmc's ranges, QAT INT8; TFLite Micro export",
+        traits={"int8": TFLITE_INT8, "qat_int8": TFLITE_INT8},
+        requires=("tensorflow", "ai_edge_litert"),
+        extra="tflite",
+        limitations={
+            "needs_keras_source": "needs the tf_keras (Keras 2) model (.keras/.h5); an ONNX-only model cannot be lowered",
+            "layers": "full-integer mapping covers Conv2D, Dense, Flatten/Reshape, MaxPool (seq2point); other ops raise a typed error",
+            "qat_int8": "fine-tunes on the calibration windows (FP32 outputs as targets) or options['qat_train'] (labels) for qat_epochs epochs",
+            "tflm": "TFLite Micro Flash / arena / cycle figures are estimates from the flatbuffer, not measured on a microcontroller",
+        },
+    )
+
+    def lower(self, model: "Model", out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
+        """Write ``model_<precision>.tflite`` (and, for integer precisions, the TFLite Micro export) into ``out_dir``."""
+        if precision not in self.capabilities.precisions:
+            raise BadInputError(f"tflite has no precision {precision!r}", f"available: {', '.join(self.capabilities.precisions)}")
+        if not model.keras_path:
+            load_keras(model)  # raises the clear "needs the Keras model" error before anything is imported
+        _require_modules()
+        out_dir = Path(out_dir)
+        keras_model = load_keras(model)
+        if precision in FLOAT_PRECISIONS:
+            return self._lower_float(keras_model, out_dir, precision)
+        return self._lower_int(model, keras_model, out_dir, precision, dict(options or {}))
+
+    def runner(self, artifact: Artifact) -> TFLiteRunner:
+        return TFLiteRunner(artifact.path)
+
+    # ------------------------------------------------------------------ float / dynamic
+    def _lower_float(self, keras_model: Any, out_dir: Path, precision: str) -> Artifact:
+        from nilmc.backends.tflite_int8 import convert_keras
+
+        fb = convert_keras(keras_model, precision)
+        name = _write(out_dir, f"model_{precision}.tflite", fb)
+        kinds = {"fp32": "TFLite FP32", "fp16": "TFLite FP16 weights", "dynamic_int8": "TFLite dynamic-range INT8 (int8 weights, float activations)"}
+        return Artifact(self.name, precision, out_dir, name, [name], kind=kinds[precision],
+                        info={"tools": ["tensorflow", "ai-edge-litert"], "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"})
+
+    # ------------------------------------------------------------------ full integer
+    def _lower_int(self, model: "Model", keras_model: Any, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
+        from nilmc.backends.tflite_int8 import build_int8_tflite, io_quantization, tflite_traits
+        from nilmc.quantization.context import require_quant
+        from nilmc.quantization.overflow import check_overflow
+        from nilmc.quantization.qat import keras_quant_from_params, widen_output
+
+        opts = TFLiteOptions.parse(options)
+        ctx = require_quant(options, f"{self.name}:{precision}")
+        # I/O dtype does not change any parameter: derive with the default (int8) so every I/O variant shares
+        # the context's cached parameters; the flatbuffer gets opts.io_dtype.
+        traits = tflite_traits(per_tensor=opts.per_tensor)
+        params = ctx.params(traits, estimator=opts.estimator)
+        overflow = check_overflow(model.graph, ctx.statistics, params, traits, peak_output=model.contract,
+                                  policy={"default": "warn", "output_clipping": "fix"})
+        params = overflow.params
+        kq = widen_output(keras_quant_from_params(keras_model, params), model.contract)
+        info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(),
+                                "overflow": overflow.to_json(), "io_dtype": opts.io_dtype, "per_tensor": opts.per_tensor,
+                                "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"}
+        if getattr(params, "keep_float", ()):
+            info["keep_float_ignored"] = {"layers": list(params.keep_float),
+                                          "why": "a full-integer TFLite keeps no layer in float; these are quantized like the rest"}
+        extra: list[str] = []
+        if precision == "qat_int8":
+            tuned = self._qat(model, keras_model, kq, opts, options, info)
+            if tuned is not None:  # else no epoch beat the PTQ start on the held-out block: deploy the PTQ model
+                keras_model, kq = tuned
+                info["quantization"] = kq.to_json()  # what is deployed: the QAT ranges and re-derived weight scales
+                extra.append(_write_keras(keras_model, out_dir / "qat_finetuned_float.h5"))
+        result = build_int8_tflite(keras_model, kq, ctx.calib_x, per_tensor=opts.per_tensor, io_dtype=opts.io_dtype)
+        name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
+        info["param_check"] = {k: v for k, v in result.check.items() if k != "mismatches"}
+        info["io"] = io_quantization(result.flatbuffer)
+        info["output_covers_w"] = _output_cover_watts(kq, model)
+        if opts.tflm:
+            from nilmc.backends.tflite_micro import write_tflm_export
+
+            tflm_files, report = write_tflm_export(result.flatbuffer, out_dir)
+            extra += tflm_files
+            info["tflm"] = {k: report[k] for k in ("flash", "arena", "compute", "budget", "fits", "cycles_verdict_robust", "estimate", "note")}
+        label = "QAT" if precision == "qat_int8" else "PTQ"
+        kind = f"TFLite full-integer INT8 ({label}, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, {opts.io_dtype} I/O)"
+        info["extra_files"] = extra  # beside the deployable model; not counted in its size
+        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+
+    def _qat(self, model: "Model", keras_model: Any, kq: Any, opts: TFLiteOptions, options: Mapping[str, Any],
+             info: dict[str, Any]) -> tuple[Any, Any] | None:
+        """Fine-tune; ``(float model, KerasQuant)`` of the kept epoch, or None when epoch 0 (the PTQ start) was best."""
+        from nilmc.quantization.qat import keras_quant_from_qat, qat_finetune, widen_output
+
+        data = _qat_data(model, keras_model, options, opts)
+        t0 = time.perf_counter()
+        history: dict[str, Any] = {}
+        qat_model = qat_finetune(keras_model, kq, data["x"], data["y"], epochs=opts.qat_epochs, learning_rate=opts.qat_learning_rate,
+                                 seed=opts.qat_seed, batch_size=opts.qat_batch_size, validation=data["val"], history=history)
+        info["tools"].append("tensorflow-model-optimization")
+        info["qat"] = {"train_set": data["source"], "targets": data["targets"], "windows": int(len(data["x"])),
+                       "held_out_windows": data["held_out"], "epochs": opts.qat_epochs, "learning_rate": opts.qat_learning_rate,
+                       "batch_size": opts.qat_batch_size, "seed": opts.qat_seed, "seconds": round(time.perf_counter() - t0, 2),
+                       "held_out_mse_per_epoch": [round(v, 6) for v in history.get("val_loss", [])],
+                       "kept_epoch": history.get("best_epoch"),
+                       "note": "fine-tuned from nilmc's PTQ ranges (activation ranges then follow tfmot's moving average); "
+                               "the epoch with the lowest held-out MSE is kept, 0 = the PTQ starting point; "
+                               "PTQ bias correction is not carried over (QAT trains the biases)"}
+        if history.get("best_epoch") == 0 and data["val"] is not None:
+            info["qat"]["deployed"] = "PTQ model: no fine-tuned epoch lowered the held-out MSE"
+            return None
+        info["qat"]["deployed"] = f"fine-tuned weights and ranges of epoch {history.get('best_epoch')}"
+        plain, kq_qat = keras_quant_from_qat(qat_model, keras_model, kq.traits)
+        return plain, widen_output(kq_qat, model.contract)
+
+
+def _write_keras(keras_model: Any, path: Path) -> str:
+    """Save the fine-tuned float model as .h5 (atomically, via a temporary file)."""
+    import tempfile
+
+    from nilmc.compiler.io import atomic_write_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "m.h5"
+        keras_model.save(p, include_optimizer=False)
+        atomic_write_bytes(path, p.read_bytes())
+    return path.name
+
+
+def _output_cover_watts(kq: Any, model: "Model") -> dict[str, Any]:
+    lo, hi = kq.output.representable()
+    c = model.contract
+    w_lo, w_hi = (float(v) for v in (c.to_watts(np.array([[lo], [hi]], np.float32)) if not c.folded else (lo, hi)))
+    return {"representable_w": [w_lo, w_hi], "peak_power_w": c.peak_power_w,
+            "covers_peak": c.peak_power_w is None or w_hi >= c.peak_power_w}

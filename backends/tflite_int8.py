@@ -1,0 +1,511 @@
+"""TFLite conversion, and full-integer TFLite built from nilmc's own parameters.
+
+This is the internal API the ``tflite`` and ``eiq`` backends share:
+
+* :func:`convert_keras` — the TFLite converter for FP32, FP16, dynamic-range INT8, the
+  converter's own full-integer PTQ (``vendor_ptq``, for comparisons) and the structural
+  full-integer conversion used below.
+* :func:`build_int8_tflite` — a full-integer flatbuffer whose every quantization
+  parameter is nilmc's: ``(keras_model, KerasQuant, representative windows, per_tensor,
+  io_dtype) -> FullIntegerTFLite``.
+
+How :func:`build_int8_tflite` works, and why this route
+    The converter is run once in full-integer mode to get the graph TFLite wants (op
+    choice, fusion of bias and ReLU, layouts, int32 biases, the I/O (de)quantize ops);
+    its representative set (a few windows) only serves that. Then, with the flatbuffer
+    schema object API, every tensor's parameters are overwritten with nilmc's: activation
+    scale / zero point, per-channel (or per-tensor) int8 weight codes requantized from the
+    float Keras weights at nilmc's scales, int32 bias codes at ``s_in * s_w``. The
+    converter's own ranges survive nowhere.
+
+    The other route — tfmot's ``quantize_model`` with every FakeQuant min/max set from
+    nilmc, converted with ``optimizations=[DEFAULT]`` — reproduced nilmc's activation
+    parameters exactly (checked), but the converter refuses per-channel fake-quant on
+    Dense kernels ("'tfl.transpose' op has mismatched quantized axes"), so Dense weights
+    would stay per tensor while nilmc's TFLite traits (and the converter's own PTQ) are
+    per channel. Rewriting keeps per-channel Dense, makes ``per_tensor`` a plain option
+    and serves QAT the same way (:mod:`nilmc.quantization.qat` reads its ranges back).
+
+Tensors are matched to nilmc's by structure: the k-th CONV_2D / FULLY_CONNECTED op is the
+k-th Keras Conv2D / Dense layer (names checked when the converter kept them), its input,
+output, weight and bias tensors get that layer's parameters, and RESHAPE / SQUEEZE /
+EXPAND_DIMS / MAX_POOL_2D outputs and int8<->uint8 QUANTIZE ops share their input's grid.
+Any quantized tensor left unmatched is an error, never a silent converter range.
+Buffers are written 16-byte aligned.
+
+Use (what the tflite backend does; the eiq backend the same with its own traits)::
+
+    traits = tflite_traits(per_tensor=True)                 # or base=<traits with symmetric weights>
+    params = ctx.params(traits)                             # QuantContext from options["quant"]
+    kq = widen_output(keras_quant_from_params(keras_model, params), model.contract)
+    res = build_int8_tflite(keras_model, kq, ctx.calib_x, per_tensor=True, io_dtype="uint8")
+    res.flatbuffer, res.check                               # bytes, read-back comparison
+
+TFLite's int8 kernels need symmetric weights (zero point 0): asymmetric weight parameters
+are refused with a :class:`QuantizationError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from nilmc.compiler.errors import BadInputError, InternalError, QuantizationError
+from nilmc.quantization.intops import Rounding, quantize
+from nilmc.quantization.params import TensorQuant, bias_quant
+from nilmc.quantization.traits import TFLITE_INT8, QuantTraits
+
+if TYPE_CHECKING:
+    from nilmc.quantization.qat import KerasLayerQuant, KerasQuant
+
+IO_DTYPES = ("int8", "uint8", "float")
+CONVERT_MODES = ("fp32", "fp16", "dynamic_int8", "full_int8", "vendor_ptq")
+STRUCTURE_WINDOWS = 32  # representative windows for the structural conversion (ranges are overwritten)
+_ALIGN = 16
+
+# TFLite builtin operator codes (schema.fbs) used here.
+CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, RESHAPE, QUANTIZE = 3, 4, 6, 9, 17, 22, 114
+SQUEEZE, EXPAND_DIMS = 43, 70
+PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D})
+WEIGHTED = frozenset({CONV_2D, FULLY_CONNECTED})
+# TensorType codes -> (name, lowest code) for the integer types we place.
+INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0)}
+TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8"}
+
+
+def tflite_traits(*, per_tensor: bool = False, io_dtype: str = "int8", base: QuantTraits = TFLITE_INT8) -> QuantTraits:
+    """Traits to derive parameters with for a full-integer TFLite: ``base`` (default TFLITE_INT8)
+    with per-tensor weights when ``per_tensor`` (default False) and ``io_dtype`` (default int8)."""
+    check_io_dtype(io_dtype)
+    if not per_tensor and base.per_channel_weights is False:
+        return base.with_(io_dtype=io_dtype)
+    name = base.name + ("_per_tensor" if per_tensor and base.per_channel_weights else "")
+    return base.with_(name=name, per_channel_weights=not per_tensor and base.per_channel_weights, io_dtype=io_dtype)
+
+
+def check_io_dtype(io_dtype: str) -> str:
+    if io_dtype not in IO_DTYPES:
+        raise BadInputError(f"unknown TFLite I/O dtype {io_dtype!r}", f"use one of {', '.join(IO_DTYPES)}")
+    return io_dtype
+
+
+# --------------------------------------------------------------------------- the converter
+def convert_keras(
+    keras_model: Any,
+    mode: str,
+    *,
+    representative: np.ndarray | None = None,
+    per_tensor: bool = False,
+    io_dtype: str = "float",
+) -> bytes:
+    """Run the TFLite converter on a tf_keras model.
+
+    ``mode``: ``fp32``; ``fp16`` (float16 weights); ``dynamic_int8`` (int8 weights, float
+    activations); ``full_int8`` (integer-only builtins, ``io_dtype`` I/O, per-tensor weights
+    when ``per_tensor``; needs ``representative``); ``vendor_ptq`` (the converter's default
+    full-integer PTQ: ``optimizations=[DEFAULT]`` + ``representative``, float I/O, nothing else set).
+    """
+    from nilmc.compiler.tfcompat import import_tf
+
+    if mode not in CONVERT_MODES:
+        raise BadInputError(f"unknown TFLite conversion mode {mode!r}", f"use one of {', '.join(CONVERT_MODES)}")
+    tf = import_tf("converting to TFLite")
+    conv = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    if mode != "fp32":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
+    if mode in ("full_int8", "vendor_ptq"):
+        if representative is None or len(representative) == 0:
+            raise BadInputError(f"TFLite {mode} conversion needs representative windows", "pass calibration windows")
+        rep = np.asarray(representative, np.float32)
+        conv.representative_dataset = lambda: ([rep[i : i + 1]] for i in range(len(rep)))
+    if mode == "full_int8":
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if check_io_dtype(io_dtype) != "float":
+            conv.inference_input_type = getattr(tf, io_dtype)
+            conv.inference_output_type = getattr(tf, io_dtype)
+        if per_tensor:
+            conv._experimental_disable_per_channel = True  # the documented switch for per-tensor weights
+    return _run_converter(conv, mode)
+
+
+def _run_converter(conv: Any, mode: str) -> bytes:
+    from nilmc.compiler.tfcompat import _stderr_silenced  # the converter prints MLIR notes on fd 2
+
+    try:
+        with _stderr_silenced():
+            return bytes(conv.convert())
+    except Exception as exc:  # ConverterError, ValueError, ...
+        text = str(exc).strip().splitlines()
+        raise BadInputError(f"the TFLite converter failed ({mode}): {text[0][:300] if text else type(exc).__name__}",
+                            "check that the model uses TFLite builtin ops (Conv2D, Dense, Flatten, ReLU)") from None
+
+
+# --------------------------------------------------------------------------- flatbuffer helpers
+def _schema() -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def load_flatbuffer(fb: bytes) -> Any:
+    """The flatbuffer as a mutable ``ModelT`` (schema object API)."""
+    try:
+        return _schema().ModelT.InitFromPackedBuf(bytearray(fb), 0)
+    except Exception as exc:
+        raise BadInputError(f"not a TFLite flatbuffer ({type(exc).__name__}: {exc})", "pass a .tflite file") from None
+
+
+def op_code(model: Any, op: Any) -> int:
+    oc = model.operatorCodes[op.opcodeIndex]
+    return max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode))
+
+
+def op_name(code: int) -> str:
+    ops = _schema().BuiltinOperator
+    for name, value in vars(ops).items():
+        if value == code and not name.startswith("_"):
+            return name
+    return f"OP_{code}"
+
+
+def tensor_name(t: Any) -> str:
+    name = t.name
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
+
+
+def _aligned_buffer_class() -> type:
+    schema = _schema()
+
+    class AlignedBufferT(schema.BufferT):  # type: ignore[misc, name-defined]
+        """A buffer whose data vector starts on a 16-byte boundary (what the C++ converter writes)."""
+
+        def Pack(self, builder: Any) -> Any:
+            data = None
+            if self.data is not None and len(self.data):
+                raw = np.asarray(self.data, np.uint8).tobytes()
+                builder.StartVector(1, len(raw), _ALIGN)
+                builder.head = builder.head - len(raw)
+                builder.Bytes[builder.head : builder.head + len(raw)] = raw
+                data = builder.EndVector()
+            schema.BufferStart(builder)
+            if data is not None:
+                schema.BufferAddData(builder, data)
+            schema.BufferAddOffset(builder, self.offset)
+            schema.BufferAddSize(builder, self.size)
+            return schema.BufferEnd(builder)
+
+    return AlignedBufferT
+
+
+def pack_flatbuffer(model: Any) -> bytes:
+    """Serialize a ``ModelT`` (file identifier ``TFL3``), buffers 16-byte aligned; deterministic."""
+    import flatbuffers
+
+    cls = _aligned_buffer_class()
+    aligned = []
+    for b in model.buffers:
+        nb = cls()
+        nb.data, nb.offset, nb.size = b.data, b.offset, b.size
+        aligned.append(nb)
+    model.buffers = aligned
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+# --------------------------------------------------------------------------- the mapping
+@dataclass
+class TensorPlan:
+    """What nilmc writes into the flatbuffer, by tensor index of subgraph 0."""
+
+    activations: dict[int, TensorQuant] = field(default_factory=dict)
+    weights: dict[int, tuple[TensorQuant, np.ndarray]] = field(default_factory=dict)  # float values, TFLite layout
+    biases: dict[int, tuple[TensorQuant, np.ndarray]] = field(default_factory=dict)
+    layer_of_op: dict[int, str] = field(default_factory=dict)  # op index -> Keras layer name
+
+    def expected(self) -> Iterator[tuple[int, TensorQuant]]:
+        yield from self.activations.items()
+        for idx, (tq, _) in list(self.weights.items()) + list(self.biases.items()):
+            yield idx, tq
+
+
+def _tflite_layout(kind: str, kernel: np.ndarray) -> np.ndarray:
+    """Keras kernel -> TFLite weight layout: Conv2D HWIO -> OHWI, Dense [in, out] -> [out, in]."""
+    return np.ascontiguousarray(kernel.transpose(3, 0, 1, 2) if kind == "conv" else kernel.T)
+
+
+def _weighted_ops(model: Any) -> list[int]:
+    sg = model.subgraphs[0]
+    found = []
+    for i, op in enumerate(sg.operators):
+        code = op_code(model, op)
+        if code == DEPTHWISE_CONV_2D:
+            raise QuantizationError("the TFLite graph has a DEPTHWISE_CONV_2D, which nilmc's TFLite lowering does not map",
+                                    "use Conv2D / Dense layers, or lower with the converter's own PTQ")
+        if code in WEIGHTED:
+            found.append(i)
+    return found
+
+
+def _pair_ops(model: Any, ops: list[int], kq: "KerasQuant") -> list[tuple[int, "KerasLayerQuant"]]:
+    """Pair weighted ops with Keras layers: by the layer name in the weight tensor's name when unique, else by order."""
+    if len(ops) != len(kq.layers):
+        raise QuantizationError(f"the TFLite graph has {len(ops)} CONV_2D/FULLY_CONNECTED ops but the model {len(kq.layers)} Conv2D/Dense layers",
+                                "the converter fused or split layers nilmc cannot map; report this model")
+    sg = model.subgraphs[0]
+    by_name = []
+    for kl in kq.layers:
+        hits = [i for i in ops if f"/{kl.name}/" in tensor_name(sg.tensors[sg.operators[i].inputs[1]])]
+        by_name.append(hits[0] if len(hits) == 1 else None)
+    if None in by_name or len(set(by_name)) != len(by_name):
+        by_name = ops
+    return [(i, kl) for i, kl in zip(by_name, kq.layers)]
+
+
+def _plan_layer(model: Any, op_index: int, kl: "KerasLayerQuant", keras_model: Any, traits: QuantTraits, plan: TensorPlan) -> None:
+    from nilmc.quantization.qat import _kernel_and_bias
+
+    sg = model.subgraphs[0]
+    op = sg.operators[op_index]
+    kernel, bias = _kernel_and_bias(keras_model.get_layer(kl.name))
+    if kl.bias_values is not None:
+        bias = kl.bias_values  # nilmc's bias correction replaces the float bias
+    w = _tflite_layout(kl.kind, kernel)
+    wt = sg.tensors[op.inputs[1]]
+    if tuple(int(d) for d in wt.shape) != w.shape:
+        raise QuantizationError(f"TFLite weight {tensor_name(wt)!r} has shape {tuple(wt.shape)} but Keras layer {kl.name!r} gives {w.shape}",
+                                "the converter laid the layer out in a way nilmc does not map; report this model")
+    plan.layer_of_op[op_index] = kl.name
+    plan.activations[op.inputs[0]] = kl.input
+    plan.activations[op.outputs[0]] = kl.output
+    plan.weights[op.inputs[1]] = (kl.weight, w)
+    has_bias_input = len(op.inputs) > 2 and op.inputs[2] >= 0
+    if has_bias_input:
+        if bias is None:
+            bias = np.zeros(w.shape[0], np.float32)
+        bq = kl.bias if kl.bias is not None else bias_quant(f"{kl.name}/bias", bias, kl.input, kl.weight, traits)
+        plan.biases[op.inputs[2]] = (bq, np.asarray(bias, np.float32))
+    elif bias is not None and np.any(bias != 0):
+        raise InternalError(f"the converter dropped the non-zero bias of layer {kl.name!r}", "report this model")
+
+
+def _propagate(model: Any, plan: TensorPlan) -> None:
+    """Share grids through data-movement ops and integer<->integer (de)quantize ops, both ways, to a fixed point."""
+    sg = model.subgraphs[0]
+    links = []
+    for op in sg.operators:
+        code = op_code(model, op)
+        src, dst = op.inputs[0], op.outputs[0]
+        integer_pair = sg.tensors[src].type in INT_TYPES and sg.tensors[dst].type in INT_TYPES
+        if code in PASSTHROUGH or (code in (QUANTIZE, DEQUANTIZE) and integer_pair):
+            links.append((src, dst))
+    changed = True
+    while changed:
+        changed = False
+        for a, b in links:
+            for x, y in ((a, b), (b, a)):
+                if x in plan.activations and y not in plan.activations:
+                    plan.activations[y] = plan.activations[x]
+                    changed = True
+
+
+def _check_complete(model: Any, plan: TensorPlan) -> None:
+    sg = model.subgraphs[0]
+    placed = set(plan.activations) | set(plan.weights) | set(plan.biases)
+    left = [f"{i}:{tensor_name(t)}" for i, t in enumerate(sg.tensors)
+            if t.quantization is not None and t.quantization.scale is not None and len(t.quantization.scale) and i not in placed]
+    if left:
+        raise QuantizationError(f"{len(left)} quantized TFLite tensors have no nilmc parameters: {left[:6]}",
+                                "the graph has ops nilmc's TFLite lowering does not map (supported: Conv2D, Dense, Flatten/Reshape, MaxPool)")
+
+
+def plan_tensors(model: Any, keras_model: Any, kq: "KerasQuant") -> TensorPlan:
+    """Which nilmc parameters go to which tensor of the converted graph."""
+    plan = TensorPlan()
+    for op_index, kl in _pair_ops(model, _weighted_ops(model), kq):
+        _plan_layer(model, op_index, kl, keras_model, kq.traits, plan)
+    _propagate(model, plan)
+    _check_complete(model, plan)
+    return plan
+
+
+# --------------------------------------------------------------------------- the rewrite
+def _quant_params(scales: np.ndarray, zero_points: np.ndarray, dim: int = 0) -> Any:
+    q = _schema().QuantizationParametersT()
+    q.scale = [float(v) for v in np.asarray(scales, np.float32).ravel()]
+    q.zeroPoint = [int(v) for v in np.asarray(zero_points, np.int64).ravel()]
+    q.quantizedDimension = int(dim)
+    return q
+
+
+def _activation_zero_point(tq: TensorQuant, tensor_type: int) -> int:
+    """nilmc's zero point moved to the tensor's code range (an int8 grid stored as uint8 shifts by 128)."""
+    if tensor_type not in INT_TYPES:
+        raise InternalError(f"activation stored as TFLite type {tensor_type}", "report this model")
+    return int(tq.zero_point[0]) + INT_TYPES[tensor_type][1] - tq.rng.lo
+
+
+def _set_buffer(model: Any, tensor: Any, data: bytes, refs: dict[int, int]) -> None:
+    """Give ``tensor`` the bytes ``data``: in place when it owns its buffer, else in a new one."""
+    arr = np.frombuffer(data, np.uint8).copy()
+    if refs.get(tensor.buffer, 0) == 1 and tensor.buffer > 0:
+        model.buffers[tensor.buffer].data = arr
+        return
+    nb = _schema().BufferT()
+    nb.data = arr
+    model.buffers.append(nb)
+    tensor.buffer = len(model.buffers) - 1
+
+
+def _codes(tq: TensorQuant, values: np.ndarray, rounding: Rounding) -> np.ndarray:
+    axis = 0 if tq.per_channel else None
+    scales = tq.scales().astype(np.float64)
+    zps = tq.zero_points()
+    if tq.per_channel and len(scales) != values.shape[0]:
+        raise InternalError(f"{len(scales)} scales for {values.shape[0]} channels of {tq.name!r}", "report this model")
+    return quantize(values.astype(np.float64), scales, zps, tq.rng, axis=axis, rounding=rounding)
+
+
+def apply_plan(model: Any, plan: TensorPlan, traits: QuantTraits) -> None:
+    """Overwrite every planned tensor's parameters (and constant codes) in ``model``, in place."""
+    sg = model.subgraphs[0]
+    refs: dict[int, int] = {}
+    for t in sg.tensors:
+        refs[t.buffer] = refs.get(t.buffer, 0) + 1
+    for idx, tq in plan.activations.items():
+        t = sg.tensors[idx]
+        t.quantization = _quant_params(tq.scales(), [_activation_zero_point(tq, t.type)])
+    for idx, (tq, values) in plan.weights.items():
+        t = sg.tensors[idx]
+        if t.type != 9:
+            raise InternalError(f"weight {tensor_name(t)!r} is stored as type {t.type}, expected int8", "report this model")
+        codes = _codes(tq, values, traits.rounding).astype(np.int8)
+        _set_buffer(model, t, codes.tobytes(), refs)
+        t.quantization = _quant_params(tq.scales(), tq.zero_points(), 0)
+    for idx, (tq, values) in plan.biases.items():
+        t = sg.tensors[idx]
+        codes = _codes(tq, values, traits.rounding)
+        if t.type == 2:
+            _set_buffer(model, t, codes.astype("<i4").tobytes(), refs)
+        elif t.type == 4:
+            _set_buffer(model, t, codes.astype("<i8").tobytes(), refs)
+        else:
+            raise InternalError(f"bias {tensor_name(t)!r} is stored as type {t.type}", "report this model")
+        t.quantization = _quant_params(tq.scales(), np.zeros(len(tq.scale), np.int64), 0)
+
+
+@dataclass
+class FullIntegerTFLite:
+    """Result of :func:`build_int8_tflite`."""
+
+    flatbuffer: bytes
+    plan: TensorPlan
+    io_dtype: str
+    per_tensor: bool
+    check: dict[str, Any] = field(default_factory=dict)  # read-back comparison (see check_params)
+
+
+def _check_plan_traits(kq: "KerasQuant", per_tensor: bool) -> None:
+    for kl in kq.layers:
+        if any(z != 0 for z in kl.weight.zero_point):
+            raise QuantizationError(f"layer {kl.name!r} has asymmetric weights (zero point {kl.weight.zero_point[0]}), "
+                                    "but TFLite's int8 kernels need symmetric weights (zero point 0)",
+                                    "derive the parameters with symmetric_weights=True")
+        if per_tensor and kl.weight.per_channel:
+            raise QuantizationError(f"per_tensor=True but layer {kl.name!r} has per-channel weight scales",
+                                    "derive the parameters with tflite_traits(per_tensor=True)")
+
+
+def build_int8_tflite(
+    keras_model: Any,
+    kq: "KerasQuant",
+    representative: np.ndarray,
+    *,
+    per_tensor: bool = False,
+    io_dtype: str = "int8",
+) -> FullIntegerTFLite:
+    """A full-integer TFLite flatbuffer carrying exactly the parameters in ``kq``.
+
+    ``keras_model``: the tf_keras float model (weights are read from it); ``kq``: nilmc's
+    parameters keyed by its Conv2D/Dense layers (:func:`nilmc.quantization.qat.keras_quant_from_params`
+    or :func:`~nilmc.quantization.qat.keras_quant_from_qat`); ``representative``: a few
+    normalized windows for the structural conversion (only the first
+    ``STRUCTURE_WINDOWS`` are used; their ranges are overwritten). ``per_tensor`` (default
+    False): per-tensor weights (``kq`` must be per tensor too). ``io_dtype`` (default
+    ``int8``): ``int8`` / ``uint8`` I/O tensors, or ``float`` (QUANTIZE / DEQUANTIZE ops inside).
+    The result's ``check`` holds the read-back comparison of :func:`check_params`.
+    """
+    check_io_dtype(io_dtype)
+    _check_plan_traits(kq, per_tensor)
+    rep = np.asarray(representative, np.float32)[:STRUCTURE_WINDOWS]
+    fb = convert_keras(keras_model, "full_int8", representative=rep, per_tensor=per_tensor, io_dtype=io_dtype)
+    model = load_flatbuffer(fb)
+    plan = plan_tensors(model, keras_model, kq)
+    apply_plan(model, plan, kq.traits)
+    out = pack_flatbuffer(model)
+    result = FullIntegerTFLite(out, plan, io_dtype, per_tensor)
+    result.check = check_params(out, plan)
+    if not result.check["ok"]:
+        raise InternalError(f"the written TFLite file does not carry nilmc's parameters: {result.check['mismatches'][:3]}", "report this")
+    return result
+
+
+# --------------------------------------------------------------------------- reading back
+def tensor_details(fb: bytes) -> list[dict[str, Any]]:
+    """Every tensor as the TFLite runtime (ai_edge_litert Interpreter) sees it."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=fb, num_threads=1)
+    out = []
+    for d in it.get_tensor_details():
+        q = d["quantization_parameters"]
+        out.append({"index": int(d["index"]), "name": d["name"], "dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape"]],
+                    "scales": np.asarray(q["scales"], np.float32), "zero_points": np.asarray(q["zero_points"], np.int64),
+                    "quantized_dimension": int(q["quantized_dimension"])})
+    return out
+
+
+def check_params(fb: bytes, plan: TensorPlan) -> dict[str, Any]:
+    """Compare the parameters the runtime reads from ``fb`` with nilmc's (float32 scales, zero points).
+
+    Returns ``{"ok", "tensors_checked", "max_rel_scale_diff", "mismatches"}``.
+    """
+    details = {d["index"]: d for d in tensor_details(fb)}
+    mismatches: list[str] = []
+    worst = 0.0
+    for idx, tq in plan.expected():
+        d = details[idx]
+        want_s = tq.scales()
+        got_s = d["scales"]
+        if got_s.shape != want_s.shape:
+            mismatches.append(f"{d['name']}: {got_s.size} scales, nilmc has {want_s.size}")
+            continue
+        rel = float(np.max(np.abs(got_s.astype(np.float64) - want_s) / np.maximum(np.abs(want_s), 1e-30)))
+        worst = max(worst, rel)
+        want_z = tq.zero_points()
+        if idx in plan.activations:
+            want_z = np.array([_activation_zero_point(tq, _dtype_code(d["dtype"]))])
+        if rel > 1e-6 or not np.array_equal(np.broadcast_to(want_z, d["zero_points"].shape), d["zero_points"]):
+            mismatches.append(f"{d['name']}: scale {got_s[:2]} zp {d['zero_points'][:2]} vs nilmc {want_s[:2]} {want_z[:2]}")
+    return {"ok": not mismatches, "tensors_checked": len(list(plan.expected())), "max_rel_scale_diff": worst, "mismatches": mismatches}
+
+
+def _dtype_code(name: str) -> int:
+    return {"int8": 9, "uint8": 3}.get(name, -1)
+
+
+def io_quantization(fb: bytes) -> dict[str, Any]:
+    """Input and output tensors: dtype, shape, scale and zero point (JSON-able)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=fb, num_threads=1)
+
+    def one(d: dict[str, Any]) -> dict[str, Any]:
+        s, z = d["quantization"]
+        return {"name": d["name"], "dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape_signature"]],
+                "scale": float(s), "zero_point": int(z)}
+
+    return {"input": one(it.get_input_details()[0]), "output": one(it.get_output_details()[0])}
