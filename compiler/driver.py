@@ -18,7 +18,7 @@ from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.compare import Report, compare
 from nilmc.compiler.errors import BadInputError, DataError, InternalError, NilmcError
 from nilmc.compiler.io import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
-from nilmc.compiler.metrics import Metrics, nilm_metrics
+from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
 from nilmc.compiler.model import Model
 
 REFERENCE_TARGET = Target("onnxruntime", "fp32")
@@ -61,6 +61,7 @@ class TargetResult:
             "mae_w": None if r is None else r.candidate.mae,
             "delta_eacc_pts": None if r is None else r.deltas.get("eacc"),
             "delta_mae_w": None if r is None else r.deltas.get("mae"),
+            "output_sqnr_db": None if r is None else r.extra.get("output_sqnr_db"),
             "size_bytes": self.size_bytes,
             "latency_ms_b1": self.latency_ms_b1,
             "compile_s": round(self.compile_s, 3),
@@ -220,7 +221,7 @@ def compile_model(
     say = progress or (lambda s: None)
 
     say("FP32 reference on onnxruntime")
-    ref_metrics, _ = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
+    ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
     summary = CompileSummary(ref_metrics, out_dir=out_dir)
     truth = eval_truth(model, eval_ds)
     raw_eval = eval_ds.raw_x()
@@ -239,7 +240,7 @@ def compile_model(
         model.save_onnx(tmp_out / "reference" / "model.onnx")
         for target in targets:
             say(f"lowering {target}")
-            summary.results.append(_compile_one(model, target, tmp_out / _bundle_name(target), registry, lower_options, eval_ds, raw_eval, truth, ref_metrics, budget, options))
+            summary.results.append(_compile_one(model, target, tmp_out / _bundle_name(target), registry, lower_options, eval_ds, raw_eval, truth, (ref_metrics, ref_pred), budget, options))
         summary.calibration_s = quant.calibration_s if quant is not None else 0.0
         atomic_write_json(tmp_out / SUMMARY, summary.to_json())
         if options.junit is not None:
@@ -250,7 +251,8 @@ def compile_model(
 
 
 def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry, lower_options: Mapping[str, Any], eval_ds: NilmDataset,
-                 raw_eval: np.ndarray, truth: np.ndarray, ref_metrics: Metrics, budget: Mapping[str, float], options: CompileOptions) -> TargetResult:
+                 raw_eval: np.ndarray, truth: np.ndarray, reference: tuple[Metrics, np.ndarray], budget: Mapping[str, float], options: CompileOptions) -> TargetResult:
+    ref_metrics, ref_pred = reference
     backend = registry.get(target.backend)
     t0 = time.perf_counter()
     try:
@@ -267,7 +269,10 @@ def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry,
         shutil.rmtree(bundle, ignore_errors=True)  # never leave a partial bundle
         return TargetResult(target, None, None, error=exc.one_line(), compile_s=time.perf_counter() - t0)
     cand = nilm_metrics(truth, pred, on_threshold_w=model.contract.on_threshold_w)
-    report = compare(ref_metrics, cand, budget, target=str(target), verification=verification.value)
+    # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
+    fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
+                "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
+    report = compare(ref_metrics, cand, budget, target=str(target), verification=verification.value, extra=fidelity)
     size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
     _write_manifest(bundle, target, art, model, report, eval_ds, {"latency_ms_b1": lat, "compile_s": round(compile_s, 3)})
     return TargetResult(target, report, bundle, art.kind, size, lat, compile_s)

@@ -20,9 +20,10 @@ def summary_table(summary: "CompileSummary") -> str:
     lines = [
         f"FP32 reference (onnxruntime, measured): EACC {ref.eacc * 100:.2f} %  MAE {ref.mae:.2f} W  SAE {ref.sae:.4f}  "
         f"NDE {ref.nde:.4f}  F1 {ref.f1:.3f}",
+        "dEACC/dMAE: loss vs FP32 (positive = worse); SQNR: agreement of the artifact's output with FP32's (higher = closer)",
         "",
     ]
-    head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "size", "lat b1 ms", "gate")
+    head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "SQNR dB", "size", "lat b1 ms", "gate")
     rows = [head]
     for r in summary.results:
         row = r.row()
@@ -31,6 +32,7 @@ def summary_table(summary: "CompileSummary") -> str:
             row["target"], row["verification"],
             _fmt(None if row["eacc"] is None else row["eacc"] * 100, ".2f"), _fmt(row["mae_w"], ".2f"),
             _fmt(row["delta_eacc_pts"], "+.3f"), _fmt(row["delta_mae_w"], "+.2f"),
+            "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"),
             _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate,
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]

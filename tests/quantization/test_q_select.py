@@ -86,7 +86,7 @@ def test_pipeline_on_every_preset(s2p_model, s2p_stats, calib, make_windows, nam
     from nilmc.quantization.traits import PRESETS
 
     traits = PRESETS[name]
-    out = ptq_params(s2p_model, s2p_stats, traits, calib, techniques=Techniques(max_windows=128, candidates=("minmax", "mse")))
+    out = ptq_params(s2p_model, s2p_stats, traits, calib, techniques=Techniques(max_windows=128, candidates=("minmax", "mse"), headroom=True))
     plain = derive_params(s2p_model, s2p_stats, traits)
     x = make_windows(256, seed=2)
     ref = _ort.output(s2p_model, x)
