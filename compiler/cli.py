@@ -239,6 +239,48 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
             click.echo("validation (FP32, onnxruntime): " + ", ".join(f"{k}={v:.4g}" for k, v in result["val_metrics"].items() if isinstance(v, float)))
 
 
+# ------------------------------------------------------------------ quantize
+@cli.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--calib", type=click.Path(), required=True, help="Calibration set (.npz).")
+@click.option("--traits", "traits_name", default="generic_int8", show_default=True,
+              help="Quantization traits preset: generic_int8, tflite_int8, tensorrt_int8, eiq_per_tensor, dpu_pot.")
+@click.option("--estimator", default="auto", show_default=True, help="auto (per tensor by output error), minmax, percentile, mse, entropy.")
+@click.option("--overflow", "overflow_policy", type=click.Choice(["warn", "error", "fix"]), default="warn", show_default=True)
+@click.option("--fold-normalization", is_flag=True, help="Fold input normalization and output de-normalization into the graph.")
+@click.option("--report", "show_report", is_flag=True, help="Print the per-layer report (scale, zero point, saturation, code use, accumulator headroom, SQNR).")
+@click.option("--out", type=click.Path(), default=None, help="Directory for model_qdq.onnx, params.json and report.json.")
+@json_option
+@handle_errors
+def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overflow_policy: str, fold_normalization: bool,
+                 show_report: bool, out: str | None, as_json: bool) -> None:
+    """Normalization-aware PTQ of MODEL into nilmc's ideal INT8 reference (ONNX QDQ), with overflow checks.
+
+    QAT runs per target (e.g. `nilmc compile --targets tflite:qat_int8`), where the fake-quant scheme
+    matches the target.
+    """
+    from nilmc.compiler.frontend import load_model
+    from nilmc.quantization.api import quantize
+    from nilmc.quantization.report import format_report, quantize_report
+    from nilmc.quantization.traits import preset
+
+    result = quantize(load_model(model), _load_data(calib, "calibration"), traits=preset(traits_name), estimator=estimator,
+                      overflow_policy=overflow_policy, fold_normalization=fold_normalization)
+    report = quantize_report(result)
+    if out:
+        from nilmc.compiler.io import atomic_directory
+
+        with atomic_directory(out) as tmp:
+            result.save(tmp)
+    if as_json:
+        _print_json(report)
+    elif show_report:
+        click.echo(format_report(result, report))
+    else:
+        click.echo(f"quantized with {traits_name}; output SQNR vs FP32 on calibration windows: {report.get('output_sqnr_db', float('nan')):.1f} dB"
+                   + (f"; written to {out}" if out else ""))
+
+
 # ------------------------------------------------------------------ data
 @cli.group("data")
 def data_group() -> None:

@@ -165,3 +165,22 @@ def test_unwritable_output_dir(tiny_files):
 def test_bad_budget(tiny_files):
     res = run("compile", tiny_files["model"], "--eval", tiny_files["eval"], "--out", tiny_files["dir"] / "o", "--max-delta", "eacc=lots")
     _assert_clean_error(res, "lots")
+
+
+def test_quantize_report_and_outputs(tiny_files):
+    out = tiny_files["dir"] / "q"
+    res = run("quantize", tiny_files["model"], "--calib", tiny_files["calib"], "--report", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "SQNR" in res.output and "overflow checks" in res.output
+    assert {p.name for p in out.iterdir()} >= {"model_qdq.onnx", "params.json", "report.json"}
+
+
+def test_quantize_catches_data_in_the_wrong_normalization(tiny_files):
+    """Calibration data already z-scored, fed to a model whose contract z-scores again: caught, exit 2."""
+    from nilmc.calibration_data.dataset import NilmDataset
+
+    ds = NilmDataset.load(tiny_files["calib"])
+    ds.x = (ds.x * 1000.0).astype(np.float32)  # raw features 1000x off their training scale
+    p = ds.save(tiny_files["dir"] / "scaled.npz")
+    res = run("quantize", tiny_files["model"], "--calib", p, "--out", tiny_files["dir"] / "q2")
+    _assert_clean_error(res, "normaliz", out=tiny_files["dir"] / "q2")
