@@ -250,23 +250,32 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
 @click.option("--fold-normalization", is_flag=True, help="Fold input normalization and output de-normalization into the graph.")
 @click.option("--report", "show_report", is_flag=True, help="Print the per-layer report (scale, zero point, saturation, code use, accumulator headroom, SQNR).")
 @click.option("--out", type=click.Path(), default=None, help="Directory for model_qdq.onnx, params.json and report.json.")
+@click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning from the PTQ ranges first (needs the .keras/.h5 model).")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=3, show_default=True, help="QAT epochs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="QAT seed.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-6, show_default=True, help="QAT learning rate (Adam).")
 @json_option
 @handle_errors
 def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overflow_policy: str, fold_normalization: bool,
-                 show_report: bool, out: str | None, as_json: bool) -> None:
-    """Normalization-aware PTQ of MODEL into nilmc's ideal INT8 reference (ONNX QDQ), with overflow checks.
-
-    QAT runs per target (e.g. `nilmc compile --targets tflite:qat_int8`), where the fake-quant scheme
-    matches the target.
+                 show_report: bool, out: str | None, qat: bool, epochs: int, seed: int, learning_rate: float, as_json: bool) -> None:
+    """Normalization-aware PTQ (or QAT with --qat) of MODEL into nilmc's ideal INT8 reference (ONNX QDQ),
+    with overflow checks. Per-target QAT artifacts: `nilmc compile --targets tflite:qat_int8`.
     """
     from nilmc.compiler.frontend import load_model
     from nilmc.quantization.api import quantize
     from nilmc.quantization.report import format_report, quantize_report
     from nilmc.quantization.traits import preset
 
-    result = quantize(load_model(model), _load_data(calib, "calibration"), traits=preset(traits_name), estimator=estimator,
-                      overflow_policy=overflow_policy, fold_normalization=fold_normalization)
+    kw = dict(traits=preset(traits_name), estimator=estimator, overflow_policy=overflow_policy, fold_normalization=fold_normalization)
+    if qat:
+        from nilmc.quantization.qat_flow import qat_quantize
+
+        result, qat_info = qat_quantize(load_model(model), _load_data(calib, "calibration"), epochs=epochs, seed=seed, learning_rate=learning_rate, **kw)
+    else:
+        result, qat_info = quantize(load_model(model), _load_data(calib, "calibration"), **kw), None
     report = quantize_report(result)
+    if qat_info is not None:
+        report["qat"] = qat_info
     if out:
         from nilmc.compiler.io import atomic_directory
 
