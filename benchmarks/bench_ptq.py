@@ -230,6 +230,17 @@ def flow_minmax_mp(b: Bench, draw: int, cal: NilmDataset, budget: float) -> None
             val_delta=round(mix["initial_deltas"]["eacc"], 3), val_final=round(mix["final_deltas"]["eacc"], 3))
 
 
+def flow_qat(b: Bench, draw: int, cal: NilmDataset, epochs: int) -> None:
+    """nilm quantize --qat: QAT from the PTQ ranges on the calibration windows, back into the ideal INT8 QDQ."""
+    from dataclasses import replace
+
+    from nilmc.quantization.qat_flow import qat_quantize
+
+    t0 = time.perf_counter()
+    res, info = qat_quantize(replace(b.model, keras_path=str(b.keras_path)), cal, epochs=epochs)
+    b.score("nilmc QAT", draw, _ort_predict(res.qdq, b.eval_x), time.perf_counter() - t0, best_epoch=info["best_epoch"])
+
+
 def _count(choices: dict[str, str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in choices.values():
@@ -286,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw-size", type=int, default=1000, help="windows per draw (default 1000, the shipped size)")
     ap.add_argument("--budget", type=float, default=0.5, help="EACC budget (pts) of the mixed-precision row; <0 skips it")
     ap.add_argument("--skip-tflite", action="store_true", help="leave out the TFLite vendor flow")
+    ap.add_argument("--qat-epochs", type=int, default=3, help="epochs of the QAT row (default 3); 0 skips it")
     ap.add_argument("--data", type=Path, help="directory with calib.npz (the pool), val.npz, eval.npz (default: build_splits)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "nilmc-bench-ptq", help="cache for a trained model")
     ap.add_argument("--json", type=Path, help="write the rows and the summary here")
@@ -308,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         flow_auto(b, k, cal, budget)
         if budget is not None:
             flow_minmax_mp(b, k, cal, budget)
+        if args.qat_epochs > 0:
+            flow_qat(b, k, cal, args.qat_epochs)
         if not args.skip_tflite:
             flow_tflite(b, k, cal)
-    flows = ["nilmc minmax", "minmax+MP", "nilmc auto", "nilmc auto+MP", "tflite vendor"]
+    flows = ["nilmc minmax", "minmax+MP", "nilmc auto", "nilmc auto+MP", "nilmc QAT", "tflite vendor"]
     table = summarize(b, flows)
     print_table(b, table, origin)
     if args.json:
