@@ -151,12 +151,13 @@ class Registry:
 def register_builtins(registry: Registry) -> None:
     """Every built-in backend, in one place."""
     from nilmc.backends.dpu import DPUBackend
+    from nilmc.backends.eiq_backend import EIQBackend
     from nilmc.backends.onnxruntime_backend import OnnxRuntimeBackend
     from nilmc.backends.openvino_backend import OpenVINOBackend
     from nilmc.backends.tensorrt_backend import TensorRTBackend
     from nilmc.backends.tflite_backend import TFLiteBackend
 
-    for backend in (OnnxRuntimeBackend(), TFLiteBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend()):
+    for backend in (OnnxRuntimeBackend(), TFLiteBackend(), EIQBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend()):
         registry.register(backend)
 
 

@@ -1,0 +1,503 @@
+"""The ``eiq`` backend: full-integer TFLite for the NXP i.MX 8M Plus NPU (VX delegate).
+
+What it produces (``lower``), per precision:
+
+* ``int8``     per-channel symmetric int8 weights, asymmetric int8 activations, int8 I/O;
+* ``int8_pt``  per-tensor symmetric int8 weights (what the i.MX 8M Plus NPU runs fastest), int8 I/O;
+* ``uint8_io`` as ``int8_pt`` but uint8 input/output tensors (QUANTIZE ops inside convert to int8).
+
+The flatbuffer is built by :func:`nilmc.backends.tflite_int8.build_int8_tflite` with nilmc's
+parameters (``QuantContext.params(eiq_traits(...))``), then checked (:func:`check_vx_graph`):
+no float tensor left, every op in :data:`VX_ALLOWED_OPS`, per-tensor weights when asked.
+Files: ``model_eiq.tflite``, ``eiq_check.json`` and the board hand-off ``run_on_imx8mp.py`` /
+``run_on_imx8mp.sh`` (VX delegate ``/usr/lib/libvx_delegate.so``) with ``imx8mp_windows.npy`` and
+``imx8mp_cpu_reference.npy`` to compare the board's output against.
+
+Verification: the runner is the ai_edge_litert CPU interpreter on the very artifact (MEASURED as
+"CPU reference of the eIQ artifact"). The NPU itself is not available here; its coarser requantization
+is *emulated* (:func:`emulate_int8`, numpy integer model of the flatbuffer with 32-bit and with 16-bit
+normalized multipliers) and the predicted drift is stored in ``Artifact.info["npu_emulation"]``.
+
+The allow-list is an assumption: a conservative subset of the TFLite ops the VX delegate lists as
+NPU-supported in NXP's i.MX Machine Learning User's Guide (IMXMLUG, "TensorFlow Lite" / VX delegate
+operator table); ops outside it would fall back to the Cortex-A53 or fail, so they are refused here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from nilmc.backends.base import Artifact, Capabilities
+from nilmc.compiler.errors import BadInputError
+from nilmc.quantization.intops import (
+    INT_RANGES, Rounding, conv2d_nhwc, dense, max_pool, avg_pool, quantize, quantize_multiplier, requantize,
+)
+from nilmc.quantization.traits import QuantTraits
+
+if TYPE_CHECKING:
+    from nilmc.compiler.model import Model
+
+VX_DELEGATE = "/usr/lib/libvx_delegate.so"
+VX_ALLOWED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "RESHAPE", "MAX_POOL_2D", "AVERAGE_POOL_2D", "ADD",
+                  "QUANTIZE", "DEQUANTIZE", "SOFTMAX", "LOGISTIC", "CONCATENATION")
+ALLOWED_TENSOR_TYPES = ("int8", "uint8", "int32")  # uint8 only on the I/O tensors of the uint8_io variant
+NPU_NOTE = "NPU execution itself needs an i.MX 8M Plus board (VX delegate); verified on the CPU interpreter + NPU requantization emulation"
+PRECISIONS = {"int8": (False, "int8"), "int8_pt": (True, "int8"), "uint8_io": (True, "uint8")}  # -> (per_tensor, io_dtype)
+HANDOFF_WINDOWS = 64
+
+
+class UnsupportedOpError(BadInputError):
+    """The model has an op the eIQ (VX delegate) path does not take; ``.ops`` names them."""
+
+    def __init__(self, ops: list[str], where: str) -> None:
+        self.ops = ops
+        super().__init__(f"{where} has op(s) the i.MX 8M Plus NPU path does not take: {', '.join(ops)}",
+                         f"use layers that lower to {', '.join(VX_ALLOWED_OPS)} (Conv2D, Dense, Flatten, pooling, ReLU), "
+                         "or pick another target")
+
+
+def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8") -> QuantTraits:
+    """eIQ traits: symmetric narrow int8 weights (per channel, or per tensor when ``per_tensor``), asymmetric int8
+    activations, C-round, ``io_dtype`` (default int8) I/O, 16-bit NPU requantization multiplier (emulation only).
+
+    Not :data:`~nilmc.quantization.traits.EIQ_PER_TENSOR`: its asymmetric weights are refused by TFLite's int8 kernels."""
+    return QuantTraits(name="eiq_int8" + ("_per_tensor" if per_tensor else ""), per_channel_weights=not per_tensor,
+                       symmetric_weights=True, narrow_range_weights=True, rounding=Rounding.HALF_AWAY, io_dtype=io_dtype,
+                       requant_multiplier_bits=16)
+
+
+# --------------------------------------------------------------------------- graph check
+def _type_name(code: int) -> str:
+    from nilmc.backends.tflite_int8 import TYPE_NAMES
+
+    return TYPE_NAMES.get(int(code), f"type{code}")
+
+
+def graph_ops(fb: bytes) -> list[dict[str, Any]]:
+    """Ops of subgraph 0: name, input/output tensor indices and the tensors' dtypes."""
+    from nilmc.backends.tflite_int8 import load_flatbuffer, op_code, op_name
+
+    m = load_flatbuffer(fb)
+    sg = m.subgraphs[0]
+    out = []
+    for op in sg.operators:
+        ins = [int(i) for i in op.inputs if i >= 0]
+        outs = [int(i) for i in op.outputs]
+        out.append({"op": op_name(op_code(m, op)), "inputs": ins, "outputs": outs,
+                    "dtypes": sorted({_type_name(sg.tensors[i].type) for i in ins + outs})})
+    return out
+
+
+def check_vx_graph(fb: bytes, *, per_tensor: bool | None = None, integer_only: bool = True, where: str = "the TFLite graph") -> dict[str, Any]:
+    """Check ``fb`` for the VX delegate: ops in :data:`VX_ALLOWED_OPS` (else :class:`UnsupportedOpError` naming them),
+    no float tensor when ``integer_only`` (default True), one weight scale per tensor when ``per_tensor``.
+
+    Returns the JSON-able report written to ``eiq_check.json``."""
+    from nilmc.backends.tflite_int8 import load_flatbuffer, tensor_name
+    from nilmc.compiler.errors import QuantizationError
+
+    ops = graph_ops(fb)
+    bad = sorted({o["op"] for o in ops if o["op"] not in VX_ALLOWED_OPS})
+    if bad:
+        raise UnsupportedOpError(bad, where)
+    m = load_flatbuffer(fb)
+    sg = m.subgraphs[0]
+    float_ops = [f"{o['op']}({', '.join(o['dtypes'])})" for o in ops if set(o["dtypes"]) - set(ALLOWED_TENSOR_TYPES)]
+    if integer_only and float_ops:
+        raise QuantizationError(f"{where} is not integer-only: {float_ops[:5]}", "lower with int8/uint8 I/O (precisions int8, int8_pt, uint8_io)")
+    weights = []
+    for o in ops:
+        if o["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            t = sg.tensors[o["inputs"][1]]
+            n = len(t.quantization.scale) if t.quantization is not None and t.quantization.scale is not None else 0
+            weights.append({"op": o["op"], "tensor": tensor_name(t), "scales": n, "zero_points_all_zero":
+                            bool(t.quantization is None or t.quantization.zeroPoint is None or not np.any(np.asarray(t.quantization.zeroPoint)))})
+    pt = all(w["scales"] == 1 for w in weights)
+    if per_tensor and not pt:
+        raise QuantizationError(f"per-tensor weights were asked for but {[w['tensor'] for w in weights if w['scales'] != 1]} have per-channel scales",
+                                "derive the parameters with eiq_traits(per_tensor=True)")
+    return {"ops": [o["op"] for o in ops], "op_counts": {k: sum(o["op"] == k for o in ops) for k in sorted({o["op"] for o in ops})},
+            "tensor_dtypes": sorted({_type_name(t.type) for t in sg.tensors}), "float_ops": float_ops, "integer_only": not float_ops,
+            "weights_per_tensor": pt, "weights": weights, "allowed_ops": list(VX_ALLOWED_OPS),
+            "allow_list_source": "assumption: conservative subset of the VX delegate operator table in NXP IMXMLUG (i.MX Machine Learning User's Guide)"}
+
+
+def scan_keras_ops(keras_model: Any) -> list[str]:
+    """Ops of the FP32 TFLite conversion of ``keras_model`` outside :data:`VX_ALLOWED_OPS` (to name the culprit when
+    the full-integer conversion fails); [] when none."""
+    from nilmc.backends.tflite_int8 import convert_keras
+
+    return sorted({o["op"] for o in graph_ops(convert_keras(keras_model, "fp32")) if o["op"] not in VX_ALLOWED_OPS})
+
+
+# --------------------------------------------------------------------------- integer emulation
+@dataclass
+class _Tensor:
+    shape: tuple[int, ...]
+    dtype: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    data: np.ndarray | None  # constants
+
+
+class NotEmulatedError(BadInputError):
+    """An op :func:`emulate_int8` has no integer model for."""
+
+
+def _read_tensors(m: Any) -> list[_Tensor]:
+    sg = m.subgraphs[0]
+    out = []
+    for t in sg.tensors:
+        dtype = _type_name(t.type)
+        q = t.quantization
+        scale = np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32)
+        zp = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], np.int64)
+        buf = m.buffers[t.buffer].data if t.buffer < len(m.buffers) else None
+        data = None
+        if buf is not None and len(buf):
+            data = np.frombuffer(np.asarray(buf, np.uint8).tobytes(), np.dtype(dtype).newbyteorder("<")).reshape([int(d) for d in t.shape])
+        out.append(_Tensor(tuple(int(d) for d in t.shape), dtype, scale, zp, data))
+    return out
+
+
+def _act_range(fused: int, scale: float, zp: int, rng: Any) -> tuple[int, int]:
+    """TFLite CalculateActivationRangeQuantized: NONE 0, RELU 1, RELU_N1_TO_1 2, RELU6 3."""
+    lo, hi = rng.lo, rng.hi
+    q = lambda v: zp + int(np.sign(v / scale) * np.floor(abs(v / scale) + 0.5))  # noqa: E731
+    if fused in (1, 3):
+        lo = max(lo, zp)
+    if fused == 3:
+        hi = min(hi, q(6.0))
+    if fused == 2:
+        lo, hi = max(lo, q(-1.0)), min(hi, q(1.0))
+    if fused not in (0, 1, 2, 3):
+        raise NotEmulatedError(f"fused activation {fused} is not emulated", "use ReLU/ReLU6 or none")
+    return lo, hi
+
+
+def _requant(acc: np.ndarray, real: np.ndarray, zp: int, rng: Any, act: tuple[int, int], bits: int) -> np.ndarray:
+    ms = [quantize_multiplier(float(r), bits=bits) for r in np.atleast_1d(real)]
+    m = np.array([v[0] for v in ms], np.int64)
+    s = np.array([v[1] for v in ms], np.int64)
+    q = requantize(acc, m if len(m) > 1 else int(m[0]), s if len(s) > 1 else int(s[0]), zp, rng, bits=bits)
+    return np.clip(q, act[0], act[1]).astype(rng.np_dtype)
+
+
+def _same_pads(size: int, k: int, stride: int, dil: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (k - 1) * dil + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], bits: int) -> np.ndarray:
+    o = op.builtinOptions
+    xi, wi = op.inputs[0], op.inputs[1]
+    bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    x, w = vals[xi], t[wi].data
+    sh, sw, dh, dw = int(o.strideH), int(o.strideW), int(o.dilationHFactor or 1), int(o.dilationWFactor or 1)
+    pads = (0, 0, 0, 0)
+    if int(o.padding) == 0:  # SAME
+        (pt, pb), (pl, pr) = _same_pads(x.shape[1], w.shape[1], sh, dh), _same_pads(x.shape[2], w.shape[2], sw, dw)
+        pads = (pt, pl, pb, pr)
+    acc = conv2d_nhwc(x, w, None if bi is None else t[bi].data, x_zero_point=int(t[xi].zero_point[0]),
+                      w_zero_point=t[wi].zero_point if len(t[wi].zero_point) > 1 else int(t[wi].zero_point[0]),
+                      strides=(sh, sw), pads=pads, dilations=(dh, dw))
+    return _finish(op, t, acc, xi, wi, int(o.fusedActivationFunction), bits)
+
+
+def _fc(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], bits: int) -> np.ndarray:
+    o = op.builtinOptions
+    xi, wi = op.inputs[0], op.inputs[1]
+    bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    w = t[wi].data
+    x = vals[xi].reshape(-1, w.shape[1])
+    acc = dense(x, w.T, None if bi is None else t[bi].data, x_zero_point=int(t[xi].zero_point[0]), w_zero_point=0)
+    return _finish(op, t, acc, xi, wi, int(o.fusedActivationFunction), bits)
+
+
+def _finish(op: Any, t: list[_Tensor], acc: np.ndarray, xi: int, wi: int, fused: int, bits: int) -> np.ndarray:
+    if np.any(t[wi].zero_point != 0):
+        raise NotEmulatedError("asymmetric weights are not emulated", "use symmetric weights (eiq_traits)")
+    out = t[op.outputs[0]]
+    rng = INT_RANGES[out.dtype]
+    real = np.float64(t[xi].scale[0]) * t[wi].scale.astype(np.float64) / np.float64(out.scale[0])  # TFLite: double of the float scales
+    zp = int(out.zero_point[0])
+    return _requant(acc, real, zp, rng, _act_range(fused, float(out.scale[0]), zp, rng), bits)
+
+
+def _pool(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], name: str) -> np.ndarray:
+    o = op.builtinOptions
+    x = vals[op.inputs[0]]
+    if int(o.padding) == 0 and (x.shape[1] % int(o.strideH) or x.shape[2] % int(o.strideW) or int(o.filterHeight) != int(o.strideH)
+                                 or int(o.filterWidth) != int(o.strideW)):
+        raise NotEmulatedError(f"{name} with SAME padding that pads is not emulated", "use VALID pooling")
+    k, s = (int(o.filterHeight), int(o.filterWidth)), (int(o.strideH), int(o.strideW))
+    y = max_pool(x, k, s) if name == "MAX_POOL_2D" else avg_pool(x, k, s)
+    out = t[op.outputs[0]]
+    rng = INT_RANGES[out.dtype]
+    lo, hi = _act_range(int(o.fusedActivationFunction), float(out.scale[0]), int(out.zero_point[0]), rng)
+    return np.clip(y, lo, hi).astype(rng.np_dtype)
+
+
+def _requantize_op(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], bits: int) -> np.ndarray:
+    i, o = t[op.inputs[0]], t[op.outputs[0]]
+    if i.dtype not in ("int8", "uint8") or o.dtype not in ("int8", "uint8"):
+        raise NotEmulatedError(f"QUANTIZE {i.dtype}->{o.dtype} is not emulated", "use int8/uint8 I/O")
+    rng = INT_RANGES[o.dtype]
+    acc = vals[op.inputs[0]].astype(np.int64) - int(i.zero_point[0])
+    real = np.float64(i.scale[0]) / np.float64(o.scale[0])
+    return _requant(acc, np.array([real]), int(o.zero_point[0]), rng, (rng.lo, rng.hi), bits)
+
+
+EMULATED_OPS = ("CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D", "QUANTIZE")
+
+
+def emulate_int8(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: int = 32) -> np.ndarray:
+    """Run the integer graph of ``fb`` in numpy (nilmc's :mod:`~nilmc.quantization.intops` reference ops) on input
+    codes ``x_codes``; returns the output codes. ``multiplier_bits``: 32 = TFLite's requantization, 16 = the
+    NPU hypothesis (16-bit normalized multiplier). Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`."""
+    from nilmc.backends.tflite_int8 import load_flatbuffer, op_code, op_name
+
+    m = load_flatbuffer(fb)
+    sg = m.subgraphs[0]
+    t = _read_tensors(m)
+    vals: dict[int, np.ndarray] = {int(sg.inputs[0]): np.asarray(x_codes)}
+    n = len(x_codes)
+    for op in sg.operators:
+        name = op_name(op_code(m, op))
+        if name == "CONV_2D":
+            y = _conv(op, t, vals, multiplier_bits)
+        elif name == "FULLY_CONNECTED":
+            y = _fc(op, t, vals, multiplier_bits)
+        elif name in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
+            y = vals[op.inputs[0]].reshape((n, *t[op.outputs[0]].shape[1:]))
+        elif name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+            y = _pool(op, t, vals, name)
+        elif name == "QUANTIZE":
+            y = _requantize_op(op, t, vals, multiplier_bits)
+        else:
+            raise NotEmulatedError(f"op {name} has no integer emulation", f"emulated: {', '.join(EMULATED_OPS)}")
+        vals[int(op.outputs[0])] = y
+    return vals[int(sg.outputs[0])]
+
+
+def _input_codes(x: np.ndarray, io: Mapping[str, Any]) -> np.ndarray:
+    rng = INT_RANGES[io["dtype"]]
+    return quantize(np.asarray(x, np.float32), io["scale"], io["zero_point"], rng, rounding=Rounding.HALF_AWAY)
+
+
+def _units(codes: np.ndarray, io: Mapping[str, Any]) -> np.ndarray:
+    return ((codes.astype(np.int64) - io["zero_point"]).astype(np.float32) * np.float32(io["scale"])).reshape(len(codes), -1)[:, 0]
+
+
+def _cpu_codes(fb: bytes, x_codes: np.ndarray, *, default_delegates: bool) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kw = {} if default_delegates else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    it = Interpreter(model_content=fb, num_threads=1, **kw)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(inp["index"], [len(x_codes), *[int(d) for d in inp["shape_signature"][1:]]], strict=False)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x_codes.astype(inp["dtype"]))
+    it.invoke()
+    return np.asarray(it.get_tensor(out["index"])).copy()
+
+
+def npu_emulation(fb: bytes, x: np.ndarray, model: "Model", calibration: Any = None) -> dict[str, Any]:
+    """Emulated NPU drift on windows ``x`` (normalized): 32-bit emulation vs the TFLite CPU interpreter (sanity),
+    16-bit vs 32-bit emulation in output codes and watts, and EACC on ``calibration`` labels when given."""
+    from nilmc.backends.tflite_int8 import io_quantization
+
+    io = io_quantization(fb)
+    xq = _input_codes(x, io["input"])
+    e32 = emulate_int8(fb, xq, multiplier_bits=32)
+    e16 = emulate_int8(fb, xq, multiplier_bits=16)
+    cpu = _cpu_codes(fb, xq, default_delegates=True)
+    ref = _cpu_codes(fb, xq, default_delegates=False)
+    d = lambda a, b: np.abs(a.astype(np.int64) - b.astype(np.int64)).ravel()  # noqa: E731
+    c = model.contract
+    w32, w16 = (np.asarray(c.to_watts(_units(e, io["output"])[:, None])).ravel() for e in (e32, e16))
+    dw = np.abs(w16 - w32)
+    out: dict[str, Any] = {
+        "label": "emulated", "windows": int(len(x)),
+        "hypothesis": "NPU requantizes with a 16-bit normalized multiplier (gemmlowp-style high-mul + rounding shift); "
+                      "accumulation, zero points, clamping as TFLite. Not measured on an i.MX 8M Plus.",
+        "emulated_ops": list(EMULATED_OPS),
+        "check_32bit_vs_cpu_interpreter": {"max_lsb": int(d(e32, cpu).max()), "frac_differing": float(np.mean(d(e32, cpu) > 0)),
+                                           "runtime": "ai_edge_litert default (XNNPACK) kernels"},
+        "check_32bit_vs_cpu_builtin_kernels": {"max_lsb": int(d(e32, ref).max()), "frac_differing": float(np.mean(d(e32, ref) > 0)),
+                                               "runtime": "ai_edge_litert BUILTIN_WITHOUT_DEFAULT_DELEGATES"},
+        "drift_16bit_output_codes": {"max_lsb": int(d(e16, e32).max()), "mean_lsb": float(d(e16, e32).mean()),
+                                     "frac_differing": float(np.mean(d(e16, e32) > 0))},
+        "drift_16bit_watts": {"max_w": float(dw.max()), "mean_w": float(dw.mean()), "output_step_w": _step_w(io["output"], c)},
+    }
+    if calibration is not None:
+        from nilmc.compiler.metrics import nilm_metrics
+
+        y = calibration.y[: len(x), calibration.appliance_index(c.appliance)]
+        e = {k: float(nilm_metrics(y, w, on_threshold_w=c.on_threshold_w).eacc) for k, w in (("32bit", w32), ("16bit", w16))}
+        out["eacc_calibration"] = {**e, "delta_16_minus_32": e["16bit"] - e["32bit"]}
+    return out
+
+
+def _step_w(io_out: Mapping[str, Any], contract: Any) -> float:
+    w = np.asarray(contract.to_watts(np.array([[0.0], [float(io_out["scale"])]], np.float32))).ravel()
+    return float(abs(w[1] - w[0]))
+
+
+# --------------------------------------------------------------------------- hand-off
+_HANDOFF_PY = '''#!/usr/bin/env python3
+"""Run model_eiq.tflite on the i.MX 8M Plus NPU through the VX delegate (written by nilmc).
+
+Usage on the board:  python3 run_on_imx8mp.py [--cpu] [--delegate {delegate}]
+Compares the NPU output with imx8mp_cpu_reference.npy (the CPU interpreter's output codes, taken by nilmc).
+"""
+import argparse, time
+from pathlib import Path
+import numpy as np
+try:
+    from tflite_runtime.interpreter import Interpreter, load_delegate
+except ImportError:
+    from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+here = Path(__file__).resolve().parent
+ap = argparse.ArgumentParser()
+ap.add_argument("--delegate", default="{delegate}")
+ap.add_argument("--cpu", action="store_true", help="no delegate (Cortex-A53 reference)")
+a = ap.parse_args()
+delegates = [] if a.cpu else [load_delegate(a.delegate)]
+it = Interpreter(model_path=str(here / "model_eiq.tflite"), experimental_delegates=delegates, num_threads=1)
+inp, out = it.get_input_details()[0], it.get_output_details()[0]
+x = np.load(here / "imx8mp_windows.npy")  # input codes, {io_dtype}
+it.allocate_tensors()
+codes, times = [], []
+for i in range(len(x)):  # batch 1, as deployed
+    it.set_tensor(inp["index"], x[i : i + 1])
+    t0 = time.perf_counter(); it.invoke(); times.append(time.perf_counter() - t0)
+    codes.append(it.get_tensor(out["index"]).copy())
+codes = np.concatenate(codes)
+ref = np.load(here / "imx8mp_cpu_reference.npy")
+d = np.abs(codes.astype(np.int64) - ref.astype(np.int64))
+print(f"first invoke (graph compile) {{times[0]*1e3:.1f}} ms, median {{np.median(times[1:])*1e3:.3f}} ms")
+print(f"vs CPU reference: max {{d.max()}} LSB, {{np.mean(d > 0)*100:.1f}}% of outputs differ; emulated prediction in manifest npu_emulation")
+np.save(here / "imx8mp_npu_output.npy", codes)
+'''
+
+_HANDOFF_SH = '''#!/bin/sh
+# Run on an i.MX 8M Plus (NXP Yocto BSP with eIQ / meta-ml). Written by nilmc.
+set -e
+cd "$(dirname "$0")"
+python3 run_on_imx8mp.py "$@"
+# Latency with TFLite's benchmark tool (path as in the NXP BSP):
+# /usr/bin/tensorflow-lite-*/examples/benchmark_model --graph=model_eiq.tflite --external_delegate_path={delegate}
+'''
+
+
+def write_handoff(out_dir: Path, fb: bytes, x: np.ndarray) -> list[str]:
+    """Board hand-off: scripts, input codes of ``x`` and the CPU interpreter's output codes for them."""
+    from nilmc.backends.tflite_int8 import io_quantization
+    from nilmc.compiler.io import atomic_write_bytes
+    import io as _io
+
+    io = io_quantization(fb)
+    xq = _input_codes(x, io["input"])
+    ref = _cpu_codes(fb, xq, default_delegates=True)
+    files = {"run_on_imx8mp.py": _HANDOFF_PY.format(delegate=VX_DELEGATE, io_dtype=io["input"]["dtype"]).encode(),
+             "run_on_imx8mp.sh": _HANDOFF_SH.format(delegate=VX_DELEGATE).encode()}
+    for name, arr in (("imx8mp_windows.npy", xq), ("imx8mp_cpu_reference.npy", ref)):
+        buf = _io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        files[name] = buf.getvalue()
+    for name, data in files.items():
+        atomic_write_bytes(out_dir / name, data)
+    (out_dir / "run_on_imx8mp.sh").chmod(0o755)
+    return list(files)
+
+
+# --------------------------------------------------------------------------- backend
+class EIQBackend:
+    """NXP eIQ: full-integer TFLite for the i.MX 8M Plus NPU, checked for the VX delegate, with an NPU drift emulation."""
+
+    name = "eiq"
+    capabilities = Capabilities(
+        precisions=tuple(PRECISIONS),
+        description="NXP eIQ (i.MX 8M Plus NPU via the VX delegate): full-integer TFLite from nilmc's ranges, "
+                    "per-channel (int8) or per-tensor (int8_pt, uint8_io) weights; CPU interpreter reference + emulated NPU drift",
+        traits={"int8": eiq_traits(), "int8_pt": eiq_traits(per_tensor=True), "uint8_io": eiq_traits(per_tensor=True, io_dtype="uint8")},
+        requires=("tensorflow", "ai_edge_litert"),
+        extra="eiq",
+        limitations={
+            "needs_keras_source": "needs the tf_keras (Keras 2) model (.keras/.h5); an ONNX-only model cannot be lowered",
+            "npu": NPU_NOTE,
+            "ops": f"only {', '.join(VX_ALLOWED_OPS)} (allow-list assumed from NXP IMXMLUG); other ops raise UnsupportedOpError",
+            "emulation": f"the NPU drift emulation covers {', '.join(EMULATED_OPS)} with a 16-bit multiplier hypothesis",
+        },
+    )
+
+    def lower(self, model: "Model", out_dir: Path, *, precision: str = "int8", options: Mapping[str, Any] | None = None) -> Artifact:
+        """Write ``model_eiq.tflite``, ``eiq_check.json`` and the board hand-off into ``out_dir``.
+
+        Options: ``quant`` (QuantContext, required), ``calibration`` (its labels give the emulated EACC),
+        ``npu_emulation`` (default True), ``estimator`` (default: the context's)."""
+        from nilmc.backends.tflite_backend import _require_modules, _write, load_keras
+        from nilmc.backends.tflite_int8 import build_int8_tflite, io_quantization
+        from nilmc.quantization.context import require_quant
+        from nilmc.quantization.overflow import check_overflow
+        from nilmc.quantization.qat import keras_quant_from_params, widen_output
+
+        if precision not in PRECISIONS:
+            raise BadInputError(f"eiq has no precision {precision!r}", f"available: {', '.join(PRECISIONS)}")
+        if not model.keras_path:
+            load_keras(model)  # the clear "needs the Keras model" error
+        _require_modules()
+        options = dict(options or {})
+        out_dir = Path(out_dir)
+        per_tensor, io_dtype = PRECISIONS[precision]
+        ctx = require_quant(options, f"{self.name}:{precision}")
+        keras_model = load_keras(model)
+        traits = eiq_traits(per_tensor=per_tensor)  # I/O dtype changes no parameter: share the cached params
+        params = ctx.params(traits, estimator=options.get("estimator"))
+        overflow = check_overflow(model.graph, ctx.statistics, params, traits, peak_output=model.contract,
+                                  policy={"default": "warn", "output_clipping": "fix"})
+        params = overflow.params
+        kq = widen_output(keras_quant_from_params(keras_model, params), model.contract)
+        try:
+            result = build_int8_tflite(keras_model, kq, ctx.calib_x, per_tensor=per_tensor, io_dtype=io_dtype)
+        except BadInputError:
+            bad = scan_keras_ops(keras_model)
+            if bad:
+                raise UnsupportedOpError(bad, f"model {model.source or '?'!r}") from None
+            raise
+        fb = result.flatbuffer
+        check = check_vx_graph(fb, per_tensor=per_tensor, where=f"model {model.source or '?'!r}")
+        check["precision"], check["io"] = precision, io_quantization(fb)
+        name = _write(out_dir, "model_eiq.tflite", fb)
+        _write(out_dir, "eiq_check.json", (json.dumps(check, indent=2, sort_keys=True) + "\n").encode())
+        extra = ["eiq_check.json"] + write_handoff(out_dir, fb, ctx.calib_x[:HANDOFF_WINDOWS])
+        info: dict[str, Any] = {
+            "tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(), "overflow": overflow.to_json(),
+            "traits": traits.with_(io_dtype=io_dtype).to_json(), "per_tensor": per_tensor, "io_dtype": io_dtype,
+            "param_check": {k: v for k, v in result.check.items() if k != "mismatches"}, "io": check["io"],
+            "eiq_check": {k: check[k] for k in ("op_counts", "integer_only", "weights_per_tensor", "tensor_dtypes")},
+            "runtime": "ai_edge_litert Interpreter (CPU, 1 thread): CPU reference of the eIQ artifact",
+            "verification_note": NPU_NOTE, "npu": "not run (needs an i.MX 8M Plus board)",
+            "handoff": {"command": "sh run_on_imx8mp.sh", "delegate": VX_DELEGATE,
+                        "benchmark": f"benchmark_model --graph=model_eiq.tflite --external_delegate_path={VX_DELEGATE}"},
+            "extra_files": extra,
+        }
+        if options.get("npu_emulation", True):
+            info["npu_emulation"] = npu_emulation(fb, ctx.calib_x, model, options.get("calibration", ctx.calibration))
+        kind = (f"eIQ full-integer TFLite for the i.MX 8M Plus NPU ({'per-tensor' if per_tensor else 'per-channel'} int8 weights, "
+                f"{io_dtype} I/O; CPU reference run, NPU emulated)")
+        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+
+    def runner(self, artifact: Artifact) -> Any:
+        """The ai_edge_litert CPU interpreter on the artifact (MEASURED: CPU reference of the eIQ artifact)."""
+        from nilmc.backends.tflite_backend import TFLiteRunner
+
+        return TFLiteRunner(artifact.path)
+
