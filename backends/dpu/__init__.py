@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 
 INSPECTOR = "inspector.json"
 PARAMS = "dpu_params.json"
-PRECISIONS = ("b2304", "b4096")
+ARCHS = ("b2304", "b4096")
+QAT_SUFFIX = "_qat"
+PRECISIONS = ARCHS + tuple(a + QAT_SUFFIX for a in ARCHS)
 
 
 class DPUUnsupportedError(BadInputError):
@@ -75,6 +77,7 @@ class DPUEmulatorRunner:
 
 def _target(precision: str, options: Mapping[str, Any]) -> DPUTarget:
     """The shipped target for ``precision``, or the user's overlay ``arch.json`` (``options['arch_json']``)."""
+    precision = precision.removesuffix(QAT_SUFFIX)
     arch = options.get("arch_json")
     if arch is None:
         return load_target(precision)
@@ -134,7 +137,10 @@ class DPUBackend:
             "compile": "vai_c_xir (Vitis AI docker image) compiles quantized.xmodel; it is not run here",
             "verification": "emulated: bit-accurate numpy model of the DPU arithmetic, no board latency or power",
             "ops": "conv2d, dense, max/avg pooling, element-wise add, ReLU, LeakyReLU; other ops are reported, not lowered",
-            "qat": "post-training quantization only",
+            "needs_keras_source": "the *_qat precisions fine-tune the tf_keras (Keras 2) model (.keras/.h5); PTQ precisions lower "
+                                  "from ONNX alone",
+            "qat": "b2304_qat / b4096_qat: power-of-two QAT on the calibration windows (FP32 outputs as targets, last 20 % "
+                   "held out, best epoch kept) from the PTQ fix points; needs tensorflow-model-optimization",
         },
     )
 
@@ -144,14 +150,20 @@ class DPUBackend:
         ``options``: ``quant`` (the compile's QuantContext, required), ``arch_json`` (a board
         overlay's arch.json instead of the shipped one, default none), ``dpu_quant``
         (:class:`DpuQuantOptions`, default: watts error on the head, contract peak covered).
+        ``b2304_qat`` / ``b4096_qat`` fine-tune the Keras source first (:mod:`nilmc.backends.dpu.qat`;
+        ``qat_epochs`` 3, ``qat_learning_rate`` 1e-5, ``qat_batch_size`` 64, ``qat_seed`` 0, ``qat_holdout`` 0.2).
         """
         from nilmc.quantization.context import require_quant
 
         options = dict(options or {})
         if precision not in PRECISIONS:
-            raise BadInputError(f"dpu has no precision {precision!r}", f"available: {', '.join(available_targets())}")
+            raise BadInputError(f"dpu has no precision {precision!r}",
+                                f"available: {', '.join(available_targets())} (and each with {QAT_SUFFIX})")
         t0 = time.perf_counter()
         target = _target(precision, options)
+        if precision.endswith(QAT_SUFFIX) and not model.keras_path:
+            raise BadInputError(f"dpu:{precision} fine-tunes the Keras model, but {model.source or 'the model'!r} has no Keras source",
+                                f"compile the .keras/.h5 file, or use dpu:{precision.removesuffix(QAT_SUFFIX)} (PTQ, ONNX is enough)")
         ctx = require_quant(options, f"{self.name}:{precision}")
         out_dir = Path(out_dir)
         graph = from_onnx(model.graph)
@@ -164,6 +176,11 @@ class DPUBackend:
         qopts = options.get("dpu_quant") or DpuQuantOptions(peak_output=_peak_output(model), output_error=_watts_error(model),
                                                             input_floor=_input_floor(model))
         params = calibrate(graph, feeds, target.limits, options=qopts)
+        reference, qat_info = graph, None
+        if precision.endswith(QAT_SUFFIX):
+            from nilmc.backends.dpu.qat import qat_lower
+
+            graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options)
         violations = check_shifts(graph, params, target.limits)
         if violations:
             raise InternalError(f"DPU shift repair left {len(violations)} violation(s): {violations[0]}", "report this as a nilmc bug")
@@ -173,13 +190,16 @@ class DPUBackend:
         files = [handoff.XMODEL, *handoff.write_handoff(out_dir, target, model.contract), INSPECTOR, PARAMS]
         peaks = accumulator_peaks(graph, params, feeds)
         atomic_write_json(out_dir / PARAMS, {**params.to_json(graph), "accumulator_peaks": peaks, "target": target.to_json()})
-        info = self._info(model, graph, params, target, report, ctx, peaks, time.perf_counter() - t0)
-        return Artifact(self.name, precision, out_dir, handoff.XMODEL, files, kind=f"{LABEL} ({target.name})", info=info)
+        info = self._info(model, graph, params, target, report, ctx, peaks, time.perf_counter() - t0, reference)
+        if qat_info is not None:
+            info["qat"] = qat_info
+            info["tools"] += ["tensorflow", "tensorflow-model-optimization"]
+        return Artifact(self.name, precision, out_dir, handoff.XMODEL, files, kind=f"{LABEL} ({target.name}, {'QAT' if qat_info else 'PTQ'})", info=info)
 
     def _info(self, model: "Model", graph: DpuGraph, params: DpuParams, target: DPUTarget, report: InspectionReport,
-              ctx: Any, peaks: Mapping[str, int], lower_s: float) -> dict[str, Any]:
+              ctx: Any, peaks: Mapping[str, int], lower_s: float, reference: DpuGraph | None = None) -> dict[str, Any]:
         _, qparams = to_quant_params(model.graph, graph, params)
-        calib = _calibration_eacc(model, graph, params, ctx)
+        calib = _calibration_eacc(model, graph, params, ctx, reference or graph)
         return {
             "label": LABEL,
             "quantization": qparams.to_json(),
@@ -206,8 +226,8 @@ class DPUBackend:
         return DPUEmulatorRunner(artifact.directory / artifact.primary)
 
 
-def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: Any) -> dict[str, Any]:
-    """FP32 and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
+def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: Any, reference: DpuGraph) -> dict[str, Any]:
+    """FP32 (``reference``'s float weights) and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
     from nilmc.backends.dpu.quant import float_forward
     from nilmc.compiler.metrics import nilm_metrics
 
@@ -218,7 +238,7 @@ def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: A
         return {}
     x = ctx.calib_x
     out = graph.outputs[0]
-    fp32 = model.contract.to_watts(float_forward(graph, {model.input_name: x})[out].astype(np.float32))
+    fp32 = model.contract.to_watts(float_forward(reference, {model.input_name: x})[out].astype(np.float32))
     dpu = model.contract.to_watts(next(iter(DpuEmulator(graph, params).infer({model.input_name: x}).values())))
     thr = model.contract.on_threshold_w
     e_ref, e_dpu = nilm_metrics(truth, fp32, on_threshold_w=thr).eacc, nilm_metrics(truth, dpu, on_threshold_w=thr).eacc

@@ -135,6 +135,10 @@ class DpuQuantOptions:
     max_windows: int = 1000
     peak_output: float | None = None  # largest head value that must stay representable (model units)
     output_error: OutputErrorFn | None = None
+    # Fix points decided elsewhere (QAT): IR tensor -> fix point, and weighted op -> weight fix point. They
+    # replace the search above; shift bounds still apply (a violated shift_cut still moves ``fw``). Default none.
+    fixed: Mapping[str, int] | None = None
+    fixed_weights: Mapping[str, int] | None = None
 
 
 # --------------------------------------------------------------------------- fix-point helpers
@@ -232,10 +236,12 @@ class _Choice:
 
 
 class _Calibrator:
-    def __init__(self, graph: DpuGraph, feeds: Mapping[str, np.ndarray], limits: Mapping[str, Any], options: DpuQuantOptions) -> None:
+    def __init__(self, graph: DpuGraph, feeds: Mapping[str, np.ndarray], limits: Mapping[str, Any], options: DpuQuantOptions,
+                 reference: DpuGraph | None = None) -> None:
         self.graph, self.limits, self.opt = graph, limits, options
         self.feeds = {k: _subset(np.asarray(v, np.float32), options.max_windows) for k, v in feeds.items()}
-        self.ref = float_forward(graph, self.feeds)
+        self.ref = float_forward(reference or graph, self.feeds)
+        self.fixed, self.fixed_w = dict(options.fixed or {}), dict(options.fixed_weights or {})
         self.params = DpuParams({}, {}, method={
             "calibration_windows": int(len(next(iter(self.feeds.values())))), "bias_correction": str(options.bias_correction),
             "fix_window": list(options.fix_window), "rounding": "DPU_ROUND", "traits": DPU_POT.name,
@@ -266,6 +272,8 @@ class _Calibrator:
         if self.opt.input_floor is not None:
             cap = no_clip_fix(self.opt.input_floor)
             cands = [fp for fp in cands if fp <= cap] or [cap]
+        if op.output in self.fixed:
+            cands = [int(self.fixed[op.output])]
         fp = best_fix(x, cands)
         self.params.fix[op.output] = fp
         self.codes[op.output] = quantize_values(x, fp)
@@ -280,6 +288,8 @@ class _Calibrator:
         ref = self.ref[op.output]
         fis = [self.params.fix[t] for t in op.inputs]
         cands = list(_window(float(np.max(np.abs(ref))), self.opt.fix_window))
+        if op.output in self.fixed:
+            cands = [int(self.fixed[op.output])]
         if op.kind == "add":
             lo, hi = self.limits.get("shift_write", (-7, 25))
             keep = [fo for fo in cands if lo <= min(fis) - fo <= hi]
@@ -306,7 +316,7 @@ class _Calibrator:
         xq = self.codes[op.inputs[0]]
         w = np.asarray(op.weight, np.float64)
         fw0 = no_clip_fix(float(np.max(np.abs(w))))
-        fw = best_fix(w, [fw0, fw0 + 1])
+        fw = int(self.fixed_w[op.name]) if op.name in self.fixed_w else best_fix(w, [fw0, fw0 + 1])
         ref = self.ref[op.output]
         cands = self._output_candidates(op, ref)
         acc = self._accumulate(op, xq, quantize_values(w, fw))
@@ -362,6 +372,8 @@ class _Calibrator:
         if op.output in self.outputs and self.opt.peak_output is not None:
             cap = no_clip_fix(max(float(self.opt.peak_output), float(np.max(np.abs(ref)))))
             cands = [fo for fo in cands if fo <= cap] or [cap]
+        if op.output in self.fixed:
+            cands = [int(self.fixed[op.output])]
         return cands
 
     def _bias_codes(self, bias: np.ndarray, fi: int, fw: int, shift_cut: int, leaky: bool) -> tuple[int, np.ndarray, list[str]]:
@@ -407,15 +419,19 @@ def _subset(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def calibrate(graph: DpuGraph, feeds: Mapping[str, np.ndarray], limits: Mapping[str, Any], *,
-              options: DpuQuantOptions = DpuQuantOptions()) -> DpuParams:
+              options: DpuQuantOptions = DpuQuantOptions(), reference: DpuGraph | None = None) -> DpuParams:
     """DPU parameters for ``graph`` from calibration ``feeds`` (graph input name -> float windows).
+
+    ``reference`` (default ``graph``): the graph whose FP32 tensors the choices and the bias
+    correction aim at; QAT passes the original model while ``graph`` carries fine-tuned weights
+    (same ops and tensor names).
 
     ``limits`` are the target's (``DPUTarget.limits``: shift bounds). Raises
     :class:`~nilmc.backends.dpu.emulator.EmulationError` for ops the DPU lowering does not cover.
     """
     if not feeds or any(len(np.asarray(v)) == 0 for v in feeds.values()):
         raise QuantizationError("DPU calibration got no windows", "pass a calibration set with at least one window")
-    return _Calibrator(graph, feeds, limits, options).run()
+    return _Calibrator(graph, feeds, limits, options, reference).run()
 
 
 # --------------------------------------------------------------------------- checks

@@ -25,7 +25,7 @@ def lowered(tmp_path_factory, tiny, tiny_ds):
 
 def test_capabilities_and_availability() -> None:
     b = DPUBackend()
-    assert b.name == "dpu" and b.capabilities.precisions == ("b2304", "b4096")
+    assert b.name == "dpu" and b.capabilities.precisions == ("b2304", "b4096", "b2304_qat", "b4096_qat")
     assert b.capabilities.requires == () and b.capabilities.extra == "dpu"
     assert b.capabilities.traits["b4096"].power_of_two and availability(b) == (True, "ok")
 
