@@ -32,3 +32,18 @@ def tiny_files(tmp_path, tiny, tiny_ds, tiny_eval):
     calib = tiny_ds.save(tmp_path / "calib.npz")
     ev = tiny_eval.save(tmp_path / "eval.npz")
     return {"model": model, "calib": calib, "eval": ev, "dir": tmp_path}
+
+
+@pytest.fixture(scope="session")
+def small_tp(tmp_path_factory):
+    """A small T-P kettle model trained once per test process (TF): Keras model, nilmc Model and splits."""
+    pytest.importorskip("tensorflow")
+    from nilmc.calibration_data.windows import build_splits
+    from nilmc.compiler.frontend import load_model
+    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+
+    sp = build_splits("T-P", appliances=("kettle",), seed=0, n_train=1000, n_val=100, n_calib=300, n_eval=300)
+    keras_model, contract = train_seq2point(sp["train"], appliance="kettle", normalization="C",
+                                            config=TrainConfig(epochs=2, batch_size=64))
+    paths = save_trained(keras_model, contract, tmp_path_factory.mktemp("small_tp") / "tp")
+    return {"keras": keras_model, "model": load_model(paths["keras"]), "splits": sp}

@@ -14,20 +14,12 @@ from nilmc.compiler.errors import BadInputError
 
 
 @pytest.fixture(scope="module")
-def tp(tmp_path_factory):
+def tp(tmp_path_factory, small_tp):
     """A small trained T-P model (Keras), calibration / evaluation sets and the shared QuantContext."""
-    pytest.importorskip("tensorflow")
     pytest.importorskip("ai_edge_litert")
-    from nilmc.calibration_data.windows import build_splits
-    from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
     from nilmc.quantization.context import QuantContext
 
-    sp = build_splits("T-P", appliances=("kettle",), seed=0, n_train=1000, n_val=100, n_calib=300, n_eval=300)
-    keras_model, contract = train_seq2point(sp["train"], appliance="kettle", normalization="C",
-                                            config=TrainConfig(epochs=2, batch_size=64))
-    paths = save_trained(keras_model, contract, tmp_path_factory.mktemp("tp") / "tp")
-    model = load_model(paths["keras"])
+    sp, model = small_tp["splits"], small_tp["model"]
     return {"model": model, "calib": sp["calib"], "eval": sp["eval"], "ctx": QuantContext(model, sp["calib"]),
             "dir": tmp_path_factory.mktemp("bundles")}
 

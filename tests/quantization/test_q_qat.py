@@ -13,19 +13,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
 
 @pytest.fixture(scope="module")
-def tp(tmp_path_factory):
+def tp(tmp_path_factory, small_tp):
     pytest.importorskip("tensorflow_model_optimization")
-    from nilmc.calibration_data.windows import build_splits
-    from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
     from nilmc.quantization.context import QuantContext
     from nilmc.quantization.traits import TFLITE_INT8
 
-    sp = build_splits("T-P", appliances=("kettle",), seed=0, n_train=1000, n_val=100, n_calib=300, n_eval=300)
-    keras_model, contract = train_seq2point(sp["train"], appliance="kettle", normalization="C",
-                                            config=TrainConfig(epochs=2, batch_size=64))
-    paths = save_trained(keras_model, contract, tmp_path_factory.mktemp("qat") / "tp")
-    model = load_model(paths["keras"])
+    sp, model, keras_model = small_tp["splits"], small_tp["model"], small_tp["keras"]
     ctx = QuantContext(model, sp["calib"])
     c = model.contract
     k = sp["calib"].appliance_index("kettle")
