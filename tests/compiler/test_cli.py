@@ -184,3 +184,39 @@ def test_quantize_catches_data_in_the_wrong_normalization(tiny_files):
     p = ds.save(tiny_files["dir"] / "scaled.npz")
     res = run("quantize", tiny_files["model"], "--calib", p, "--out", tiny_files["dir"] / "q2")
     _assert_clean_error(res, "normaliz", out=tiny_files["dir"] / "q2")
+
+
+def test_data_generate_inspect_and_bad_file(tmp_path):
+    out = tmp_path / "g.npz"
+    res = run("data", "generate", "--windows", "50", "--split", "calib", "--seed", "2", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["n_windows"] == 50 and info["input_shape"] == [10, 9, 1]
+    again = run("data", "inspect", out, "--json")
+    assert again.exit_code == 0 and json.loads(again.output)["sha256"] == info["sha256"]
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip at all")
+    _assert_clean_error(run("data", "inspect", bad), "bad.npz")
+
+
+def test_data_convert_ukdale_excerpt(tmp_path):
+    src = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ukdale_house_excerpt_120s.csv"
+    if not src.is_file():
+        pytest.skip("the UK-DALE excerpt is not beside the checkout")
+    res = run("data", "convert", "ukdale_excerpt", src, "--out", tmp_path / "lf.npz", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["input_shape"] == [599, 1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_train_writes_model_and_contract(tiny_files):
+    stem = tiny_files["dir"] / "m"
+    res = run("train", "--data", tiny_files["calib"], "--val", tiny_files["eval"], "--appliance", "kettle",
+              "--epochs", "1", "--out", stem, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["parameters"] == 672129 and 0 < out["val_metrics"]["n"]
+    assert stem.with_suffix(".onnx").is_file() and Path(str(stem) + ".keras.contract.json").is_file()
+    bad = run("train", "--data", tiny_files["calib"], "--appliance", "dishwasher", "--epochs", "1", "--out", tiny_files["dir"] / "n")
+    _assert_clean_error(bad, "dishwasher", "kettle")
