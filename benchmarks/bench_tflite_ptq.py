@@ -112,7 +112,7 @@ def _predict(runner_cm: Any, model: Any, raw_x: np.ndarray) -> np.ndarray:
     from nilmc.compiler.driver import predict_watts
 
     with runner_cm as r:
-        return predict_watts(r, model, raw_x)
+        return predict_watts(r, model.contract, raw_x)
 
 
 def _row(name: str, truth: np.ndarray, pred_w: np.ndarray, ref: dict[str, Any], model: Any, note: str = "") -> dict[str, Any]:

@@ -52,11 +52,7 @@ def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-class _Group(click.Group):
-    """Usage errors exit 2 (click's default), with our prefix."""
-
-
-@click.group(cls=_Group)
+@click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 @click.version_option(package_name="nilmc")
 def cli(debug: bool) -> None:
@@ -86,7 +82,7 @@ def backends_cmd(as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------ compile
-def _load_data(path: str | Path, role: str) -> Any:
+def _load_data(path: str | Path) -> Any:
     from nilmc.calibration_data.dataset import NilmDataset
 
     return NilmDataset.load(path)
@@ -109,8 +105,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     tlist = registry.parse_targets(targets)
     budget = parse_budget(max_delta)
     model = load_model(model_path)
-    eval_ds = _load_data(eval_path, "evaluation")
-    calib_ds = _load_data(calib, "calibration") if calib else None
+    eval_ds = _load_data(eval_path)
+    calib_ds = _load_data(calib) if calib else None
     progress = None if as_json else (lambda s: click.echo(f"  .. {s}", err=True))
     summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry,
                             options=CompileOptions(junit=Path(junit) if junit else None), progress=progress)
@@ -175,7 +171,7 @@ def verify_cmd(bundle: str, eval_path: str, max_delta: str | None, as_json: bool
     bundles = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
     if not bundles:
         raise BadInputError(f"{bundle!r} holds no {MANIFEST}", "pass a directory written by nilmc compile")
-    eval_ds = _load_data(eval_path, "evaluation")
+    eval_ds = _load_data(eval_path)
     budget = parse_budget(max_delta) if max_delta else None
     results = [verify_bundle(b, eval_ds, budget=budget) for b in bundles]
     if as_json:
@@ -222,8 +218,8 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
         splits = build_splits(setup, seed=seed, splits=("train", "val"))
         train, val = splits["train"], splits["val"]
     else:
-        train = _load_data(data_path, "training")
-        val = _load_data(val_path, "validation") if val_path else None
+        train = _load_data(data_path)
+        val = _load_data(val_path) if val_path else None
     model, contract = train_seq2point(train, val, appliance=appliance, normalization=norm,
                                       config=TrainConfig(epochs=epochs, seed=seed, architecture=architecture))
     paths = save_trained(model, contract, out)
@@ -270,9 +266,9 @@ def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overf
     if qat:
         from nilmc.quantization.qat_flow import qat_quantize
 
-        result, qat_info = qat_quantize(load_model(model), _load_data(calib, "calibration"), epochs=epochs, seed=seed, learning_rate=learning_rate, **kw)
+        result, qat_info = qat_quantize(load_model(model), _load_data(calib), epochs=epochs, seed=seed, learning_rate=learning_rate, **kw)
     else:
-        result, qat_info = quantize(load_model(model), _load_data(calib, "calibration"), **kw), None
+        result, qat_info = quantize(load_model(model), _load_data(calib), **kw), None
     report = quantize_report(result)
     if qat_info is not None:
         report["qat"] = qat_info

@@ -16,6 +16,7 @@ from nilmc.backends.base import Artifact, Backend, Verification
 from nilmc.backends.registry import Registry, Target, default_registry
 from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.compare import Report, compare
+from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import BadInputError, DataError, InternalError, NilmcError
 from nilmc.compiler.io import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
 from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
@@ -106,11 +107,10 @@ def tool_versions(packages: Sequence[str] = ("onnx", "onnxruntime", "numpy")) ->
     return out
 
 
-def predict_watts(runner: Any, model: Model, raw_x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
+def predict_watts(runner: Any, contract: ModelContract, raw_x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
     """Run a runner over raw feature windows; returns predictions in watts, shape ``(N,)``."""
-    contract = model.contract
     x = contract.prepare(raw_x)
-    name = model.input_name
+    name = contract.input_name
     outs = []
     for i in range(0, len(x), batch_size):
         res = runner.infer({name: x[i : i + batch_size]})
@@ -118,9 +118,9 @@ def predict_watts(runner: Any, model: Model, raw_x: np.ndarray, *, batch_size: i
     return contract.to_watts(np.concatenate(outs, axis=0))
 
 
-def latency_ms_batch1(runner: Any, model: Model, raw_x: np.ndarray, *, n: int = 200) -> float:
-    x = model.contract.prepare(raw_x[: max(1, min(n, len(raw_x)))])
-    name = model.input_name
+def latency_ms_batch1(runner: Any, contract: ModelContract, raw_x: np.ndarray, *, n: int = 200) -> float:
+    x = contract.prepare(raw_x[: max(1, min(n, len(raw_x)))])
+    name = contract.input_name
     runner.infer({name: x[:1]})  # warm-up
     t0 = time.perf_counter()
     for i in range(len(x)):
@@ -148,7 +148,7 @@ def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry 
     with tempfile.TemporaryDirectory() as tmp:
         art = backend.lower(model, Path(tmp), precision=REFERENCE_TARGET.precision)
         with backend.runner(art) as r:
-            pred = predict_watts(r, model, eval_ds.raw_x(), batch_size=batch_size)
+            pred = predict_watts(r, model.contract, eval_ds.raw_x(), batch_size=batch_size)
     return nilm_metrics(eval_truth(model, eval_ds), pred, on_threshold_w=model.contract.on_threshold_w), pred
 
 
@@ -261,8 +261,8 @@ def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry,
         compile_s = time.perf_counter() - t0
         with backend.runner(art) as runner:
             verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
-            pred = predict_watts(runner, model, raw_eval, batch_size=options.batch_size)
-            lat = latency_ms_batch1(runner, model, raw_eval, n=options.latency_windows) if verification is Verification.MEASURED else None
+            pred = predict_watts(runner, model.contract, raw_eval, batch_size=options.batch_size)
+            lat = latency_ms_batch1(runner, model.contract, raw_eval, n=options.latency_windows) if verification is Verification.MEASURED else None
     except NilmcError as exc:
         import shutil
 
@@ -302,8 +302,6 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
 
 def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registry | None = None, budget: Mapping[str, float] | None = None) -> VerifyResult:
     """Re-check an existing bundle: file hashes first, then metrics, without recompiling."""
-    from nilmc.compiler.contract import ModelContract
-
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     problems = []
@@ -322,17 +320,11 @@ def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registr
     files = [f["name"] for f in manifest["files"]]
     art = Artifact(target.backend, target.precision, bundle, manifest["artifact"]["file"], files, manifest["artifact"].get("kind", ""),
                    {"quantization": manifest.get("quantization"), **manifest.get("artifact_info", {})})
-    import onnx
-
-    model = Model(onnx.ModelProto(), contract, source=str(bundle))
     contract.check_input(eval_ds.x, source="the evaluation set")
     k = eval_ds.appliance_index(contract.appliance)
     with backend.runner(art) as runner:
         verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
-        x = contract.prepare(eval_ds.raw_x())
-        name = contract.input_name
-        outs = [np.asarray(next(iter(runner.infer({name: x[i:i + 512]}).values()))) for i in range(0, len(x), 512)]
-    pred = contract.to_watts(np.concatenate(outs))
+        pred = predict_watts(runner, contract, eval_ds.raw_x())
     cand = nilm_metrics(eval_ds.y[:, k], pred, on_threshold_w=contract.on_threshold_w)
     ref = _reference_for_verify(bundle, manifest, eval_ds, registry)
     budget = dict(manifest["verification"].get("budget", {}) if budget is None else budget)
