@@ -6,59 +6,111 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from nilmc.compiler.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, NilmcError
+from nilmc.compiler.errors import EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, NilmcError
+from nilmc.compiler.io import strict_dumps
 
 
-def _emit_error(msg: str, code: int) -> None:
-    click.echo(f"nilmc: error: {msg}", err=True)
+def _emit_error(msg: str, code: int, *, as_json: bool = False, kind: str = "error", remedy: str | None = None) -> None:
+    """One line on stderr (or, with --json, one JSON object on stdout), then exit ``code``."""
+    if as_json:
+        click.echo(strict_dumps({"error": {"type": kind, "message": msg, **({"remedy": remedy} if remedy else {})}, "exit": code}))
+    else:
+        click.echo(f"nilmc: error: {msg}", err=True)
     sys.exit(code)
 
 
+def _wants_json() -> bool:
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.params.get("as_json"):
+            return True
+        ctx = ctx.parent
+    return "--json" in sys.argv[1:]
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User errors become one line and exit 2; bugs become one line and exit 3."""
+    """User errors become one line and exit 2; bugs one line and exit 3; SIGINT 130, SIGTERM 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except NilmcError as exc:
-            _emit_error(exc.one_line(), exc.exit_code)
-        except click.exceptions.Exit:
-            raise
-        except click.ClickException:
+            _emit_error(exc.message if as_json else exc.one_line(), exc.exit_code, as_json=as_json, kind=type(exc).__name__, remedy=exc.remedy)
+        except (click.exceptions.Exit, click.ClickException):
             raise
         except KeyboardInterrupt:
-            _emit_error("interrupted", EXIT_BAD_INPUT)
+            _emit_error("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, as_json=as_json, kind="Interrupted")
+        except Interrupted as exc:
+            _emit_error(f"terminated by signal {exc.signum}; nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
         except Exception as exc:  # an internal bug: say so, never a bare traceback
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.find_root().params.get("debug"):
                 raise
-            _emit_error(f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it", EXIT_INTERNAL)
+            _emit_error(f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it", EXIT_INTERNAL,
+                        as_json=as_json, kind="InternalError")
 
     return wrapper
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout (errors too: {\"error\": ..., \"exit\": N}).")(fn)
 
 
 def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    click.echo(strict_dumps(obj))
 
 
-@click.group()
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+class NilmcGroup(click.Group):
+    """The root group: usage errors as JSON under --json, SIGTERM cleaned up like SIGINT (exit 143)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _emit_error("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, as_json=as_json, kind="Interrupted")
+        except Interrupted as exc:
+            _emit_error(f"terminated by signal {exc.signum}; nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
+        except click.ClickException as exc:
+            if as_json:
+                _emit_error(exc.format_message(), exc.exit_code, as_json=True, kind=type(exc).__name__)
+            exc.show()
+            sys.exit(exc.exit_code)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=NilmcGroup)
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 @click.version_option(package_name="nilmc")
 def cli(debug: bool) -> None:
     """nilmc: compile seq2point NILM models for edge targets, with accuracy proven per artifact.
 
-    Exit codes: 0 ok, 1 accuracy gate failed, 2 bad input or usage, 3 internal error.
+    Exit codes: 0 ok, 1 accuracy gate failed, 2 bad input or usage, 3 internal error,
+    130 interrupted (SIGINT), 143 terminated (SIGTERM).
     """
 
 
@@ -95,12 +147,18 @@ def print_summary(summary: Any) -> None:
 
 
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
-                junit: str | None, as_json: bool) -> None:
+                junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
     from nilmc.compiler.driver import CompileOptions, compile_model
     from nilmc.compiler.frontend import load_model
+    from nilmc.compiler.outdir import check_output_file, check_output_path
 
+    inputs = tuple(p for p in (model_path, calib, eval_path, sign) if p)
+    # Everything checkable without loading anything, first: a bad --out or --junit is found in milliseconds.
+    check_output_path(out, inputs=inputs)
+    if junit:
+        check_output_file(junit, inputs=inputs, what="--junit")
     registry = default_registry()
     tlist = registry.parse_targets(targets)
     budget = parse_budget(max_delta)
@@ -108,16 +166,32 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     eval_ds = _load_data(eval_path)
     calib_ds = _load_data(calib) if calib else None
     progress = None if as_json else (lambda s: click.echo(f"  .. {s}", err=True))
-    summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry,
-                            options=CompileOptions(junit=Path(junit) if junit else None), progress=progress)
+    debug = bool(click.get_current_context().find_root().params.get("debug"))
+    options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
+                             inputs=inputs, debug=debug)
+    summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
     if as_json:
         _print_json(summary.to_json())
     else:
         print_summary(summary)
-        click.echo(f"bundles written to {out}")
-    if not summary.passed:
-        click.echo(f"nilmc: accuracy gate FAILED for: {', '.join(summary.failed_targets())}", err=True)
-        sys.exit(EXIT_GATE_FAILED)
+        for w in summary.warnings:
+            click.echo(f"nilmc: warning: {w}", err=True)
+        n = len(summary.bundles())
+        click.echo(f"{n} bundle{'s' if n != 1 else ''} written to {out}" + (f" (no bundle for: {', '.join(summary.by_status('BAD INPUT') + summary.by_status('INTERNAL ERROR'))})"
+                                                                         if n < len(summary.results) else ""))
+    code = summary.exit_code
+    if code != EXIT_OK and not as_json:
+        parts = [f"{label}: {', '.join(summary.by_status(status))}" for status, label in
+                 (("INTERNAL ERROR", "internal error in"), ("BAD INPUT", "bad input for"), ("FAIL", "accuracy gate FAILED for"))
+                 if summary.by_status(status)]
+        click.echo("nilmc: " + "; ".join(parts) + f" (exit {code})", err=True)
+    if code != EXIT_OK:
+        sys.exit(code)
+
+
+def force_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--force", is_flag=True,
+                        help="Write into a non-empty directory nilmc did not write (its files are never touched).")(fn)
 
 
 @cli.command("compile")
@@ -125,28 +199,35 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
 @click.option("--calib", type=click.Path(), default=None, help="Calibration set (.npz).")
 @click.option("--eval", "eval_path", type=click.Path(), required=True, help="Evaluation set (.npz) every artifact is verified on.")
 @click.option("--targets", default="onnxruntime:fp32", show_default=True, help="Comma-separated backend:precision list; 'all' for every available target.")
-@click.option("--out", type=click.Path(), required=True, help="Output directory (one bundle per target + summary.json).")
+@click.option("--out", type=click.Path(), required=True, help="Output directory (one bundle per target + summary.json); new, empty, or an earlier nilmc output.")
 @click.option("--max-delta", default=None, help="Budget, e.g. 'eacc=0.5,mae=3' (EACC in points, MAE in W). Default eacc=0.5.")
 @click.option("--junit", type=click.Path(), default=None, help="Write JUnit XML (one test case per target).")
+@click.option("--sign", type=click.Path(), default=None, help="Ed25519 private key (nilmc keygen): sign every bundle's manifest.")
+@force_option
 @json_option
 @handle_errors
-def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None, as_json: bool) -> None:
-    """Lower MODEL to every target, verify each artifact against FP32, gate on the budget."""
-    run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json)
+def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
+                sign: str | None, force: bool, as_json: bool) -> None:
+    """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
+
+    Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
+    """
+    run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign)
 
 
 @cli.command("example")
 @click.option("--out", type=click.Path(), default="nilmc-example-out", show_default=True, help="Output directory.")
 @click.option("--targets", default="all", show_default=True, help="Targets to compile (default: every available one).")
+@force_option
 @json_option
 @handle_errors
-def example_cmd(out: str, targets: str, as_json: bool) -> None:
+def example_cmd(out: str, targets: str, force: bool, as_json: bool) -> None:
     """Compile the shipped reference T-P model with the shipped calibration/evaluation sets."""
     from nilmc.calibration_data.shipped import shipped_paths
 
     p = shipped_paths()
     # The Keras source (not the .onnx) so that Keras-based targets (TFLite, QAT) can lower too.
-    run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json)
+    run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json, force=force)
 
 
 # ------------------------------------------------------------------ verify
@@ -154,41 +235,74 @@ def example_cmd(out: str, targets: str, as_json: bool) -> None:
 @click.argument("bundle", type=click.Path())
 @click.option("--eval", "eval_path", type=click.Path(), required=True, help="Evaluation set (.npz).")
 @click.option("--max-delta", default=None, help="Override the budget stored in the bundle.")
+@click.option("--trust", type=click.Path(), default=None, help="Ed25519 public key (nilmc keygen): require every manifest signed by it.")
 @json_option
 @handle_errors
-def verify_cmd(bundle: str, eval_path: str, max_delta: str | None, as_json: bool) -> None:
-    """Re-check an existing bundle (hashes, then metrics) without recompiling.
+def verify_cmd(bundle: str, eval_path: str, max_delta: str | None, trust: str | None, as_json: bool) -> None:
+    """Re-check an existing bundle (integrity, signature, then metrics) without recompiling.
 
     BUNDLE is a target bundle directory, or a compile output directory (every bundle in it).
+    Exit 2 when a bundle does not match its manifest (tampered), 1 when the gate fails.
     """
+    from nilmc.compiler.bundle import MANIFEST, verify_bundle
     from nilmc.compiler.compare import parse_budget
-    from nilmc.compiler.driver import MANIFEST, verify_bundle
-    from nilmc.compiler.errors import BadInputError
+    from nilmc.compiler.errors import BundleError
+    from nilmc.compiler.outdir import is_staging
 
     root = Path(bundle)
     if not root.exists():
-        raise BadInputError(f"bundle {bundle!r} does not exist", "pass a directory written by nilmc compile")
-    bundles = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+        raise BundleError(f"bundle {bundle!r} does not exist", "pass a directory written by nilmc compile")
+    if is_staging(root):
+        raise BundleError(f"{bundle!r} is an unfinished staging directory of an interrupted nilmc run", "verify the finished output directory")
+    bundles = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}") if not is_staging(p.parent))
     if not bundles:
-        raise BadInputError(f"{bundle!r} holds no {MANIFEST}", "pass a directory written by nilmc compile")
+        raise BundleError(f"{bundle!r} holds no {MANIFEST}", "pass a directory written by nilmc compile")
+    trusted = None
+    if trust:
+        from nilmc.compiler.signing import TrustedKey
+
+        trusted = TrustedKey.load(trust)
     eval_ds = _load_data(eval_path)
     budget = parse_budget(max_delta) if max_delta else None
-    results = [verify_bundle(b, eval_ds, budget=budget) for b in bundles]
+    results = [verify_bundle(b, eval_ds, budget=budget, trust=trusted) for b in bundles]
+    tampered = [r for r in results if r.hash_problems]
+    failed = [r for r in results if not r.passed and not r.hash_problems]
+    code = EXIT_BAD_INPUT if tampered else (EXIT_GATE_FAILED if failed else EXIT_OK)
     if as_json:
-        _print_json([{"bundle": str(r.bundle), "passed": r.passed, "hash_problems": r.hash_problems,
-                      "report": r.report.to_json() if r.report else None} for r in results])
+        _print_json({"passed": code == EXIT_OK, "exit": code, "bundles": [r.to_json() for r in results]})
     else:
         for r in results:
             if r.hash_problems:
                 click.echo(f"{r.bundle}: TAMPERED: " + "; ".join(r.hash_problems))
             else:
-                click.echo(f"{r.bundle}: {r.report}")
-    bad = [r for r in results if not r.passed]
-    if any(r.hash_problems for r in bad):
-        _emit_error("bundle files do not match their manifest: " + ", ".join(str(r.bundle) for r in bad if r.hash_problems) + "; recompile them", EXIT_BAD_INPUT)
-    if bad:
-        click.echo("nilmc: accuracy gate FAILED for: " + ", ".join(str(r.bundle) for r in bad), err=True)
-        sys.exit(EXIT_GATE_FAILED)
+                click.echo(f"{r.bundle}: {r.report}" + "".join(f" [{n}]" for n in r.notes))
+        if tampered:
+            click.echo("nilmc: error: bundle(s) do not match their manifest: " + ", ".join(str(r.bundle) for r in tampered)
+                       + "; recompile them from trusted inputs", err=True)
+        elif failed:
+            click.echo("nilmc: accuracy gate FAILED for: " + ", ".join(str(r.bundle) for r in failed), err=True)
+    if code != EXIT_OK:
+        sys.exit(code)
+
+
+# ------------------------------------------------------------------ keygen
+@cli.command("keygen")
+@click.option("--out", required=True, type=click.Path(), help="Prefix: writes PREFIX.key (private, mode 0600) and PREFIX.pub.")
+@json_option
+@handle_errors
+def keygen_cmd(out: str, as_json: bool) -> None:
+    """Create an Ed25519 key pair for `compile --sign` / `verify --trust`."""
+    from nilmc.compiler.signing import keygen
+
+    if not out.strip():
+        from nilmc.compiler.errors import BadInputError
+
+        raise BadInputError("--out is empty", "pass a prefix, e.g. --out keys/nilmc")
+    key, pub = keygen(out)
+    if as_json:
+        _print_json({"private_key": str(key), "public_key": str(pub)})
+    else:
+        click.echo(f"private key: {key} (keep it secret)\npublic key:  {pub}")
 
 
 # ------------------------------------------------------------------ train
@@ -236,6 +350,9 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
 
 
 # ------------------------------------------------------------------ quantize
+QUANTIZE_ENTRIES = ("model_qdq.onnx", "params.json", "report.json")
+
+
 @cli.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--calib", type=click.Path(), required=True, help="Calibration set (.npz).")
@@ -250,10 +367,11 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
 @click.option("--epochs", type=click.IntRange(1, 1000), default=3, show_default=True, help="QAT epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="QAT seed.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-6, show_default=True, help="QAT learning rate (Adam).")
+@force_option
 @json_option
 @handle_errors
 def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overflow_policy: str, fold_normalization: bool,
-                 show_report: bool, out: str | None, qat: bool, epochs: int, seed: int, learning_rate: float, as_json: bool) -> None:
+                 show_report: bool, out: str | None, qat: bool, epochs: int, seed: int, learning_rate: float, force: bool, as_json: bool) -> None:
     """Normalization-aware PTQ (or QAT with --qat) of MODEL into nilmc's ideal INT8 reference (ONNX QDQ),
     with overflow checks. Per-target QAT artifacts: `nilmc compile --targets tflite:qat_int8`.
     """
@@ -262,6 +380,10 @@ def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overf
     from nilmc.quantization.report import format_report, quantize_report
     from nilmc.quantization.traits import preset
 
+    if out is not None:
+        from nilmc.compiler.outdir import check_output_path
+
+        check_output_path(out, inputs=(model, calib))
     kw = dict(traits=preset(traits_name), estimator=estimator, overflow_policy=overflow_policy, fold_normalization=fold_normalization)
     if qat:
         from nilmc.quantization.qat_flow import qat_quantize
@@ -273,10 +395,11 @@ def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overf
     if qat_info is not None:
         report["qat"] = qat_info
     if out:
-        from nilmc.compiler.io import atomic_directory
+        from nilmc.compiler.outdir import OutputDir
 
-        with atomic_directory(out) as tmp:
-            result.save(tmp)
+        with OutputDir(out, QUANTIZE_ENTRIES, inputs=(model, calib), force=force) as od:
+            result.save(od.staging)
+            od.commit()
     if as_json:
         _print_json(report)
     elif show_report:

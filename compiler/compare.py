@@ -18,7 +18,11 @@ DEFAULT_BUDGET: dict[str, float] = {"eacc": 0.5}
 
 
 def parse_budget(text: str | None) -> dict[str, float]:
-    """Parse ``eacc=0.5,mae=3`` into ``{"eacc": 0.5, "mae": 3.0}``; empty → the default ``eacc=0.5``."""
+    """Parse ``eacc=0.5,mae=3`` into ``{"eacc": 0.5, "mae": 3.0}``; empty → the default ``eacc=0.5``.
+
+    Refused (:class:`BadInputError`): unknown metrics, non-numbers, negative / infinite / NaN
+    values (an infinite budget would switch the gate off) and a metric named twice.
+    """
     if text is None or not text.strip():
         return dict(DEFAULT_BUDGET)
     out: dict[str, float] = {}
@@ -31,8 +35,11 @@ def parse_budget(text: str | None) -> dict[str, float]:
             v = float(val)
         except ValueError:
             raise BadInputError(f"budget value {val!r} for {key} is not a number", "use e.g. eacc=0.5") from None
-        if not v >= 0:
-            raise BadInputError(f"budget value {v} for {key} is negative or NaN", "a budget is a maximum loss, >= 0")
+        if not v >= 0 or v == float("inf"):
+            raise BadInputError(f"budget value {val.strip()!r} for {key} is negative, infinite or NaN",
+                                f"a budget is a finite maximum loss >= 0, e.g. {key}=0.5 (omit the metric to leave it ungated)")
+        if key in out:
+            raise BadInputError(f"budget names {key} twice ({key}={out[key]:g} and {key}={v:g})", f"give each metric once, e.g. {key}={v:g}")
         out[key] = v
     return out
 
@@ -91,6 +98,11 @@ class Report:
             "violations": [{"metric": v.metric, "delta": v.delta, "limit": v.limit} for v in self.worst_first()],
             **({"extra": dict(self.extra)} if self.extra else {}),
         }
+
+
+def validate_budget(budget: Mapping[str, float]) -> dict[str, float]:
+    """The same rules as :func:`parse_budget`, for a budget given as a mapping (Python API)."""
+    return parse_budget(",".join(f"{k}={v!r}" for k, v in budget.items())) if budget else {}
 
 
 def compare(reference: Metrics, candidate: Metrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured", extra: Mapping[str, Any] | None = None) -> Report:

@@ -1,9 +1,16 @@
 """The compile driver: lower a model to every requested target, verify each
-artifact against the FP32 reference in NILM metrics, write bundles, gate."""
+artifact against the FP32 reference in NILM metrics, write bundles, gate.
+
+Everything that can be checked without doing the work is checked first
+(:func:`preflight`): the budget, the data's shape and appliance, the normalization of
+the calibration *and* evaluation sets, that every quantizing target has a calibration
+set, the output paths and the signing key. A problem found inside one target keeps its
+class: the compile's exit code is the most severe over every target (3 internal > 2 bad
+input > 1 gate > 0), see :attr:`CompileSummary.exit_code`.
+"""
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,29 +19,43 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 import nilmc
-from nilmc.backends.base import Artifact, Backend, Verification
+from nilmc.backends.base import Verification
 from nilmc.backends.registry import Registry, Target, default_registry
 from nilmc.calibration_data.dataset import NilmDataset
-from nilmc.compiler.compare import Report, compare
+from nilmc.compiler.bundle import MANIFEST, SUMMARY, BundleWriter, VerifyResult, bundle_name, read_manifest, verify_bundle
+from nilmc.compiler.compare import DEFAULT_BUDGET, Report, compare, validate_budget
 from nilmc.compiler.contract import ModelContract
-from nilmc.compiler.errors import BadInputError, DataError, InternalError, NilmcError
-from nilmc.compiler.io import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
+from nilmc.compiler.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, DataError, NilmcError,
+                                   NormalizationError, most_severe)
+from nilmc.compiler.io import atomic_write_json, atomic_write_text, sha256_bytes
 from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
 from nilmc.compiler.model import Model
+from nilmc.compiler.outdir import OutputDir, check_output_file, check_output_path
+
+__all__ = ["MANIFEST", "SUMMARY", "CompileOptions", "CompileSummary", "TargetResult", "compile_model", "predict_watts",
+           "reference_metrics", "preflight", "VerifyResult", "read_manifest", "verify_bundle"]
 
 REFERENCE_TARGET = Target("onnxruntime", "fp32")
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
+REFERENCE_ENTRY = "reference"
 
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Rare knobs of :func:`compile_model`. Defaults: batch 512 for accuracy runs,
-    200 single-window runs for batch-1 latency, no JUnit file."""
+    """Rare knobs of :func:`compile_model`.
+
+    Defaults: batch 512 for accuracy runs, 200 single-window runs for batch-1 latency, no
+    JUnit file, no signing key, ``force=False`` (a non-empty output directory nilmc did not
+    write is refused), ``inputs=()`` (paths of the model and data files, never written over),
+    ``debug=False`` (True: an internal error inside a target is raised, not recorded).
+    """
 
     batch_size: int = 512
     latency_windows: int = 200
     junit: Path | None = None
+    sign_key: Path | None = None
+    force: bool = False
+    inputs: tuple[str | Path, ...] = ()
+    debug: bool = False
 
 
 @dataclass
@@ -47,16 +68,30 @@ class TargetResult:
     latency_ms_b1: float | None = None
     compile_s: float = 0.0
     error: str | None = None
+    error_code: int | None = None  # exit code class of ``error``: 2 bad input, 3 internal
+    manifest_sha256: str | None = None
 
     @property
     def passed(self) -> bool:
         return self.error is None and self.report is not None and bool(self.report)
+
+    @property
+    def exit_code(self) -> int:
+        if self.error is not None:
+            return self.error_code or EXIT_INTERNAL
+        return EXIT_OK if self.passed else EXIT_GATE_FAILED
+
+    @property
+    def status(self) -> str:
+        return {EXIT_OK: "PASS", EXIT_GATE_FAILED: "FAIL", EXIT_BAD_INPUT: "BAD INPUT", EXIT_INTERNAL: "INTERNAL ERROR"}[self.exit_code]
 
     def row(self) -> dict[str, Any]:
         r = self.report
         return {
             "target": str(self.target),
             "passed": self.passed,
+            "status": self.status,
+            "exit_code": self.exit_code,
             "verification": r.verification if r is not None else "not verified",
             "eacc": None if r is None else r.candidate.eacc,
             "mae_w": None if r is None else r.candidate.mae,
@@ -67,6 +102,8 @@ class TargetResult:
             "latency_ms_b1": self.latency_ms_b1,
             "compile_s": round(self.compile_s, 3),
             "kind": self.artifact_kind,
+            "bundle": None if self.bundle is None else self.bundle.name,
+            "manifest_sha256": self.manifest_sha256,
             "error": self.error,
             "violations": [] if r is None else [str(v) for v in r.worst_first()],
         }
@@ -78,21 +115,38 @@ class CompileSummary:
     results: list[TargetResult] = field(default_factory=list)
     out_dir: Path | None = None
     calibration_s: float = 0.0
+    written: bool = False  # bundles were moved into out_dir
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
+    @property
+    def exit_code(self) -> int:
+        """The most severe outcome over every target: 3 internal > 2 bad input > 1 gate > 0."""
+        return most_severe([r.exit_code for r in self.results])
+
     def failed_targets(self) -> list[str]:
         return [str(r.target) for r in self.results if not r.passed]
+
+    def by_status(self, status: str) -> list[str]:
+        return [str(r.target) for r in self.results if r.status == status]
+
+    def bundles(self) -> list[str]:
+        return [r.bundle.name for r in self.results if r.bundle is not None]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "nilmc_version": nilmc.__version__,
             "passed": self.passed,
+            "exit_code": self.exit_code,
             "reference": self.reference.to_json(),
             "calibration_s": round(self.calibration_s, 3),
             "targets": [r.row() for r in self.results],
+            "bundles": {r.bundle.name: {"target": str(r.target), "manifest_sha256": r.manifest_sha256}
+                        for r in self.results if r.bundle is not None},
+            "warnings": list(self.warnings),
         }
 
 
@@ -138,6 +192,20 @@ def check_data_for_model(model: Model, ds: NilmDataset, *, role: str) -> None:
     ds.appliance_index(model.contract.appliance)
 
 
+def check_data_normalization(model: Model, ds: NilmDataset, *, role: str) -> None:
+    """The same normalization check for every data set the compile reads (calibration and evaluation).
+
+    Raw features labelled as z-scored, watts ×1000 or values like 1e30 would otherwise give a
+    meaningless reference (EACC 50 %, −13378 %) and a "PASS".
+    """
+    from nilmc.quantization.normalization_check import check_normalization
+
+    try:
+        check_normalization(model.contract, model.contract.prepare(ds.raw_x()), policy="error")
+    except NormalizationError as exc:
+        raise NormalizationError(f"the {role} set: {exc.message}", exc.remedy) from None
+
+
 def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry | None = None, batch_size: int = 512) -> tuple[Metrics, np.ndarray]:
     """The FP32 reference: the model's ONNX graph on onnxruntime, in watts."""
     import tempfile
@@ -152,43 +220,39 @@ def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry 
     return nilm_metrics(eval_truth(model, eval_ds), pred, on_threshold_w=model.contract.on_threshold_w), pred
 
 
-def _bundle_name(t: Target) -> str:
-    return f"{t.backend}-{t.precision}"
+def needs_calibration(registry: Registry, target: Target) -> bool:
+    """A target quantizes (and needs a calibration set) when its backend declares traits for its precision."""
+    return target.precision in registry.get(target.backend).capabilities.traits
 
 
-def _files_manifest(directory: Path) -> list[dict[str, Any]]:
-    return [
-        {"name": str(p.relative_to(directory)), "sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    ]
+def preflight(model: Model, eval_ds: NilmDataset, targets: Sequence[Target], out_dir: str | Path, *, calib: NilmDataset | None,
+              registry: Registry, options: CompileOptions) -> None:
+    """Every check that needs no compiling, before any work (each raises a :class:`BadInputError`)."""
+    if not targets:
+        raise DataError("no targets to compile", "pass --targets, e.g. onnxruntime:int8,tflite:int8")
+    check_output_path(out_dir, inputs=options.inputs)
+    if options.junit is not None:
+        check_output_file(options.junit, inputs=options.inputs, what="--junit")
+        _junit_not_in_out(Path(options.junit), Path(out_dir), targets)
+    if options.sign_key is not None:
+        from nilmc.compiler.signing import Signer
+
+        Signer.load(options.sign_key)
+    check_data_for_model(model, eval_ds, role="evaluation")
+    quantizing = [str(t) for t in targets if needs_calibration(registry, t)]
+    if quantizing and calib is None:
+        raise DataError(f"target(s) {', '.join(quantizing)} quantize and need a calibration set", "pass --calib FILE (e.g. the shipped calibration set)")
+    check_data_normalization(model, eval_ds, role="evaluation")
+    if calib is not None:
+        check_data_for_model(model, calib, role="calibration")
+        check_data_normalization(model, calib, role="calibration")
 
 
-def _write_manifest(bundle: Path, target: Target, art: Artifact, model: Model, report: Report, eval_ds: NilmDataset, extra: dict[str, Any]) -> None:
-    manifest = {
-        "nilmc_version": nilmc.__version__,
-        "target": str(target),
-        "backend": target.backend,
-        "precision": target.precision,
-        "artifact": {"file": art.primary, "kind": art.kind, "sha256": sha256_file(bundle / art.primary)},
-        "files": _files_manifest(bundle),
-        "tool_versions": tool_versions(tuple(art.info.get("tools", ())) + ("onnx", "onnxruntime", "numpy")),
-        "contract": model.contract.to_json(),
-        "quantization": art.info.get("quantization"),
-        "verification": {
-            **report.to_json(),
-            "eval_set": {"windows": eval_ds.n_windows, "sha256_x": _array_sha(eval_ds.x), "sha256_y": _array_sha(eval_ds.y)},
-        },
-        "artifact_info": {k: v for k, v in art.info.items() if k not in ("quantization", "tools")},
-        **extra,
-    }
-    atomic_write_json(bundle / MANIFEST, manifest)
-
-
-def _array_sha(a: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+def _junit_not_in_out(junit: Path, out: Path, targets: Sequence[Target]) -> None:
+    planned = {REFERENCE_ENTRY, SUMMARY, *(bundle_name(t) for t in targets)}
+    j, o = junit.absolute().resolve(), out.absolute().resolve()
+    if o in j.parents and j.relative_to(o).parts[0] in planned:
+        raise DataError(f"--junit {str(junit)!r} lies inside an entry nilmc writes in the output directory", "write it beside, e.g. --junit junit.xml")
 
 
 # ---------------------------------------------------------------- compile
@@ -206,142 +270,104 @@ def compile_model(
 ) -> CompileSummary:
     """Lower ``model`` to every target, verify each artifact on ``eval_ds``, write bundles.
 
-    Every bundle is built in a temporary directory and moved into place only when
-    complete. Returns a :class:`CompileSummary`; it does not raise on a failed
-    gate (the caller decides: the CLI exits 1). Default budget: ``eacc=0.5``.
+    Checks everything it can first (:func:`preflight`; raises :class:`BadInputError`). Every
+    bundle is built in a staging directory and moved into ``out_dir`` only when the whole
+    compile is done (:class:`compiler.outdir.OutputDir`: nothing nilmc did not write is ever
+    deleted). Returns a :class:`CompileSummary`; it does not raise on a failed gate or on an
+    error inside one target (the caller decides: the CLI exits with ``summary.exit_code``).
+    Default budget: ``eacc=0.5``.
     """
-    from nilmc.compiler.compare import DEFAULT_BUDGET
-
     registry = registry or default_registry()
-    budget = dict(DEFAULT_BUDGET if budget is None else budget)
-    out_dir = Path(out_dir)
-    check_data_for_model(model, eval_ds, role="evaluation")
-    if calib is not None:
-        check_data_for_model(model, calib, role="calibration")
+    budget = validate_budget(DEFAULT_BUDGET if budget is None else budget)
+    targets = list(dict.fromkeys(targets))
+    preflight(model, eval_ds, targets, out_dir, calib=calib, registry=registry, options=options)
     say = progress or (lambda s: None)
+    signer = None
+    if options.sign_key is not None:
+        from nilmc.compiler.signing import Signer
 
-    say("FP32 reference on onnxruntime")
-    ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
-    summary = CompileSummary(ref_metrics, out_dir=out_dir)
-    truth = eval_truth(model, eval_ds)
-    raw_eval = eval_ds.raw_x()
+        signer = Signer.load(options.sign_key)
 
-    quant = None
-    if calib is not None:
-        from nilmc.quantization.context import QuantContext
+    entries = [REFERENCE_ENTRY, SUMMARY, *(bundle_name(t) for t in targets)]
+    with OutputDir(out_dir, entries, inputs=options.inputs, force=options.force) as out:
+        say("FP32 reference on onnxruntime")
+        ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
+        summary = CompileSummary(ref_metrics, out_dir=Path(out_dir))
+        reference_onnx = model.serialize()
+        model.save_onnx(out.staging / REFERENCE_ENTRY / "model.onnx")
+        quant = None
+        if calib is not None:
+            from nilmc.quantization.context import QuantContext
 
-        # Statistics are collected once, on first use. No mixed-precision budget here: scored on
-        # 1000 calibration windows the EACC is too noisy to steer it (measured: it kept conv1 in
-        # float for generic INT8 and the eval delta got worse, -0.70 -> +0.83 points).
-        quant = QuantContext(model, calib)
-    lower_options = {"calibration": calib, "quant": quant}
-
-    with atomic_directory(out_dir) as tmp_out:
-        model.save_onnx(tmp_out / "reference" / "model.onnx")
+            # Statistics are collected once, on first use. No mixed-precision budget here: scored on
+            # 1000 calibration windows the EACC is too noisy to steer it (measured: it kept conv1 in
+            # float for generic INT8 and the eval delta got worse, -0.70 -> +0.83 points).
+            quant = QuantContext(model, calib)
+        writer = BundleWriter(model, eval_ds, reference_sha256=sha256_bytes(reference_onnx), signer=signer)
+        job = _Job(model, registry, {"calibration": calib, "quant": quant}, eval_ds, eval_truth(model, eval_ds), (ref_metrics, ref_pred),
+                   budget, options, writer)
         for target in targets:
             say(f"lowering {target}")
-            summary.results.append(_compile_one(model, target, tmp_out / _bundle_name(target), registry, lower_options, eval_ds, raw_eval, truth, (ref_metrics, ref_pred), budget, options))
+            summary.results.append(job.run(target, out.staging / bundle_name(target)))
         summary.calibration_s = quant.calibration_s if quant is not None else 0.0
-        atomic_write_json(tmp_out / SUMMARY, summary.to_json())
-        if options.junit is not None:
-            from nilmc.compiler.junit import junit_xml
+        atomic_write_json(out.staging / SUMMARY, summary.to_json())
+        summary.warnings.extend(out.commit())
+        summary.written = True
+    if options.junit is not None:
+        from nilmc.compiler.junit import junit_xml
 
-            atomic_write_text(options.junit, junit_xml(summary))
+        atomic_write_text(options.junit, junit_xml(summary))
     return summary
 
 
-def _compile_one(model: Model, target: Target, bundle: Path, registry: Registry, lower_options: Mapping[str, Any], eval_ds: NilmDataset,
-                 raw_eval: np.ndarray, truth: np.ndarray, reference: tuple[Metrics, np.ndarray], budget: Mapping[str, float], options: CompileOptions) -> TargetResult:
-    ref_metrics, ref_pred = reference
-    backend = registry.get(target.backend)
-    t0 = time.perf_counter()
-    try:
-        bundle.mkdir(parents=True)
-        art = backend.lower(model, bundle, precision=target.precision, options=lower_options)
-        compile_s = time.perf_counter() - t0
-        with backend.runner(art) as runner:
-            verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
-            pred = predict_watts(runner, model.contract, raw_eval, batch_size=options.batch_size)
-            lat = latency_ms_batch1(runner, model.contract, raw_eval, n=options.latency_windows) if verification is Verification.MEASURED else None
-    except NilmcError as exc:
+@dataclass
+class _Job:
+    """What every target of one compile shares."""
+
+    model: Model
+    registry: Registry
+    lower_options: Mapping[str, Any]
+    eval_ds: NilmDataset
+    truth: np.ndarray
+    reference: tuple[Metrics, np.ndarray]
+    budget: Mapping[str, float]
+    options: CompileOptions
+    writer: BundleWriter
+
+    def run(self, target: Target, bundle: Path) -> TargetResult:
         import shutil
 
-        shutil.rmtree(bundle, ignore_errors=True)  # never leave a partial bundle
-        return TargetResult(target, None, None, error=exc.one_line(), compile_s=time.perf_counter() - t0)
-    cand = nilm_metrics(truth, pred, on_threshold_w=model.contract.on_threshold_w)
-    # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
-    fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
-                "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
-    report = compare(ref_metrics, cand, budget, target=str(target), verification=verification.value, extra=fidelity)
-    size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
-    _write_manifest(bundle, target, art, model, report, eval_ds, {"latency_ms_b1": lat, "compile_s": round(compile_s, 3)})
-    return TargetResult(target, report, bundle, art.kind, size, lat, compile_s)
+        t0 = time.perf_counter()
+        try:
+            return self._run(target, bundle, t0)
+        except NilmcError as exc:
+            shutil.rmtree(bundle, ignore_errors=True)  # never leave a partial bundle
+            return TargetResult(target, None, None, error=exc.one_line(), error_code=exc.exit_code, compile_s=time.perf_counter() - t0)
+        except Exception as exc:  # a bug in nilmc or a backend: recorded as internal, the other targets go on
+            shutil.rmtree(bundle, ignore_errors=True)
+            if self.options.debug:
+                raise
+            msg = f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it"
+            return TargetResult(target, None, None, error=msg, error_code=EXIT_INTERNAL, compile_s=time.perf_counter() - t0)
 
+    def _run(self, target: Target, bundle: Path, t0: float) -> TargetResult:
+        ref_metrics, ref_pred = self.reference
+        backend = self.registry.get(target.backend)
+        bundle.mkdir(parents=True)
+        art = backend.lower(self.model, bundle, precision=target.precision, options=self.lower_options)
+        compile_s = time.perf_counter() - t0
+        raw_eval = self.eval_ds.raw_x()
+        with backend.runner(art) as runner:
+            verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
+            pred = predict_watts(runner, self.model.contract, raw_eval, batch_size=self.options.batch_size)
+            lat = (latency_ms_batch1(runner, self.model.contract, raw_eval, n=self.options.latency_windows)
+                   if verification is Verification.MEASURED else None)
+        cand = nilm_metrics(self.truth, pred, on_threshold_w=self.model.contract.on_threshold_w)
+        # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
+        fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
+                    "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
+        report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity)
+        size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
+        sha = self.writer.write(bundle, target, art, report)
+        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha)
 
-# ---------------------------------------------------------------- verify
-@dataclass
-class VerifyResult:
-    bundle: Path
-    hash_problems: list[str]
-    report: Report | None
-
-    @property
-    def passed(self) -> bool:
-        return not self.hash_problems and self.report is not None and bool(self.report)
-
-
-def read_manifest(bundle: Path) -> dict[str, Any]:
-    path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise BadInputError(f"{str(bundle)!r} has no {MANIFEST}", "point at a target bundle directory written by nilmc compile")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{str(path)!r} is not valid JSON ({exc})", "recompile the bundle") from None
-
-
-def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registry | None = None, budget: Mapping[str, float] | None = None) -> VerifyResult:
-    """Re-check an existing bundle: file hashes first, then metrics, without recompiling."""
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    problems = []
-    for f in manifest.get("files", []):
-        p = bundle / f["name"]
-        if not p.is_file():
-            problems.append(f"{f['name']}: missing")
-        elif sha256_file(p) != f["sha256"]:
-            problems.append(f"{f['name']}: sha256 {sha256_file(p)[:12]}… != manifest {f['sha256'][:12]}…")
-    if problems:
-        return VerifyResult(bundle, problems, None)
-    registry = registry or default_registry()
-    target = registry.parse_target(manifest["target"])
-    backend = registry.get(target.backend)
-    contract = ModelContract.from_json(manifest["contract"])
-    files = [f["name"] for f in manifest["files"]]
-    art = Artifact(target.backend, target.precision, bundle, manifest["artifact"]["file"], files, manifest["artifact"].get("kind", ""),
-                   {"quantization": manifest.get("quantization"), **manifest.get("artifact_info", {})})
-    contract.check_input(eval_ds.x, source="the evaluation set")
-    k = eval_ds.appliance_index(contract.appliance)
-    with backend.runner(art) as runner:
-        verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
-        pred = predict_watts(runner, contract, eval_ds.raw_x())
-    cand = nilm_metrics(eval_ds.y[:, k], pred, on_threshold_w=contract.on_threshold_w)
-    ref = _reference_for_verify(bundle, manifest, eval_ds, registry)
-    budget = dict(manifest["verification"].get("budget", {}) if budget is None else budget)
-    report = compare(ref, cand, budget, target=manifest["target"], verification=verification.value)
-    return VerifyResult(bundle, [], report)
-
-
-def _reference_for_verify(bundle: Path, manifest: dict[str, Any], eval_ds: NilmDataset, registry: Registry) -> Metrics:
-    """Reuse the stored reference metrics when the evaluation set is the same one; else rerun the reference model."""
-    stored = manifest["verification"].get("eval_set", {})
-    if stored.get("sha256_x") == _array_sha(eval_ds.x) and stored.get("sha256_y") == _array_sha(eval_ds.y):
-        return Metrics.from_json(manifest["verification"]["reference"])
-    ref_path = bundle.parent / "reference" / "model.onnx"
-    if not ref_path.is_file():
-        raise DataError("the evaluation set differs from the one the bundle was verified on and no reference/model.onnx is beside the bundle",
-                        "pass the original evaluation set, or keep the compile output directory whole")
-    from nilmc.compiler.frontend import load_model
-
-    m, _ = reference_metrics(load_model(ref_path), eval_ds, registry=registry)
-    return m

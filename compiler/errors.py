@@ -1,7 +1,8 @@
 """Typed errors: one root, a message with the actual values, and a remedy.
 
 Exit codes used by the CLI (documented in the README):
-    0 ok, 1 accuracy gate failed, 2 bad input or usage, 3 internal error.
+    0 ok, 1 accuracy gate failed, 2 bad input or usage, 3 internal error,
+    130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143 (128 + 15)
+SEVERITY = (EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL)  # least to most severe
+
+
+def most_severe(codes: "list[int] | tuple[int, ...]") -> int:
+    """The most severe of several exit codes: 3 internal > 2 bad input > 1 gate > 0."""
+    return max((c for c in codes if c in SEVERITY), key=SEVERITY.index, default=EXIT_OK)
 
 
 class NilmcError(Exception):
@@ -73,6 +81,19 @@ class MissingDependencyError(BadInputError):
 
 class QuantizationError(BadInputError):
     """Quantization cannot honour the target's rules with these statistics."""
+
+
+class BundleError(BadInputError):
+    """A bundle is malformed, unfinished or does not match its manifest (tampered)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived: clean up and exit 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by signal {signum}")
 
 
 class InternalError(NilmcError):
