@@ -47,16 +47,14 @@ class NilmDataset:
         x, y = self.x, self.y
         if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
             raise DataError(f"{source}: x and y must be numpy arrays, got {type(x).__name__} and {type(y).__name__}", "build the data set with nilmc data generate/convert")
-        if x.dtype.kind != "f":
-            raise DataError(f"{source}: x has dtype {x.dtype}, expected float32", "convert the features to float32 before saving")
+        for name, arr in (("x", x), ("y", y)):
+            _check_dtype(source, name, arr)
         if x.ndim != 4 or x.shape[-1] != 1:
             raise DataError(f"{source}: x has shape {x.shape}, expected (N, frames, features, 1)", "shape windows as (batch, frames, features, 1)")
         if x.shape[0] == 0:
             raise DataError(f"{source}: x is empty (shape {x.shape})", "provide at least one window")
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
             raise DataError(f"{source}: y has shape {y.shape} for {x.shape[0]} windows, expected ({x.shape[0]}, n_appliances)", "store one target row per window")
-        if y.dtype.kind != "f":
-            raise DataError(f"{source}: y has dtype {y.dtype}, expected float32", "convert targets to float32 watts")
         if len(self.appliances) != y.shape[1]:
             raise DataError(f"{source}: {len(self.appliances)} appliance names for {y.shape[1]} target columns", "name every target column")
         if len(self.feature_names) != x.shape[2]:
@@ -133,6 +131,9 @@ class NilmDataset:
             raise DataError(f"data file {str(path)!r} does not exist", "check the path, or create one with nilmc data generate")
         if path.is_dir():
             raise DataError(f"{str(path)!r} is a directory, expected an .npz data file", "point at the .npz file")
+        looks = _sniff(path)
+        if looks is not None:
+            raise DataError(f"{str(path)!r} is not an .npz data set: it looks like {looks}", "create data sets with nilmc data generate or nilmc data convert")
         try:
             with np.load(path, allow_pickle=False) as z:
                 missing = {"x", "y", "meta"} - set(z.files)
@@ -147,20 +148,69 @@ class NilmDataset:
             m = json.loads(meta_s)
         except json.JSONDecodeError as exc:
             raise DataError(f"{str(path)!r} has a malformed JSON header ({exc})", "regenerate the data set") from None
+        if not isinstance(m, dict):
+            raise DataError(f"{str(path)!r} has a JSON header that is a {type(m).__name__}, expected an object", "regenerate the data set")
         if m.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{str(path)!r} has format version {m.get('format_version')!r}, this nilmc reads {FORMAT_VERSION}", "regenerate the data set with this nilmc")
         ds = cls.__new__(cls)
         ds.x, ds.y = x, y
-        ds.appliances = list(m["appliances"])
-        ds.feature_names = list(m["feature_names"])
-        ds.applied_normalization = Normalization.parse(m["applied_normalization"])
-        ds.train_stats = FeatureStats.from_json(m["train_stats"]) if m.get("train_stats") else None
-        ds.target_mean = list(m.get("target_mean", []))
-        ds.target_std = list(m.get("target_std", []))
-        ds.on_thresholds = list(m.get("on_thresholds", []))
-        ds.info = dict(m.get("info", {}))
+        try:
+            ds.appliances = [str(a) for a in _list(m["appliances"])]
+            ds.feature_names = [str(a) for a in _list(m["feature_names"])]
+            ds.applied_normalization = Normalization.parse(m["applied_normalization"])
+            ds.train_stats = FeatureStats.from_json(m["train_stats"]) if m.get("train_stats") else None
+            ds.target_mean = [float(v) for v in _list(m.get("target_mean", []))]
+            ds.target_std = [float(v) for v in _list(m.get("target_std", []))]
+            ds.on_thresholds = [float(v) for v in _list(m.get("on_thresholds", []))]
+            ds.info = dict(m.get("info", {}))
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{str(path)!r} has a malformed JSON header ({type(exc).__name__}: {exc})", "regenerate the data set with nilmc data generate/convert") from None
         ds.validate(source=str(path))
         return ds
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise TypeError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def _check_dtype(source: str, name: str, arr: np.ndarray) -> None:
+    """The dtype rule: float32 as is; float64 converted to float32 (what every backend computes in);
+    anything else refused — float16 keeps only 11 significant bits (a 3 kW reading moves in 2 W steps,
+    65504 W overflows), and integer or object arrays are not measurements nilmc can calibrate on."""
+    if arr.dtype in (np.float32, np.float64):
+        return
+    what = "float16 holds only 11 significant bits (2 W steps at 3 kW, overflow above 65504)" if arr.dtype == np.float16 else "it is not a float array"
+    raise DataError(f"{source}: {name} has dtype {arr.dtype}; {what}", f"store {name} as float32 (e.g. {name}.astype(np.float32) from the original data) and save again")
+
+
+def _sniff(path: Path) -> str | None:
+    """A name for what a non-npz file looks like, for the error message."""
+    try:
+        head = path.open("rb").read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PK"):
+        return None
+    if head[:1] == b"\x80" or head.startswith(b"\x93NUMPY") and b"'O'" in head:
+        return "pickled Python data (nilmc never loads pickles)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array (a data set is an .npz with x, y and meta)"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file (UK-DALE/REFIT .h5: convert it with nilmc data convert ukdale|refit FILE --out data.npz)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    first = text.splitlines()[0] if text.strip() else ""
+    if first.count(",") >= 1 or first.count(";") >= 1 or first.count("\t") >= 1:
+        return "a CSV/text table (convert it with nilmc data convert LAYOUT FILE --out data.npz; layouts: redd_low, redd_high, ukdale, refit, ukdale_excerpt)"
+    if text.lstrip().startswith(("{", "[")):
+        return "JSON text, not an .npz data set"
+    return "a text file, not an .npz data set"
 
 
 def _normalize_zip_times(data: bytes) -> bytes:

@@ -73,9 +73,32 @@ def eval_identity(ds: "NilmDataset") -> dict[str, Any]:
     }
 
 
-def _split_timings(info: Mapping[str, Any]) -> dict[str, Any]:
-    """Artifact info without run-to-run timing fields (``*_s``): those go to summary.json, not the hashed manifest."""
-    return {k: v for k, v in info.items() if k not in ("quantization", "tools") and not k.endswith("_s")}
+def _is_timing(key: str) -> bool:
+    return key == "seconds" or key.endswith("_s")
+
+
+def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
+    """``obj`` without run-to-run timing fields (keys ``seconds`` or ``*_s``, at any depth) and those fields by dotted path.
+
+    Timings go to summary.json; the hashed manifest keeps only what two identical builds agree on.
+    """
+    timings: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        clean = {}
+        for k, v in obj.items():
+            where = f"{path}.{k}" if path else str(k)
+            if _is_timing(str(k)):
+                timings[where] = v
+                continue
+            clean[k], sub = split_timings(v, where)
+            timings.update(sub)
+        return clean, timings
+    if isinstance(obj, list):
+        items = [split_timings(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        for _, sub in items:
+            timings.update(sub)
+        return [c for c, _ in items], timings
+    return obj, timings
 
 
 @dataclass
@@ -87,17 +110,18 @@ class BundleWriter:
     reference_sha256: str
     signer: "Signer | None" = None
 
-    def write(self, bundle: Path, target: "Target", art: Artifact, report: "Report") -> str:
-        """Write records, manifest (and signature); returns the manifest's sha256."""
+    def write(self, bundle: Path, target: "Target", art: Artifact, report: "Report") -> tuple[str, dict[str, Any]]:
+        """Write records, manifest (and signature); returns the manifest's sha256 and the timings kept out of it."""
         from nilmc.compiler.driver import tool_versions
 
+        info, timings = split_timings({k: v for k, v in art.info.items() if k != "tools"})
         records: dict[str, Any] = {
             "contract": self.model.contract.to_json(),
             "reference": {"metrics": report.reference.to_json(), "eval_set": eval_identity(self.eval_ds),
                           "reference_model_sha256": self.reference_sha256},
         }
-        if art.info.get("quantization") is not None:
-            records["quantization"] = art.info["quantization"]
+        if info.get("quantization") is not None:
+            records["quantization"] = info["quantization"]
         for key, value in records.items():
             atomic_write_json(bundle / RECORDS[key], value)
         manifest = {
@@ -111,13 +135,13 @@ class BundleWriter:
             "tool_versions": tool_versions(tuple(art.info.get("tools", ())) + ("onnx", "onnxruntime", "numpy")),
             **records,
             "verification": report.to_json(),
-            "artifact_info": _split_timings(art.info),
+            "artifact_info": {k: v for k, v in info.items() if k != "quantization"},
         }
         data = canonical_json_bytes(manifest)
         atomic_write_bytes(bundle / MANIFEST, data)
         if self.signer is not None:
             self.signer.sign_file(bundle / MANIFEST, bundle / BUNDLE_SIGNATURE)
-        return sha256_bytes(data)
+        return sha256_bytes(data), timings
 
 
 def _files_manifest(directory: Path) -> list[dict[str, Any]]:

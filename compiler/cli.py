@@ -91,10 +91,11 @@ class NilmcGroup(click.Group):
         except Interrupted as exc:
             _emit_error(f"terminated by signal {exc.signum}; nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
         except click.ClickException as exc:
-            if as_json:
-                _emit_error(exc.format_message(), exc.exit_code, as_json=True, kind=type(exc).__name__)
-            exc.show()
-            sys.exit(exc.exit_code)
+            # One line, like every other error: what was wrong, then where to look.
+            cmd = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx is not None else "nilmc"
+            msg = exc.format_message().replace("\n", " ").rstrip(". ")
+            _emit_error(f"{msg}; see `{cmd} --help`.", exc.exit_code, as_json=as_json, kind=type(exc).__name__,
+                        remedy=f"see `{cmd} --help`")
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)

@@ -70,6 +70,7 @@ class TargetResult:
     error: str | None = None
     error_code: int | None = None  # exit code class of ``error``: 2 bad input, 3 internal
     manifest_sha256: str | None = None
+    timings: dict[str, Any] = field(default_factory=dict)  # run-to-run timings kept out of the hashed manifest
 
     @property
     def passed(self) -> bool:
@@ -101,6 +102,7 @@ class TargetResult:
             "size_bytes": self.size_bytes,
             "latency_ms_b1": self.latency_ms_b1,
             "compile_s": round(self.compile_s, 3),
+            "timings": self.timings,
             "kind": self.artifact_kind,
             "bundle": None if self.bundle is None else self.bundle.name,
             "manifest_sha256": self.manifest_sha256,
@@ -368,6 +370,6 @@ class _Job:
                     "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity)
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
-        sha = self.writer.write(bundle, target, art, report)
-        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha)
+        sha, timings = self.writer.write(bundle, target, art, report)
+        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings)
 

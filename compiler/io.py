@@ -19,16 +19,17 @@ from typing import Any, Iterator
 
 from nilmc.compiler.errors import OutputError
 
-_UMASK: int | None = None
-
-
 def umask() -> int:
-    """The process umask (read once; os.umask can only be read by setting it)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return _UMASK
+    """The process umask now: from /proc (thread-safe) where Linux has it, else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def file_mode() -> int:

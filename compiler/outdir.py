@@ -4,9 +4,10 @@ An :class:`OutputDir` is the only way nilmc writes a directory of results (``com
 --out``, ``quantize --out``). Its rules:
 
 * nilmc marks a directory it writes with ``.nilmc-output.json``, listing the top-level
-  entries it wrote. Only those entries are ever replaced or removed, and a directory entry
-  only when every file in it is one nilmc listed in its ``manifest.json`` (a user's file
-  dropped into a bundle is never deleted: the compile is refused instead).
+  entries it wrote with the sha256 of every file in them. Only those entries are ever
+  replaced or removed, and only while every file in them is still the one nilmc wrote (a
+  user's file dropped into a bundle, or an edited one, is never deleted: a compile that
+  would replace it is refused, and an old entry holding one is left in place).
 * A non-empty directory without the marker is refused unless ``force``; with ``force``
   nilmc writes beside the user's files and still touches none of them. An entry nilmc
   would write that already exists and is not nilmc's is always refused.
@@ -27,19 +28,19 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Iterable, Sequence
 
 import nilmc
 from nilmc.compiler.errors import OutputError
-from nilmc.compiler.io import atomic_write_json, dir_mode
+from nilmc.compiler.io import atomic_write_json, dir_mode, sha256_file
 
 MARKER = ".nilmc-output.json"
 LOCK = ".nilmc.lock"
 PART_PREFIX = ".nilmc-part-"
 INTERNAL = (MARKER, LOCK)
-BUNDLE_MANIFEST = "manifest.json"
 BUNDLE_SIGNATURE = "manifest.sig"
 
 
@@ -56,12 +57,30 @@ def check_output_path(path: str | Path, *, inputs: Iterable[str | Path] = (), wh
     p = Path(text)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{what} {text!r} exists and is not a directory", "choose a directory path")
-    existing = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), Path("/"))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {text!r} cannot be created or written ({str(existing)!r} is not a writable directory)",
-                          "choose a writable output location")
     _check_inputs(p, inputs, what)
+    _probe_writable(p, what, text)
     return p
+
+
+def _probe_writable(directory: Path, what: str, text: str) -> None:
+    """Create what is missing of ``directory`` and a file in it, then remove both: permissions alone lie (root, /proc)."""
+    created: list[Path] = []
+    try:
+        for d in [*reversed(directory.absolute().parents), directory.absolute()]:
+            if not d.exists():
+                d.mkdir(mode=dir_mode())
+                created.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".nilmc-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {text!r} cannot be created or written ({e.strerror or e})", "choose a writable output location") from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def check_output_file(path: str | Path, *, inputs: Iterable[str | Path] = (), what: str = "--junit") -> Path:
@@ -72,10 +91,7 @@ def check_output_file(path: str | Path, *, inputs: Iterable[str | Path] = (), wh
     p = Path(text)
     if p.is_dir():
         raise OutputError(f"{what} {text!r} is a directory", "pass a file path inside it, e.g. " + str(p / "report.xml"))
-    parent = p.absolute().parent
-    existing = parent if parent.exists() else next((a for a in parent.parents if a.exists()), Path("/"))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {text!r} cannot be written ({str(existing)!r} is not a writable directory)", "choose a writable location")
+    _probe_writable(p.absolute().parent, what, text)
     if p.exists() and not os.access(p, os.W_OK):
         raise OutputError(f"{what} {text!r} exists and is not writable", "choose another file")
     for i in inputs:
@@ -101,36 +117,42 @@ def _is_nonempty(path: Path) -> bool:
     return any(e.name not in INTERNAL and not e.name.startswith(PART_PREFIX) for e in path.iterdir())
 
 
-def _read_marker(path: Path) -> list[str] | None:
+Recorded = dict[str, str]  # relative path inside an entry ("" for a file entry) -> sha256
+
+
+def _read_marker(path: Path) -> dict[str, Recorded] | None:
     m = path / MARKER
     if not m.is_file():
         return None
     try:
         data = json.loads(m.read_text())
-        return [str(e) for e in data["entries"]] if data.get("tool") == "nilmc" else None
-    except (OSError, ValueError, KeyError, TypeError):
+        if data.get("tool") != "nilmc" or not isinstance(data.get("entries"), dict):
+            return None
+        return {str(k): {str(f): str(h) for f, h in v.items()} for k, v in data["entries"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def foreign_files(entry: Path) -> list[str]:
-    """Files inside a nilmc entry that nilmc did not write (not listed in its manifest)."""
-    if entry.is_symlink():
+def record_entry(entry: Path) -> Recorded:
+    """The sha256 of every file of an entry nilmc wrote (what :func:`foreign_files` compares against later)."""
+    if entry.is_file():
+        return {"": sha256_file(entry)}
+    return {p.relative_to(entry).as_posix(): sha256_file(p) for p in sorted(entry.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def foreign_files(entry: Path, recorded: Recorded) -> list[str]:
+    """Files of an entry nilmc did not write, or that changed since (a user's edits are theirs): never deleted."""
+    if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
         return [entry.name]
-    if not entry.is_dir():
-        return []
-    listed: set[str] = {BUNDLE_MANIFEST, BUNDLE_SIGNATURE}
-    manifest = entry / BUNDLE_MANIFEST
-    if manifest.is_file():
-        try:
-            listed |= {str(f["name"]) for f in json.loads(manifest.read_text()).get("files", [])}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+    if entry.is_file():
+        return [] if recorded.get("") == sha256_file(entry) else [entry.name]
     out = []
     for p in sorted(entry.rglob("*")):
-        if p.is_symlink() or (p.is_file() and str(p.relative_to(entry)) not in listed):
-            out.append(str(p.relative_to(entry.parent)))
-        elif not p.is_dir() and not p.is_file():
-            out.append(str(p.relative_to(entry.parent)))
+        rel = p.relative_to(entry).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            continue
+        if p.is_symlink() or not p.is_file() or recorded.get(rel) != sha256_file(p):
+            out.append(f"{entry.name}/{rel}")
     return out
 
 
@@ -150,7 +172,7 @@ class OutputDir:
         self.staging = Path()
         self._created = False
         self._lock_fd: int | None = None
-        self._previous: list[str] = []
+        self._previous: dict[str, Recorded] = {}
         self._committed = False
         self._lock_created = False
         self._marked_here = False  # this run wrote the first marker (removed again if nothing is committed)
@@ -182,12 +204,12 @@ class OutputDir:
             raise OutputError(f"{self.what} {str(self.path)!r} is not empty and was not written by nilmc (holds {', '.join(shown)}"
                               f"{', ...' if len(shown) == 5 else ''})",
                               "choose a new or empty directory, or pass --force to write beside those files (nilmc never deletes them)")
-        self._previous = previous or []
+        self._previous = previous or {}
         self._check_collisions()
         self.staging = self.path / f"{PART_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.staging.mkdir(mode=dir_mode())
         if previous is None:
-            self._write_marker([])
+            self._write_marker({})
             self._marked_here = True
 
     def _lock(self) -> None:
@@ -225,10 +247,10 @@ class OutputDir:
             if name not in self._previous:
                 raise OutputError(f"{str(dest)!r} already exists and was not written by nilmc",
                                   "move it away or choose another output directory (nilmc never overwrites files it did not write)")
-            foreign = foreign_files(dest)
+            foreign = foreign_files(dest, self._previous[name])
             if foreign:
-                raise OutputError(f"{str(dest)!r} holds files nilmc did not write: {', '.join(foreign[:5])}",
-                                  "move them out of the bundle or choose another output directory")
+                raise OutputError(f"{str(dest)!r} holds files nilmc did not write or that changed since: {', '.join(foreign[:5])}",
+                                  "move them out of the output directory or choose another one (nilmc never deletes them)")
 
     # ------------------------------------------------------------------ commit
     def commit(self) -> list[str]:
@@ -242,26 +264,27 @@ class OutputDir:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             trash.mkdir(mode=0o700)
-            for name in self._previous:
+            written = {name: record_entry(self.staging / name) for name in staged}
+            for name, recorded in self._previous.items():
                 dest = self.path / name
                 if not (dest.exists() or dest.is_symlink()):
                     continue
-                foreign = foreign_files(dest)
+                foreign = foreign_files(dest, recorded)
                 if foreign:  # an old bundle the user added files to: left alone, no longer nilmc's
                     warnings.append(f"left {str(dest)!r} in place: it holds files nilmc did not write ({', '.join(foreign[:3])})")
                     continue
                 os.rename(dest, trash / name)
             for name in staged:
                 os.rename(self.staging / name, self.path / name)
-            self._write_marker(staged)
+            self._write_marker(written)
             self._committed = True
         finally:
             shutil.rmtree(trash, ignore_errors=True)
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return warnings
 
-    def _write_marker(self, entries: list[str]) -> None:
-        atomic_write_json(self.path / MARKER, {"tool": "nilmc", "nilmc_version": nilmc.__version__, "entries": sorted(entries)})
+    def _write_marker(self, entries: dict[str, Recorded]) -> None:
+        atomic_write_json(self.path / MARKER, {"tool": "nilmc", "nilmc_version": nilmc.__version__, "entries": entries})
 
     # ------------------------------------------------------------------ close
     def _close(self, *, failed: bool) -> None:
