@@ -15,6 +15,10 @@ overlay's own ``arch.json`` (:func:`target_from_arch_json`).
 """
 from __future__ import annotations
 
+if __name__ != "nilmc.bitstreams":  # a bare-folder import would load a second copy of every nilmc class
+    raise ImportError(f"{__name__!r} is a folder of nilmc, not a package of its own: import nilmc.bitstreams instead "
+                      "(install nilmc with `pip install -e .`; importing the bare folder would create a second copy of its classes)")
+
 import json
 import math
 from dataclasses import dataclass, field

@@ -76,7 +76,7 @@ class ModelContract:
         return json.dumps(self.to_json(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ModelContract":
+    def from_json(cls, d: dict[str, Any]) -> ModelContract:
         try:
             return cls(
                 input_shape=tuple(int(v) for v in d["input_shape"]),
@@ -96,13 +96,13 @@ class ModelContract:
             raise BadInputError(f"model contract is malformed ({type(exc).__name__}: {exc})", "write it with nilmc train or pass --contract FILE") from None
 
     @classmethod
-    def loads(cls, s: str) -> "ModelContract":
+    def loads(cls, s: str) -> ModelContract:
         try:
             return cls.from_json(json.loads(s))
         except json.JSONDecodeError as exc:
             raise BadInputError(f"model contract is not valid JSON ({exc})", "write it with nilmc train or pass --contract FILE") from None
 
-    def with_(self, **kw: Any) -> "ModelContract":
+    def with_(self, **kw: Any) -> ModelContract:
         return replace(self, **kw)
 
     @property

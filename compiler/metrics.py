@@ -99,11 +99,12 @@ class Metrics:
         return {k: _json_number(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Metrics":
+    def from_json(cls, d: dict[str, Any]) -> Metrics:
         """Inverse of :meth:`to_json` (None -> NaN)."""
         ints = {"n", "clipped", "tp", "fp", "fn", "tn"}
         try:
-            return cls(**{k: (int(d[k]) if k in ints else _float_or_nan(d[k])) for k in cls.__dataclass_fields__})
+            fields: dict[str, Any] = {k: (int(d[k]) if k in ints else _float_or_nan(d[k])) for k in cls.__dataclass_fields__}
+            return cls(**fields)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"metrics record is malformed ({type(exc).__name__}: {exc})", "write it with Metrics.to_json") from None
 
@@ -251,7 +252,8 @@ def _check_threshold(on_threshold_w: float) -> float:
     except (TypeError, ValueError):
         threshold = float("nan")
     if not math.isfinite(threshold) or threshold < 0:
-        raise BadInputError(f"on_threshold_w must be a finite number ≥ 0 W, got {on_threshold_w!r}", "use the appliance's ON threshold, e.g. the contract's on_threshold_w")
+        raise BadInputError(f"on_threshold_w must be a finite number ≥ 0 W, got {on_threshold_w!r}",
+                            "use the appliance's ON threshold, e.g. the contract's on_threshold_w")
     return threshold
 
 
@@ -294,7 +296,8 @@ def _prepare(y_true_w: Any, y_pred_w: Any, *, single: bool) -> tuple[np.ndarray,
         raise DataError(f"ground truth has {int(np.sum(~np.isfinite(y)))} non-finite values", "drop or repair those samples")
     lowest = float(np.min(y))
     if lowest < -TRUTH_NEGATIVE_TOLERANCE_W:
-        raise DataError(f"ground truth has negative power down to {lowest:.3g} W", "physical power is ≥ 0 W: check the target de-normalization or clip the data")
+        raise DataError(f"ground truth has negative power down to {lowest:.3g} W",
+                        "physical power is ≥ 0 W: check the target de-normalization or clip the data")
     clipped = int(np.sum(p < 0))
     return np.maximum(y, 0.0), np.maximum(p, 0.0), clipped  # maximum keeps NaN predictions NaN
 

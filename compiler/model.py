@@ -33,7 +33,8 @@ class Model:
         return m
 
     def serialize(self) -> bytes:
-        return self.with_contract_metadata().SerializeToString(deterministic=True)
+        data: bytes = self.with_contract_metadata().SerializeToString(deterministic=True)
+        return data
 
     def save_onnx(self, path: str | Path) -> Path:
         from nilmc.compiler.io import atomic_write_bytes
@@ -42,8 +43,10 @@ class Model:
 
     @property
     def input_name(self) -> str:
-        return self.graph.graph.input[0].name
+        name: str = self.graph.graph.input[0].name
+        return name
 
     @property
     def output_name(self) -> str:
-        return self.graph.graph.output[0].name
+        name: str = self.graph.graph.output[0].name
+        return name

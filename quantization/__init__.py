@@ -34,3 +34,7 @@ Public API (import from the modules):
     check_overflow(onnx_model, stats, params, traits, *, data=None, peak_output=None,
                    policy="warn", limits=None) -> OverflowReport
 """
+
+if __name__ != "nilmc.quantization":  # a bare-folder import would load a second copy of every nilmc class
+    raise ImportError(f"{__name__!r} is a folder of nilmc, not a package of its own: import nilmc.quantization instead "
+                      "(install nilmc with `pip install -e .`; importing the bare folder would create a second copy of its classes)")

@@ -4,7 +4,8 @@ measure output error against FP32. Private: the public entry points are in those
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,7 +38,8 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 def input_name(model: onnx.ModelProto) -> str:
     inits = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
+    name: str = next(i.name for i in model.graph.input if i.name not in inits)
+    return name
 
 
 def run(model: onnx.ModelProto, x: np.ndarray, outputs: Sequence[str] | None = None, *,
@@ -83,4 +85,5 @@ def subsample(x: np.ndarray, max_windows: int | None) -> np.ndarray:
     if max_windows is None or len(x) <= max_windows:
         return x
     idx = np.linspace(0, len(x) - 1, max_windows).round().astype(int)
-    return x[idx]
+    picked: np.ndarray = x[idx]
+    return picked

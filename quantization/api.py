@@ -29,9 +29,10 @@ pipeline (steps 4–5, 7) that :class:`context.QuantContext` runs for every back
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -100,7 +101,7 @@ class Techniques:
     max_fallback_units: int | None = None
 
     @classmethod
-    def plain(cls) -> "Techniques":
+    def plain(cls) -> Techniques:
         """Nothing but the chosen estimator (the baseline the techniques are measured against)."""
         return cls(select_estimators=False, headroom=False, bias_correction=False, fit_output_range=False)
 
@@ -119,7 +120,7 @@ class Techniques:
 
 
 # --------------------------------------------------------------------------- output range
-def required_output_range(contract: "ModelContract | None") -> tuple[float, float] | None:
+def required_output_range(contract: ModelContract | None) -> tuple[float, float] | None:
     """Output values (model units) the head must represent: 0 W .. peak power; None without a peak."""
     if contract is None or contract.peak_power_w is None:
         return None
@@ -129,7 +130,7 @@ def required_output_range(contract: "ModelContract | None") -> tuple[float, floa
     return float(min(lo, hi)), float(max(lo, hi))
 
 
-def fit_output_range(params: QuantParams, onnx_model: onnx.ModelProto, contract: "ModelContract | None") -> QuantParams:
+def fit_output_range(params: QuantParams, onnx_model: onnx.ModelProto, contract: ModelContract | None) -> QuantParams:
     """Widen every graph output's range to cover :func:`required_output_range` (no-op when it does)."""
     need = required_output_range(contract)
     if need is None:
@@ -191,7 +192,7 @@ def ptq_params(
     traits: QuantTraits,
     x: np.ndarray,
     *,
-    contract: "ModelContract | None" = None,
+    contract: ModelContract | None = None,
     estimator: str = "auto",
     techniques: Techniques = Techniques(),
     keep_float: Sequence[str] = (),
@@ -262,7 +263,7 @@ def ptq_params(
 
 
 # --------------------------------------------------------------------------- evaluation
-def make_eval_fn(model: "Model", dataset: "NilmDataset", *, batch_size: int = 512) -> EvalFn:
+def make_eval_fn(model: Model, dataset: NilmDataset, *, batch_size: int = 512) -> EvalFn:
     """``fn(onnx_model) -> Metrics``: NILM metrics (watts) of a graph of ``model`` on ``dataset``.
 
     The graph takes what ``model.contract`` prepares and returns model units (a folded
@@ -275,7 +276,7 @@ def make_eval_fn(model: "Model", dataset: "NilmDataset", *, batch_size: int = 51
     x = contract.prepare(dataset.raw_x())
     truth = dataset.y[:, dataset.appliance_index(contract.appliance)]
 
-    def fn(graph: onnx.ModelProto) -> "Metrics":
+    def fn(graph: onnx.ModelProto) -> Metrics:
         out = _ort.output(graph, x, batch_size=batch_size)
         return nilm_metrics(truth, contract.to_watts(out), on_threshold_w=contract.on_threshold_w)
 
@@ -287,16 +288,16 @@ def make_eval_fn(model: "Model", dataset: "NilmDataset", *, batch_size: int = 51
 class QuantizationResult:
     """Everything :func:`quantize` produced and measured."""
 
-    model: "Model"  # the FP32 model that was quantized (the folded one when folding)
+    model: Model  # the FP32 model that was quantized (the folded one when folding)
     params: QuantParams
     qdq: onnx.ModelProto  # the ideal INT8 reference graph
     traits: QuantTraits
     stats: Statistics = field(repr=False)
     calib_x: np.ndarray = field(repr=False)  # calibration windows as the graph takes them
-    normalization: "NormalizationReport | None" = None
-    feature_scales: "FeatureScaleReport | None" = None
-    overflow: "OverflowReport | None" = None
-    fold: "FoldResult | None" = None
+    normalization: NormalizationReport | None = None
+    feature_scales: FeatureScaleReport | None = None
+    overflow: OverflowReport | None = None
+    fold: FoldResult | None = None
     ptq: PtqOutcome | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -306,7 +307,7 @@ class QuantizationResult:
         """Wall time of the whole calibration (statistics + techniques), seconds."""
         return float(self.timings.get("total", 0.0))
 
-    def qdq_model(self) -> "Model":
+    def qdq_model(self) -> Model:
         """The QDQ graph as a :class:`Model` (same contract as ``model``)."""
         from nilmc.compiler.model import Model
 
@@ -319,14 +320,12 @@ class QuantizationResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``model_qdq.onnx``, ``params.json`` and ``report.json`` into ``directory``."""
-        import json
-
-        from nilmc.compiler.io import atomic_write_text
+        from nilmc.compiler.io import atomic_write_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         out = {"qdq": self.qdq_model().save_onnx(d / "model_qdq.onnx"), "params": self.params.save(d / "params.json")}
-        out["report"] = atomic_write_text(d / "report.json", json.dumps(self.report(), indent=1, sort_keys=True, default=_json_default))
+        out["report"] = atomic_write_json(d / "report.json", self.report())  # strict JSON: non-finite -> null + *_nonfinite
         return out
 
 
@@ -339,7 +338,7 @@ def _json_default(v: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- quantize
-def _windows(model: "Model", calib: "NilmDataset | np.ndarray") -> tuple[np.ndarray, np.ndarray | None]:
+def _windows(model: Model, calib: NilmDataset | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(windows as the graph takes them, raw windows or None)."""
     from nilmc.calibration_data.dataset import NilmDataset
 
@@ -371,8 +370,8 @@ def starved_input_fix(params: QuantParams, onnx_model: onnx.ModelProto) -> tuple
 
 
 def quantize(
-    model: "Model | str | Path",
-    calib: "NilmDataset | np.ndarray",
+    model: Model | str | Path,
+    calib: NilmDataset | np.ndarray,
     *,
     traits: QuantTraits = GENERIC_INT8,
     estimator: str = "auto",
@@ -445,7 +444,7 @@ def quantize(
     return QuantizationResult(model, params, qdq, traits, stats, x, norm, scales, overflow, fold, outcome, timings, result_notes)
 
 
-def _default_eval_fn(model: "Model", calib: Any) -> EvalFn:
+def _default_eval_fn(model: Model, calib: Any) -> EvalFn:
     from nilmc.calibration_data.dataset import NilmDataset
 
     if not isinstance(calib, NilmDataset):
@@ -483,7 +482,7 @@ def _float_activations(onnx_model: onnx.ModelProto, params: QuantParams) -> set[
     return float_sets(analyze(m), params.keep_float)[0]
 
 
-def _without_float_findings(report: "OverflowReport", float_acts: set[str]) -> "OverflowReport":
+def _without_float_findings(report: OverflowReport, float_acts: set[str]) -> OverflowReport:
     """Findings on tensors kept at FP32 do not apply to the artifact: drop them, say so in ``skipped``."""
     dropped = sorted({f.tensor for f in report.findings if f.tensor in float_acts})
     if dropped:

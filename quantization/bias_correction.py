@@ -19,8 +19,9 @@ calibration blocks but one and scores the model-output error on the left-out blo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -52,7 +53,8 @@ def _channel_means(values: np.ndarray, layer: Layer) -> np.ndarray:
     """Mean per output channel: axis 1 for Conv (NCHW), the last axis for dense layers."""
     v = np.asarray(values, np.float64)
     axis = 1 if layer.kind == "conv" else v.ndim - 1
-    return v.mean(axis=tuple(i for i in range(v.ndim) if i != axis))
+    means: np.ndarray = v.mean(axis=tuple(i for i in range(v.ndim) if i != axis))
+    return means
 
 
 @dataclass
@@ -92,7 +94,7 @@ def correct_bias(onnx_model: onnx.ModelProto, params: QuantParams, x: np.ndarray
         q = _ort.run(build_qdq_model(onnx_model, out), x, [name])[name]
         delta = _channel_means(q, layer) - _channel_means(fp[pre_activation(layer)], layer)
         out = _corrected(out, layer, g, delta)
-        result.shifts[layer.bias] = delta
+        result.shifts[cast(str, layer.bias)] = delta  # todo holds layers with a bias
         result.layers.append(layer.name)
     result.params = out
     result.seconds = time.perf_counter() - t0
@@ -100,13 +102,14 @@ def correct_bias(onnx_model: onnx.ModelProto, params: QuantParams, x: np.ndarray
 
 
 def _corrected(params: QuantParams, layer: Layer, g: QuantGraph, delta: np.ndarray) -> QuantParams:
-    b = np.asarray(params.constant(layer.bias, g.constants), np.float64)
+    bias = cast(str, layer.bias)  # called for layers with a bias only
+    b = np.asarray(params.constant(bias, g.constants), np.float64)
     if b.size != delta.size and b.size != 1:
         return params  # a bias that is not per output channel: leave it
     new = (b.ravel() - (delta if b.size == delta.size else delta.mean())).reshape(b.shape).astype(np.float32)
-    adjusted = {**params.adjusted, layer.bias: new}
+    adjusted = {**params.adjusted, bias: new}
     out = replace(params, adjusted=adjusted)
-    tq = bias_quant(layer.bias, new, params[g.root(layer.input)], params.tensors[layer.weight], params.traits)
+    tq = bias_quant(bias, new, params[g.root(layer.input)], params.tensors[layer.weight], params.traits)
     return out.with_tensor(tq)
 
 

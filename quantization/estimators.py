@@ -16,7 +16,8 @@ not fake zero error (which matters for power-of-two bins against power-of-two sc
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,8 @@ def _sawtooth_integral(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``F(t) = integral from -s/2 to t of (u - s*round(u/s))**2 du``."""
     k = np.floor(t / s + 0.5)
     r = t - k * s
-    return k * s**3 / 12.0 + (r**3 + s**3 / 8.0) / 3.0
+    integral: np.ndarray = k * s**3 / 12.0 + (r**3 + s**3 / 8.0) / 3.0
+    return integral
 
 
 def histogram_mse(hist: Histogram, scale: np.ndarray | float, zero_point: np.ndarray | int, rng: IntRange) -> np.ndarray:
@@ -49,7 +51,8 @@ def histogram_mse(hist: Histogram, scale: np.ndarray | float, zero_point: np.nda
     err += np.where(b > ch, ((b - ch) ** 3 - (np.maximum(a, ch) - ch) ** 3) / 3.0, 0.0)
     err += np.where(a < cl, ((cl - a) ** 3 - (cl - np.minimum(b, cl)) ** 3) / 3.0, 0.0)
     per_bin = err / hist.width
-    return (per_bin * n).sum(axis=1) / max(float(n.sum()), 1.0)
+    mse: np.ndarray = (per_bin * n).sum(axis=1) / max(float(n.sum()), 1.0)
+    return mse
 
 
 def _affine_many(lo: np.ndarray, hi: np.ndarray, rng: IntRange, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +140,8 @@ def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
     n_zero, n_nonzero = int(zeros.sum()), int((~zeros).sum())
     if n_nonzero == 0:
         return None
-    return p + eps * zeros - (eps * n_zero / n_nonzero) * (~zeros)
+    smoothed: np.ndarray = p + eps * zeros - (eps * n_zero / n_nonzero) * (~zeros)
+    return smoothed
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:

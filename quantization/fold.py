@@ -41,8 +41,9 @@ relative to the largest output (watts); :func:`fold_normalization` raises
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -108,7 +109,8 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 
 def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if n.name == name)
+    node: onnx.NodeProto = next(n for n in model.graph.node if n.name == name)
+    return node
 
 
 def _producer_chain(model: onnx.ModelProto, g: QuantGraph, start: str, end: str) -> list[onnx.NodeProto] | None:
@@ -200,7 +202,7 @@ def _fold_conv_input(model: onnx.ModelProto, node: onnx.NodeProto, layer: Layer,
                 "so folding the offset into the bias would be wrong at the borders")
     s_vec, o_vec = s_c.reshape(-1).astype(np.float64), o_c.reshape(-1).astype(np.float64)
     _set_constant(model, layer.weight, w * s_vec[None, :, None, None])
-    _set_constant(model, layer.bias, (b.reshape(-1) + np.einsum("oikl,i->o", w, o_vec)).reshape(b.shape))
+    _set_constant(model, cast(str, layer.bias), (b.reshape(-1) + np.einsum("oikl,i->o", w, o_vec)).reshape(b.shape))
     return None
 
 

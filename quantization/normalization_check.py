@@ -36,8 +36,9 @@ that read them.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -132,7 +133,7 @@ def _moments(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return x.mean(axis=other), x.std(axis=other), x.min(axis=other), x.max(axis=other)
 
 
-def _expected(contract: "ModelContract") -> tuple[np.ndarray, ...] | None:
+def _expected(contract: ModelContract) -> tuple[np.ndarray, ...] | None:
     """Expected per-feature (mean, std, min, max) of the graph input, or None without statistics."""
     spec = contract.normalization
     s = spec.stats
@@ -150,7 +151,8 @@ def _outside(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, margin: float, axis:
     shape[axis] = -1
     a, b = (lo - margin * span).reshape(shape), (hi + margin * span).reshape(shape)
     other = tuple(i for i in range(x.ndim) if i != axis)
-    return ((x < a) | (x > b)).mean(axis=other)
+    fraction: np.ndarray = ((x < a) | (x > b)).mean(axis=other)
+    return fraction
 
 
 def _features(x: np.ndarray, exp: tuple[np.ndarray, ...], names: Sequence[str], limits: NormalizationLimits, axis: int) -> list[FeatureCheck]:
@@ -174,7 +176,7 @@ def _features(x: np.ndarray, exp: tuple[np.ndarray, ...], names: Sequence[str], 
     return out
 
 
-def _diagnose(x: np.ndarray, contract: "ModelContract", exp: tuple[np.ndarray, ...], names: Sequence[str],
+def _diagnose(x: np.ndarray, contract: ModelContract, exp: tuple[np.ndarray, ...], names: Sequence[str],
               limits: NormalizationLimits, axis: int) -> str:
     spec = contract.normalization
     if contract.folded or spec.kind is Normalization.A:
@@ -198,7 +200,7 @@ _REMEDIES = {
 
 
 def check_normalization(
-    contract: "ModelContract",
+    contract: ModelContract,
     x: np.ndarray,
     *,
     limits: NormalizationLimits | None = None,
@@ -271,12 +273,12 @@ class FeatureScaleReport:
 
 
 def check_feature_scales(
-    onnx_model: "onnx.ModelProto",
-    stats: "Statistics",
-    params: "QuantParams",
+    onnx_model: onnx.ModelProto,
+    stats: Statistics,
+    params: QuantParams,
     *,
     feature_names: Sequence[str] = (),
-    limits: "OverflowLimits | None" = None,
+    limits: OverflowLimits | None = None,
 ) -> FeatureScaleReport:
     """Per-feature code use of the quantized graph input (the ``input_features`` overflow check, with names).
 
@@ -287,7 +289,6 @@ def check_feature_scales(
 
     from nilmc.quantization.graph import analyze
     from nilmc.quantization.overflow import Check, OverflowLimits, check_overflow
-
     from nilmc.quantization.qdq import float_sets
 
     limits = limits or OverflowLimits()

@@ -24,9 +24,10 @@ records the finding as fixed; the fixed parameters are ``report.params``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -278,7 +279,7 @@ def _check_input_features(run: _Run, data: np.ndarray | None) -> None:
         axis, fmin, fmax = _feature_ranges(name, data, run.stats)
         if axis is None or name not in run.params:
             continue
-        run.checked[Check.INPUT_FEATURES.value] = run.checked.get(Check.INPUT_FEATURES.value, 0) + len(fmin)
+        run.checked[Check.INPUT_FEATURES.value] = run.checked.get(Check.INPUT_FEATURES.value, 0) + len(cast(np.ndarray, fmin))
         codes = (np.asarray(fmax) - np.asarray(fmin)) / run.params[name].scale[0]
         bad = np.flatnonzero(codes < run.limits.min_feature_codes)
         if not bad.size:
@@ -292,7 +293,7 @@ def _check_input_features(run: _Run, data: np.ndarray | None) -> None:
                 "normalize the input (z-score, normalization C) or fold the normalization into the first layer", channel=worst)
 
 
-def _required_output(peak_output: "float | ModelContract | None") -> tuple[float | None, float | None, str]:
+def _required_output(peak_output: float | ModelContract | None) -> tuple[float | None, float | None, str]:
     """(lowest, highest) output value the head must represent, in model units, and a label."""
     if peak_output is None:
         return None, None, ""
@@ -307,7 +308,7 @@ def _required_output(peak_output: "float | ModelContract | None") -> tuple[float
     return lo, hi, f"{peak:.4g} W"
 
 
-def _check_output_clipping(run: _Run, peak_output: "float | ModelContract | None") -> None:
+def _check_output_clipping(run: _Run, peak_output: float | ModelContract | None) -> None:
     need_lo, need_hi, label = _required_output(peak_output)
     if need_hi is None:
         run.skipped[Check.OUTPUT_CLIPPING.value] = "no peak output given (peak_output or contract.peak_power_w)"
@@ -325,7 +326,7 @@ def _check_output_clipping(run: _Run, peak_output: "float | ModelContract | None
         if fixed:
             run.widen(name, need_lo if need_lo is not None else lo, need_hi, "widened to the physical output range")
         value, limit = (hi, need_hi) if short_hi else (lo, need_lo)
-        run.add(Check.OUTPUT_CLIPPING, name, value, limit,
+        run.add(Check.OUTPUT_CLIPPING, name, value, cast(float, limit),
                 f"output representable range [{lo:.4g}, {hi:.4g}] does not cover the physical range "
                 f"[{need_lo if need_lo is not None else lo:.4g}, {need_hi:.4g}] (peak {label})",
                 "widen the output range (policy fix) or calibrate with windows that reach the peak power", fixed=fixed)
@@ -337,9 +338,10 @@ def _centred_weights(layer: Layer, run: _Run) -> np.ndarray:
     zp = tq.zero_points()
     if tq.per_channel:
         shape = [1] * codes.ndim
-        shape[tq.axis] = -1
+        shape[cast(int, tq.axis)] = -1
         zp = zp.reshape(shape)
-    return np.moveaxis(codes - zp, layer.weight_axis, 0).reshape(codes.shape[layer.weight_axis], -1)
+    centred: np.ndarray = np.moveaxis(codes - zp, layer.weight_axis, 0).reshape(codes.shape[layer.weight_axis], -1)
+    return centred
 
 
 def _bias_codes(layer: Layer, run: _Run, channels: int) -> np.ndarray:
@@ -398,7 +400,8 @@ def _check_requant_shift(run: _Run) -> None:
             run.skipped[Check.REQUANT_SHIFT.value] = "parameters are not power-of-two"
             continue
         run.checked[Check.REQUANT_SHIFT.value] = run.checked.get(Check.REQUANT_SHIFT.value, 0) + 1
-        shift = np.asarray(fps[0]) + fps[1][0] - fps[2][0]
+        in_fp, out_fp = cast(tuple[int, ...], fps[1]), cast(tuple[int, ...], fps[2])  # checked above: none is None
+        shift = np.asarray(fps[0]) + in_fp[0] - out_fp[0]
         bad = (shift < span[0]) | (shift > span[1])
         if bad.any():
             worst = int(shift[bad][np.argmax(np.abs(shift[bad] - np.clip(shift[bad], *span)))])
@@ -428,7 +431,7 @@ def check_overflow(
     traits: QuantTraits,
     *,
     data: np.ndarray | None = None,
-    peak_output: "float | ModelContract | None" = None,
+    peak_output: float | ModelContract | None = None,
     policy: str | Mapping[str, str] = "warn",
     limits: OverflowLimits | None = None,
 ) -> OverflowReport:

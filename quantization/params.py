@@ -18,9 +18,10 @@ graph written from these parameters holds exactly these numbers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -87,7 +88,7 @@ class TensorQuant:
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "TensorQuant":
+    def from_json(cls, d: Mapping[str, Any]) -> TensorQuant:
         fp = d.get("fix_position")
         return cls(
             str(d["name"]), str(d["role"]), str(d["range_name"]), tuple(float(v) for v in d["scale"]),
@@ -134,12 +135,13 @@ class QuantParams:
             raise QuantizationError(f"no quantization parameters for tensor {name!r}", "derive parameters for this model (derive_params)") from None
 
     def __contains__(self, name: object) -> bool:
-        return self.shared.get(name, name) in self.tensors  # type: ignore[arg-type]
+        key = cast(str, name)
+        return self.shared.get(key, key) in self.tensors
 
     def by_role(self, role: str) -> list[TensorQuant]:
         return [t for t in self.tensors.values() if t.role == role]
 
-    def with_tensor(self, tq: TensorQuant) -> "QuantParams":
+    def with_tensor(self, tq: TensorQuant) -> QuantParams:
         """A copy with one tensor's parameters replaced."""
         return replace(self, tensors={**self.tensors, tq.name: tq})
 
@@ -156,7 +158,7 @@ class QuantParams:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "QuantParams":
+    def from_json(cls, d: Mapping[str, Any]) -> QuantParams:
         try:
             layers = [Layer(**(dict(l) | {"internal": tuple(l["internal"])})) for l in d.get("layers", [])]
             return cls(
@@ -178,7 +180,7 @@ class QuantParams:
         return atomic_write_text(path, self.dumps())
 
     @classmethod
-    def load(cls, path: str | Path) -> "QuantParams":
+    def load(cls, path: str | Path) -> QuantParams:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
@@ -258,9 +260,13 @@ def weight_quant(name: str, w: np.ndarray, axis: int | None, traits: QuantTraits
         lo, hi = float(values.min()), float(values.max())
         error = lambda s, z, v=values: _values_mse(v, s, z, rng, traits)  # noqa: E731
         scale, zp, fp = _grid(lo, hi, rng, symmetric, traits, error)
-        scales.append(scale), zps.append(zp), los.append(lo), his.append(hi), fps.append(fp)
+        scales.append(scale)
+        zps.append(zp)
+        los.append(lo)
+        his.append(hi)
+        fps.append(fp)
     return TensorQuant(name, "weight", rng.name, tuple(scales), tuple(zps), axis, tuple(los), tuple(his), "minmax",
-                       None if fps[0] is None else tuple(int(f) for f in fps))
+                       None if fps[0] is None else tuple(int(cast(int, f)) for f in fps))
 
 
 def bias_axis(shape: tuple[int, ...]) -> int | None:

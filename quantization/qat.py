@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,7 +74,8 @@ class KerasLayerQuant:
     bias_values: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "bias_corrected": self.bias_values is not None, "kind": self.kind, "input": self.input.to_json(), "output": self.output.to_json(),
+        return {"name": self.name, "bias_corrected": self.bias_values is not None, "kind": self.kind,
+                "input": self.input.to_json(), "output": self.output.to_json(),
                 "weight": self.weight.to_json(), "bias": None if self.bias is None else self.bias.to_json()}
 
 
@@ -93,7 +95,7 @@ class KerasQuant:
                 return kl
         raise QuantizationError(f"no Keras layer {name!r} in these parameters", f"layers: {', '.join(k.name for k in self.layers)}")
 
-    def with_output(self, tq: TensorQuant) -> "KerasQuant":
+    def with_output(self, tq: TensorQuant) -> KerasQuant:
         """A copy whose model output (the last layer's output) uses ``tq``."""
         last = replace(self.layers[-1], output=tq)
         return replace(self, output=tq, layers=self.layers[:-1] + (last,))
@@ -202,7 +204,7 @@ def fake_quant_range(tq: TensorQuant) -> tuple[float, float]:
     return (tq.rng.lo - z) * s, (tq.rng.hi - z) * s
 
 
-def required_output_range(contract: "ModelContract") -> tuple[float, float] | None:
+def required_output_range(contract: ModelContract) -> tuple[float, float] | None:
     """Model-unit range the regression head must represent: ``0 W .. peak_power_w`` (None without a peak)."""
     peak = contract.peak_power_w
     if peak is None:
@@ -213,7 +215,7 @@ def required_output_range(contract: "ModelContract") -> tuple[float, float] | No
     return min(lo, hi), max(lo, hi)
 
 
-def widen_output(kq: KerasQuant, contract: "ModelContract") -> KerasQuant:
+def widen_output(kq: KerasQuant, contract: ModelContract) -> KerasQuant:
     """``kq`` with the model output's range widened to cover the contract's physical range (no clipping at peak)."""
     need = required_output_range(contract)
     if need is None:
@@ -271,7 +273,7 @@ def _import_tfmot(purpose: str) -> tuple[Any, Any]:
     return tf, tfmot
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pot_quantizer_class() -> type:
     """A tfmot Quantizer with a symmetric power-of-two grid (built lazily: tfmot is optional)."""
     tf, tfmot = _import_tfmot("power-of-two QAT")
@@ -290,7 +292,7 @@ def _pot_quantizer_class() -> type:
             self.follow = bool(follow)
 
         def build(self, tensor_shape: Any, name: str, layer: Any) -> dict[str, Any]:
-            mk = lambda suffix, v: layer.add_weight(name + suffix, initializer=keras.initializers.Constant(v), trainable=False)  # noqa: E731
+            mk: Callable[[str, float], Any] = lambda suffix, v: layer.add_weight(name + suffix, initializer=keras.initializers.Constant(v), trainable=False)  # noqa: E731
             return {"min_var": mk("_min", -128.0 / 16), "max_var": mk("_max", 127.0 / 16)}
 
         def __call__(self, inputs: Any, training: Any, weights: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -311,7 +313,7 @@ def _pot_quantizer_class() -> type:
     return PowerOfTwoQuantizer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_config_class() -> type:
     """QuantizeConfig for Conv2D / Dense: weight quantizer per traits, output fake-quant after the activation."""
     _, tfmot = _import_tfmot("QAT")
@@ -431,7 +433,7 @@ def _pot_tq(tq: TensorQuant, traits: QuantTraits) -> TensorQuant:
     return TensorQuant(tq.name, tq.role, "int8", (s,), (0,), None, tq.lo, tq.hi, (tq.method + "+pot").lstrip("+"), (fp,))
 
 
-def _as_keras_quant(keras_model: Any, params_or_ranges: "QuantParams | KerasQuant | Mapping[str, tuple[float, float]]",
+def _as_keras_quant(keras_model: Any, params_or_ranges: QuantParams | KerasQuant | Mapping[str, tuple[float, float]],
                     traits: QuantTraits | None) -> KerasQuant:
     if isinstance(params_or_ranges, KerasQuant):
         return params_or_ranges
@@ -452,7 +454,7 @@ def _keras_quant_from_ranges(keras_model: Any, ranges: Mapping[str, tuple[float,
     missing = [n for n in ["input"] + [l.name for l in layers] if n not in ranges]
     if missing:
         raise BadInputError(f"QAT ranges lack entries for {missing}", "give 'input' and every Conv2D/Dense layer name a (min, max)")
-    act = lambda name: activation_from_range(name, float(ranges[name][0]), float(ranges[name][1]), traits, method="given")  # noqa: E731
+    act: Callable[[str], TensorQuant] = lambda name: activation_from_range(name, float(ranges[name][0]), float(ranges[name][1]), traits, method="given")  # noqa: E731
     prev = act("input")
     out = []
     for layer in layers:
@@ -467,7 +469,7 @@ def _keras_quant_from_ranges(keras_model: Any, ranges: Mapping[str, tuple[float,
 # --------------------------------------------------------------------------- QAT
 def qat_finetune(
     keras_model: Any,
-    params_or_ranges: "QuantParams | KerasQuant | Mapping[str, tuple[float, float]]",
+    params_or_ranges: QuantParams | KerasQuant | Mapping[str, tuple[float, float]],
     train_x: np.ndarray,
     train_y: np.ndarray,
     *,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from nilmc.compiler.model import Model
 
 
-def qat_quantize(model: "Model", calib: "NilmDataset", *, traits: QuantTraits = GENERIC_INT8, epochs: int = 3,
+def qat_quantize(model: Model, calib: NilmDataset, *, traits: QuantTraits = GENERIC_INT8, epochs: int = 3,
                  learning_rate: float = 2e-6, seed: int = 0, holdout: float = 0.2, **quantize_kw: Any) -> tuple[QuantizationResult, dict[str, Any]]:
     """QAT-then-PTQ of ``model`` (needs its Keras source). Defaults: 3 epochs, Adam 2e-6, seed 0,
     the last 20 % of the calibration windows held out. Returns ``(result, qat_info)``."""

@@ -37,7 +37,8 @@ DequantizeLinear) or 21 when an int16 tensor is present.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -61,8 +62,8 @@ def _scale_zp_inits(prefix: str, tq: TensorQuant) -> list[onnx.TensorProto]:
             numpy_helper.from_array(np.asarray(zp, tq.rng.np_dtype), prefix + "_zero_point")]
 
 
-def _axis(tq: TensorQuant) -> dict[str, int]:
-    return {"axis": int(tq.axis)} if tq.per_channel else {}
+def _axis(tq: TensorQuant) -> dict[str, Any]:  # Any: make_node's other keywords are typed
+    return {"axis": int(cast(int, tq.axis))} if tq.per_channel else {}
 
 
 def _dq_node(src: str, dst: str, prefix: str, tq: TensorQuant) -> onnx.NodeProto:

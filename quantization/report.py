@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -70,7 +70,7 @@ def _accumulator(layer: Layer, params: QuantParams, g: QuantGraph) -> tuple[floa
     zp = w_tq.zero_points()
     if w_tq.per_channel:
         shape = [1] * codes.ndim
-        shape[w_tq.axis] = -1
+        shape[cast(int, w_tq.axis)] = -1
         zp = zp.reshape(shape)
     w = np.moveaxis(codes - zp, layer.weight_axis, 0).reshape(codes.shape[layer.weight_axis], -1)
     x = params[layer.input]
@@ -138,7 +138,7 @@ def _row(t: str, layer: Layer | None, params: QuantParams, g: QuantGraph, fp: np
 
 
 # --------------------------------------------------------------------------- result-level report
-def quantize_report(result: "QuantizationResult", *, max_windows: int | None = 512) -> dict[str, Any]:
+def quantize_report(result: QuantizationResult, *, max_windows: int | None = 512) -> dict[str, Any]:
     """The whole report of a :func:`api.quantize` result as a JSON-able dict."""
     rows = layer_table(result.model.graph, result.params, result.calib_x, max_windows=max_windows)
     out_ref = _ort.output(result.model.graph, _ort.subsample(result.calib_x, max_windows))
@@ -194,7 +194,7 @@ def format_table(rows: list[dict[str, Any]], *, name_width: int = 34) -> str:
     return "\n".join(lines)
 
 
-def format_report(result: "QuantizationResult", report: dict[str, Any] | None = None) -> str:
+def format_report(result: QuantizationResult, report: dict[str, Any] | None = None) -> str:
     """A readable text report: header, the per-layer table, then findings."""
     d = report if report is not None else quantize_report(result)
     c = d["contract"]

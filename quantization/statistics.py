@@ -26,9 +26,10 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -61,7 +62,7 @@ class Histogram:
     def total(self) -> int:
         return int(self.counts.sum())
 
-    def coarsened(self, max_bins: int) -> "Histogram":
+    def coarsened(self, max_bins: int) -> Histogram:
         """Merge neighbouring bins (exactly, widths doubling) until at most ``max_bins`` remain."""
         h = self
         while len(h.counts) > max_bins:
@@ -71,7 +72,7 @@ class Histogram:
             h = Histogram(counts, h.width * 2.0, first)
         return h
 
-    def folded(self) -> "Histogram":
+    def folded(self) -> Histogram:
         """Histogram of ``|x|``: bin ``k < 0`` moves to ``-k-1`` (exact except for values lying on a bin edge)."""
         k = self.first + np.arange(len(self.counts))
         kabs = np.where(k < 0, -k - 1, k)
@@ -108,7 +109,8 @@ class GrowingHistogram:
         self.counts += np.bincount(idx, minlength=self.bins)
 
     def _span(self, lo: float, hi: float) -> tuple[int, int]:
-        a, b = math.floor(lo / self.width), math.floor(hi / self.width)
+        width = cast(float, self.width)  # set by the first add()
+        a, b = math.floor(lo / width), math.floor(hi / width)
         occ = np.flatnonzero(self.counts)
         if occ.size:
             a, b = min(a, self.first + int(occ[0])), max(b, self.first + int(occ[-1]))
@@ -119,7 +121,7 @@ class GrowingHistogram:
         new_first = self.first // 2
         merged = np.zeros(self.bins, np.int64)
         np.add.at(merged, k // 2 - new_first, self.counts)
-        self.counts, self.first, self.width = merged, new_first, self.width * 2.0
+        self.counts, self.first, self.width = merged, new_first, cast(float, self.width) * 2.0
 
     def _slide(self, new_first: int) -> None:
         occ = np.flatnonzero(self.counts)
@@ -155,7 +157,7 @@ class TensorStats:
     feature_max: np.ndarray | None = None
 
     @classmethod
-    def from_array(cls, name: str, values: np.ndarray, *, bins: int = 2048, kind: str = "activation") -> "TensorStats":
+    def from_array(cls, name: str, values: np.ndarray, *, bins: int = 2048, kind: str = "activation") -> TensorStats:
         """Statistics of an in-memory array (weights, tests)."""
         acc = _Accumulator(name, bins)
         acc.add(np.asarray(values))
@@ -174,7 +176,7 @@ class TensorStats:
         return d
 
     @classmethod
-    def from_json(cls, name: str, d: Mapping[str, Any]) -> "TensorStats":
+    def from_json(cls, name: str, d: Mapping[str, Any]) -> TensorStats:
         h = d["histogram"]
         fa = d.get("feature_axis")
         return cls(
@@ -266,7 +268,7 @@ class Statistics:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Statistics":
+    def from_json(cls, d: Mapping[str, Any]) -> Statistics:
         try:
             return cls(
                 {n: TensorStats.from_json(n, t) for n, t in d["tensors"].items()}, str(d["model_digest"]),
@@ -283,7 +285,7 @@ class Statistics:
         if path.suffix == ".json":
             return atomic_write_text(path, json.dumps(self.to_json(), sort_keys=True))
         meta = self.to_json()
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, Any] = {}  # Any: np.savez's stubs would match a bool keyword
         for i, (name, t) in enumerate(self.tensors.items()):
             arrays[f"hist_{i}"] = t.histogram.counts
             meta["tensors"][name]["histogram"]["counts"] = f"hist_{i}"
@@ -293,7 +295,7 @@ class Statistics:
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Statistics":
+    def load(cls, path: str | Path) -> Statistics:
         path = Path(path)
         if path.suffix == ".json":
             return cls.from_json(json.loads(path.read_text()))
