@@ -15,7 +15,7 @@ Rows:
   sequential power-of-two calibration with the emulator, xmodel + hand-off written), i.e. nilmc's
   share of "DPU compile time". ``vai_c_xir`` itself (AMD's closed compiler in the Vitis AI docker
   image) is not available here, so the compiled-xmodel step is not timed;
-* ``emulator`` - bit-accurate emulation of the quantized xmodel read back from the bundle, windows/s
+* ``emulator`` - bit-accurate emulation of the quantized xmodel read back from the bundle, windows/s (and the time per op: the stage table)
   at batch 1024 and at batch 1, next to onnxruntime FP32 on the same windows for scale.
 
 Machine load from other processes shows in every time (this machine: 2 shared cores).
@@ -36,9 +36,9 @@ from nilmc.compiler.model import Model
 
 
 def _synthetic() -> tuple[Model, Any, np.ndarray]:
+    from nilmc.calibration_data.dataset import NilmDataset
     from nilmc.calibration_data.normalization import FeatureStats, Normalization, NormalizationSpec, TargetScaling
     from nilmc.compiler.contract import ModelContract
-    from nilmc.calibration_data.dataset import NilmDataset
 
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (1000, 10, 9, 1)).astype(np.float32)
@@ -84,6 +84,14 @@ def _windows_per_s(fn: Any, x: np.ndarray, batch: int, budget_s: float) -> float
     return n / (time.perf_counter() - t0)
 
 
+def _stage_ms(emulator: Any, input_name: str, x: np.ndarray, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per op (stage) for one batch of ``len(x)`` windows, mean of ``repeats`` runs."""
+    emulator.timings.clear()
+    for _ in range(repeats):
+        emulator.infer({input_name: x})
+    return {op: round(1e3 * t / repeats, 2) for op, t in emulator.timings.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with backend.runner(art) as r:
             emu = lambda b: r.infer({model.input_name: b})  # noqa: E731
             rows["emulator_windows_per_s_b1024"] = round(_windows_per_s(emu, x, 1024, a.seconds), 1)
+            rows["emulator_stage_ms_per_1024"] = _stage_ms(r._emulator, model.input_name, x[:1024])  # type: ignore[arg-type]
             rows["emulator_windows_per_s_b1"] = round(_windows_per_s(emu, x[:200], 1, a.seconds), 1)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
@@ -124,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in ("lower_dpu:b2304_s", "lower_dpu:b4096_s", "xmodel_bytes", "emulator_windows_per_s_b1024",
               "emulator_windows_per_s_b1", "onnxruntime_fp32_windows_per_s_b1024"):
         print(f"{k:44s} {rows[k]:>12}")
+    print(f"emulator stages at batch {min(len(x), 1024)} (ms):")
+    for op, ms in rows["emulator_stage_ms_per_1024"].items():
+        print(f"  {op:42s} {ms:>12}")
     ratio = rows["onnxruntime_fp32_windows_per_s_b1024"] / max(rows["emulator_windows_per_s_b1024"], 1e-9)
     print(f"emulator is {ratio:.1f}x slower than onnxruntime FP32 at batch 1024 (exact integer arithmetic in numpy)")
     print(f"vai_c_xir: {rows['vai_c_xir']}")

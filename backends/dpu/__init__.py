@@ -87,6 +87,19 @@ def _target(precision: str, options: Mapping[str, Any]) -> DPUTarget:
     return t
 
 
+def _shared(graph: DpuGraph, ctx: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What the refinement takes from the compile's one calibration pass: ``ranges`` (max |value| of every
+    IR tensor, shared statistics) and ``start`` (fix positions of the shared DPU_POT parameters:
+    ``options["params"]`` when the driver passes them, else derived here from the same statistics)."""
+    from nilmc.quantization.pot import shared_fix_positions
+
+    stats = ctx.statistics  # the one FP32 pass (and the normalization check), shared by every target
+    ranges = {op.output: max(abs(stats[op.output].minimum), abs(stats[op.output].maximum))
+              for op in graph.ops if op.output in stats}
+    start = options.get("params") or ctx.params(DPU_POT, estimator="minmax")
+    return {"ranges": ranges, "start": shared_fix_positions(start)}
+
+
 def _watts_error(model: "Model") -> Any:
     """Graph-output error as the metrics see it: mean |watts| difference, negatives floored at 0 W."""
     to_watts = model.contract.to_watts
@@ -175,12 +188,13 @@ class DPUBackend:
         feeds = {model.input_name: ctx.calib_x}
         qopts = options.get("dpu_quant") or DpuQuantOptions(peak_output=_peak_output(model), output_error=_watts_error(model),
                                                             input_floor=_input_floor(model))
-        params = calibrate(graph, feeds, target.limits, options=qopts)
+        shared = _shared(graph, ctx, options)
+        params = calibrate(model.graph, graph, feeds, target.limits, options=qopts, **shared)
         reference, qat_info = graph, None
         if precision.endswith(QAT_SUFFIX):
             from nilmc.backends.dpu.qat import qat_lower
 
-            graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options)
+            graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared)
         violations = check_shifts(graph, params, target.limits)
         if violations:
             raise InternalError(f"DPU shift repair left {len(violations)} violation(s): {violations[0]}", "report this as a nilmc bug")
@@ -227,8 +241,8 @@ class DPUBackend:
 
 
 def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: Any, reference: DpuGraph) -> dict[str, Any]:
-    """FP32 (``reference``'s float weights) and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
-    from nilmc.backends.dpu.quant import float_forward
+    """FP32 (the ONNX model on onnxruntime) and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
+    from nilmc.backends.dpu.quant import fp32_outputs
     from nilmc.compiler.metrics import nilm_metrics
 
     ds = ctx.calibration
@@ -237,8 +251,7 @@ def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: A
     except (AttributeError, BadInputError, IndexError):
         return {}
     x = ctx.calib_x
-    out = graph.outputs[0]
-    fp32 = model.contract.to_watts(float_forward(reference, {model.input_name: x})[out].astype(np.float32))
+    fp32 = model.contract.to_watts(fp32_outputs(model.graph, x).astype(np.float32))
     dpu = model.contract.to_watts(next(iter(DpuEmulator(graph, params).infer({model.input_name: x}).values())))
     thr = model.contract.on_threshold_w
     e_ref, e_dpu = nilm_metrics(truth, fp32, on_threshold_w=thr).eacc, nilm_metrics(truth, dpu, on_threshold_w=thr).eacc

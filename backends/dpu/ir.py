@@ -30,10 +30,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from nilmc.backends.dpu.ops import OPS, OpKind
 from nilmc.quantization.graph import Layer, analyze
 
 NHWC, NCHW, FLAT = "nhwc", "nchw", "flat"
-KINDS = ("input", "conv2d", "dense", "flatten", "maxpool", "avgpool", "add", "relu", "leaky_relu", "unsupported")
+KINDS = tuple(OpKind)
 
 
 @dataclass
@@ -59,10 +60,14 @@ class DpuOp:
     bias_name: str | None = None
     onnx_nodes: tuple[str, ...] = ()
     reason: str = ""  # for "unsupported"
+    onnx_layout: str = ""  # layout of the ONNX tensor ``output`` names (NHWC / NCHW / flat): how to read its FP32 value
+
+    def __post_init__(self) -> None:
+        self.kind = OpKind(self.kind)
 
     @property
     def weighted(self) -> bool:
-        return self.kind in ("conv2d", "dense")
+        return OPS[self.kind].weighted
 
 
 @dataclass
@@ -87,7 +92,7 @@ class DpuGraph:
 
     @property
     def unsupported(self) -> list[DpuOp]:
-        return [o for o in self.ops if o.kind == "unsupported"]
+        return [o for o in self.ops if o.kind == OpKind.UNSUPPORTED]
 
 
 @dataclass
@@ -144,6 +149,7 @@ class _Builder:
             return _View(name, "", ())
 
     def add(self, op: DpuOp, layout: str, onnx_out: str | None = None) -> None:
+        op.onnx_layout = layout
         self.ops.append(op)
         self.views[onnx_out or op.output] = _View(op.output, layout, op.shape)
 
@@ -153,7 +159,7 @@ class _Builder:
             shape = tuple(d for d in self.shapes.get(out, ())[1:])
             # a rank-2 result is a flat feature vector whatever ran before: a dense op after it can be a DPU op again
             layout = FLAT if len(shape) == 1 and shape[0] > 0 else ""
-            self.add(DpuOp(node.name, "unsupported", ins, out, shape, {"op_type": node.op_type}, onnx_nodes=(node.name,),
+            self.add(DpuOp(node.name, OpKind.UNSUPPORTED, ins, out, shape, {"op_type": node.op_type}, onnx_nodes=(node.name,),
                            reason=reason), layout)
 
     # ------------------------------------------------------------------ entry
@@ -164,7 +170,7 @@ class _Builder:
                 continue
             shape = _static_shape(inp)[1:]
             layout = NHWC if len(shape) == 3 else FLAT
-            self.add(DpuOp(inp.name, "input", (), inp.name, shape, onnx_nodes=()), layout)
+            self.add(DpuOp(inp.name, OpKind.INPUT, (), inp.name, shape, onnx_nodes=()), layout)
             inputs.append(inp.name)
         for node in self.model.graph.node:
             if node.op_type == "Constant" or node.name in self.fused:
@@ -230,7 +236,7 @@ class _Builder:
         bias = None if layer.bias is None else np.asarray(self.consts[layer.bias], np.float32).reshape(-1)
         attrs = {"kernel": (kh, kw), "stride": (sh, sw), "dilation": (dh, dw), "pads": pads, "alpha": alpha,
                  "in_channels": int(w.shape[1]), "out_channels": int(w.shape[0])}
-        op = DpuOp(layer.name, "conv2d", (src.tensor,), layer.output, (oh, ow, int(w.shape[0])), attrs,
+        op = DpuOp(layer.name, OpKind.CONV2D, (src.tensor,), layer.output, (oh, ow, int(w.shape[0])), attrs,
                    np.ascontiguousarray(w.transpose(0, 2, 3, 1)), bias, act, layer.weight, layer.bias,
                    tuple(n for n in (layer.name, layer.bias_node) if n))
         self.add(op, NCHW)
@@ -253,7 +259,7 @@ class _Builder:
             return
         bias = None if layer.bias is None else np.asarray(self.consts[layer.bias], np.float32).reshape(-1)
         attrs = {"in_features": int(w.shape[0]), "out_features": int(w.shape[1]), "alpha": alpha}
-        op = DpuOp(layer.name, "dense", (src.tensor,), layer.output, (int(w.shape[1]),), attrs, np.ascontiguousarray(w), bias,
+        op = DpuOp(layer.name, OpKind.DENSE, (src.tensor,), layer.output, (int(w.shape[1]),), attrs, np.ascontiguousarray(w), bias,
                    act, layer.weight, layer.bias, tuple(n for n in (layer.name, layer.bias_node) if n))
         self.add(op, FLAT)
 
@@ -325,7 +331,7 @@ class _Builder:
 
     def _flatten(self, node: onnx.NodeProto, src: _View) -> None:
         size = int(np.prod(src.shape))
-        self.add(DpuOp(node.name, "flatten", (src.tensor,), node.output[0], (size,), onnx_nodes=(node.name,)), FLAT)
+        self.add(DpuOp(node.name, OpKind.FLATTEN, (src.tensor,), node.output[0], (size,), onnx_nodes=(node.name,)), FLAT)
 
     def pool(self, node: onnx.NodeProto) -> None:
         src = self.view(node.input[0])
@@ -346,7 +352,7 @@ class _Builder:
         if int(a.get("ceil_mode", 0)):
             self.unsupported(node, "ceil_mode pooling is not handled by nilmc's DPU lowering")
             return
-        kind = "maxpool" if node.op_type == "MaxPool" else "avgpool"
+        kind = OpKind.MAXPOOL if node.op_type == "MaxPool" else OpKind.AVGPOOL
         shape = (_conv_out(h, kh, sh, 1, pads[0], pads[2]), _conv_out(w, kw, sw, 1, pads[1], pads[3]), c)
         self.add(DpuOp(node.name, kind, (src.tensor,), node.output[0], shape,
                        {"kernel": (kh, kw), "stride": (sh, sw), "pads": pads}, onnx_nodes=(node.name,)), NCHW)
@@ -366,7 +372,7 @@ class _Builder:
             out, act = users[0].output[0], "relu"
             nodes.append(users[0].name)
             self.fused.add(users[0].name)
-        self.add(DpuOp(node.name, "add", (a.tensor, b.tensor), out, a.shape, {}, activation=act, onnx_nodes=tuple(nodes)), a.layout)
+        self.add(DpuOp(node.name, OpKind.ADD, (a.tensor, b.tensor), out, a.shape, {}, activation=act, onnx_nodes=tuple(nodes)), a.layout)
 
     def activation(self, node: onnx.NodeProto) -> None:
         src = self.view(node.input[0])
@@ -374,8 +380,8 @@ class _Builder:
             # the input is an internal tensor of a fused op we did not fuse (e.g. an Add feeding LeakyRelu)
             self.unsupported(node, f"{node.op_type} after an op nilmc could not fuse it into")
             return
-        kind = "relu" if node.op_type == "Relu" else "leaky_relu"
-        alpha = float(_attrs(node).get("alpha", 0.01)) if kind == "leaky_relu" else 0.0
+        kind = OpKind.RELU if node.op_type == "Relu" else OpKind.LEAKY_RELU
+        alpha = float(_attrs(node).get("alpha", 0.01)) if kind == OpKind.LEAKY_RELU else 0.0
         self.add(DpuOp(node.name, kind, (src.tensor,), node.output[0], src.shape, {"alpha": alpha}, onnx_nodes=(node.name,)),
                  src.layout)
 

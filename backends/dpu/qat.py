@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from nilmc.backends.dpu.ir import DpuGraph, DpuOp
-from nilmc.backends.dpu.quant import DpuParams, DpuQuantOptions, _tq, calibrate, float_forward
+from nilmc.backends.dpu.quant import DpuParams, DpuQuantOptions, _tq, calibrate, fp32_outputs
 from nilmc.compiler.errors import BadInputError, DataError, QuantizationError
 from nilmc.quantization.traits import DPU_POT
 
@@ -112,14 +112,16 @@ def _data(model: "Model", graph: DpuGraph, ctx: Any, holdout: float) -> dict[str
     if n_val < 1 or len(x) - n_val < 1:
         raise DataError(f"{len(x)} calibration windows cannot be split for QAT with qat_holdout={holdout}",
                         "pass a calibration set with more windows")
-    y = float_forward(graph, {model.input_name: x})[graph.outputs[0]].astype(np.float32).reshape(len(x), -1)
+    y = fp32_outputs(model.graph, x).astype(np.float32).reshape(len(x), -1)
     split = len(x) - n_val
     return {"x": x[:split], "y": y[:split], "val": (x[split:], y[split:])}
 
 
 def qat_lower(model: "Model", graph: DpuGraph, ptq: DpuParams, ctx: Any, limits: Mapping[str, Any],
-              qopts: DpuQuantOptions, options: Mapping[str, Any]) -> tuple[DpuGraph, DpuParams, dict[str, Any]]:
-    """``(graph, params, info)`` after power-of-two QAT; ``graph``/``ptq`` back unchanged when epoch 0 wins."""
+              qopts: DpuQuantOptions, options: Mapping[str, Any], *, shared: Mapping[str, Any] | None = None
+              ) -> tuple[DpuGraph, DpuParams, dict[str, Any]]:
+    """``(graph, params, info)`` after power-of-two QAT; ``graph``/``ptq`` back unchanged when epoch 0 wins.
+    ``shared`` (default none): the shared ranges / start fix positions the PTQ refinement used."""
     from nilmc.backends.tflite_backend import load_keras
     from nilmc.quantization.qat import _kernel_and_bias, _kind, qat_finetune, qat_ranges, strip_qat
 
@@ -155,8 +157,8 @@ def qat_lower(model: "Model", graph: DpuGraph, ptq: DpuParams, ctx: Any, limits:
         t.bias = None if bias is None else bias.astype(np.float32)
         fixed[op.output] = pot_fix(*ranges[layer.name])
         fixed_w[op.name] = pot_fix(0.0, float(np.max(np.abs(kernel))))
-    params = calibrate(tuned, {model.input_name: ctx.calib_x}, limits,
-                       options=replace(qopts, fixed=fixed, fixed_weights=fixed_w), reference=graph)
+    params = calibrate(model.graph, tuned, {model.input_name: ctx.calib_x}, limits,
+                       options=replace(qopts, fixed=fixed, fixed_weights=fixed_w), **dict(shared or {}))
     moved = {k: v for k, v in fixed.items() if params.fix.get(k) != v}
     params.method.update({"qat": True, "fix_points_from": "QAT fake-quant ranges (activations) and fine-tuned weights"})
     info.update({"deployed": f"fine-tuned weights of epoch {history.get('best_epoch')}, QAT fix points",

@@ -24,17 +24,18 @@ emulator runs, so the runner verifies exactly what was written.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from nilmc.backends.dpu import xir_pb2 as pb
 from nilmc.backends.dpu.ir import DpuGraph, DpuOp
+from nilmc.backends.dpu.ops import ACTIVATION_XIR, BY_XIR_TYPE, DPU_LEAKY_ALPHA, OpKind, record
 from nilmc.backends.dpu.quant import DpuParams, WeightQuant, quantize_values
 from nilmc.compiler.errors import BadInputError
 
 FLOAT, XINT = 4, 2  # Tensor.data_type codes
-DPU_LEAKY_ALPHA = 26 / 256
 FIX_SUFFIX = "_fix"
 LABEL = "quantized xmodel — compile with vai_c_xir"
 
@@ -62,7 +63,7 @@ _OP_DEFS: dict[str, tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]
                                          ("count_include_pad", _AO, "bool"), ("count_include_invalid", _AO, "bool")]),
     "add": ([("input", _REP, "two or more tensors")], []),
 }
-_ACT_TYPES = {"relu": "relu", "leaky_relu": "leaky-relu"}
+_ACT_TYPES = ACTIVATION_XIR
 
 
 # --------------------------------------------------------------------------- attribute helpers
@@ -153,74 +154,43 @@ class _Writer:
 
     def write(self) -> pb.Graph:
         for op in self.graph.ops:
-            getattr(self, "_" + op.kind)(op)
+            self._write_op(op)
         self.g.subg_root.subgraph_name = "root"
         self.g.subg_root.op_name.extend(n.op_name for n in self.g.op_node)
         for t in self.types:
             self.g.op_defs.append(_op_def(t))
         return self.g
 
-    # -- one method per IR kind
+    def _write_op(self, op: DpuOp) -> None:
+        """One IR op as XIR ops, from its op-table record (``xir_type``, ``xir_attrs``)."""
+        rec = record(op.kind)
+        if rec.xir_type is None:
+            raise BadInputError(f"op {op.name!r} ({op.attrs.get('op_type')}) has no XIR form in nilmc's writer: {op.reason}",
+                                "the DPU lowering covers conv, dense, pooling, add, ReLU and LeakyReLU")
+        if op.kind == OpKind.INPUT:
+            self._input(op)
+        elif rec.weighted:
+            self._weighted(op, rec.xir_type, rec.xir_attrs(op))
+        else:
+            main = self.op(op.name, rec.xir_type, [("input", [self.fix_op[t] for t in op.inputs])], rec.xir_attrs(op), (1, *op.shape))
+            self.output_fix(op, self.activation(op, main))
+
     def _input(self, op: DpuOp) -> None:
         dims = (1, *op.shape)
         self.op(op.name, "data", [], {"shape": list(dims), "data_type": "FLOAT32"}, dims)
         self.output_fix(op, op.name)
 
-    def _weighted(self, op: DpuOp, op_type: str, weights: np.ndarray, attrs: dict[str, Any], args: list[tuple[str, list[str]]]) -> None:
+    def _weighted(self, op: DpuOp, op_type: str, attrs: dict[str, Any]) -> None:
         wq = self.params.weights[op.name]
+        weights = wq.weight_float() if op_type != "matmul" else wq.weight_float().T  # matmul: [out, in] with transpose_b
         w = self.const(op.name + "_weights", weights, wq.fw)
         bias_args: list[tuple[str, list[str]]] = []
         if wq.bias_q is not None and wq.fb is not None:
             bias_args = [("bias", [self.const(op.name + "_bias", wq.bias_float(), wq.fb)])]
-        if op_type == "matmul":
-            args = [("input", args[0][1] + [w])] + bias_args
-        else:
-            args = args + [("weights", [w])] + bias_args
+        x = [self.fix_op[op.inputs[0]]]
+        args = [("input", x + [w])] + bias_args if op_type == "matmul" else [("input", x), ("weights", [w])] + bias_args
         main = self.op(op.name, op_type, args, attrs, (1, *op.shape))
         self.output_fix(op, self.activation(op, main))
-
-    def _conv2d(self, op: DpuOp) -> None:
-        (kh, kw), (sh, sw), (dh, dw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["dilation"]
-        pt, pl, pb_, pr = op.attrs["pads"]
-        attrs = {"kernel": [kw, kh], "stride": [sw, sh], "dilation": [dw, dh], "pad_mode": "FLOOR", "pad": [pl, pr, pt, pb_]}
-        self._weighted(op, "conv2d", self.params.weights[op.name].weight_float(), attrs, [("input", [self.fix_op[op.inputs[0]]])])
-
-    def _dense(self, op: DpuOp) -> None:
-        w = self.params.weights[op.name].weight_float().T  # [out, in] with transpose_b
-        self._weighted(op, "matmul", w, {"transpose_a": False, "transpose_b": True}, [("input", [self.fix_op[op.inputs[0]]])])
-
-    def _simple(self, op: DpuOp, op_type: str, attrs: dict[str, Any]) -> None:
-        main = self.op(op.name, op_type, [("input", [self.fix_op[t] for t in op.inputs])], attrs, (1, *op.shape))
-        self.output_fix(op, self.activation(op, main))
-
-    def _flatten(self, op: DpuOp) -> None:
-        self._simple(op, "flatten", {"start_axis": 1, "end_axis": -1})
-
-    def _pool_attrs(self, op: DpuOp) -> dict[str, Any]:
-        (kh, kw), (sh, sw) = op.attrs["kernel"], op.attrs["stride"]
-        pt, pl, pb_, pr = op.attrs["pads"]
-        return {"kernel": [kw, kh], "stride": [sw, sh], "pad_mode": "FLOOR", "pad": [pl, pr, pt, pb_], "global": False}
-
-    def _maxpool(self, op: DpuOp) -> None:
-        self._simple(op, "maxpool2d", self._pool_attrs(op))
-
-    def _avgpool(self, op: DpuOp) -> None:
-        self._simple(op, "avgpool2d", {**self._pool_attrs(op), "count_include_pad": True, "count_include_invalid": True})
-
-    def _add(self, op: DpuOp) -> None:
-        self._simple(op, "add", {})
-
-    def _relu(self, op: DpuOp) -> None:
-        main = self.op(op.name, "relu", [("input", [self.fix_op[op.inputs[0]]])], {}, (1, *op.shape))
-        self.output_fix(op, main)
-
-    def _leaky_relu(self, op: DpuOp) -> None:
-        main = self.op(op.name, "leaky-relu", [("input", [self.fix_op[op.inputs[0]]])], {"alpha": DPU_LEAKY_ALPHA}, (1, *op.shape))
-        self.output_fix(op, main)
-
-    def _unsupported(self, op: DpuOp) -> None:
-        raise BadInputError(f"op {op.name!r} ({op.attrs.get('op_type')}) has no XIR form in nilmc's writer: {op.reason}",
-                            "the DPU lowering covers conv, dense, pooling, add, ReLU and LeakyReLU")
 
 
 def _op_def(op_type: str) -> pb.OpDef:
@@ -261,7 +231,7 @@ class _Reader:
 
     def read(self) -> tuple[DpuGraph, DpuParams]:
         for n in self.g.op_node:
-            getattr(self, "_" + n.op_type.replace("-", "_"), self._unknown)(n)
+            getattr(self, "_" + n.op_type.replace("-", "_"), self._table)(n)
         if "nilmc_outputs" in self.g.graph_attr:
             outputs = dict(_value(self.g.graph_attr["nilmc_outputs"]))
         else:  # not written by nilmc: the last op's tensor is the output
@@ -361,23 +331,13 @@ class _Reader:
         self.pending[n.op_name] = DpuOp(n.op_name, kind, self._ir_inputs(self._arg(n, "input")), "",
                                         tuple(n.output_tensor.tensor_dim)[1:], attrs)
 
-    def _flatten(self, n: pb.OPNode) -> None:
-        self._plain(n, "flatten", {})
-
-    def _pool(self, n: pb.OPNode, kind: str) -> None:
-        a = _attrs(n.op_attr)
-        (kw, kh), (sw, sh) = a["kernel"], a["stride"]
-        pl, pr, pt, pb_ = a.get("pad") or [0, 0, 0, 0]
-        self._plain(n, kind, {"kernel": (kh, kw), "stride": (sh, sw), "pads": (pt, pl, pb_, pr)})
-
-    def _maxpool2d(self, n: pb.OPNode) -> None:
-        self._pool(n, "maxpool")
-
-    def _avgpool2d(self, n: pb.OPNode) -> None:
-        self._pool(n, "avgpool")
-
-    def _add(self, n: pb.OPNode) -> None:
-        self._plain(n, "add", {})
+    def _table(self, n: pb.OPNode) -> None:
+        """Ops without structure of their own (flatten, pooling, add): kind and attrs from the op table."""
+        rec = BY_XIR_TYPE.get(n.op_type)
+        if rec is None or rec.weighted or rec.kind in (OpKind.INPUT, OpKind.RELU, OpKind.LEAKY_RELU):
+            self._unknown(n)
+            return
+        self._plain(n, rec.kind, rec.ir_attrs(_attrs(n.op_attr)))
 
 
 def parse(data: bytes) -> pb.Graph:

@@ -21,6 +21,7 @@ from nilmc.backends.dpu import emulator as emu
 from nilmc.backends.dpu import quant, testing
 from nilmc.backends.dpu.ir import from_onnx
 from nilmc.bitstreams import load_target
+from nilmc.quantization import intops
 from nilmc.quantization.intops import DPU_ROUND, Rounding
 from nilmc.quantization.qdq import build_qdq_model
 
@@ -68,7 +69,7 @@ def _cross_check(model: onnx.ModelProto, *, scale: float = 1.0) -> dict[str, obj
     DPU_ROUND result computed from onnxruntime's own input codes (``forced``: one op's rounding alone).
     """
     graph = from_onnx(model)
-    params = quant.calibrate(graph, {"input": _data(model, 256, 1, scale)}, LIMITS)
+    params = quant.calibrate(model, graph, {"input": _data(model, 256, 1, scale)}, LIMITS)
     corrected, qparams = quant.to_quant_params(model, graph, params)
     x = _data(model, 200, 2, scale)
     tensors = [op.output for op in graph.ops]
@@ -134,13 +135,17 @@ def test_whole_model_exact_on_the_integer_path_and_per_layer_up_to_ties() -> Non
     assert np.abs(drift).max() <= 2 and np.mean(np.abs(drift)) < 0.5
 
 
-def test_ir_float_semantics_match_onnxruntime_fp32() -> None:
+def test_ir_layouts_read_onnxruntime_fp32_tensors_in_nhwc() -> None:
+    # the refinement's FP32 side is the ONNX model on onnxruntime, read in the IR's layout
     model = testing.seq2point(convs=((5, 8), (3, 16)), dense=(32,))
     graph = from_onnx(model)
     assert [o.kind for o in graph.ops] == ["input", "conv2d", "conv2d", "flatten", "dense", "dense"]
     x = _data(model, 64, 3)
-    ref = quant.float_forward(graph, {"input": x})[graph.outputs[0]]
-    np.testing.assert_allclose(ref, _ort(model, x), rtol=1e-5, atol=1e-5)
+    ref = quant.fp32_tensors(model, graph, x)
+    np.testing.assert_allclose(ref[graph.outputs[0]], _ort(model, x), rtol=1e-5, atol=1e-5)
+    conv1 = graph.ops[1]
+    pre = quant.float_accumulate(conv1, ref["input"], conv1.weight) + conv1.bias  # NHWC conv on NHWC input
+    np.testing.assert_allclose(np.maximum(pre, 0), ref[conv1.output], rtol=1e-4, atol=1e-4)
 
 
 def test_dpu_round_is_half_up_and_saturates() -> None:
@@ -179,7 +184,7 @@ def test_shift_cut_and_shift_bias_repaired_into_bounds() -> None:
     # 17 > 16 and shift_bias 16 > 15; Quark's rules move the weight, then the bias fix point
     model = testing.dense_layer(features=16, units=4, activation=None, weight_scale=1e-3, bias_value=3.0)
     graph = from_onnx(model)
-    params = quant.calibrate(graph, {"input": _data(model, 128, 1)}, LIMITS)
+    params = quant.calibrate(model, graph, {"input": _data(model, 128, 1)}, LIMITS)
     notes = " ".join(params.notes["dense"])
     assert "shift_cut" in notes and "weight fix point moved" in notes
     assert "shift_bias" in notes and "bias fix point moved" in notes
@@ -191,7 +196,7 @@ def test_shift_cut_and_shift_bias_repaired_into_bounds() -> None:
 def test_check_shifts_flags_violations() -> None:
     model = testing.dense_layer(features=16, units=4)
     graph = from_onnx(model)
-    params = quant.calibrate(graph, {"input": _data(model, 64, 1)}, LIMITS)
+    params = quant.calibrate(model, graph, {"input": _data(model, 64, 1)}, LIMITS)
     assert quant.check_shifts(graph, params, LIMITS) == []
     params.fix["output"] = params.fix["input"] + params.weights["dense"].fw + 3  # shift_cut = -3
     bad = quant.check_shifts(graph, params, LIMITS)
@@ -208,11 +213,12 @@ def test_calibration_never_clips_the_calibration_maximum_of_inner_tensors() -> N
     model = testing.conv_layer()
     graph = from_onnx(model)
     x = _data(model, 128, 1, scale=3.0)
-    params = quant.calibrate(graph, {"input": x}, LIMITS)
+    params = quant.calibrate(model, graph, {"input": x}, LIMITS)
+    ref = quant.fp32_tensors(model, graph, x)
     for name, fp in params.fix.items():
         if name == "input":
             continue
-        amax = np.abs(quant.float_forward(graph, {"input": x})[name]).max()
+        amax = np.abs(ref[name]).max()
         assert 127 * 2.0**-fp >= amax * (1 - 1e-6), name
 
 
@@ -220,20 +226,20 @@ def test_input_grid_holds_the_floor_even_when_calibration_is_narrow() -> None:
     model = testing.conv_layer()
     graph = from_onnx(model)
     x = _data(model, 128, 1, scale=0.5)  # |x| < ~2: alone, MSE would pick a grid ending near 2
-    narrow = quant.calibrate(graph, {"input": x}, LIMITS)
-    floored = quant.calibrate(graph, {"input": x}, LIMITS, options=quant.DpuQuantOptions(input_floor=4.0))
+    narrow = quant.calibrate(model, graph, {"input": x}, LIMITS)
+    floored = quant.calibrate(model, graph, {"input": x}, LIMITS, options=quant.DpuQuantOptions(input_floor=4.0))
     assert 127 * 2.0 ** -narrow.fix["input"] < 4.0 <= 127 * 2.0 ** -floored.fix["input"]
     outlier = x.copy()
     outlier[0, 0, 0, 0] = 40.0  # one value: the input grid may clip it rather than lose resolution everywhere
-    assert 127 * 2.0 ** -quant.calibrate(graph, {"input": outlier}, LIMITS).fix["input"] < 40.0
+    assert 127 * 2.0 ** -quant.calibrate(model, graph, {"input": outlier}, LIMITS).fix["input"] < 40.0
 
 
 def test_exact_float_accumulation_guard() -> None:
     w = np.full((4, 1100), 127, np.int8)  # 128 * 127 * 1100 > 2**24: needs float64
-    assert emu._exact_dtype(w, axis=1) is np.float64
-    assert emu._exact_dtype(w[:, :10], axis=1) is np.float32
+    assert intops._gemm_dtype(w, axis=1) is np.float64
+    assert intops._gemm_dtype(w[:, :10], axis=1) is np.float32
     x = np.full((2, 1100), -128, np.int8)
-    np.testing.assert_array_equal(emu.dense_accumulate(x, w.T), np.full((2, 4), -128 * 127 * 1100))
+    np.testing.assert_array_equal(intops.dense_accumulate(x, w.T), np.full((2, 4), -128 * 127 * 1100))
 
 
 def test_emulator_refuses_an_unsupported_op() -> None:

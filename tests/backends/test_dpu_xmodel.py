@@ -27,7 +27,7 @@ def _quantized(model: onnx.ModelProto, seed: int = 1):
     graph = from_onnx(model)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     x = np.random.default_rng(seed).normal(0, 1, (128, *dims)).astype(np.float32)
-    return graph, quant.calibrate(graph, {"input": x}, LIMITS), x
+    return graph, quant.calibrate(model, graph, {"input": x}, LIMITS), x
 
 
 MODELS = {

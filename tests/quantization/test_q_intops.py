@@ -175,3 +175,57 @@ def test_pot_helpers() -> None:
     assert io.pot_scale(7) == 2.0**-7
     assert io.fix_position_candidates(1 / 127) == (6, 7)
     assert io.fix_position_candidates(0.25) == (2,)
+
+
+# --------------------------------------------------------------------------- power-of-two reference ops (the DPU's)
+def test_shift_round_matches_rounding_shift_right() -> None:
+    x = np.arange(-300, 301, dtype=np.int64)
+    for mode in Rounding:
+        for s in (-2, 0, 1, 3):
+            np.testing.assert_array_equal(io.shift_round(x, s, mode), io.rounding_shift_right(x, s, mode))
+    assert io.shift_round(np.array([-5, -3, 5], np.int32), 1).tolist() == [-2, -1, 3]  # half up, int32 kept
+
+
+def test_pot_quantize_requantize_and_leaky() -> None:
+    assert io.pot_quantize(np.array([-2.5, 2.5, 0.49, 1e6]), 0).tolist() == [-2, 3, 0, 127]
+    assert io.pot_dequantize(np.array([3]), 2).tolist() == [0.75]
+    out = io.pot_requantize(np.array([-5, -3, -1, 1, 3, 5, 10_000, -10_000]), None, shift_cut=1, shift_bias=0, activation=None)
+    assert out.tolist() == [-2, -1, 0, 1, 2, 3, 127, -128]
+    # 26/256 on the exact value, one rounding: -100 * 26/256 = -10.16 -> -10
+    assert io.pot_requantize(np.array([-256, -100, 64]), None, shift_cut=0, shift_bias=0, activation="leaky_relu").tolist() == [-26, -10, 64]
+    # a negative shift_bias keeps the bias's fraction bits: (acc + 0.75) / 2
+    got = io.pot_requantize(np.array([0, 1, 2]), np.array([3]), shift_cut=1, shift_bias=-2, activation=None)
+    assert got.tolist() == np.floor((np.array([0, 1, 2]) + 0.75) / 2 + 0.5).tolist()
+    # int32 fast path (bound given) equals int64
+    acc = np.random.default_rng(0).integers(-2**20, 2**20, 1000)
+    a = io.pot_requantize(acc, np.array([5]), shift_cut=9, shift_bias=3, activation="relu", acc_bound=2.0**21)
+    b = io.pot_requantize(acc, np.array([5]), shift_cut=9, shift_bias=3, activation="relu")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_pot_pools_eltwise_and_activation() -> None:
+    assert io.avgpool_factors(3, 3) == (7, 6) and io.avgpool_factors(2, 2) == (1, 2)
+    q = np.full((1, 3, 3, 1), 10, np.int8)
+    q[0, 0, 0, 0] = 20  # sum 100 * 7 / 64 = 10.94 -> 11
+    assert int(io.pot_avg_pool(q, (3, 3), (1, 1), (0, 0, 0, 0), 0, 0)[0, 0, 0, 0]) == 11
+    m = np.arange(16, dtype=np.int8).reshape(1, 4, 4, 1) - 8
+    assert io.pot_max_pool(m, (2, 2), (2, 2), (0, 0, 0, 0), 0, 0)[..., 0].tolist() == [[[-3, -1], [5, 7]]]
+    # padding never wins a max even below every code
+    assert io.pot_max_pool(np.full((1, 2, 2, 1), -128, np.int8), (2, 2), (1, 1), (1, 1, 0, 0), 0, 0).min() == -128
+    # eltwise: align to the smaller fix point with 7 fraction bits: 10 * 2**-2 + 8 * 2**-3 = 3.5 -> at fo 1: 7
+    assert io.pot_eltwise_add([np.array([10]), np.array([8])], [2, 3], 1).tolist() == [7]
+    assert io.pot_activation(np.array([-100, 50]), "leaky_relu", 0, 0).tolist() == [-10, 50]
+    assert io.pot_activation(np.array([-100, 50]), "relu", 1, 0).tolist() == [0, 25]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_integer_matmul_and_conv_accumulate_are_exact(signed: bool) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128 if signed else 0, 128, (3, 6, 5, 4)).astype(np.int8)
+    w = rng.integers(-128, 128, (7, 3, 3, 4)).astype(np.int8)  # OHWI
+    got = io.conv2d_accumulate(x, w, (1, 1), (1, 1, 1, 1))
+    want = io.conv2d_nhwc(x, w, pads=(1, 1, 1, 1), acc_bits=48)  # no wrap at these sizes
+    np.testing.assert_array_equal(got, want)
+    mm = io.IntegerMatmul(w.reshape(7, -1).T)
+    xs = x.reshape(-1, 4)[:, :1].repeat(36, axis=1)
+    np.testing.assert_array_equal(mm(xs), xs.astype(np.int64) @ w.reshape(7, -1).T.astype(np.int64))
