@@ -318,6 +318,7 @@ def bad_input_cases() -> list[BadInput]:
 class Outcome:
     handled: bool
     reasons: list[str] = field(default_factory=list)
+    lost: int = 0  # files present before the case and missing or changed after it
 
 
 def check_bad_input(case: BadInput, files: dict[str, Path]) -> Outcome:
@@ -336,10 +337,11 @@ def check_bad_input(case: BadInput, files: dict[str, Path]) -> Outcome:
         reasons.append(f"stderr is not one 'nilmc: error: ...; remedy' line: {r.stderr[-300:]!r}")
     if "Traceback" in r.output:
         reasons.append("traceback printed")
+    lost = sum(1 for k, v in before.items() if after.get(k) != v)
     if before != after:
         changed = sorted(set(before.items()) ^ set(after.items()))
         reasons.append(f"files changed: {changed[:4]}")
-    return Outcome(not reasons, reasons)
+    return Outcome(not reasons, reasons, lost)
 
 
 # ---------------------------------------------------------------- tamper cases
