@@ -1,7 +1,9 @@
 """The backend protocol: declared capabilities, ``lower`` (no hardware) and ``runner``."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,8 +28,16 @@ class Capabilities:
     """What a backend can do, as data.
 
     ``precisions`` are the precision names it lowers to (``fp32``, ``fp16``, ``int8``, ...).
-    ``traits`` maps a precision to its quantization traits record (``quantization.traits``),
-    ``requires`` lists importable modules it needs and ``extra`` the pip extra providing them.
+    ``traits`` maps a precision to its quantization traits record (``quantization.traits``):
+    a precision with traits quantizes, and the compile driver derives its parameters from the
+    one calibration pass, runs the overflow checks under the user's policy and hands the
+    result to ``lower`` as ``options["params"]`` (``options["overflow"]`` the report).
+    ``estimators`` maps a precision to the range estimator its parameters start from
+    (default: nilmc's techniques pipeline). ``requires`` lists importable modules it needs and
+    ``extra`` the pip extra providing them; ``keras_precisions`` the precisions that lower from
+    the Keras source (they need TensorFlow and a .keras/.h5 model).
+    ``options`` is the backend's typed options record: a frozen dataclass whose fields all
+    have defaults, reachable as ``--option BACKEND.FIELD=VALUE`` and from the Python API.
     ``limitations`` declares known gaps as data, so tests and reports can read them.
     """
 
@@ -37,6 +47,15 @@ class Capabilities:
     requires: tuple[str, ...] = ()
     extra: str | None = None
     limitations: Mapping[str, str] = field(default_factory=dict)
+    estimators: Mapping[str, str] = field(default_factory=dict)
+    keras_precisions: tuple[str, ...] = ()
+    options: type | None = None
+
+    def quantizes(self, precision: str) -> bool:
+        return precision in self.traits
+
+    def needs_keras(self, precision: str) -> bool:
+        return precision in self.keras_precisions
 
 
 @dataclass
@@ -79,6 +98,62 @@ class Backend(Protocol):
     def runner(self, artifact: Artifact) -> Runner:
         """A runner for an artifact this backend lowered."""
         ...
+
+
+def option_fields(caps: Capabilities) -> dict[str, dataclasses.Field[Any]]:
+    """The typed options a backend declares (name -> dataclass field); {} when it has none."""
+    return {f.name: f for f in dataclasses.fields(caps.options)} if caps.options is not None else {}
+
+
+def parse_backend_options(backend: str, caps: Capabilities, raw: Mapping[str, Any]) -> Any:
+    """Build a backend's typed options record from ``raw`` (strings from the CLI, or values from Python).
+
+    Strings are converted by the field's annotation (bool: true/false/1/0/yes/no; int; float;
+    str; ``X | None`` also takes "none"). Unknown names and bad values raise
+    :class:`BadInputError` naming the backend's options. Returns None when the backend has
+    no options record and ``raw`` is empty.
+    """
+    from nilmc.compiler.errors import BadInputError
+
+    fields = option_fields(caps)
+    if not fields:
+        if raw:
+            raise BadInputError(f"backend {backend!r} takes no options (got {', '.join(sorted(raw))})", "remove the --option for it")
+        return None
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise BadInputError(f"unknown option(s) {', '.join(f'{backend}.{u}' for u in unknown)}",
+                            f"{backend} takes: {', '.join(f'{backend}.{n}' for n in fields)}")
+    hints = typing.get_type_hints(caps.options)
+    values = {k: _coerce(backend, k, v, hints[k]) for k, v in raw.items()}
+    try:
+        return caps.options(**values)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"invalid {backend} options {values} ({exc})", f"{backend} takes: {', '.join(fields)}") from None
+
+
+def _coerce(backend: str, name: str, value: Any, hint: Any) -> Any:
+    from nilmc.compiler.errors import BadInputError
+
+    if not isinstance(value, str):
+        return value
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    text = value.strip()
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(f"not a boolean: {text!r}")
+            return low in ("true", "1", "yes", "on")
+        if base in (int, float):
+            return base(text)
+    except ValueError as exc:
+        raise BadInputError(f"option {backend}.{name}={value!r}: {exc}", f"{backend}.{name} is a {getattr(base, '__name__', base)}") from None
+    return text
 
 
 def missing_modules(modules: tuple[str, ...]) -> list[str]:

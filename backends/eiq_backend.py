@@ -6,9 +6,13 @@ What it produces (``lower``), per precision:
 * ``int8_pt``  per-tensor symmetric int8 weights (what the i.MX 8M Plus NPU runs fastest), int8 I/O;
 * ``uint8_io`` as ``int8_pt`` but uint8 input/output tensors (QUANTIZE ops inside convert to int8).
 
-The flatbuffer is built by :func:`nilmc.backends.tflite_int8.build_int8_tflite` with nilmc's
-parameters (``QuantContext.params(eiq_traits(...))``), then checked (:func:`check_vx_graph`):
-no float tensor left, every op in :data:`VX_ALLOWED_OPS`, per-tensor weights when asked.
+eIQ lowers through tflite's full-integer routine: each precision is a
+:class:`~nilmc.backends.tflite_int8.FullIntegerSpec` in :data:`EIQ_SPECS` (eIQ traits, per-tensor option,
+I/O dtype, op allow-list :data:`VX_ALLOWED_OPS`, integer-only), and
+:func:`~nilmc.backends.tflite_int8.integer_params` / :func:`~nilmc.backends.tflite_int8.build_full_integer`
+derive nilmc's parameters, write them into the flatbuffer and check it against the spec
+(no float tensor left, every op allow-listed, per-tensor weights when asked). The TensorFlow
+conversion is shared with ``tflite:int8`` and the other eIQ precisions in one process.
 Files: ``model_eiq.tflite``, ``eiq_check.json`` and the board hand-off ``run_on_imx8mp.py`` /
 ``run_on_imx8mp.sh`` (VX delegate ``/usr/lib/libvx_delegate.so``) with ``imx8mp_windows.npy`` and
 ``imx8mp_cpu_reference.npy`` to compare the board's output against.
@@ -24,17 +28,41 @@ operator table); ops outside it would fall back to the Cortex-A53 or fail, so th
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nilmc.backends import tflite_int8
 from nilmc.backends.base import Artifact, Capabilities
+from nilmc.backends.tflite_int8 import (  # noqa: F401  (graph_ops, UnsupportedOpError: part of this module's API)
+    FullIntegerSpec,
+    UnsupportedOpError,
+    build_full_integer,
+    check_graph,
+    graph_ops,
+    integer_params,
+    io_quantization,
+    load_flatbuffer,
+    op_code,
+    op_name,
+    type_name,
+)
 from nilmc.compiler.errors import BadInputError
+from nilmc.compiler.io import atomic_write_bytes, atomic_write_json
+from nilmc.compiler.tfcompat import load_keras, require_tflite
 from nilmc.quantization.intops import (
-    INT_RANGES, Rounding, conv2d_nhwc, dense, max_pool, avg_pool, quantize, quantize_multiplier, requantize,
+    INT_RANGES,
+    Rounding,
+    avg_pool,
+    conv2d_nhwc,
+    dense,
+    max_pool,
+    quantize,
+    quantize_multiplier,
+    requantize,
 )
 from nilmc.quantization.traits import QuantTraits
 
@@ -48,16 +76,11 @@ ALLOWED_TENSOR_TYPES = ("int8", "uint8", "int32")  # uint8 only on the I/O tenso
 NPU_NOTE = "NPU execution itself needs an i.MX 8M Plus board (VX delegate); verified on the CPU interpreter + NPU requantization emulation"
 PRECISIONS = {"int8": (False, "int8"), "int8_pt": (True, "int8"), "uint8_io": (True, "uint8")}  # -> (per_tensor, io_dtype)
 HANDOFF_WINDOWS = 64
+PRIMARY = "model_eiq.tflite"
 
 
-class UnsupportedOpError(BadInputError):
-    """The model has an op the eIQ (VX delegate) path does not take; ``.ops`` names them."""
-
-    def __init__(self, ops: list[str], where: str) -> None:
-        self.ops = ops
-        super().__init__(f"{where} has op(s) the i.MX 8M Plus NPU path does not take: {', '.join(ops)}",
-                         f"use layers that lower to {', '.join(VX_ALLOWED_OPS)} (Conv2D, Dense, Flatten, pooling, ReLU), "
-                         "or pick another target")
+ALLOW_LIST_SOURCE = "assumption: conservative subset of the VX delegate operator table in NXP IMXMLUG (i.MX Machine Learning User's Guide)"
+NPU_PATH = "the i.MX 8M Plus NPU path"
 
 
 def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8") -> QuantTraits:
@@ -70,68 +93,30 @@ def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8") -> QuantTrai
                        requant_multiplier_bits=16)
 
 
+def eiq_spec(precision: str) -> FullIntegerSpec:
+    """The eIQ constraints for ``precision`` as data: tflite's full-integer routine lowers every eIQ precision."""
+    per_tensor, io_dtype = PRECISIONS[precision]
+    return FullIntegerSpec(label=f"eiq:{precision}", traits=eiq_traits(per_tensor=per_tensor), per_tensor=per_tensor,
+                           io_dtype=io_dtype, allowed_ops=VX_ALLOWED_OPS, integer_only=True, target=NPU_PATH,
+                           allow_list_source=ALLOW_LIST_SOURCE)
+
+
+EIQ_SPECS = {p: eiq_spec(p) for p in PRECISIONS}
+
+
 # --------------------------------------------------------------------------- graph check
-def _type_name(code: int) -> str:
-    from nilmc.backends.tflite_int8 import TYPE_NAMES
-
-    return TYPE_NAMES.get(int(code), f"type{code}")
-
-
-def graph_ops(fb: bytes) -> list[dict[str, Any]]:
-    """Ops of subgraph 0: name, input/output tensor indices and the tensors' dtypes."""
-    from nilmc.backends.tflite_int8 import load_flatbuffer, op_code, op_name
-
-    m = load_flatbuffer(fb)
-    sg = m.subgraphs[0]
-    out = []
-    for op in sg.operators:
-        ins = [int(i) for i in op.inputs if i >= 0]
-        outs = [int(i) for i in op.outputs]
-        out.append({"op": op_name(op_code(m, op)), "inputs": ins, "outputs": outs,
-                    "dtypes": sorted({_type_name(sg.tensors[i].type) for i in ins + outs})})
-    return out
-
-
 def check_vx_graph(fb: bytes, *, per_tensor: bool | None = None, integer_only: bool = True, where: str = "the TFLite graph") -> dict[str, Any]:
     """Check ``fb`` for the VX delegate: ops in :data:`VX_ALLOWED_OPS` (else :class:`UnsupportedOpError` naming them),
     no float tensor when ``integer_only`` (default True), one weight scale per tensor when ``per_tensor``.
 
     Returns the JSON-able report written to ``eiq_check.json``."""
-    from nilmc.backends.tflite_int8 import load_flatbuffer, tensor_name
-    from nilmc.compiler.errors import QuantizationError
-
-    ops = graph_ops(fb)
-    bad = sorted({o["op"] for o in ops if o["op"] not in VX_ALLOWED_OPS})
-    if bad:
-        raise UnsupportedOpError(bad, where)
-    m = load_flatbuffer(fb)
-    sg = m.subgraphs[0]
-    float_ops = [f"{o['op']}({', '.join(o['dtypes'])})" for o in ops if set(o["dtypes"]) - set(ALLOWED_TENSOR_TYPES)]
-    if integer_only and float_ops:
-        raise QuantizationError(f"{where} is not integer-only: {float_ops[:5]}", "lower with int8/uint8 I/O (precisions int8, int8_pt, uint8_io)")
-    weights = []
-    for o in ops:
-        if o["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-            t = sg.tensors[o["inputs"][1]]
-            n = len(t.quantization.scale) if t.quantization is not None and t.quantization.scale is not None else 0
-            weights.append({"op": o["op"], "tensor": tensor_name(t), "scales": n, "zero_points_all_zero":
-                            bool(t.quantization is None or t.quantization.zeroPoint is None or not np.any(np.asarray(t.quantization.zeroPoint)))})
-    pt = all(w["scales"] == 1 for w in weights)
-    if per_tensor and not pt:
-        raise QuantizationError(f"per-tensor weights were asked for but {[w['tensor'] for w in weights if w['scales'] != 1]} have per-channel scales",
-                                "derive the parameters with eiq_traits(per_tensor=True)")
-    return {"ops": [o["op"] for o in ops], "op_counts": {k: sum(o["op"] == k for o in ops) for k in sorted({o["op"] for o in ops})},
-            "tensor_dtypes": sorted({_type_name(t.type) for t in sg.tensors}), "float_ops": float_ops, "integer_only": not float_ops,
-            "weights_per_tensor": pt, "weights": weights, "allowed_ops": list(VX_ALLOWED_OPS),
-            "allow_list_source": "assumption: conservative subset of the VX delegate operator table in NXP IMXMLUG (i.MX Machine Learning User's Guide)"}
+    spec = replace(EIQ_SPECS["int8_pt" if per_tensor else "int8"], integer_only=integer_only)
+    return check_graph(fb, spec, where=where)
 
 
 def scan_keras_ops(keras_model: Any) -> list[str]:
-    """Ops of the FP32 TFLite conversion of ``keras_model`` outside :data:`VX_ALLOWED_OPS` (to name the culprit when
-    the full-integer conversion fails); [] when none."""
-    from nilmc.backends.tflite_int8 import convert_keras
-
-    return sorted({o["op"] for o in graph_ops(convert_keras(keras_model, "fp32")) if o["op"] not in VX_ALLOWED_OPS})
+    """Ops of the FP32 TFLite conversion of ``keras_model`` outside :data:`VX_ALLOWED_OPS`; [] when none."""
+    return tflite_int8.scan_keras_ops(keras_model, VX_ALLOWED_OPS)
 
 
 # --------------------------------------------------------------------------- integer emulation
@@ -152,7 +137,7 @@ def _read_tensors(m: Any) -> list[_Tensor]:
     sg = m.subgraphs[0]
     out = []
     for t in sg.tensors:
-        dtype = _type_name(t.type)
+        dtype = type_name(t.type)
         q = t.quantization
         scale = np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32)
         zp = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], np.int64)
@@ -260,8 +245,6 @@ def emulate_int8(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: int = 32) -
     """Run the integer graph of ``fb`` in numpy (nilmc's :mod:`~nilmc.quantization.intops` reference ops) on input
     codes ``x_codes``; returns the output codes. ``multiplier_bits``: 32 = TFLite's requantization, 16 = the
     NPU hypothesis (16-bit normalized multiplier). Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`."""
-    from nilmc.backends.tflite_int8 import load_flatbuffer, op_code, op_name
-
     m = load_flatbuffer(fb)
     sg = m.subgraphs[0]
     t = _read_tensors(m)
@@ -307,11 +290,9 @@ def _cpu_codes(fb: bytes, x_codes: np.ndarray, *, default_delegates: bool) -> np
     return np.asarray(it.get_tensor(out["index"])).copy()
 
 
-def npu_emulation(fb: bytes, x: np.ndarray, model: "Model", calibration: Any = None) -> dict[str, Any]:
+def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = None) -> dict[str, Any]:
     """Emulated NPU drift on windows ``x`` (normalized): 32-bit emulation vs the TFLite CPU interpreter (sanity),
     16-bit vs 32-bit emulation in output codes and watts, and EACC on ``calibration`` labels when given."""
-    from nilmc.backends.tflite_int8 import io_quantization
-
     io = io_quantization(fb)
     xq = _input_codes(x, io["input"])
     e32 = emulate_int8(fb, xq, multiplier_bits=32)
@@ -399,8 +380,6 @@ python3 run_on_imx8mp.py "$@"
 
 def write_handoff(out_dir: Path, fb: bytes, x: np.ndarray) -> list[str]:
     """Board hand-off: scripts, input codes of ``x`` and the CPU interpreter's output codes for them."""
-    from nilmc.backends.tflite_int8 import io_quantization
-    from nilmc.compiler.io import atomic_write_bytes
     import io as _io
 
     io = io_quantization(fb)
@@ -419,6 +398,15 @@ def write_handoff(out_dir: Path, fb: bytes, x: np.ndarray) -> list[str]:
 
 
 # --------------------------------------------------------------------------- backend
+@dataclass(frozen=True)
+class EiqOptions:
+    """Typed options of the eIQ backend (``--option eiq.NAME=VALUE``): ``npu_emulation`` (default True: emulate the
+    NPU's 16-bit requantization drift on the calibration windows), ``estimator`` (default: the shared pipeline's)."""
+
+    npu_emulation: bool = True
+    estimator: str | None = None
+
+
 class EIQBackend:
     """NXP eIQ: full-integer TFLite for the i.MX 8M Plus NPU, checked for the VX delegate, with an NPU drift emulation."""
 
@@ -428,6 +416,8 @@ class EIQBackend:
         description="NXP eIQ (i.MX 8M Plus NPU via the VX delegate): full-integer TFLite from nilmc's ranges, "
                     "per-channel (int8) or per-tensor (int8_pt, uint8_io) weights; CPU interpreter reference + emulated NPU drift",
         traits={"int8": eiq_traits(), "int8_pt": eiq_traits(per_tensor=True), "uint8_io": eiq_traits(per_tensor=True, io_dtype="uint8")},
+        keras_precisions=tuple(PRECISIONS),
+        options=EiqOptions,
         requires=("tensorflow", "ai_edge_litert"),
         extra="eiq",
         limitations={
@@ -438,66 +428,53 @@ class EIQBackend:
         },
     )
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str = "int8", options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str = "int8", options: Mapping[str, Any] | None = None) -> Artifact:
         """Write ``model_eiq.tflite``, ``eiq_check.json`` and the board hand-off into ``out_dir``.
 
         Options: ``quant`` (QuantContext, required), ``calibration`` (its labels give the emulated EACC),
         ``npu_emulation`` (default True), ``estimator`` (default: the context's)."""
-        from nilmc.backends.tflite_backend import _require_modules, _write, load_keras
-        from nilmc.backends.tflite_int8 import build_int8_tflite, io_quantization
-        from nilmc.quantization.context import require_quant
-        from nilmc.quantization.overflow import check_overflow
-        from nilmc.quantization.qat import keras_quant_from_params, widen_output
-
         if precision not in PRECISIONS:
             raise BadInputError(f"eiq has no precision {precision!r}", f"available: {', '.join(PRECISIONS)}")
         if not model.keras_path:
             load_keras(model)  # the clear "needs the Keras model" error
-        _require_modules()
+        require_tflite()
         options = dict(options or {})
         out_dir = Path(out_dir)
-        per_tensor, io_dtype = PRECISIONS[precision]
-        ctx = require_quant(options, f"{self.name}:{precision}")
+        spec = EIQ_SPECS[precision]
         keras_model = load_keras(model)
-        traits = eiq_traits(per_tensor=per_tensor)  # I/O dtype changes no parameter: share the cached params
-        params = ctx.params(traits, estimator=options.get("estimator"))
-        overflow = check_overflow(model.graph, ctx.statistics, params, traits, peak_output=model.contract,
-                                  policy={"default": "warn", "output_clipping": "fix"})
-        params = overflow.params
-        kq = widen_output(keras_quant_from_params(keras_model, params), model.contract)
-        try:
-            result = build_int8_tflite(keras_model, kq, ctx.calib_x, per_tensor=per_tensor, io_dtype=io_dtype)
-        except BadInputError:
-            bad = scan_keras_ops(keras_model)
-            if bad:
-                raise UnsupportedOpError(bad, f"model {model.source or '?'!r}") from None
-            raise
+        derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
+        calib_x = derived.calib_x
+        result, check = build_full_integer(keras_model, derived.kq, calib_x, spec, where=f"model {model.source or '?'!r}")
         fb = result.flatbuffer
-        check = check_vx_graph(fb, per_tensor=per_tensor, where=f"model {model.source or '?'!r}")
         check["precision"], check["io"] = precision, io_quantization(fb)
-        name = _write(out_dir, "model_eiq.tflite", fb)
-        _write(out_dir, "eiq_check.json", (json.dumps(check, indent=2, sort_keys=True) + "\n").encode())
-        extra = ["eiq_check.json"] + write_handoff(out_dir, fb, ctx.calib_x[:HANDOFF_WINDOWS])
-        info: dict[str, Any] = {
-            "tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(), "overflow": overflow.to_json(),
-            "traits": traits.with_(io_dtype=io_dtype).to_json(), "per_tensor": per_tensor, "io_dtype": io_dtype,
-            "param_check": {k: v for k, v in result.check.items() if k != "mismatches"}, "io": check["io"],
-            "eiq_check": {k: check[k] for k in ("op_counts", "integer_only", "weights_per_tensor", "tensor_dtypes")},
-            "runtime": "ai_edge_litert Interpreter (CPU, 1 thread): CPU reference of the eIQ artifact",
-            "verification_note": NPU_NOTE, "npu": "not run (needs an i.MX 8M Plus board)",
-            "handoff": {"command": "sh run_on_imx8mp.sh", "delegate": VX_DELEGATE,
-                        "benchmark": f"benchmark_model --graph=model_eiq.tflite --external_delegate_path={VX_DELEGATE}"},
-            "extra_files": extra,
-        }
+        atomic_write_bytes(out_dir / PRIMARY, fb)
+        atomic_write_json(out_dir / "eiq_check.json", check)
+        extra = ["eiq_check.json"] + write_handoff(out_dir, fb, calib_x[:HANDOFF_WINDOWS])
+        info = _info(spec, derived, result, check, extra)
         if options.get("npu_emulation", True):
-            info["npu_emulation"] = npu_emulation(fb, ctx.calib_x, model, options.get("calibration", ctx.calibration))
-        kind = (f"eIQ full-integer TFLite for the i.MX 8M Plus NPU ({'per-tensor' if per_tensor else 'per-channel'} int8 weights, "
-                f"{io_dtype} I/O; CPU reference run, NPU emulated)")
-        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+            info["npu_emulation"] = npu_emulation(fb, calib_x, model, options.get("calibration", derived.calibration))
+        kind = (f"eIQ full-integer TFLite for the i.MX 8M Plus NPU ({'per-tensor' if spec.per_tensor else 'per-channel'} int8 weights, "
+                f"{spec.io_dtype} I/O; CPU reference run, NPU emulated)")
+        return Artifact(self.name, precision, out_dir, PRIMARY, [PRIMARY], kind=kind, info=info)
 
     def runner(self, artifact: Artifact) -> Any:
         """The ai_edge_litert CPU interpreter on the artifact (MEASURED: CPU reference of the eIQ artifact)."""
         from nilmc.backends.tflite_backend import TFLiteRunner
 
         return TFLiteRunner(artifact.path)
+
+
+def _info(spec: FullIntegerSpec, derived: Any, result: Any, check: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """The artifact's ``info``: parameters, overflow report, traits, checks and the board hand-off."""
+    return {
+        "tools": ["tensorflow", "ai-edge-litert"], "quantization": derived.params.to_json(), "overflow": derived.overflow.to_json(),
+        "traits": spec.traits.with_(io_dtype=spec.io_dtype).to_json(), "per_tensor": spec.per_tensor, "io_dtype": spec.io_dtype,
+        "param_check": {k: v for k, v in result.check.items() if k != "mismatches"}, "io": check["io"],
+        "eiq_check": {k: check[k] for k in ("op_counts", "integer_only", "weights_per_tensor", "tensor_dtypes")},
+        "runtime": "ai_edge_litert Interpreter (CPU, 1 thread): CPU reference of the eIQ artifact",
+        "verification_note": NPU_NOTE, "npu": "not run (needs an i.MX 8M Plus board)",
+        "handoff": {"command": "sh run_on_imx8mp.sh", "delegate": VX_DELEGATE,
+                    "benchmark": f"benchmark_model --graph={PRIMARY} --external_delegate_path={VX_DELEGATE}"},
+        "extra_files": extra,
+    }
 

@@ -69,11 +69,10 @@ class OnnxRuntimeBackend:
             model.save_onnx(out_dir / "model.onnx")
             return Artifact(self.name, precision, out_dir, "model.onnx", ["model.onnx"], kind="ONNX FP32 (onnxruntime)")
         from nilmc.compiler.model import Model as _Model
-        from nilmc.quantization.context import require_quant
+        from nilmc.quantization.context import shared_params
         from nilmc.quantization.qdq import build_qdq_model
 
-        ctx = require_quant(options, f"{self.name}:{precision}")
-        params = ctx.params(GENERIC_INT8)
+        params = shared_params(options, GENERIC_INT8, f"{self.name}:{precision}")
         qdq = _Model(build_qdq_model(model.graph, params), model.contract, source=model.source)
         qdq.save_onnx(out_dir / "model_qdq.onnx")
         return Artifact(self.name, precision, out_dir, "model_qdq.onnx", ["model_qdq.onnx"], kind="ONNX QDQ INT8 (onnxruntime)",

@@ -237,10 +237,10 @@ class OpenVINOBackend:
         if precision != "int8":
             return model, {}
         from nilmc.compiler.model import Model as _Model
-        from nilmc.quantization.context import require_quant
+        from nilmc.quantization.context import shared_params
         from nilmc.quantization.qdq import build_qdq_model
 
-        params = require_quant(options, f"{self.name}:{precision}").params(OPENVINO_INT8)
+        params = shared_params(options, OPENVINO_INT8, f"{self.name}:{precision}")
         qdq = _Model(build_qdq_model(model.graph, params), model.contract, source=model.source)
         return qdq, {"quantization": params.to_json()}
 

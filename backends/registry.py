@@ -6,12 +6,13 @@ raises the original error only when it is used, so it never breaks the CLI.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from nilmc.backends.base import Artifact, Backend, Capabilities, availability
+from nilmc.backends.base import Artifact, Backend, Capabilities, availability, option_fields
 from nilmc.compiler.errors import BadInputError, InternalError, UnknownBackendError
 
 ENTRY_POINT_GROUP = "nilmc.backends"
@@ -132,6 +133,10 @@ class Registry:
                 "reason": why,
                 "description": caps.description,
                 "limitations": dict(caps.limitations),
+                "quantizing_precisions": [p for p in caps.precisions if caps.quantizes(p)],
+                "keras_precisions": list(caps.keras_precisions),
+                "options": {n: {"type": str(f.type), "default": None if f.default is dataclasses.MISSING else f.default}
+                            for n, f in option_fields(caps).items()},
             })
         return rows
 

@@ -480,9 +480,9 @@ class TensorRTBackend:
         if precision == "fp16":
             info = {"tools": tools, "fp16_range_check": _check_fp16_activations(options), "io": "float32 (Cast to/from float16 inside)"}
             return to_float16(model.graph), info
-        from nilmc.quantization.context import require_quant
+        from nilmc.quantization.context import shared_params
 
-        params = require_quant(options, f"{self.name}:{precision}").params(TENSORRT_INT8)
+        params = shared_params(options, TENSORRT_INT8, f"{self.name}:{precision}")
         info = {"tools": tools, "quantization": params.to_json(), "io": "float32 (Q/DQ inside)",
                 "bias": "float32 (int32 bias DequantizeLinear folded: TensorRT dequantizes int8 only)"}
         return tensorrt_qdq_model(model, params), info

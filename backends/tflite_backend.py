@@ -17,7 +17,8 @@ Options (``lower(..., options=...)``; the compile driver passes ``quant`` and ``
     ``io_dtype``       ``"int8"`` (default), ``"uint8"`` or ``"float"``: I/O tensors of the integer models.
     ``per_tensor``     False (default): per-channel weights; True: per-tensor weights.
     ``estimator``      activation range estimator (default: the context's, min-max).
-    ``qat_epochs`` (3), ``qat_learning_rate`` (2e-6; 1e-4 raised the held-out error from the first epoch on the shipped model), ``qat_batch_size`` (64), ``qat_seed`` (0),
+    ``qat_epochs`` (3), ``qat_learning_rate`` (2e-6; 1e-4 raised the held-out error from the first epoch on the
+    shipped model), ``qat_batch_size`` (64), ``qat_seed`` (0),
     ``qat_train``      a labelled :class:`NilmDataset` (e.g. the training split) to fine-tune on instead of
                        the calibration set.
     ``qat_targets``    ``"auto"`` (default: ``"labels"`` with ``qat_train``, ``"teacher"`` on the calibration
@@ -47,14 +48,26 @@ Determinism: the converter and the rewrite are deterministic for the same model 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nilmc.backends.base import Artifact, Capabilities, Verification
+from nilmc.backends.tflite_int8 import (
+    FullIntegerSpec,
+    build_full_integer,
+    check_io_dtype,
+    convert_keras,
+    integer_params,
+    io_quantization,
+    tflite_traits,
+)
 from nilmc.compiler.errors import BadInputError, DataError, MissingDependencyError
+from nilmc.compiler.io import atomic_write_bytes
+from nilmc.compiler.tfcompat import NO_KERAS, load_keras, require_tflite  # noqa: F401  (load_keras: used by dpu QAT, benchmarks)
 from nilmc.quantization.intops import Rounding, int_range, quantize
 from nilmc.quantization.traits import TFLITE_INT8
 
@@ -63,7 +76,6 @@ if TYPE_CHECKING:
 
 FLOAT_PRECISIONS = ("fp32", "fp16", "dynamic_int8")
 INT_PRECISIONS = ("int8", "qat_int8")
-NO_KERAS = "TFLite lowering needs the Keras model; pass the .keras/.h5 file"
 
 
 @dataclass(frozen=True)
@@ -82,9 +94,7 @@ class TFLiteOptions:
     tflm: bool = True
 
     @classmethod
-    def parse(cls, options: Mapping[str, Any] | None) -> "TFLiteOptions":
-        from nilmc.backends.tflite_int8 import check_io_dtype
-
+    def parse(cls, options: Mapping[str, Any] | None) -> TFLiteOptions:
         o = dict(options or {})
         try:
             out = cls(
@@ -121,7 +131,7 @@ class TFLiteRunner:
         self._it: Any = None
         self._batch: int | None = None
 
-    def __enter__(self) -> "TFLiteRunner":
+    def __enter__(self) -> TFLiteRunner:
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
@@ -169,33 +179,10 @@ def _from_tensor(y: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- helpers
-def load_keras(model: "Model") -> Any:
-    """The tf_keras model behind ``model`` (its ``keras_path``), or :class:`BadInputError`."""
-    if not model.keras_path:
-        raise BadInputError(f"model {model.source or '?'!r} has no Keras source ({NO_KERAS})",
-                            "load the model from its .keras or .h5 file (nilmc compile model.keras ...), not from .onnx or a SavedModel")
-    from nilmc.compiler.frontend import SourceKind, _read_keras, detect_kind
-
-    path = Path(model.keras_path)
-    kind = detect_kind(path)
-    if kind is not SourceKind.TF_KERAS:
-        raise BadInputError(f"{str(path)!r} is a {kind.value} model; TFLite lowering and QAT here use tf_keras (Keras 2) models",
-                            "save the model with tf_keras (nilmc train does), or export ONNX and use another backend")
-    return _read_keras(path, kind)
-
-
-def _require_modules() -> None:
-    import importlib.util
-
-    for module, package, extra in (("tensorflow", "tensorflow", "tflite"), ("ai_edge_litert", "ai-edge-litert", "tflite")):
-        if importlib.util.find_spec(module) is None:
-            raise MissingDependencyError(package, extra, "TFLite lowering")
-
-
 QAT_TARGETS = ("auto", "teacher", "labels")
 
 
-def _qat_data(model: "Model", keras_model: Any, options: Mapping[str, Any], opts: "TFLiteOptions") -> dict[str, Any]:
+def _qat_data(model: Model, keras_model: Any, options: Mapping[str, Any], opts: TFLiteOptions) -> dict[str, Any]:
     """QAT windows and targets, split into a training part and a held-out block (the last ``qat_holdout``)."""
     given = options.get("qat_train") is not None
     ds = options.get("qat_train") if given else options.get("calibration")
@@ -219,8 +206,6 @@ def _qat_data(model: "Model", keras_model: Any, options: Mapping[str, Any], opts
 
 
 def _write(out_dir: Path, name: str, data: bytes) -> str:
-    from nilmc.compiler.io import atomic_write_bytes
-
     atomic_write_bytes(Path(out_dir) / name, data)
     return name
 
@@ -232,6 +217,8 @@ class TFLiteBackend:
         precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
         description="TFLite (ai_edge_litert runtime): FP32, FP16, dynamic-range INT8, full-integer INT8 from nilmc's ranges, QAT INT8; TFLite Micro export",
         traits={"int8": TFLITE_INT8, "qat_int8": TFLITE_INT8},
+        keras_precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
+        options=TFLiteOptions,
         requires=("tensorflow", "ai_edge_litert"),
         extra="tflite",
         limitations={
@@ -242,13 +229,13 @@ class TFLiteBackend:
         },
     )
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
         """Write ``model_<precision>.tflite`` (and, for integer precisions, the TFLite Micro export) into ``out_dir``."""
         if precision not in self.capabilities.precisions:
             raise BadInputError(f"tflite has no precision {precision!r}", f"available: {', '.join(self.capabilities.precisions)}")
         if not model.keras_path:
             load_keras(model)  # raises the clear "needs the Keras model" error before anything is imported
-        _require_modules()
+        require_tflite()
         out_dir = Path(out_dir)
         keras_model = load_keras(model)
         if precision in FLOAT_PRECISIONS:
@@ -260,8 +247,6 @@ class TFLiteBackend:
 
     # ------------------------------------------------------------------ float / dynamic
     def _lower_float(self, keras_model: Any, out_dir: Path, precision: str) -> Artifact:
-        from nilmc.backends.tflite_int8 import convert_keras
-
         fb = convert_keras(keras_model, precision)
         name = _write(out_dir, f"model_{precision}.tflite", fb)
         kinds = {"fp32": "TFLite FP32", "fp16": "TFLite FP16 weights", "dynamic_int8": "TFLite dynamic-range INT8 (int8 weights, float activations)"}
@@ -269,24 +254,13 @@ class TFLiteBackend:
                         info={"tools": ["tensorflow", "ai-edge-litert"], "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"})
 
     # ------------------------------------------------------------------ full integer
-    def _lower_int(self, model: "Model", keras_model: Any, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
-        from nilmc.backends.tflite_int8 import build_int8_tflite, io_quantization, tflite_traits
-        from nilmc.quantization.context import require_quant
-        from nilmc.quantization.overflow import check_overflow
-        from nilmc.quantization.qat import keras_quant_from_params, widen_output
-
+    def _lower_int(self, model: Model, keras_model: Any, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
         opts = TFLiteOptions.parse(options)
-        ctx = require_quant(options, f"{self.name}:{precision}")
-        # I/O dtype does not change any parameter: derive with the default (int8) so every I/O variant shares
-        # the context's cached parameters; the flatbuffer gets opts.io_dtype.
-        traits = tflite_traits(per_tensor=opts.per_tensor)
-        params = ctx.params(traits, estimator=opts.estimator)
-        overflow = check_overflow(model.graph, ctx.statistics, params, traits, peak_output=model.contract,
-                                  policy={"default": "warn", "output_clipping": "fix"})
-        params = overflow.params
-        kq = widen_output(keras_quant_from_params(keras_model, params), model.contract)
+        spec = tflite_spec(precision, opts)
+        derived = integer_params(model, keras_model, spec, options, estimator=opts.estimator)
+        params, kq = derived.params, derived.kq
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(),
-                                "overflow": overflow.to_json(), "io_dtype": opts.io_dtype, "per_tensor": opts.per_tensor,
+                                "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype, "per_tensor": opts.per_tensor,
                                 "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"}
         if getattr(params, "keep_float", ()):
             info["keep_float_ignored"] = {"layers": list(params.keep_float),
@@ -298,7 +272,7 @@ class TFLiteBackend:
                 keras_model, kq = tuned
                 info["quantization"] = kq.to_json()  # what is deployed: the QAT ranges and re-derived weight scales
                 extra.append(_write_keras(keras_model, out_dir / "qat_finetuned_float.h5"))
-        result = build_int8_tflite(keras_model, kq, ctx.calib_x, per_tensor=opts.per_tensor, io_dtype=opts.io_dtype)
+        result, _ = build_full_integer(keras_model, kq, derived.calib_x, spec, where=f"model {model.source or '?'!r}")
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info["param_check"] = {k: v for k, v in result.check.items() if k != "mismatches"}
         info["io"] = io_quantization(result.flatbuffer)
@@ -314,7 +288,7 @@ class TFLiteBackend:
         info["extra_files"] = extra  # beside the deployable model; not counted in its size
         return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
 
-    def _qat(self, model: "Model", keras_model: Any, kq: Any, opts: TFLiteOptions, options: Mapping[str, Any],
+    def _qat(self, model: Model, keras_model: Any, kq: Any, opts: TFLiteOptions, options: Mapping[str, Any],
              info: dict[str, Any]) -> tuple[Any, Any] | None:
         """Fine-tune; ``(float model, KerasQuant)`` of the kept epoch, or None when epoch 0 (the PTQ start) was best."""
         from nilmc.quantization.qat import keras_quant_from_qat, qat_finetune, widen_output
@@ -341,11 +315,16 @@ class TFLiteBackend:
         return plain, widen_output(kq_qat, model.contract)
 
 
+def tflite_spec(precision: str, opts: TFLiteOptions) -> FullIntegerSpec:
+    """The full-integer target ``tflite:<precision>`` as data. I/O dtype changes no parameter: the traits keep int8
+    I/O so every I/O variant shares the context's cached parameters; the flatbuffer gets ``opts.io_dtype``."""
+    return FullIntegerSpec(label=f"tflite:{precision}", traits=tflite_traits(per_tensor=opts.per_tensor),
+                           per_tensor=opts.per_tensor, io_dtype=opts.io_dtype)
+
+
 def _write_keras(keras_model: Any, path: Path) -> str:
     """Save the fine-tuned float model as .h5 (atomically, via a temporary file)."""
     import tempfile
-
-    from nilmc.compiler.io import atomic_write_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "m.h5"
@@ -354,7 +333,7 @@ def _write_keras(keras_model: Any, path: Path) -> str:
     return path.name
 
 
-def _output_cover_watts(kq: Any, model: "Model") -> dict[str, Any]:
+def _output_cover_watts(kq: Any, model: Model) -> dict[str, Any]:
     lo, hi = kq.output.representable()
     c = model.contract
     w_lo, w_hi = (float(v) for v in (c.to_watts(np.array([[lo], [hi]], np.float32)) if not c.folded else (lo, hi)))

@@ -110,8 +110,11 @@ class BundleWriter:
     reference_sha256: str
     signer: "Signer | None" = None
 
-    def write(self, bundle: Path, target: "Target", art: Artifact, report: "Report") -> tuple[str, dict[str, Any]]:
-        """Write records, manifest (and signature); returns the manifest's sha256 and the timings kept out of it."""
+    def write(self, bundle: Path, target: "Target", art: Artifact, report: "Report",
+              sections: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Write records, manifest (and signature); returns the manifest's sha256 and the timings kept out of it.
+
+        ``sections``: further manifest sections the driver owns (``overflow``, ``backend_options``)."""
         from nilmc.compiler.driver import tool_versions
 
         info, timings = split_timings({k: v for k, v in art.info.items() if k != "tools"})
@@ -137,6 +140,9 @@ class BundleWriter:
             "verification": report.to_json(),
             "artifact_info": {k: v for k, v in info.items() if k != "quantization"},
         }
+        extra, more_timings = split_timings(dict(sections or {}))
+        manifest.update(extra)
+        timings.update(more_timings)
         data = canonical_json_bytes(manifest)
         atomic_write_bytes(bundle / MANIFEST, data)
         if self.signer is not None:

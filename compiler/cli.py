@@ -147,8 +147,25 @@ def print_summary(summary: Any) -> None:
     click.echo(summary_table(summary))
 
 
+def parse_option_flags(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``("eiq.io_dtype=uint8", "dpu.qat_epochs=5")`` -> ``{"eiq": {"io_dtype": "uint8"}, "dpu": {"qat_epochs": "5"}}``."""
+    from nilmc.compiler.errors import BadInputError
+
+    out: dict[str, dict[str, str]] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        backend, dot, name = key.strip().partition(".")
+        if not sep or not dot or not backend or not name:
+            raise BadInputError(f"--option {v!r} is not BACKEND.NAME=VALUE", "e.g. --option dpu.qat_epochs=5 (nilmc backends --json lists each backend's options)")
+        if name in out.setdefault(backend, {}):
+            raise BadInputError(f"--option {backend}.{name} is given twice", "give each option once")
+        out[backend][name] = value
+    return out
+
+
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
-                junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None) -> None:
+                junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
+                option_flags: tuple[str, ...] = ()) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
     from nilmc.compiler.driver import CompileOptions, compile_model
@@ -169,7 +186,7 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     progress = None if as_json else (lambda s: click.echo(f"  .. {s}", err=True))
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
-                             inputs=inputs, debug=debug)
+                             inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags))
     summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
     if as_json:
         _print_json(summary.to_json())
@@ -204,16 +221,21 @@ def force_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-delta", default=None, help="Budget, e.g. 'eacc=0.5,mae=3' (EACC in points, MAE in W). Default eacc=0.5.")
 @click.option("--junit", type=click.Path(), default=None, help="Write JUnit XML (one test case per target).")
 @click.option("--sign", type=click.Path(), default=None, help="Ed25519 private key (nilmc keygen): sign every bundle's manifest.")
+@click.option("--overflow", type=click.Choice(["warn", "error", "fix"]), default="warn", show_default=True,
+              help="INT8 overflow policy for every quantizing target (findings are in each manifest's overflow section).")
+@click.option("--option", "option_flags", multiple=True, metavar="BACKEND.NAME=VALUE",
+              help="A backend option, e.g. dpu.qat_epochs=5 (repeatable; `nilmc backends --json` lists them).")
 @force_option
 @json_option
 @handle_errors
 def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
-                sign: str | None, force: bool, as_json: bool) -> None:
+                sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
 
     Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
     """
-    run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign)
+    run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign, overflow=overflow,
+                option_flags=option_flags)
 
 
 @cli.command("example")

@@ -10,6 +10,7 @@ input > 1 gate > 0), see :attr:`CompileSummary.exit_code`.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from nilmc.compiler.bundle import MANIFEST, SUMMARY, BundleWriter, VerifyResult,
 from nilmc.compiler.compare import DEFAULT_BUDGET, Report, compare, validate_budget
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, DataError, NilmcError,
-                                   NormalizationError, most_severe)
+                                   NormalizationError, QuantizationError, most_severe)
 from nilmc.compiler.io import atomic_write_json, atomic_write_text, sha256_bytes
 from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
 from nilmc.compiler.model import Model
@@ -46,7 +47,12 @@ class CompileOptions:
     Defaults: batch 512 for accuracy runs, 200 single-window runs for batch-1 latency, no
     JUnit file, no signing key, ``force=False`` (a non-empty output directory nilmc did not
     write is refused), ``inputs=()`` (paths of the model and data files, never written over),
-    ``debug=False`` (True: an internal error inside a target is raised, not recorded).
+    ``debug=False`` (True: an internal error inside a target is raised, not recorded),
+    ``overflow="warn"`` (the INT8 overflow policy for every quantizing target: ``warn`` records
+    the findings in the manifest, ``error`` fails the target (exit 2) naming the tensors, ``fix``
+    applies the fixes overflow.py knows; under ``error`` and ``fix`` output clipping is always
+    fixed, since the head must cover the contract's peak power), ``backend_options={}``
+    (backend name -> {option: value}, checked against the backend's typed options record).
     """
 
     batch_size: int = 512
@@ -56,6 +62,8 @@ class CompileOptions:
     force: bool = False
     inputs: tuple[str | Path, ...] = ()
     debug: bool = False
+    overflow: str = "warn"
+    backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,16 +230,63 @@ def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry 
     return nilm_metrics(eval_truth(model, eval_ds), pred, on_threshold_w=model.contract.on_threshold_w), pred
 
 
+OVERFLOW_POLICIES = ("warn", "error", "fix")
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One target's pipeline as data: traits -> parameters (estimator) -> overflow policy -> lower(options) -> run -> compare.
+
+    ``problem`` is what a pre-check found without doing any work (the target then fails at once with it).
+    """
+
+    target: Target
+    traits: Any = None  # QuantTraits when the precision quantizes
+    estimator: str | None = None
+    options: Any = None  # the backend's typed options record (None when it has none)
+    option_values: Mapping[str, Any] = field(default_factory=dict)  # the options the user set
+    problem: NilmcError | None = None
+
+    @property
+    def quantizes(self) -> bool:
+        return self.traits is not None
+
+
+def plan_targets(model: Model, targets: Sequence[Target], registry: Registry, options: CompileOptions) -> list[TargetPlan]:
+    """Each target's plan, checking the backend options (exit 2 for unknown names or bad values) first."""
+    from nilmc.backends.base import parse_backend_options
+    from nilmc.compiler.errors import BadInputError
+
+    if options.overflow not in OVERFLOW_POLICIES:
+        raise BadInputError(f"unknown overflow policy {options.overflow!r}", f"use one of {', '.join(OVERFLOW_POLICIES)}")
+    used = {t.backend for t in targets}
+    stray = sorted(set(options.backend_options) - used)
+    if stray:
+        raise BadInputError(f"--option names backend(s) {', '.join(stray)} that no target uses", f"targets: {', '.join(map(str, targets))}")
+    typed = {b: parse_backend_options(b, registry.get(b).capabilities, dict(options.backend_options.get(b, {}))) for b in used}
+    plans = []
+    for t in targets:
+        caps = registry.get(t.backend).capabilities
+        problem = None
+        if caps.needs_keras(t.precision) and model.keras_path is None:
+            problem = BadInputError(f"{t} lowers from the Keras source, but {model.source or 'the model'} was given as ONNX",
+                                    "pass the .keras/.h5 file instead, or choose a target that lowers from ONNX (e.g. onnxruntime:int8, openvino:int8)")
+        plans.append(TargetPlan(t, caps.traits.get(t.precision), caps.estimators.get(t.precision), typed[t.backend],
+                                dict(options.backend_options.get(t.backend, {})), problem))
+    return plans
+
+
 def needs_calibration(registry: Registry, target: Target) -> bool:
     """A target quantizes (and needs a calibration set) when its backend declares traits for its precision."""
     return target.precision in registry.get(target.backend).capabilities.traits
 
 
 def preflight(model: Model, eval_ds: NilmDataset, targets: Sequence[Target], out_dir: str | Path, *, calib: NilmDataset | None,
-              registry: Registry, options: CompileOptions) -> None:
-    """Every check that needs no compiling, before any work (each raises a :class:`BadInputError`)."""
+              registry: Registry, options: CompileOptions) -> list[TargetPlan]:
+    """Every check that needs no compiling, before any work (each raises a :class:`BadInputError`); returns the plans."""
     if not targets:
         raise DataError("no targets to compile", "pass --targets, e.g. onnxruntime:int8,tflite:int8")
+    plans = plan_targets(model, targets, registry, options)
     check_output_path(out_dir, inputs=options.inputs)
     if options.junit is not None:
         check_output_file(options.junit, inputs=options.inputs, what="--junit")
@@ -248,6 +303,7 @@ def preflight(model: Model, eval_ds: NilmDataset, targets: Sequence[Target], out
     if calib is not None:
         check_data_for_model(model, calib, role="calibration")
         check_data_normalization(model, calib, role="calibration")
+    return plans
 
 
 def _junit_not_in_out(junit: Path, out: Path, targets: Sequence[Target]) -> None:
@@ -282,7 +338,7 @@ def compile_model(
     registry = registry or default_registry()
     budget = validate_budget(DEFAULT_BUDGET if budget is None else budget)
     targets = list(dict.fromkeys(targets))
-    preflight(model, eval_ds, targets, out_dir, calib=calib, registry=registry, options=options)
+    plans = preflight(model, eval_ds, targets, out_dir, calib=calib, registry=registry, options=options)
     say = progress or (lambda s: None)
     signer = None
     if options.sign_key is not None:
@@ -308,9 +364,9 @@ def compile_model(
         writer = BundleWriter(model, eval_ds, reference_sha256=sha256_bytes(reference_onnx), signer=signer)
         job = _Job(model, registry, {"calibration": calib, "quant": quant}, eval_ds, eval_truth(model, eval_ds), (ref_metrics, ref_pred),
                    budget, options, writer)
-        for target in targets:
-            say(f"lowering {target}")
-            summary.results.append(job.run(target, out.staging / bundle_name(target)))
+        for plan in plans:
+            say(f"lowering {plan.target}")
+            summary.results.append(job.run(plan, out.staging / bundle_name(plan.target)))
         summary.calibration_s = quant.calibration_s if quant is not None else 0.0
         atomic_write_json(out.staging / SUMMARY, summary.to_json())
         summary.warnings.extend(out.commit())
@@ -336,12 +392,15 @@ class _Job:
     options: CompileOptions
     writer: BundleWriter
 
-    def run(self, target: Target, bundle: Path) -> TargetResult:
+    def run(self, plan: TargetPlan, bundle: Path) -> TargetResult:
         import shutil
 
+        target = plan.target
         t0 = time.perf_counter()
         try:
-            return self._run(target, bundle, t0)
+            if plan.problem is not None:
+                raise plan.problem
+            return self._run(plan, bundle, t0)
         except NilmcError as exc:
             shutil.rmtree(bundle, ignore_errors=True)  # never leave a partial bundle
             return TargetResult(target, None, None, error=exc.one_line(), error_code=exc.exit_code, compile_s=time.perf_counter() - t0)
@@ -352,11 +411,36 @@ class _Job:
             msg = f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it"
             return TargetResult(target, None, None, error=msg, error_code=EXIT_INTERNAL, compile_s=time.perf_counter() - t0)
 
-    def _run(self, target: Target, bundle: Path, t0: float) -> TargetResult:
+    def _quantize(self, plan: TargetPlan) -> tuple[Any, dict[str, Any]]:
+        """Parameters from the one calibration pass under the target's traits, then the overflow checks under the policy."""
+        from nilmc.quantization.overflow import QuantizationOverflowError, check_overflow
+
+        quant = self.lower_options["quant"]
+        params = quant.params(plan.traits, estimator=plan.estimator)
+        policy = {"default": self.options.overflow}
+        if self.options.overflow != "warn":
+            policy["output_clipping"] = "fix"
+        try:
+            report = check_overflow(self.model.graph, quant.statistics, params, plan.traits, peak_output=self.model.contract, policy=policy)
+        except QuantizationOverflowError as exc:
+            tensors = sorted({f.tensor for f in exc.report.errors})
+            raise QuantizationError(f"--overflow error: {exc.message} (tensors: {', '.join(tensors)})", exc.remedy) from None
+        return report.params, {"policy": self.options.overflow, **report.to_json()}
+
+    def _run(self, plan: TargetPlan, bundle: Path, t0: float) -> TargetResult:
+        target = plan.target
         ref_metrics, ref_pred = self.reference
         backend = self.registry.get(target.backend)
         bundle.mkdir(parents=True)
-        art = backend.lower(self.model, bundle, precision=target.precision, options=self.lower_options)
+        lower_options = dict(self.lower_options)
+        sections: dict[str, Any] = {}
+        if plan.quantizes:
+            lower_options["params"], sections["overflow"] = self._quantize(plan)
+        if plan.options is not None:
+            lower_options["backend_options"] = plan.options
+            lower_options.update({k: getattr(plan.options, k) for k in plan.option_values})
+            sections["backend_options"] = dataclasses.asdict(plan.options)
+        art = backend.lower(self.model, bundle, precision=target.precision, options=lower_options)
         compile_s = time.perf_counter() - t0
         raw_eval = self.eval_ds.raw_x()
         with backend.runner(art) as runner:
@@ -370,6 +454,6 @@ class _Job:
                     "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity)
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
-        sha, timings = self.writer.write(bundle, target, art, report)
+        sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings)
 

@@ -308,63 +308,18 @@ def _tf(purpose: str) -> Any:
 
 
 def _load_keras_file(path: Path, kind: SourceKind, contract: ModelContract | None) -> Model:
-    keras_model = _read_keras(path, kind)
+    from nilmc.compiler.tfcompat import read_keras
+
+    keras_model = read_keras(path, kind)
     found = _resolve_contract(path, contract, None)
     return keras_to_onnx(keras_model, found, source=str(path), keras_path=path)
 
 
 def _read_keras(path: Path, kind: SourceKind) -> Any:
-    from nilmc.compiler import tfcompat
+    """Old private name, still imported by quantization/qat_flow.py: use :func:`nilmc.compiler.tfcompat.read_keras`."""
+    from nilmc.compiler.tfcompat import read_keras
 
-    if kind is SourceKind.KERAS3:
-        keras = tfcompat.import_keras3(f"loading {path.name}")
-        if keras.backend.backend() != "tensorflow":
-            raise ModelLoadError(
-                f"Keras 3 runs on the {keras.backend.backend()!r} backend here; converting {str(path)!r} needs TensorFlow",
-                "set KERAS_BACKEND=tensorflow before starting Python",
-            )
-        loader = keras.saving.load_model
-    else:
-        loader = tfcompat.import_tf_keras(f"loading {path.name}").models.load_model
-    try:
-        with _quantize_scope_if_needed(path, kind):
-            return loader(str(path), compile=False)
-    except NilmcError:
-        raise
-    except Exception as exc:  # Keras raises ValueError, TypeError, OSError, KeyError...
-        flavor = "Keras 3" if kind is SourceKind.KERAS3 else "Keras 2 (tf_keras)"
-        raise ModelLoadError(
-            f"{flavor} cannot load {str(path)!r} ({_short(exc)})",
-            "save it again with model.save() (tfmot QAT models as .h5 or a SavedModel directory: tf_keras cannot reload them from .keras); for custom layers export to ONNX and load the .onnx",
-        ) from None
-
-
-def _quantize_scope_if_needed(path: Path, kind: SourceKind) -> Any:
-    """tfmot's ``quantize_scope`` for tf_keras QAT models (QuantizeWrapper layers), else a no-op."""
-    from contextlib import nullcontext
-
-    if kind is not SourceKind.TF_KERAS or not _mentions_quantize_wrapper(path):
-        return nullcontext()
-    try:
-        import tensorflow_model_optimization as tfmot
-    except ImportError:
-        return nullcontext()  # the load fails and says which layer is unknown
-    return tfmot.quantization.keras.quantize_scope()
-
-
-def _mentions_quantize_wrapper(path: Path) -> bool:
-    """True when the saved model config names tfmot's QuantizeWrapper (reads only the config)."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                return b"QuantizeWrapper" in zf.read("config.json")
-        from nilmc.compiler.tfcompat import import_h5py
-
-        with import_h5py().File(path, "r") as fh:
-            config = fh.attrs.get("model_config", b"")
-        return "QuantizeWrapper" in (config.decode("utf-8", "replace") if isinstance(config, bytes) else str(config))
-    except Exception:  # unreadable here means the real load reports it
-        return False
+    return read_keras(path, kind)
 
 
 def _load_saved_model(path: Path, contract: ModelContract | None) -> Model:

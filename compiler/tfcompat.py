@@ -1,7 +1,12 @@
-"""Lazy, quiet imports of TensorFlow, tf_keras (Keras 2) and Keras 3.
+"""Lazy, quiet imports of TensorFlow, tf_keras (Keras 2) and Keras 3, and the Keras helpers
+the frontend and the TFLite-based backends (tflite, eiq, the DPU's QAT) share.
 
 nilmc's core must import without TensorFlow, so every TensorFlow import goes
 through here, inside the function that needs it.
+
+Shared helpers (public, one place): :func:`stderr_silenced`, :func:`read_keras` (cached per
+process by file content), :func:`load_keras` (the tf_keras model behind a ``Model``),
+:func:`kernel_and_bias`, :func:`require_tflite`.
 
 Why the environment variables: QAT with ``tensorflow-model-optimization`` only
 works with Keras 2 (the ``tf_keras`` package). TensorFlow picks the Keras behind
@@ -12,17 +17,34 @@ files Keras 3 wrote.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import sys
-from contextlib import contextmanager
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
-from nilmc.compiler.errors import MissingDependencyError
+from nilmc.compiler.errors import BadInputError, MissingDependencyError, ModelLoadError, NilmcError, QuantizationError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from nilmc.compiler.frontend import SourceKind
+    from nilmc.compiler.model import Model
 
 _EXTRA = "tf"
+NO_KERAS = "TFLite lowering needs the Keras model; pass the .keras/.h5 file"
+# Loaded Keras models kept per process, keyed by file content: reading the shipped T-P model takes
+# 0.5 s after TensorFlow is up (measured), and one compile read it 5 times (frontend + 4 TFLite targets).
+_KERAS_SLOTS = 4
+_KERAS_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
 
 def _set_environment() -> None:
@@ -41,7 +63,7 @@ def _import(package: str, module: str, purpose: str) -> ModuleType:
 
 
 @contextmanager
-def _stderr_silenced() -> Iterator[None]:
+def stderr_silenced() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null for the duration.
 
     TensorFlow's C++ start-up lines (oneDNN, CUDA stubs) are written before absl
@@ -61,6 +83,10 @@ def _stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+# Old private name, still imported by benchmarks/bench_ptq.py; new code uses stderr_silenced.
+_stderr_silenced = stderr_silenced
 
 
 def _quiet_python_loggers() -> None:
@@ -92,7 +118,7 @@ def import_tf(purpose: str = "loading TensorFlow / Keras models") -> ModuleType:
     if "tensorflow" in sys.modules:
         tf = sys.modules["tensorflow"]
     else:
-        with _stderr_silenced():
+        with stderr_silenced():
             tf = _import("tensorflow", "tensorflow", purpose)
     tf.get_logger().setLevel(logging.ERROR)
     _quiet_python_loggers()
@@ -128,3 +154,138 @@ def import_tf2onnx(purpose: str = "converting TensorFlow / Keras models to ONNX"
 def import_h5py(purpose: str = "reading HDF5 (.h5) Keras files") -> ModuleType:
     """Import and return ``h5py`` (comes with the ``tf`` extra)."""
     return _import("h5py", "h5py", purpose)
+
+
+# --------------------------------------------------------------------------- Keras models
+def read_keras(path: str | Path, kind: SourceKind) -> Any:
+    """Load the Keras model file ``path`` of ``kind`` (``SourceKind.KERAS3`` or ``TF_KERAS``), without compiling it.
+
+    Cached per process by (kind, sha256 of the file): every caller gets the same object, so treat it as
+    read-only (clone before training; :func:`nilmc.quantization.qat.qat_finetune` does). Raises
+    :class:`ModelLoadError` when Keras cannot load it, :class:`MissingDependencyError` without TensorFlow.
+    """
+    from nilmc.compiler.frontend import SourceKind
+
+    path = Path(path)
+    key = (SourceKind(kind).value, _file_sha256(path))
+    if key in _KERAS_CACHE:
+        _KERAS_CACHE.move_to_end(key)
+        return _KERAS_CACHE[key]
+    model = _load_keras_file(path, SourceKind(kind))
+    _KERAS_CACHE[key] = model
+    while len(_KERAS_CACHE) > _KERAS_SLOTS:
+        _KERAS_CACHE.popitem(last=False)
+    return model
+
+
+def clear_keras_cache() -> None:
+    """Forget the models :func:`read_keras` keeps (tests; a long-running process that reloads many models)."""
+    _KERAS_CACHE.clear()
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {str(path)!r} ({exc.strerror or exc})", "check the path and its permissions") from None
+
+
+def _load_keras_file(path: Path, kind: SourceKind) -> Any:
+    from nilmc.compiler.frontend import SourceKind
+
+    if kind is SourceKind.KERAS3:
+        keras = import_keras3(f"loading {path.name}")
+        if keras.backend.backend() != "tensorflow":
+            raise ModelLoadError(
+                f"Keras 3 runs on the {keras.backend.backend()!r} backend here; converting {str(path)!r} needs TensorFlow",
+                "set KERAS_BACKEND=tensorflow before starting Python",
+            )
+        loader = keras.saving.load_model
+    else:
+        loader = import_tf_keras(f"loading {path.name}").models.load_model
+    try:
+        with _quantize_scope_if_needed(path, kind):
+            return loader(str(path), compile=False)
+    except NilmcError:
+        raise
+    except Exception as exc:  # Keras raises ValueError, TypeError, OSError, KeyError...
+        flavor = "Keras 3" if kind is SourceKind.KERAS3 else "Keras 2 (tf_keras)"
+        raise ModelLoadError(
+            f"{flavor} cannot load {str(path)!r} ({_one_line(exc)})",
+            "save it again with model.save() (tfmot QAT models as .h5 or a SavedModel directory: tf_keras cannot reload them "
+            "from .keras); for custom layers export to ONNX and load the .onnx",
+        ) from None
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """A library exception as one short line: ``Type: first line`` (the frontend's format)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quantize_scope_if_needed(path: Path, kind: SourceKind) -> AbstractContextManager[Any]:
+    """tfmot's ``quantize_scope`` for tf_keras QAT models (QuantizeWrapper layers), else a no-op."""
+    from nilmc.compiler.frontend import SourceKind
+
+    if kind is not SourceKind.TF_KERAS or not _mentions_quantize_wrapper(path):
+        return nullcontext()
+    try:
+        import tensorflow_model_optimization as tfmot
+    except ImportError:
+        return nullcontext()  # the load fails and says which layer is unknown
+    scope: AbstractContextManager[Any] = tfmot.quantization.keras.quantize_scope()
+    return scope
+
+
+def _mentions_quantize_wrapper(path: Path) -> bool:
+    """True when the saved model config names tfmot's QuantizeWrapper (reads only the config)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                return b"QuantizeWrapper" in zf.read("config.json")
+        with import_h5py().File(path, "r") as fh:
+            config = fh.attrs.get("model_config", b"")
+        return "QuantizeWrapper" in (config.decode("utf-8", "replace") if isinstance(config, bytes) else str(config))
+    except Exception:  # unreadable here means the real load reports it
+        return False
+
+
+def load_keras(model: Model) -> Any:
+    """The tf_keras (Keras 2) model behind ``model`` (its ``keras_path``), through :func:`read_keras`.
+
+    Raises :class:`BadInputError` when ``model`` has no Keras source or its file is not tf_keras.
+    """
+    from nilmc.compiler.frontend import SourceKind, detect_kind
+
+    if not model.keras_path:
+        raise BadInputError(f"model {model.source or '?'!r} has no Keras source ({NO_KERAS})",
+                            "load the model from its .keras or .h5 file (nilmc compile model.keras ...), not from .onnx or a SavedModel")
+    path = Path(model.keras_path)
+    kind = detect_kind(path)
+    if kind is not SourceKind.TF_KERAS:
+        raise BadInputError(f"{str(path)!r} is a {kind.value} model; TFLite lowering and QAT here use tf_keras (Keras 2) models",
+                            "save the model with tf_keras (nilmc train does), or export ONNX and use another backend")
+    return read_keras(path, kind)
+
+
+def kernel_and_bias(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float kernel and bias of a Conv2D / Dense layer, read from its variables. For a QAT wrapper pass the
+    wrapper: the wrapped layer no longer lists its kernel (``layer.kernel`` is the fake-quantized tensor)."""
+    import numpy as np
+
+    inner = getattr(layer, "layer", None)
+    prefix = inner.name + "/" if inner is not None else ""
+    arrays = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights if v.name.startswith(prefix)}
+    if "kernel" not in arrays:
+        raise QuantizationError(f"layer {layer.name!r} has no kernel variable", "pass a Conv2D or Dense layer")
+    bias = arrays.get("bias")
+    return np.asarray(arrays["kernel"].numpy(), np.float32), None if bias is None else np.asarray(bias.numpy(), np.float32)
+
+
+def require_tflite(extra: str = "tflite", purpose: str = "TFLite lowering") -> None:
+    """Raise :class:`MissingDependencyError` (naming ``extra``, default ``tflite``) unless TensorFlow and
+    ai_edge_litert are installed; imports neither."""
+    for module, package in (("tensorflow", "tensorflow"), ("ai_edge_litert", "ai-edge-litert")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(package, extra, purpose)

@@ -109,9 +109,19 @@ class QuantContext:
         return self._params[key]
 
 
+def shared_params(options: Any, traits: QuantTraits, target: str, *, estimator: str | None = None) -> QuantParams:
+    """The parameters a backend deploys: ``options["params"]`` when the compile driver derived them
+    under these ``traits`` (after its overflow checks and fixes), else derived here from the shared context."""
+    given = (options or {}).get("params")
+    if given is not None and given.traits == traits:
+        p: QuantParams = given
+        return p
+    return require_quant(options, target).params(traits, estimator=estimator)
+
+
 def require_quant(options: Any, target: str) -> QuantContext:
     """The shared :class:`QuantContext` from a backend's ``options``, or a clear error."""
-    ctx = (options or {}).get("quant")
+    ctx: QuantContext | None = (options or {}).get("quant")
     if ctx is None:
         raise DataError(f"target {target} quantizes and needs a calibration set", "pass --calib FILE (e.g. the shipped calibration set)")
     return ctx

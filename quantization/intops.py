@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from nilmc.compiler.errors import QuantizationError
 
@@ -463,29 +463,52 @@ def _requant_dtype(bound: float | None, extra_bits: int) -> type:
 
 
 def pot_requantize(acc: np.ndarray, bias_q: np.ndarray | None, *, shift_cut: int, shift_bias: int, activation: str | None,
-                   rounding: Rounding = DPU_ROUND, rng: IntRange = INT_RANGES["int8"], acc_bound: float | None = None) -> np.ndarray:
+                   rounding: Rounding = DPU_ROUND, rng: IntRange = INT_RANGES["int8"], acc_bound: float | None = None,
+                   overwrite: bool = False) -> np.ndarray:
     """DPU conv / inner-product output: ``clamp(round(act(acc + b_q * 2**shift_bias) / 2**shift_cut))``, one rounding.
 
     A negative ``shift_bias`` keeps the bias's fraction bits (the accumulator is shifted up instead);
     ``activation`` is None, ``"relu"`` or ``"leaky_relu"`` (slope 26/256 on the exact value).
     ``acc_bound`` (default None: unknown) bounds ``|acc + bias|``; when it is small enough the
     arithmetic runs in int32 (measured 2x faster than int64 on the T-P model), else int64.
+    ``overwrite`` (default False) lets it work in ``acc``'s own memory when ``acc`` has that dtype.
     """
     extra = max(0, -shift_bias)  # fraction bits the bias carries below the accumulator's LSB
     leaky = activation == "leaky_relu"
+    shift = shift_cut + extra + (LEAKY_SHIFT if leaky else 0)
     dtype = _requant_dtype(acc_bound, extra + (LEAKY_SHIFT if leaky else 0) + 1)
-    total = np.asarray(acc).astype(dtype, copy=True)
+    acc = np.asarray(acc)
+    total = acc if overwrite and acc.dtype == dtype and acc.flags.writeable else acc.astype(dtype, copy=True)
     if extra:
         total <<= extra
+    if rounding is Rounding.HALF_UP and activation in (None, "relu") and shift < 31:  # |total| < 2**30 and offset <= 2**29
+        return _half_up_requantize(total, bias_q, shift_bias + extra, shift, activation == "relu", rng)
     if bias_q is not None:
         total += np.asarray(bias_q).astype(dtype) << (shift_bias + extra)
-    shift = shift_cut + extra
     if activation == "relu":
         np.maximum(total, 0, out=total)
     elif leaky:
         total = leaky_relu_exact(total)
-        shift += LEAKY_SHIFT
     return clamp(shift_round(total, shift, rounding), rng)
+
+
+def _half_up_requantize(total: np.ndarray, bias_q: np.ndarray | None, bias_shift: int, shift: int, relu: bool,
+                        rng: IntRange) -> np.ndarray:
+    """DPU_ROUND requantization in place: ``clamp((total + bias + 2**(shift-1)) >> shift)`` (left shift when ``shift <= 0``).
+
+    Bias and rounding offset are one per-channel add; ReLU is the clamp's lower end, since for ``t < 0``
+    ``(t + 2**(shift-1)) >> shift <= 0`` (the same result as rounding ``max(t, 0)``).
+    """
+    offset = np.zeros((), total.dtype) if bias_q is None else np.asarray(bias_q).astype(total.dtype) << bias_shift
+    if shift > 0:
+        offset = offset + total.dtype.type(1 << (shift - 1))
+    total += offset
+    if shift > 0:
+        total >>= shift
+    elif shift < 0:
+        total <<= -shift
+    np.clip(total, 0 if relu else rng.lo, rng.hi, out=total)
+    return total.astype(rng.np_dtype)
 
 
 def pot_activation(q: np.ndarray, kind: str, fi: int, fo: int, rounding: Rounding = DPU_ROUND,
@@ -550,42 +573,131 @@ def pot_avg_pool(q: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
 
 
 # --------------------------------------------------------------------------- exact integer matrix products
+# Codes 0..127 times int8 weights keep every pair of products within 2 * 127 * 128 < 2**15, so even MLAS's AVX2
+# u8 x s8 kernel (vpmaddubsw, which saturates pairs at int16) is exact; VNNI / AMX kernels are exact for any u8.
+_U8_SAFE_MAX = 127
+
+
 def _gemm_dtype(w: np.ndarray, axis: int, x_max: int = 128) -> type:
     """float32 when every partial sum of ``|x * w|`` stays below 2**24 (exact), else float64 (exact below 2**53)."""
     bound = x_max * float(np.max(np.sum(np.abs(np.asarray(w, np.float64)), axis=axis), initial=0.0))
     return np.float32 if bound < 2.0**24 else np.float64
 
 
+def split_unsigned(x: np.ndarray, groups: int = 1) -> np.ndarray:
+    """int8 codes ``(M, K)`` -> uint8 ``(M, 3K)`` holding ``a | b | c`` with ``x + 128 = a + b + c``, each part in 0..127.
+
+    ``x @ w == [a | b | c] @ [w; w; w] - 128 * w.sum(0)``: one u8 x s8 product that stays exact on every
+    MLAS kernel (see ``_U8_SAFE_MAX``), for codes of any sign, -128 included. With ``groups`` (default 1) the
+    split is made within each of ``groups`` equal blocks of K (a conv's taps: the order of split patches).
+    """
+    x = np.asarray(x)
+    u = x.reshape(len(x), groups, -1).astype(np.int16) + np.int16(128)
+    a = np.minimum(u, _U8_SAFE_MAX)
+    u -= a
+    b = np.minimum(u, _U8_SAFE_MAX)
+    u -= b
+    return np.stack([a, b, u], axis=2).astype(np.uint8).reshape(len(x), -1)
+
+
+_SPLIT_ZERO = split_unsigned(np.zeros((1, 1), np.int8))[0]  # real zero (code 0) as split parts: 127, 1, 0
+
+
 class IntegerMatmul:
     """Exact ``x @ w`` for int8 codes ``x (M, K)`` and a fixed int8 matrix ``w (K, N)``, accumulator as an int array.
 
-    The reference is int64 arithmetic; this object gives the same integers faster:
+    The reference is int64 arithmetic (:func:`dense`); this object gives the same integers faster, through
+    onnxruntime's ``MatMulInteger`` (uint8 x int8 -> int32; MLAS, AMX / VNNI where the CPU has them):
 
-    * when ``x`` is non-negative (codes after a ReLU, checked per call), onnxruntime's ``MatMulInteger``
-      (uint8 x int8 -> int32; MLAS). Pairs of products stay within ``2 * 127 * 128 < 2**15``, so even
-      the AVX2 kernel (``vpmaddubsw``, which saturates pairs at int16) is exact, and int32 holds any
-      sum below ``2**31`` (checked from ``w``). Measured on the T-P model (2 cores): 200 GOP/s against
-      29 GFLOP/s for numpy's float32 BLAS on the same shapes;
-    * otherwise a float32 BLAS product (exact while every partial sum stays below 2**24), else float64.
+    * codes in 0..127 (after a ReLU) go in as they are; measured on the T-P model's conv2 shape (2 cores,
+      AMX): 280 GMAC/s, against 40 GMAC/s for numpy's float32 BLAS;
+    * codes of any sign go in as :func:`split_unsigned` parts (K three times longer), then the weight
+      column sums times 128 are subtracted;
+    * when int32 could overflow (``255 * max column sum of |w| >= 2**31``) or ``x`` is not integer: a float32
+      BLAS product (exact while every partial sum stays below 2**24), else float64.
+
+    ``scratch=True`` (default False) returns the accumulator in a buffer the next ``scratch`` call with the same
+    row count overwrites (no allocation per batch; for callers that consume it at once, as the DPU emulator).
+    One object serves one thread at a time.
     """
 
     def __init__(self, w: np.ndarray) -> None:
         self.w = np.asarray(w, np.int64)
-        self.bound = 128.0 * float(np.max(np.sum(np.abs(self.w), axis=0), initial=0.0))
+        col_abs = float(np.max(np.sum(np.abs(self.w), axis=0), initial=0.0))
+        self.bound = 128.0 * col_abs
+        self.exact_in_int32 = 255.0 * col_abs < _INT32_SAFE  # any int8 codes, split or not, on the int32 path
+        self._col_sums128 = (128 * self.w.sum(axis=0)).astype(np.int32)
         self._float_dtype = _gemm_dtype(self.w, axis=0)
-        self._wf = self.w.astype(self._float_dtype)
-        self._session: object | None = None
+        self._wf: np.ndarray | None = None
+        self._sessions: dict[str, object] = {}
+        self._buffers: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
+        self._fresh: set[int] = set()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """A buffer kept across calls (uninitialized when first made, see :meth:`fresh`; later calls keep its contents)."""
+        key = (name, tuple(shape), np.dtype(dtype).str)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(shape, dtype)
+            self._fresh.add(id(buf))
+        return buf
+
+    def fresh(self, buf: np.ndarray) -> bool:
+        """True the first time it is asked about a buffer :meth:`workspace` just made."""
+        if id(buf) in self._fresh:
+            self._fresh.discard(id(buf))
+            return True
+        return False
+
+    def __call__(self, x: np.ndarray, *, nonnegative: bool | None = None, scratch: bool = False, split_groups: int = 0) -> np.ndarray:
+        """``x @ w`` exactly; ``nonnegative`` (default None: checked here) says the codes are in 0..127.
+
+        ``split_groups`` (default 0: no) says ``x`` is already ``split_unsigned(codes, split_groups)``.
+        """
         x = np.asarray(x)
-        if x.size and self.bound < _INT32_SAFE and x.dtype.kind in "iu" and int(x.min()) >= 0 and int(x.max()) <= 127:
-            return self._ort(x.astype(np.uint8, copy=False))
+        if split_groups:
+            return self._split(x, split_groups, scratch)
+        if x.size and self.exact_in_int32 and x.dtype.kind in "iu":
+            lo, hi = (0, _U8_SAFE_MAX) if nonnegative else (int(x.min()), int(x.max()))
+            if 0 <= lo and hi <= _U8_SAFE_MAX:
+                return self._ort("u8", _as_uint8(x), scratch)
+            if -128 <= lo and hi <= 127:
+                return self._split(split_unsigned(x), 1, scratch)
+        if self._wf is None:
+            self._wf = self.w.astype(self._float_dtype)
         return np.rint(x.astype(self._float_dtype) @ self._wf).astype(np.int64)
 
-    def _ort(self, x: np.ndarray) -> np.ndarray:
-        if self._session is None:
-            self._session = _matmul_integer_session(self.w.astype(np.int8))
-        return self._session.run(None, {"x": np.ascontiguousarray(x)})[0]  # type: ignore[attr-defined]
+    def _split(self, parts: np.ndarray, groups: int, scratch: bool) -> np.ndarray:
+        if not self.exact_in_int32:
+            raise QuantizationError(f"split codes need 255 * sum|w| < 2**31 per column, got {self.bound / 128 * 255:.0f}",
+                                    "pass the codes unsplit (the float path takes them)")
+        acc = self._ort(f"split{groups}", parts, scratch)
+        acc -= self._col_sums128
+        return acc
+
+    def _ort(self, kind: str, x: np.ndarray, scratch: bool) -> np.ndarray:
+        sess = self._sessions.get(kind)
+        if sess is None:
+            w = self.w.astype(np.int8)
+            if kind != "u8":  # split parts a | b | c within each group of K all meet the same weights
+                groups = int(kind.removeprefix("split"))
+                w = np.repeat(w.reshape(groups, 1, -1, w.shape[1]), 3, axis=1).reshape(-1, w.shape[1])
+            sess = self._sessions[kind] = _matmul_integer_session(w)
+        x = np.ascontiguousarray(x)
+        shape = (x.shape[0], self.w.shape[1])
+        out = self.workspace("acc", shape, np.int32) if scratch else np.empty(shape, np.int32)
+        binding = sess.io_binding()  # type: ignore[attr-defined]
+        binding.bind_input("x", "cpu", 0, np.uint8, list(x.shape), x.ctypes.data)
+        binding.bind_output("y", "cpu", 0, np.int32, list(shape), out.ctypes.data)  # written in place: no copy, no allocation
+        sess.run_with_iobinding(binding)  # type: ignore[attr-defined]
+        return out
+
+
+def _as_uint8(x: np.ndarray) -> np.ndarray:
+    """Codes known to be in 0..127 as uint8 (a view when they are int8)."""
+    if x.dtype == np.uint8:
+        return x
+    return np.ascontiguousarray(x).view(np.uint8) if x.dtype == np.int8 else x.astype(np.uint8)
 
 
 def _matmul_integer_session(w: np.ndarray) -> object:
@@ -600,42 +712,77 @@ def _matmul_integer_session(w: np.ndarray) -> object:
     model.ir_version = 8
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # one session per weight matrix, each with its own thread pool: idle pools must not spin on the shared cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def _conv_out_hw(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+                 dilation: tuple[int, int]) -> tuple[int, int]:
+    pt, pl, pb, pr = pads
+    return ((h + pt + pb - (kernel[0] - 1) * dilation[0] - 1) // stride[0] + 1,
+            (w + pl + pr - (kernel[1] - 1) * dilation[1] - 1) // stride[1] + 1)
+
+
 def im2col_nhwc(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
-                dilation: tuple[int, int] = (1, 1)) -> np.ndarray:
+                dilation: tuple[int, int] = (1, 1), *, workspace: IntegerMatmul | None = None,
+                fill: np.ndarray | int = 0) -> np.ndarray:
     """``(N * OH * OW, KH * KW * C)`` patches of NHWC ``x`` zero-padded ``(top, left, bottom, right)``; taps in
-    ``(kh, kw, c)`` order, matching OHWI weights reshaped to ``(O, KH * KW * C)``."""
+    ``(kh, kw, c)`` order, matching OHWI weights reshaped to ``(O, KH * KW * C)``.
+
+    One strided copy of a ``(N, OH, OW, KH, KW, C)`` view of the padded input. ``workspace`` (default None:
+    fresh arrays) keeps the padded input and the patches in that object's buffers (overwritten by its next call).
+    ``fill`` (default 0) is the padding value, a scalar or one value per channel.
+    """
+    x = np.asarray(x)
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     pt, pl, pb, pr = pads
-    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
-    cols = np.empty((x.shape[0], oh, ow, kh * kw, x.shape[3]), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, :, i * kw + j] = xp[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-    return cols.reshape(x.shape[0] * oh * ow, kh * kw * x.shape[3])
+    n, h, w, c = x.shape
+    oh, ow = _conv_out_hw(h, w, kernel, stride, pads, dilation)
+    padded_shape = (n, h + pt + pb, w + pl + pr, c)
+    if workspace is None:
+        xp, cols = np.empty(padded_shape, x.dtype), np.empty((n, oh, ow, kh, kw, c), x.dtype)
+        xp[...] = fill
+    else:  # the border keeps its fill: only the interior is ever written
+        xp = workspace.workspace(f"padded{np.ravel(fill).tolist()}", padded_shape, x.dtype)
+        cols = workspace.workspace("cols", (n, oh, ow, kh, kw, c), x.dtype)
+        if workspace.fresh(xp):
+            xp[...] = fill
+    xp[:, pt:pt + h, pl:pl + w] = x
+    s0, s1, s2, s3 = xp.strides
+    view = as_strided(xp, (n, oh, ow, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3), writeable=False)
+    np.copyto(cols, view)
+    return cols.reshape(n * oh * ow, kh * kw * c)
 
 
 def conv2d_accumulate(x: np.ndarray, w_ohwi: np.ndarray, stride: tuple[int, int], pads: tuple[int, int, int, int],
-                      dilation: tuple[int, int] = (1, 1), *, matmul: IntegerMatmul | None = None) -> np.ndarray:
+                      dilation: tuple[int, int] = (1, 1), *, matmul: IntegerMatmul | None = None, scratch: bool = False) -> np.ndarray:
     """Exact conv accumulator (no bias, no wrap) of NHWC codes and OHWI codes -> ``(N, OH, OW, O)``.
 
     Padding is real zero (code 0, symmetric grids). ``matmul`` (default: built here) lets a caller reuse
-    one :class:`IntegerMatmul` per weight across batches. Equal to :func:`conv2d_nhwc` without wrapping.
+    one :class:`IntegerMatmul` per weight across batches; ``scratch`` (default False) lets it keep patches and
+    accumulator in that object's buffers (the result is overwritten by its next scratch call).
+    Equal to :func:`conv2d_nhwc` without wrapping.
     """
     w = np.asarray(w_ohwi)
     mm = matmul or IntegerMatmul(w.reshape(w.shape[0], -1).T)
-    n = len(x)
-    cols = im2col_nhwc(np.asarray(x), w.shape[1:3], stride, pads, dilation)
-    oh_ow = cols.shape[0] // max(n, 1)
-    pt, pl, pb, pr = pads
-    ow = (x.shape[2] + pl + pr - (w.shape[2] - 1) * dilation[1] - 1) // stride[1] + 1
-    return mm(cols).reshape(n, oh_ow // ow, ow, w.shape[0])
+    x = np.asarray(x)
+    oh, ow = _conv_out_hw(x.shape[1], x.shape[2], w.shape[1:3], stride, pads, dilation)
+    space = mm if scratch else None
+    if x.size and x.dtype.kind in "iu" and mm.exact_in_int32:  # range checked on the input, KH * KW times smaller than its patches
+        lo, hi = int(x.min()), int(x.max())
+        if 0 <= lo and hi <= _U8_SAFE_MAX:
+            cols = im2col_nhwc(_as_uint8(x), w.shape[1:3], stride, pads, dilation, workspace=space)
+            return mm(cols, nonnegative=True, scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
+        if -128 <= lo and hi <= 127:  # split each pixel's channels, pad with the parts of code 0, patches come out split per tap
+            c = x.shape[3]
+            parts = split_unsigned(x.reshape(-1, c)).reshape(*x.shape[:3], 3 * c)
+            cols = im2col_nhwc(parts, w.shape[1:3], stride, pads, dilation, workspace=space, fill=np.repeat(_SPLIT_ZERO, c))
+            return mm(cols, split_groups=w.shape[1] * w.shape[2], scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
+    cols = im2col_nhwc(x, w.shape[1:3], stride, pads, dilation, workspace=space)
+    return mm(cols, scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
 
 
-def dense_accumulate(x: np.ndarray, w: np.ndarray, *, matmul: IntegerMatmul | None = None) -> np.ndarray:
+def dense_accumulate(x: np.ndarray, w: np.ndarray, *, matmul: IntegerMatmul | None = None, scratch: bool = False) -> np.ndarray:
     """Exact dense accumulator (no bias, no wrap): codes ``(N, in)`` times codes ``[in, out]``."""
-    return (matmul or IntegerMatmul(w))(np.asarray(x))
+    return (matmul or IntegerMatmul(w))(np.asarray(x), scratch=scratch)

@@ -19,6 +19,7 @@ power; none is claimed here. ``xir`` / ``vart`` are imported only by the board s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -135,6 +136,27 @@ def _input_floor(model: "Model", sigmas: float = INPUT_SIGMAS) -> float | None:
     return float(sigmas * np.max(np.asarray(stats.std, np.float64) * scale))
 
 
+@dataclass(frozen=True)
+class DpuOptions:
+    """Typed options of the DPU backend (``--option dpu.NAME=VALUE``).
+
+    ``arch_json``: a board overlay's arch.json instead of the shipped target (default none);
+    ``qat_*``: the power-of-two QAT of the ``*_qat`` precisions (epochs 3, learning rate 1e-5,
+    batch 64, seed 0, last 20 % of the calibration windows held out).
+    """
+
+    arch_json: str | None = None
+    qat_epochs: int = 3
+    qat_learning_rate: float = 1e-5
+    qat_batch_size: int = 64
+    qat_seed: int = 0
+    qat_holdout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.qat_epochs < 1 or not 0.0 <= self.qat_holdout < 1.0 or self.qat_learning_rate <= 0 or self.qat_batch_size < 1:
+            raise ValueError("qat_epochs >= 1, qat_batch_size >= 1, qat_learning_rate > 0 and 0 <= qat_holdout < 1")
+
+
 class DPUBackend:
     """``dpu:<arch>``: power-of-two INT8 for a DPUCZDX8G, emulated bit-accurately, handed off to vai_c_xir."""
 
@@ -144,6 +166,10 @@ class DPUBackend:
         description="AMD Vitis AI DPUCZDX8G (B2304 Ultra96, B4096 ZCU102/ZCU104/KV260): power-of-two INT8, quantized xmodel + "
                     "vai_c_xir hand-off, bit-accurate numpy emulation",
         traits={p: DPU_POT for p in PRECISIONS},
+        # The power-of-two refinement starts from min-max ranges (quantization/pot.py searches from there).
+        estimators={p: "minmax" for p in PRECISIONS},
+        keras_precisions=tuple(a + QAT_SUFFIX for a in ARCHS),
+        options=DpuOptions,
         requires=(),
         extra="dpu",
         limitations={

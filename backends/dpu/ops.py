@@ -67,22 +67,24 @@ InspectFn = Callable[["DpuOp", "DPUTarget"], tuple[list[str], dict[str, Any]]]
 
 
 # --------------------------------------------------------------------------- emulator: intops compositions
-def accumulate(op: DpuOp, x: np.ndarray, weight_q: np.ndarray, matmul: intops.IntegerMatmul | None = None) -> np.ndarray:
-    """Exact integer accumulator of a conv2d / dense op (no bias)."""
+def accumulate(op: DpuOp, x: np.ndarray, weight_q: np.ndarray, matmul: intops.IntegerMatmul | None = None, *,
+               scratch: bool = False) -> np.ndarray:
+    """Exact integer accumulator of a conv2d / dense op (no bias); ``scratch``: see :class:`intops.IntegerMatmul`."""
     if op.kind == OpKind.CONV2D:
         a = op.attrs
-        return intops.conv2d_accumulate(x, weight_q, a["stride"], a["pads"], a.get("dilation", (1, 1)), matmul=matmul)
-    return intops.dense_accumulate(x, weight_q, matmul=matmul)
+        return intops.conv2d_accumulate(x, weight_q, a["stride"], a["pads"], a.get("dilation", (1, 1)), matmul=matmul,
+                                        scratch=scratch)
+    return intops.dense_accumulate(x, weight_q, matmul=matmul, scratch=scratch)
 
 
 def _weighted(op: DpuOp, args: list[np.ndarray], s: Step) -> np.ndarray:
     wq, fi = s.weights, s.fis[0]
     mm = s.matmul(op)
-    acc = accumulate(op, args[0], wq.weight_q, mm)
+    acc = accumulate(op, args[0], wq.weight_q, mm, scratch=True)  # patches and accumulator in mm's buffers, consumed here
     shift_bias = fi + wq.fw - (wq.fb or 0)
     bias_bound = 0.0 if wq.bias_q is None else float(np.max(np.abs(wq.bias_q))) * 2.0 ** max(shift_bias, 0)
     return intops.pot_requantize(acc, wq.bias_q, shift_cut=fi + wq.fw - s.fo, shift_bias=shift_bias, activation=op.activation,
-                                 rounding=s.rounding, acc_bound=mm.bound + bias_bound)
+                                 rounding=s.rounding, acc_bound=mm.bound + bias_bound, overwrite=True)
 
 
 def _flatten(op: DpuOp, args: list[np.ndarray], s: Step) -> np.ndarray:

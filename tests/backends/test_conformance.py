@@ -1,8 +1,8 @@
 """One conformance suite, run against every registered backend and precision.
 
-A backend's known limitations are data (``Capabilities.limitations``), read here:
-``needs_keras_source`` means it lowers from the Keras model, so it is exercised
-on a small trained Keras model (slow) instead of the TF-free ONNX one.
+A backend's needs are data, read here: a precision in ``Capabilities.keras_precisions``
+lowers from the Keras model, so it is exercised on a small trained Keras model (slow,
+needs TensorFlow) instead of the TF-free ONNX one.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from nilmc.quantization.context import QuantContext
 REGISTRY = default_registry(plugins=False)
 CASES = [
     pytest.param(b.name, p, id=f"{b.name}:{p}",
-                 marks=[pytest.mark.slow, pytest.mark.tf] if "needs_keras_source" in b.capabilities.limitations else [])
+                 marks=[pytest.mark.slow, pytest.mark.tf] if b.capabilities.needs_keras(p) else [])
     for b in REGISTRY if not isinstance(b, BrokenPlugin) for p in b.capabilities.precisions
 ]
 
@@ -35,8 +35,8 @@ def keras_tiny(tmp_path_factory, tiny_ds):
     return load_model(paths["keras"])
 
 
-def _model_for(backend, request):
-    if "needs_keras_source" in backend.capabilities.limitations:
+def _model_for(backend, precision, request):
+    if backend.capabilities.needs_keras(precision):
         return request.getfixturevalue("keras_tiny")
     return request.getfixturevalue("tiny")
 
@@ -47,7 +47,7 @@ def test_backend_conformance(name, precision, request, tmp_path, tiny_ds, tiny_e
     ok, why = availability(backend)
     if not ok:
         pytest.skip(f"{name} unavailable here: {why}")
-    model = _model_for(backend, request)
+    model = _model_for(backend, precision, request)
     quant = QuantContext(model, tiny_ds)
     options = {"calibration": tiny_ds, "quant": quant}
 
