@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
+import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from nilmc.compiler.errors import QuantizationError
@@ -95,7 +96,7 @@ class Rounding(str, Enum):
     HALF_UP = "half_up"  # DPU_ROUND: floor(x + 0.5), -2.5 -> -2
 
     @classmethod
-    def parse(cls, value: "str | Rounding") -> "Rounding":
+    def parse(cls, value: str | Rounding) -> Rounding:
         if isinstance(value, Rounding):
             return value
         aliases = {"dpu_round": "half_up", "round_half_to_even": "half_even", "round": "half_away"}
@@ -630,15 +631,18 @@ class IntegerMatmul:
         self._float_dtype = _gemm_dtype(self.w, axis=0)
         self._wf: np.ndarray | None = None
         self._sessions: dict[str, object] = {}
-        self._buffers: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}
         self._fresh: set[int] = set()
 
-    def workspace(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        """A buffer kept across calls (uninitialized when first made, see :meth:`fresh`; later calls keep its contents)."""
-        key = (name, tuple(shape), np.dtype(dtype).str)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = np.empty(shape, dtype)
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
+        """A buffer kept across calls (uninitialized when first made, see :meth:`fresh`; later calls keep its contents).
+
+        One buffer per name: a call with another shape or dtype replaces it (memory stays that of the last batch).
+        """
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+            self._fresh.discard(id(buf))
+            buf = self._buffers[name] = np.empty(shape, dtype)
             self._fresh.add(id(buf))
         return buf
 

@@ -15,7 +15,7 @@ DPU_ROUND is round half up (``floor(x + 0.5)``: -2.5 -> -2). ``rounding`` can be
 ``HALF_EVEN`` to reproduce onnxruntime's QuantizeLinear, which is how the emulator is
 cross-checked against the power-of-two QDQ graph (ties are the only place the two differ).
 
-Speed: every op runs on a whole batch slice at once (``workers`` threads share a batch); conv and dense
+Speed: every op runs on 128 windows at once (:data:`CHUNK`, cache-sized); conv and dense
 products are exact uint8 x int8 onnxruntime GEMMs (codes 0..127 as they are, signed codes split into three
 non-negative parts), convs through one strided im2col copy into reused buffers, requantization in place in
 int32 (see :class:`intops.IntegerMatmul`, :func:`intops.pot_requantize`). ``benchmarks/bench_dpu.py``
@@ -23,11 +23,8 @@ prints windows/s and the time per op.
 """
 from __future__ import annotations
 
-import os
-import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +38,9 @@ if TYPE_CHECKING:
     from nilmc.backends.dpu.ir import DpuGraph, DpuOp
     from nilmc.quantization.pot import PotParams
 
-_MIN_WINDOWS_PER_WORKER = 64  # below this a thread hand-off costs more than it saves
+# Windows per pass through the graph: a pass's patches and accumulators stay in cache. Measured on the
+# T-P model (2 loaded cores): 128 -> 12,600 windows/s, 64 -> 12,200, 256 -> 8,100, 1024 -> 8,400.
+CHUNK = 128
 SUPPORTED = "the DPU emulation covers conv, dense, pooling, add, ReLU and LeakyReLU"
 
 
@@ -84,13 +83,10 @@ class DpuEmulator:
     """Runs a :class:`DpuGraph` with DPU parameters in exact integers.
 
     ``rounding`` (default DPU_ROUND) applies to input quantization and every requantization.
-    ``workers`` (default 2, at most the CPU count) is how many threads share a batch, each on its own
-    slice with its own GEMM sessions and buffers (numpy's copies and onnxruntime release the GIL;
-    measured on 2 loaded cores: +15% windows/s at batch 1024). Results do not depend on it.
-    ``timings`` (seconds per op, summed over calls and workers) feed the benchmark's stage table.
+    ``timings`` (seconds per op, summed over calls) feed the benchmark's stage table.
     """
 
-    def __init__(self, graph: DpuGraph, params: PotParams, *, rounding: Rounding = DPU_ROUND, workers: int = 2) -> None:
+    def __init__(self, graph: DpuGraph, params: PotParams, *, rounding: Rounding = DPU_ROUND) -> None:
         unsupported = graph.unsupported
         if unsupported:
             op = unsupported[0]
@@ -99,39 +95,28 @@ class DpuEmulator:
         self.graph = graph
         self.params = params
         self.rounding = Rounding.parse(rounding)
-        self.workers = max(1, min(int(workers), os.cpu_count() or 1))
-        self._caches: list[dict[str, Any]] = []  # per worker: its integer GEMMs and their buffers, built on first use
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._cache: dict[str, Any] = {}  # per-op integer GEMMs and their buffers, built on first use
         self.timings: dict[str, float] = {}
 
-    def codes(self, feeds: Mapping[str, np.ndarray], *, batch: int = 1024) -> dict[str, np.ndarray]:
-        """int8 codes of every tensor (inputs quantized at their fix point), ``batch`` windows at a time."""
+    def codes(self, feeds: Mapping[str, np.ndarray], *, batch: int = CHUNK) -> dict[str, np.ndarray]:
+        """int8 codes of every tensor (inputs quantized at their fix point), ``batch`` windows per pass (default 128)."""
+        return self._chunked(feeds, None, batch)
+
+    def _chunked(self, feeds: Mapping[str, np.ndarray], keep: Collection[str] | None, batch: int) -> dict[str, np.ndarray]:
+        """The codes of ``keep`` (None: every tensor), the graph run on ``batch`` windows at a time."""
         n = len(next(iter(feeds.values()))) if feeds else 0
-        if n > batch:
-            parts = [self.codes({k: v[i:i + batch] for k, v in feeds.items()}, batch=batch) for i in range(0, n, batch)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        workers = min(self.workers, max(1, n // _MIN_WINDOWS_PER_WORKER))
-        while len(self._caches) < workers:
-            self._caches.append({})
-        if workers == 1:
-            return self._codes(feeds, self._caches[0])
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dpu-emulator")
-        bounds = np.linspace(0, n, workers + 1).astype(int)
-        slices = [{k: v[lo:hi] for k, v in feeds.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
-        parts = list(self._pool.map(self._codes, slices, self._caches[:workers]))
+        if n <= batch:
+            return self._pass(feeds, keep)
+        parts = [self._pass({k: v[i:i + batch] for k, v in feeds.items()}, keep) for i in range(0, n, batch)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _codes(self, feeds: Mapping[str, np.ndarray], cache: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _pass(self, feeds: Mapping[str, np.ndarray], keep: Collection[str] | None) -> dict[str, np.ndarray]:
         vals: dict[str, np.ndarray] = {}
         for op in self.graph.ops:
             t0 = time.perf_counter()
-            vals[op.output] = self._input(op, feeds) if op.kind == OpKind.INPUT else self._run(op, vals, cache)
-            dt = time.perf_counter() - t0
-            with self._lock:
-                self.timings[op.name] = self.timings.get(op.name, 0.0) + dt
-        return vals
+            vals[op.output] = self._input(op, feeds) if op.kind == OpKind.INPUT else self._run(op, vals)
+            self.timings[op.name] = self.timings.get(op.name, 0.0) + time.perf_counter() - t0
+        return vals if keep is None else {t: vals[t] for t in keep}
 
     def _input(self, op: DpuOp, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if op.name not in feeds:
@@ -139,12 +124,12 @@ class DpuEmulator:
         x = np.asarray(feeds[op.name], np.float32)
         return quantize_input(x.reshape(len(x), *op.shape), self.params.fix[op.output], self.rounding)
 
-    def _run(self, op: DpuOp, vals: Mapping[str, np.ndarray], cache: dict[str, Any]) -> np.ndarray:
-        return run_op(op, [vals[t] for t in op.inputs], self.params, self.rounding, cache)
+    def _run(self, op: DpuOp, vals: Mapping[str, np.ndarray]) -> np.ndarray:
+        return run_op(op, [vals[t] for t in op.inputs], self.params, self.rounding, self._cache)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph outputs dequantized to float32 (``q * 2**-fo``), keyed by ONNX output name."""
-        vals = self.codes(feeds)
+        vals = self._chunked(feeds, set(self.graph.output_names.values()), CHUNK)
         return {name: dequantize(vals[t], self.params.fix[t]) for name, t in self.graph.output_names.items()}
 
 
