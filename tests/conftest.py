@@ -9,6 +9,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import tiny_dataset, tiny_model  # noqa: E402
 
+# Markers that name an extra: a test carrying one is skipped, with the reason, where the extra is not installed
+# (so the suite passes with only the core installed). Checked without importing the package.
+EXTRA_MARKERS = {"tf": ("tensorflow", "tf"), "tflite": ("ai_edge_litert", "tflite"), "openvino": ("openvino", "openvino")}
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    missing = {m: spec for m, spec in EXTRA_MARKERS.items() if importlib.util.find_spec(spec[0]) is None}
+    for item in items:
+        for marker, (module, extra) in missing.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.skip(reason=f"needs {module} (pip install 'nilmc[{extra}]')"))
+
 
 @pytest.fixture(scope="session")
 def tiny_ds():
