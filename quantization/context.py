@@ -50,6 +50,9 @@ class QuantContext:
     statistics_s: float = field(default=0.0, init=False)  # the one FP32 statistics pass
     techniques_s: dict[str, float] = field(default_factory=dict, init=False)  # traits name -> seconds spent on techniques
     normalization_report: Any = field(default=None, init=False, repr=False)  # normalization_check.NormalizationReport
+    # Per-compile results a backend derives from this context and may reuse for another precision with the same
+    # arithmetic (e.g. the DPU's refinement for b2304 and b4096), keyed by the backend; never shared across compiles.
+    memo: dict[str, dict[Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def calibration_s(self) -> float:
