@@ -78,6 +78,7 @@ class TargetResult:
     error: str | None = None
     error_code: int | None = None  # exit code class of ``error``: 2 bad input, 3 internal
     manifest_sha256: str | None = None
+    verify_s: float = 0.0  # running the artifact on the evaluation set (and batch-1 latency)
     timings: dict[str, Any] = field(default_factory=dict)  # run-to-run timings kept out of the hashed manifest
 
     @property
@@ -110,6 +111,7 @@ class TargetResult:
             "size_bytes": self.size_bytes,
             "latency_ms_b1": self.latency_ms_b1,
             "compile_s": round(self.compile_s, 3),
+            "verify_s": round(self.verify_s, 3),
             "timings": self.timings,
             "kind": self.artifact_kind,
             "bundle": None if self.bundle is None else self.bundle.name,
@@ -127,6 +129,7 @@ class CompileSummary:
     calibration_s: float = 0.0
     written: bool = False  # bundles were moved into out_dir
     warnings: list[str] = field(default_factory=list)
+    stages_s: dict[str, Any] = field(default_factory=dict)  # wall time per shared stage (reference, statistics, techniques, total)
 
     @property
     def passed(self) -> bool:
@@ -153,6 +156,7 @@ class CompileSummary:
             "exit_code": self.exit_code,
             "reference": self.reference.to_json(),
             "calibration_s": round(self.calibration_s, 3),
+            "stages_s": self.stages_s,
             "targets": [r.row() for r in self.results],
             "bundles": {r.bundle.name: {"target": str(r.target), "manifest_sha256": r.manifest_sha256}
                         for r in self.results if r.bundle is not None},
@@ -349,8 +353,10 @@ def compile_model(
     entries = [REFERENCE_ENTRY, SUMMARY, *(bundle_name(t) for t in targets)]
     with OutputDir(out_dir, entries, inputs=options.inputs, force=options.force) as out:
         say("FP32 reference on onnxruntime")
+        t_ref = time.perf_counter()
         ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
         summary = CompileSummary(ref_metrics, out_dir=Path(out_dir))
+        summary.stages_s["reference"] = round(time.perf_counter() - t_ref, 3)
         reference_onnx = model.serialize()
         model.save_onnx(out.staging / REFERENCE_ENTRY / "model.onnx")
         quant = None
@@ -368,6 +374,10 @@ def compile_model(
             say(f"lowering {plan.target}")
             summary.results.append(job.run(plan, out.staging / bundle_name(plan.target)))
         summary.calibration_s = quant.calibration_s if quant is not None else 0.0
+        if quant is not None:
+            summary.stages_s["statistics"] = round(quant.statistics_s, 3)
+            summary.stages_s["techniques"] = {k: round(v, 3) for k, v in quant.techniques_s.items()}
+        summary.stages_s["total"] = round(time.perf_counter() - t_ref, 3)
         atomic_write_json(out.staging / SUMMARY, summary.to_json())
         summary.warnings.extend(out.commit())
         summary.written = True
@@ -442,12 +452,14 @@ class _Job:
             sections["backend_options"] = dataclasses.asdict(plan.options)
         art = backend.lower(self.model, bundle, precision=target.precision, options=lower_options)
         compile_s = time.perf_counter() - t0
+        t_run = time.perf_counter()
         raw_eval = self.eval_ds.raw_x()
         with backend.runner(art) as runner:
             verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
             pred = predict_watts(runner, self.model.contract, raw_eval, batch_size=self.options.batch_size)
             lat = (latency_ms_batch1(runner, self.model.contract, raw_eval, n=self.options.latency_windows)
                    if verification is Verification.MEASURED else None)
+        verify_s = time.perf_counter() - t_run
         cand = nilm_metrics(self.truth, pred, on_threshold_w=self.model.contract.on_threshold_w)
         # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
         fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
@@ -455,5 +467,5 @@ class _Job:
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity)
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
-        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings)
+        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)
 
