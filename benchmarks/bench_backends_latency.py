@@ -104,7 +104,7 @@ def _shipped() -> tuple[Path, Path] | None:
 def _train_small() -> tuple[Model, NilmDataset]:
     from nilmc.calibration_data.windows import build_splits
     from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     sp = build_splits("T-P", appliances=("kettle",), n_train=4000, n_val=800, n_calib=500, splits=("train", "val", "calib"))
     keras_model, contract = train_seq2point(sp["train"], sp["val"], appliance="kettle", config=TrainConfig(epochs=5))

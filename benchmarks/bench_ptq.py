@@ -4,7 +4,7 @@ vendor-default flow (the TFLite converter's PTQ), over several calibration draws
 Run: ``python benchmarks/bench_ptq.py [--model M.onnx --keras M.keras] [--data DIR] [--draws 5] [--json out.json]``.
 
 Model: ``--model``/``--keras`` when given; else the shipped T-P model when it exists; else a T-P
-kettle model trained here (``nilmc.compiler.train``, default settings) on ``build_splits`` with
+kettle model trained here (``nilmc.training``, default settings) on ``build_splits`` with
 the shipped seed, cached in ``--work``. Data: the evaluation split (the shipped eval set's
 recipe) and a calibration pool of ``draws * draw_size`` windows of the calibration split; draw
 ``k`` is windows ``[k*size, (k+1)*size)`` (draw 0 is the shipped calibration set's recipe).
@@ -64,7 +64,7 @@ def _shipped() -> dict[str, Path] | None:
 def _train(work: Path, splits: dict[str, NilmDataset]) -> tuple[Path, Path]:
     onnx_path, keras_path = work / "tp_kettle_C.onnx", work / "tp_kettle_C.keras"
     if not (onnx_path.is_file() and keras_path.is_file()):
-        from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+        from nilmc.training import TrainConfig, save_trained, train_seq2point
 
         print(f"training a T-P {APPLIANCE} model (normalization C) into {work} ...", flush=True)
         keras_model, contract = train_seq2point(splits["train"], splits["val"], appliance=APPLIANCE, normalization="C", config=TrainConfig())
@@ -119,9 +119,9 @@ def _tflite_convert(keras_model: Any, rep: np.ndarray) -> bytes:
     conv.representative_dataset = lambda: ([rep[i:i + 1]] for i in range(len(rep)))
     import warnings
 
-    from nilmc.compiler.tfcompat import _stderr_silenced  # the converter's MLIR/calibration notes on fd 2
+    from nilmc.compiler.tfcompat import stderr_silenced  # the converter's MLIR/calibration notes on fd 2
 
-    with warnings.catch_warnings(), _stderr_silenced():
+    with warnings.catch_warnings(), stderr_silenced():
         warnings.simplefilter("ignore")
         return bytes(conv.convert())
 

@@ -5,7 +5,7 @@ Run: ``python benchmarks/bench_tflite_ptq.py [--model M.keras --calib C.npz --ev
 
 Model and data: the shipped T-P model and sets when they exist (``shipped_paths()``), else
 ``--model/--calib/--eval``, else the T-P splits of ``build_splits`` (shipped seed, default
-sizes) and a seq2point model trained on them with ``nilmc.compiler.train`` defaults, cached
+sizes) and a seq2point model trained on them with ``nilmc.training`` defaults, cached
 in ``--work`` (default ``/tmp/nilmc-bench-tflite``).
 
 Rows (every INT8 row runs on the TFLite runtime, ``ai_edge_litert``; FP32 is the ONNX reference
@@ -71,7 +71,7 @@ def _trained_fallback(work: Path) -> tuple[Any, Any, Any, str]:
         SHIPPED_SEED = int(seed_file.read_text())  # the seed the cached model was trained with
     else:
         from nilmc.calibration_data.windows import build_splits
-        from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+        from nilmc.training import TrainConfig, save_trained, train_seq2point
 
         work.mkdir(parents=True, exist_ok=True)
         print(f"no shipped model: building T-P splits (seed {SHIPPED_SEED}) and training a seq2point model into {work} ...", flush=True)

@@ -346,7 +346,7 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
     from nilmc.calibration_data.normalization import Normalization
     from nilmc.compiler.driver import reference_metrics
     from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     norm = Normalization.parse(normalization)
     if data_path is None:

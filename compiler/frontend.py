@@ -315,13 +315,6 @@ def _load_keras_file(path: Path, kind: SourceKind, contract: ModelContract | Non
     return keras_to_onnx(keras_model, found, source=str(path), keras_path=path)
 
 
-def _read_keras(path: Path, kind: SourceKind) -> Any:
-    """Old private name, still imported by quantization/qat_flow.py: use :func:`nilmc.compiler.tfcompat.read_keras`."""
-    from nilmc.compiler.tfcompat import read_keras
-
-    return read_keras(path, kind)
-
-
 def _load_saved_model(path: Path, contract: ModelContract | None) -> Model:
     tf = _tf(f"loading the SavedModel {path.name}")
     try:

@@ -85,10 +85,6 @@ def stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-# Old private name, still imported by benchmarks/bench_ptq.py; new code uses stderr_silenced.
-_stderr_silenced = stderr_silenced
-
-
 def _quiet_python_loggers() -> None:
     for name in ("tensorflow", "tf2onnx", "absl", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -295,6 +295,37 @@ def shift_requantize(acc: np.ndarray, shift: int | np.ndarray, rng: IntRange, *,
     return clamp(rounding_shift_right(acc, shift, rounding), rng)
 
 
+def requantize_fast(acc: np.ndarray, multiplier: np.ndarray | int, shift: np.ndarray | int, zero_point: int, rng: IntRange, *,
+                    bits: int = 32, limits: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`requantize`, then clipped to ``limits`` (default None: ``rng``'s), in a few in-place int64 passes.
+
+    The same integers as the reference: for ``m >= 0`` gemmlowp's high-mul ``trunc((a*m + nudge) / 2**(bits-1))``
+    is ``(a*m + 2**(bits-2)) >> (bits-1)`` for either sign of ``a*m`` (no saturation case), and the half-away
+    rounding shift is ``(h + 2**(e-1) - (h < 0)) >> e``; the zero point rides in the same add as ``zp << e``.
+    Left shifts (``shift > 0``), negative multipliers or accumulators wider than int32 (``|a*m|`` could pass
+    2**62) take :func:`requantize` itself.
+    """
+    acc = np.asarray(acc)
+    m = np.asarray(multiplier, np.int64)
+    right = -np.asarray(shift, np.int64)
+    lo, hi = (rng.lo, rng.hi) if limits is None else (max(rng.lo, limits[0]), min(rng.hi, limits[1]))
+    if not np.can_cast(acc.dtype, np.int32) or np.any(right < 0) or np.any(m < 0) or np.any(m >= 2**31):
+        return np.clip(requantize(acc, multiplier, shift, zero_point, rng, bits=bits), lo, hi).astype(rng.np_dtype)
+    h = np.multiply(acc, m, dtype=np.int64)  # |acc * m| < 2**62
+    h += np.int64(1 << (bits - 2))
+    h >>= bits - 1
+    rounds = right > 0
+    offset = np.where(rounds, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0) + (np.int64(zero_point) << right)
+    if np.all(rounds):
+        h += h >> 63  # -1 where negative: ties go away from zero
+    elif np.any(rounds):
+        h += (h >> 63) * rounds
+    h += offset
+    h >>= right
+    np.clip(h, lo, hi, out=h)
+    return h.astype(rng.np_dtype)
+
+
 # --------------------------------------------------------------------------- reference integer ops
 def _centred(q: np.ndarray, zero_point: np.ndarray | int, axis: int | None = None) -> np.ndarray:
     q = np.asarray(q, np.int64)
@@ -785,6 +816,19 @@ def conv2d_accumulate(x: np.ndarray, w_ohwi: np.ndarray, stride: tuple[int, int]
             return mm(cols, split_groups=w.shape[1] * w.shape[2], scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
     cols = im2col_nhwc(x, w.shape[1:3], stride, pads, dilation, workspace=space)
     return mm(cols, scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
+
+
+def conv2d_zero_point_offset(w_ohwi: np.ndarray, in_hw: tuple[int, int], x_zero_point: int, stride: tuple[int, int],
+                             pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """``-x_zero_point * (w summed over the taps inside the image)`` per output position and channel, ``(OH, OW, O)`` int64.
+
+    Added to :func:`conv2d_accumulate` of raw codes (padding = code 0) it gives :func:`conv2d_nhwc`'s accumulator
+    with ``x_zero_point`` (padding = real zero, i.e. the zero point): ``sum (x - zp) * w`` over the taps inside.
+    """
+    w = np.asarray(w_ohwi)
+    ones = np.ones((1, *in_hw, w.shape[3]), np.int64)
+    taps = conv2d_nhwc(ones, w, strides=stride, pads=pads, dilations=dilation, acc_bits=48)[0].astype(np.int64)
+    return -int(x_zero_point) * taps
 
 
 def dense_accumulate(x: np.ndarray, w: np.ndarray, *, matmul: IntegerMatmul | None = None, scratch: bool = False) -> np.ndarray:

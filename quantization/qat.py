@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nilmc.compiler.errors import BadInputError, MissingDependencyError, QuantizationError
+from nilmc.compiler.tfcompat import kernel_and_bias
 from nilmc.quantization.params import QuantParams, TensorQuant, activation_from_range, bias_quant, weight_quant
 from nilmc.quantization.traits import QuantTraits
 
@@ -120,20 +121,9 @@ def weighted_layers(keras_model: Any) -> list[Any]:
     return out
 
 
-def _kind(layer: Any) -> str:
+def layer_kind(layer: Any) -> str:
+    """"conv" for a Conv2D Keras layer, "dense" otherwise (the two weighted kinds nilmc maps)."""
     return "conv" if type(layer).__name__ == "Conv2D" else "dense"
-
-
-def _kernel_and_bias(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """Float kernel and bias of a Conv2D / Dense layer, read from its variables. For a QAT wrapper pass the
-    wrapper: the wrapped layer no longer lists its kernel (``layer.kernel`` is the fake-quantized tensor)."""
-    inner = getattr(layer, "layer", None)
-    prefix = inner.name + "/" if inner is not None else ""
-    arrays = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights if v.name.startswith(prefix)}
-    if "kernel" not in arrays:
-        raise QuantizationError(f"layer {layer.name!r} has no kernel variable", "pass a Conv2D or Dense layer")
-    bias = arrays.get("bias")
-    return np.asarray(arrays["kernel"].numpy(), np.float32), None if bias is None else np.asarray(bias.numpy(), np.float32)
 
 
 def _channel_minmax(kernel: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -160,9 +150,9 @@ def _match_onnx_layers(keras_layers: list[Any], params: QuantParams) -> list[Any
 
 
 def _check_pairing(layer: Any, onnx_layer: Any, wq: TensorQuant) -> None:
-    kernel, _ = _kernel_and_bias(layer)
-    if _kind(layer) != onnx_layer.kind:
-        raise QuantizationError(f"Keras layer {layer.name!r} ({_kind(layer)}) pairs with ONNX layer {onnx_layer.name!r} ({onnx_layer.kind})",
+    kernel, _ = kernel_and_bias(layer)
+    if layer_kind(layer) != onnx_layer.kind:
+        raise QuantizationError(f"Keras layer {layer.name!r} ({layer_kind(layer)}) pairs with ONNX layer {onnx_layer.name!r} ({onnx_layer.kind})",
                                 "derive the parameters from this Keras model's ONNX conversion")
     lo, hi = _channel_minmax(kernel, wq.per_channel)
     if len(lo) != len(wq.lo) or not (np.allclose(lo, wq.lo, rtol=1e-6, atol=1e-9) and np.allclose(hi, wq.hi, rtol=1e-6, atol=1e-9)):
@@ -183,7 +173,7 @@ def keras_quant_from_params(keras_model: Any, params: QuantParams) -> KerasQuant
     for layer, ol in zip(keras_layers, pairs):
         wq = params.tensors[ol.weight]
         _check_pairing(layer, ol, wq)
-        axis = _kernel_and_bias(layer)[0].ndim - 1 if wq.per_channel else None
+        axis = kernel_and_bias(layer)[0].ndim - 1 if wq.per_channel else None
         bias = params.tensors.get(ol.bias) if ol.bias else None
         adjusted = getattr(params, "adjusted", {}) or {}
         values = np.asarray(adjusted[ol.bias], np.float32).ravel() if ol.bias in adjusted else None
@@ -416,7 +406,7 @@ def _init_ranges(qat_model: Any, kq: KerasQuant, power_of_two: bool) -> None:
         if "post_activation_min" not in v:
             raise QuantizationError(f"QAT wrapper of layer {kl.name!r} has no output fake-quant", "QAT supports Conv2D/Dense layers with a built-in activation")
         _set_range(v, "post_activation_", _pot_tq(kl.output, kq.traits) if power_of_two else kl.output)
-        kernel, _ = _kernel_and_bias(w)
+        kernel, _ = kernel_and_bias(w)
         a = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0) if v["kernel_min"].shape.rank else np.abs(kernel).max()
         v["kernel_min"].assign(-a.astype(np.float32))
         v["kernel_max"].assign(np.asarray(a, np.float32))
@@ -458,10 +448,10 @@ def _keras_quant_from_ranges(keras_model: Any, ranges: Mapping[str, tuple[float,
     prev = act("input")
     out = []
     for layer in layers:
-        kernel, _ = _kernel_and_bias(layer)
+        kernel, _ = kernel_and_bias(layer)
         wq = weight_quant(f"{layer.name}/kernel", kernel, kernel.ndim - 1, traits)
         cur = act(layer.name)
-        out.append(KerasLayerQuant(layer.name, _kind(layer), prev, cur, wq, None))
+        out.append(KerasLayerQuant(layer.name, layer_kind(layer), prev, cur, wq, None))
         prev = cur
     return KerasQuant(traits, out[0].input, out[-1].output, tuple(out), "given")
 
@@ -575,11 +565,11 @@ def keras_quant_from_qat(qat_model: Any, template: Any, traits: QuantTraits, *, 
     wrappers = _wrappers(qat_model)
     out = []
     for layer in weighted_layers(plain):
-        kernel, bias = _kernel_and_bias(layer)
+        kernel, bias = kernel_and_bias(layer)
         wq = weight_quant(f"{layer.name}/kernel", kernel, kernel.ndim - 1, tq_traits)
         cur = _trained_grid(f"{layer.name}/output", _vars(wrappers[layer.name]), "post_activation_", tq_traits)
         bq = bias_quant(f"{layer.name}/bias", bias, prev, wq, tq_traits) if bias is not None else None
-        out.append(KerasLayerQuant(layer.name, _kind(layer), prev, cur, wq, bq))
+        out.append(KerasLayerQuant(layer.name, layer_kind(layer), prev, cur, wq, bq))
         prev = cur
     return plain, KerasQuant(tq_traits, out[0].input, out[-1].output, tuple(out), "qat")
 

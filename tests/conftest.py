@@ -54,7 +54,7 @@ def small_tp(tmp_path_factory):
     pytest.importorskip("tensorflow")
     from nilmc.calibration_data.windows import build_splits
     from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     sp = build_splits("T-P", appliances=("kettle",), seed=0, n_train=1000, n_val=100, n_calib=300, n_eval=300)
     keras_model, contract = train_seq2point(sp["train"], appliance="kettle", normalization="C",

@@ -65,7 +65,8 @@ def _ir_kernel(layer_kind: str, kernel: np.ndarray) -> np.ndarray:
 
 def pair_layers(keras_model: Any, graph: DpuGraph) -> list[tuple[Any, DpuOp]]:
     """``(Keras layer, DPU op)`` for every Conv2D / Dense layer, checked on the weights."""
-    from nilmc.quantization.qat import _kernel_and_bias, _kind, weighted_layers
+    from nilmc.compiler.tfcompat import kernel_and_bias
+    from nilmc.quantization.qat import layer_kind, weighted_layers
 
     layers = weighted_layers(keras_model)
     ops = [op for op in graph.ops if op.weighted]
@@ -73,8 +74,8 @@ def pair_layers(keras_model: Any, graph: DpuGraph) -> list[tuple[Any, DpuOp]]:
         raise QuantizationError(f"the Keras model has {len(layers)} Conv2D/Dense layers but the DPU graph {len(ops)} weighted ops",
                                 "load the model from the .keras file its ONNX form was converted from")
     for layer, op in zip(layers, ops):
-        kernel, bias = _kernel_and_bias(layer)
-        w = _ir_kernel(_kind(layer), kernel)
+        kernel, bias = kernel_and_bias(layer)
+        w = _ir_kernel(layer_kind(layer), kernel)
         same_bias = (bias is None) == (op.bias is None) and (bias is None or np.allclose(bias, op.bias, rtol=1e-5, atol=1e-7))
         if w.shape != np.shape(op.weight) or not np.allclose(w, op.weight, rtol=1e-5, atol=1e-7) or not same_bias:
             raise QuantizationError(f"Keras layer {layer.name!r} does not match DPU op {op.name!r} (weights differ)",
@@ -84,11 +85,11 @@ def pair_layers(keras_model: Any, graph: DpuGraph) -> list[tuple[Any, DpuOp]]:
 
 def _keras_quant(pairs: list[tuple[Any, DpuOp]], graph: DpuGraph, ptq: DpuParams) -> Any:
     """The PTQ fix points as QAT's starting :class:`KerasQuant` (exact power-of-two grids)."""
-    from nilmc.quantization.qat import KerasLayerQuant, KerasQuant, _kind
+    from nilmc.quantization.qat import KerasLayerQuant, KerasQuant, layer_kind
 
     fix = ptq.fix
     tq = lambda name, fp, role="activation": _tq_role(name, role, fp)  # noqa: E731
-    rows = [KerasLayerQuant(layer.name, _kind(layer), tq(op.inputs[0], fix[op.inputs[0]]), tq(op.output, fix[op.output]),
+    rows = [KerasLayerQuant(layer.name, layer_kind(layer), tq(op.inputs[0], fix[op.inputs[0]]), tq(op.output, fix[op.output]),
                             tq(op.weight_name or op.name, ptq.weights[op.name].fw, "weight"), None) for layer, op in pairs]
     first = graph.inputs[0]
     return KerasQuant(DPU_POT, tq(first, fix[first]), rows[-1].output, tuple(rows), "ptq")
@@ -123,7 +124,8 @@ def qat_lower(model: "Model", graph: DpuGraph, ptq: DpuParams, ctx: Any, limits:
     """``(graph, params, info)`` after power-of-two QAT; ``graph``/``ptq`` back unchanged when epoch 0 wins.
     ``shared`` (default none): the shared ranges / start fix positions the PTQ refinement used."""
     from nilmc.backends.tflite_backend import load_keras
-    from nilmc.quantization.qat import _kernel_and_bias, _kind, qat_finetune, qat_ranges, strip_qat
+    from nilmc.compiler.tfcompat import kernel_and_bias
+    from nilmc.quantization.qat import layer_kind, qat_finetune, qat_ranges, strip_qat
 
     opts = DpuQatOptions.parse(options)
     keras_model = load_keras(model)
@@ -151,9 +153,9 @@ def qat_lower(model: "Model", graph: DpuGraph, ptq: DpuParams, ctx: Any, limits:
     fixed_w: dict[str, int] = {}
     tuned_layers = {l.name: l for l in plain.layers}
     for layer, op in pairs:
-        kernel, bias = _kernel_and_bias(tuned_layers[layer.name])
+        kernel, bias = kernel_and_bias(tuned_layers[layer.name])
         t = tuned.op(op.name)
-        t.weight = _ir_kernel(_kind(layer), kernel).astype(np.float32)
+        t.weight = _ir_kernel(layer_kind(layer), kernel).astype(np.float32)
         t.bias = None if bias is None else bias.astype(np.float32)
         fixed[op.output] = pot_fix(*ranges[layer.name])
         fixed_w[op.name] = pot_fix(0.0, float(np.max(np.abs(kernel))))

@@ -28,7 +28,7 @@ CASES = [
 def keras_tiny(tmp_path_factory, tiny_ds):
     """A small conv seq2point-shaped Keras model trained for one epoch (TF)."""
     from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     keras_model, contract = train_seq2point(tiny_ds, None, appliance="kettle", config=TrainConfig(epochs=2, seed=0))
     paths = save_trained(keras_model, contract, tmp_path_factory.mktemp("keras") / "tiny")

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.tf]
 @pytest.fixture(scope="module")
 def keras_model(tmp_path_factory, tiny_ds):
     from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     km, contract = train_seq2point(tiny_ds, None, appliance="kettle", config=TrainConfig(epochs=3, seed=0))
     paths = save_trained(km, contract, tmp_path_factory.mktemp("dpu_qat") / "m")

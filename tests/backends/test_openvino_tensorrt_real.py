@@ -42,7 +42,7 @@ def _shipped() -> tuple | None:
 def _train_small(out: Path) -> tuple:
     pytest.importorskip("tensorflow")
     from nilmc.calibration_data.windows import build_splits
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     sp = build_splits("T-P", appliances=("kettle",), n_train=4000, n_val=800, n_calib=500, n_eval=1500)
     keras_model, contract = train_seq2point(sp["train"], sp["val"], appliance="kettle", config=TrainConfig(epochs=5))

@@ -12,7 +12,7 @@ def trained(tmp_path_factory):
     pytest.importorskip("tensorflow")
     from nilmc.calibration_data.windows import build_splits
     from nilmc.compiler.frontend import load_model
-    from nilmc.compiler.train import TrainConfig, save_trained, train_seq2point
+    from nilmc.training import TrainConfig, save_trained, train_seq2point
 
     sp = build_splits("T-P", appliances=("kettle",), n_train=2000, n_val=300, n_calib=300, n_eval=300,
                       splits=("train", "val", "calib"))

@@ -47,7 +47,7 @@ def test_keras_view_pairs_every_layer_with_its_onnx_layer(tp):
 
 
 def test_keras_view_refuses_parameters_of_another_model(tp):
-    from nilmc.compiler.models import build_seq2point_cnn
+    from nilmc.training.models import build_seq2point_cnn
     from nilmc.quantization.qat import keras_quant_from_params
 
     other = build_seq2point_cnn((10, 9, 1))  # same architecture, other weights

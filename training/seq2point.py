@@ -59,7 +59,7 @@ def train_seq2point(
     config: TrainConfig = TrainConfig(),
 ) -> tuple[Any, ModelContract]:
     """Train a seq2point model for one appliance; returns ``(keras_model, contract)``."""
-    from nilmc.compiler.models import MODEL_BUILDERS
+    from nilmc.training.models import MODEL_BUILDERS
     from nilmc.compiler.tfcompat import import_tf
 
     tf = import_tf("training")
