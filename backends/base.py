@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class Runner(Protocol):
 
     verification: Verification
 
-    def __enter__(self) -> "Runner": ...
+    def __enter__(self) -> Runner: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
@@ -91,7 +92,7 @@ class Backend(Protocol):
     name: str
     capabilities: Capabilities
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str, options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str, options: Mapping[str, Any] | None = None) -> Artifact:
         """Write the artifact for ``precision`` into ``out_dir`` (needs no hardware)."""
         ...
 

@@ -29,7 +29,7 @@ operator table); ops outside it would fall back to the Cortex-A53 or fail, so th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,14 +55,17 @@ from nilmc.compiler.io import atomic_write_bytes, atomic_write_json
 from nilmc.compiler.tfcompat import load_keras, require_tflite
 from nilmc.quantization.intops import (
     INT_RANGES,
+    IntegerMatmul,
     Rounding,
     avg_pool,
-    conv2d_nhwc,
-    dense,
+    conv2d_accumulate,
+    conv2d_zero_point_offset,
+    dense_accumulate,
     max_pool,
     quantize,
     quantize_multiplier,
-    requantize,
+    requantize_fast,
+    wrap,
 )
 from nilmc.quantization.traits import QuantTraits
 
@@ -164,12 +167,32 @@ def _act_range(fused: int, scale: float, zp: int, rng: Any) -> tuple[int, int]:
     return lo, hi
 
 
-def _requant(acc: np.ndarray, real: np.ndarray, zp: int, rng: Any, act: tuple[int, int], bits: int) -> np.ndarray:
+_WINDOWS_PER_PASS = 128  # windows per pass through the graph: patches and accumulators stay in reused buffers (tens of MB)
+
+
+def _multipliers(real: np.ndarray, bits: int) -> tuple[np.ndarray | int, np.ndarray | int]:
+    """TFLite's normalized ``bits``-wide multipliers and shifts of ``real`` (scalars when there is one)."""
     ms = [quantize_multiplier(float(r), bits=bits) for r in np.atleast_1d(real)]
     m = np.array([v[0] for v in ms], np.int64)
     s = np.array([v[1] for v in ms], np.int64)
-    q = requantize(acc, m if len(m) > 1 else int(m[0]), s if len(s) > 1 else int(s[0]), zp, rng, bits=bits)
-    return np.clip(q, act[0], act[1]).astype(rng.np_dtype)
+    return (m, s) if len(m) > 1 else (int(m[0]), int(s[0]))
+
+
+@dataclass
+class _Requant:
+    """An op's accumulator -> output codes: real multiplier(s), output zero point and range, fused-activation limits."""
+
+    real: np.ndarray
+    zero_point: int
+    rng: Any
+    limits: tuple[int, int]
+    fixed: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # multiplier bits -> (multipliers, shifts)
+
+    def __call__(self, acc: np.ndarray, bits: int) -> np.ndarray:
+        if bits not in self.fixed:
+            self.fixed[bits] = _multipliers(self.real, bits)
+        m, s = self.fixed[bits]
+        return requantize_fast(acc, m, s, self.zero_point, self.rng, bits=bits, limits=self.limits)
 
 
 def _same_pads(size: int, k: int, stride: int, dil: int) -> tuple[int, int]:
@@ -178,45 +201,89 @@ def _same_pads(size: int, k: int, stride: int, dil: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _conv(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], bits: int) -> np.ndarray:
-    o = op.builtinOptions
-    xi, wi = op.inputs[0], op.inputs[1]
-    bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
-    x, w = vals[xi], t[wi].data
-    sh, sw, dh, dw = int(o.strideH), int(o.strideW), int(o.dilationHFactor or 1), int(o.dilationWFactor or 1)
-    pads = (0, 0, 0, 0)
-    if int(o.padding) == 0:  # SAME
-        (pt, pb), (pl, pr) = _same_pads(x.shape[1], w.shape[1], sh, dh), _same_pads(x.shape[2], w.shape[2], sw, dw)
-        pads = (pt, pl, pb, pr)
-    acc = conv2d_nhwc(x, w, None if bi is None else t[bi].data, x_zero_point=int(t[xi].zero_point[0]),
-                      w_zero_point=t[wi].zero_point if len(t[wi].zero_point) > 1 else int(t[wi].zero_point[0]),
-                      strides=(sh, sw), pads=pads, dilations=(dh, dw))
-    return _finish(op, t, acc, xi, wi, int(o.fusedActivationFunction), bits)
-
-
-def _fc(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], bits: int) -> np.ndarray:
-    o = op.builtinOptions
-    xi, wi = op.inputs[0], op.inputs[1]
-    bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
-    w = t[wi].data
-    x = vals[xi].reshape(-1, w.shape[1])
-    acc = dense(x, w.T, None if bi is None else t[bi].data, x_zero_point=int(t[xi].zero_point[0]), w_zero_point=0)
-    return _finish(op, t, acc, xi, wi, int(o.fusedActivationFunction), bits)
-
-
-def _finish(op: Any, t: list[_Tensor], acc: np.ndarray, xi: int, wi: int, fused: int, bits: int) -> np.ndarray:
+def _output_requant(op: Any, t: list[_Tensor], xi: int, wi: int, fused: int) -> _Requant:
     if np.any(t[wi].zero_point != 0):
         raise NotEmulatedError("asymmetric weights are not emulated", "use symmetric weights (eiq_traits)")
     out = t[op.outputs[0]]
     rng = INT_RANGES[out.dtype]
     real = np.float64(t[xi].scale[0]) * t[wi].scale.astype(np.float64) / np.float64(out.scale[0])  # TFLite: double of the float scales
     zp = int(out.zero_point[0])
-    return _requant(acc, real, zp, rng, _act_range(fused, float(out.scale[0]), zp, rng), bits)
+    return _Requant(real, zp, rng, _act_range(fused, float(out.scale[0]), zp, rng))
 
 
-def _pool(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], name: str) -> np.ndarray:
+@dataclass
+class _Weighted:
+    """A CONV_2D / FULLY_CONNECTED prepared once: the exact integer GEMM of its weights (:class:`IntegerMatmul`),
+    its bias and input zero point folded into one offset, its requantization.
+
+    The accumulator is that of :func:`~nilmc.quantization.intops.conv2d_nhwc` / :func:`~nilmc.quantization.intops.dense`
+    (int64 reference, wrapped to int32): raw codes times weights, plus ``bias - x_zp * (weights over the taps inside)``."""
+
+    w: np.ndarray  # OHWI (conv) or [in, out] (dense)
+    bias: np.ndarray  # int64, zeros when the op has none
+    x_zero_point: int
+    geometry: tuple[Any, ...] | None  # (strides, pads, dilations) of a conv, None for a dense layer
+    requant: _Requant
+    matmul: IntegerMatmul = field(init=False)
+    offsets: dict[tuple[int, ...], tuple[np.ndarray, bool]] = field(default_factory=dict)  # input (H, W) -> (offset, fits int32)
+
+    def __post_init__(self) -> None:
+        self.matmul = IntegerMatmul(self.w.reshape(self.w.shape[0], -1).T if self.geometry else self.w)
+
+    def _offset(self, x: np.ndarray) -> tuple[np.ndarray, bool]:
+        """``bias - x_zp * (weights over the taps inside)`` and whether ``raw + offset`` always fits int32."""
+        key = x.shape[1:3] if self.geometry else ()
+        if key not in self.offsets:
+            if self.geometry:
+                zp_term = conv2d_zero_point_offset(self.w, key, self.x_zero_point, *self.geometry)
+            else:
+                zp_term = -self.x_zero_point * self.w.astype(np.int64).sum(axis=0)
+            offset = zp_term + self.bias
+            fits = self.matmul.bound + float(np.max(np.abs(offset), initial=0)) < 2**31 - 1  # |raw| <= bound for int8 codes
+            self.offsets[key] = (offset.astype(np.int32) if fits else offset, fits)
+        return self.offsets[key]
+
+    def accumulate(self, x: np.ndarray) -> np.ndarray:
+        """The int32 accumulator for codes ``x``; it lives in the GEMM's scratch buffer until the next call."""
+        if self.geometry:
+            acc = conv2d_accumulate(x, self.w, *self.geometry, matmul=self.matmul, scratch=True)
+        else:
+            acc = dense_accumulate(x.reshape(-1, self.w.shape[0]), self.w, matmul=self.matmul, scratch=True)
+        offset, fits = self._offset(x)
+        if fits and acc.dtype == np.int32:
+            acc += offset  # exact in int32: nothing to wrap
+            return acc
+        return wrap(acc.astype(np.int64) + offset, 32)
+
+
+def _conv(op: Any, t: list[_Tensor]) -> _Weighted:
     o = op.builtinOptions
-    x = vals[op.inputs[0]]
+    xi, wi = op.inputs[0], op.inputs[1]
+    bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    w = t[wi].data
+    sh, sw, dh, dw = int(o.strideH), int(o.strideW), int(o.dilationHFactor or 1), int(o.dilationWFactor or 1)
+    pads = (0, 0, 0, 0)
+    if int(o.padding) == 0:  # SAME
+        h, wd = t[xi].shape[1:3]
+        (pt, pb), (pl, pr) = _same_pads(h, w.shape[1], sh, dh), _same_pads(wd, w.shape[2], sw, dw)
+        pads = (pt, pl, pb, pr)
+    requant = _output_requant(op, t, xi, wi, int(o.fusedActivationFunction))
+    bias = np.zeros(w.shape[0], np.int64) if bi is None else t[bi].data.astype(np.int64)
+    return _Weighted(w, bias, int(t[xi].zero_point[0]), ((sh, sw), pads, (dh, dw)), requant)
+
+
+def _fc(op: Any, t: list[_Tensor]) -> _Weighted:
+    o = op.builtinOptions
+    xi, wi = op.inputs[0], op.inputs[1]
+    bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    w = t[wi].data
+    requant = _output_requant(op, t, xi, wi, int(o.fusedActivationFunction))
+    bias = np.zeros(w.shape[0], np.int64) if bi is None else t[bi].data.astype(np.int64)
+    return _Weighted(np.ascontiguousarray(w.T), bias, int(t[xi].zero_point[0]), None, requant)
+
+
+def _pool(op: Any, t: list[_Tensor], x: np.ndarray, name: str) -> np.ndarray:
+    o = op.builtinOptions
     if int(o.padding) == 0 and (x.shape[1] % int(o.strideH) or x.shape[2] % int(o.strideW) or int(o.filterHeight) != int(o.strideH)
                                  or int(o.filterWidth) != int(o.strideW)):
         raise NotEmulatedError(f"{name} with SAME padding that pads is not emulated", "use VALID pooling")
@@ -228,44 +295,117 @@ def _pool(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], name: str) -> 
     return np.clip(y, lo, hi).astype(rng.np_dtype)
 
 
-def _requantize_op(op: Any, t: list[_Tensor], vals: dict[int, np.ndarray], bits: int) -> np.ndarray:
+@dataclass
+class _Rescale:
+    """QUANTIZE int8 <-> uint8: codes minus the input zero point, requantized to the output grid."""
+
+    x_zero_point: int
+    requant: _Requant
+
+    def accumulate(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.int32) - np.int32(self.x_zero_point)
+
+
+def _quantize_op(op: Any, t: list[_Tensor]) -> _Rescale:
     i, o = t[op.inputs[0]], t[op.outputs[0]]
     if i.dtype not in ("int8", "uint8") or o.dtype not in ("int8", "uint8"):
         raise NotEmulatedError(f"QUANTIZE {i.dtype}->{o.dtype} is not emulated", "use int8/uint8 I/O")
     rng = INT_RANGES[o.dtype]
-    acc = vals[op.inputs[0]].astype(np.int64) - int(i.zero_point[0])
     real = np.float64(i.scale[0]) / np.float64(o.scale[0])
-    return _requant(acc, np.array([real]), int(o.zero_point[0]), rng, (rng.lo, rng.hi), bits)
+    return _Rescale(int(i.zero_point[0]), _Requant(np.array([real]), int(o.zero_point[0]), rng, (rng.lo, rng.hi)))
 
 
+_PREPARE = {"CONV_2D": _conv, "FULLY_CONNECTED": _fc, "QUANTIZE": _quantize_op}  # ops that accumulate and requantize
 EMULATED_OPS = ("CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D", "QUANTIZE")
 
 
+def _distinct(xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct arrays of ``xs`` (by identity) and, for each entry, its index among them."""
+    seen: dict[int, int] = {}
+    index = [seen.setdefault(id(x), len(seen)) for x in xs]
+    return [xs[index.index(k)] for k in range(len(seen))], index
+
+
+class _IntegerGraph:
+    """The integer graph of a full-integer flatbuffer, prepared once and run for several multiplier widths together.
+
+    The runs share what their inputs share: an op whose input is the same array for every width (the first
+    layer's, for one) accumulates once, and where inputs differ only the windows that differ are accumulated
+    again, stacked under the first run's in one GEMM. Requantization is per width."""
+
+    def __init__(self, fb: bytes) -> None:
+        m = load_flatbuffer(fb)
+        sg = m.subgraphs[0]
+        self.t = _read_tensors(m)
+        self.input, self.output = int(sg.inputs[0]), int(sg.outputs[0])
+        self.steps: list[tuple[str, Any, Any]] = []
+        for op in sg.operators:
+            name = op_name(op_code(m, op))
+            if name not in EMULATED_OPS:
+                raise NotEmulatedError(f"op {name} has no integer emulation", f"emulated: {', '.join(EMULATED_OPS)}")
+            self.steps.append((name, op, _PREPARE[name](op, self.t) if name in _PREPARE else None))
+
+    def run(self, x_codes: np.ndarray, widths: tuple[int, ...]) -> dict[int, np.ndarray]:
+        """Output codes of input codes ``x_codes`` for each multiplier width in ``widths``."""
+        vals: dict[int, list[np.ndarray]] = {self.input: [np.asarray(x_codes)] * len(widths)}
+        for name, op, prepared in self.steps:
+            ins, index = _distinct(vals[op.inputs[0]])
+            if prepared is None:  # reshapes and pools: no requantization
+                done = [self._shape_op(name, op, x) for x in ins]
+                outs = [done[k] for k in index]
+            else:
+                outs = self._accumulate_and_requantize(prepared, ins, [(k, bits) for k, bits in zip(index, widths)])
+            vals[int(op.outputs[0])] = outs
+        return dict(zip(widths, vals[self.output]))
+
+    @staticmethod
+    def _accumulate_and_requantize(prepared: Any, ins: list[np.ndarray], runs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Output codes of an accumulating op for each run ``(index into ins, multiplier bits)``.
+
+        Windows where an input equals the first one share its accumulator: only the windows that differ (a few
+        percent after the first layers, about half at the end) join the first input's in one GEMM."""
+        base, n = ins[0], len(ins[0])
+        per_window = int(np.prod(base.shape[1:]))
+        differ = [np.flatnonzero(np.any((x != base).reshape(n, per_window), axis=1)) for x in ins[1:]]
+        acc = prepared.accumulate(np.concatenate([base, *(x[rows] for x, rows in zip(ins[1:], differ))]) if differ else base)
+        ends = np.cumsum([n, *(len(rows) for rows in differ)])
+        outs = []
+        for k, bits in runs:
+            y = prepared.requant(acc[:n], bits)
+            if k:
+                y[differ[k - 1]] = prepared.requant(acc[ends[k - 1]:ends[k]], bits)
+            outs.append(y)
+        return outs
+
+    def _shape_op(self, name: str, op: Any, x: np.ndarray) -> np.ndarray:
+        if name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+            return _pool(op, self.t, x, name)
+        return x.reshape((len(x), *self.t[op.outputs[0]].shape[1:]))
+
+
+def emulate_int8_widths(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: tuple[int, ...] = (32, 16)) -> dict[int, np.ndarray]:
+    """Run the integer graph of ``fb`` on input codes ``x_codes`` once for each requantization multiplier width in
+    ``multiplier_bits`` (default (32, 16)); returns ``{bits: output codes}``.
+
+    Bit-exact with nilmc's :mod:`~nilmc.quantization.intops` reference ops (int64 accumulation, :func:`requantize`)
+    but computed with exact integer GEMMs (:class:`IntegerMatmul`) on :data:`_WINDOWS_PER_PASS` windows at a time,
+    the widths side by side. Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`."""
+    graph = _IntegerGraph(fb)
+    widths = tuple(int(b) for b in multiplier_bits)
+    x_codes = np.asarray(x_codes)
+    parts: dict[int, list[np.ndarray]] = {b: [] for b in widths}
+    for start in range(0, max(len(x_codes), 1), _WINDOWS_PER_PASS):
+        for bits, y in graph.run(x_codes[start:start + _WINDOWS_PER_PASS], widths).items():
+            parts[bits].append(y)
+    return {bits: np.concatenate(ys) for bits, ys in parts.items()}
+
+
 def emulate_int8(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: int = 32) -> np.ndarray:
-    """Run the integer graph of ``fb`` in numpy (nilmc's :mod:`~nilmc.quantization.intops` reference ops) on input
-    codes ``x_codes``; returns the output codes. ``multiplier_bits``: 32 = TFLite's requantization, 16 = the
-    NPU hypothesis (16-bit normalized multiplier). Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`."""
-    m = load_flatbuffer(fb)
-    sg = m.subgraphs[0]
-    t = _read_tensors(m)
-    vals: dict[int, np.ndarray] = {int(sg.inputs[0]): np.asarray(x_codes)}
-    n = len(x_codes)
-    for op in sg.operators:
-        name = op_name(op_code(m, op))
-        if name == "CONV_2D":
-            y = _conv(op, t, vals, multiplier_bits)
-        elif name == "FULLY_CONNECTED":
-            y = _fc(op, t, vals, multiplier_bits)
-        elif name in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
-            y = vals[op.inputs[0]].reshape((n, *t[op.outputs[0]].shape[1:]))
-        elif name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
-            y = _pool(op, t, vals, name)
-        elif name == "QUANTIZE":
-            y = _requantize_op(op, t, vals, multiplier_bits)
-        else:
-            raise NotEmulatedError(f"op {name} has no integer emulation", f"emulated: {', '.join(EMULATED_OPS)}")
-        vals[int(op.outputs[0])] = y
-    return vals[int(sg.outputs[0])]
+    """Run the integer graph of ``fb`` (nilmc's :mod:`~nilmc.quantization.intops` integer semantics) on input
+    codes ``x_codes``; returns the output codes. ``multiplier_bits``: 32 (default) = TFLite's requantization, 16 = the
+    NPU hypothesis (16-bit normalized multiplier). Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`.
+    For both widths at once (sharing the work) use :func:`emulate_int8_widths`."""
+    return emulate_int8_widths(fb, x_codes, multiplier_bits=(multiplier_bits,))[multiplier_bits]
 
 
 def _input_codes(x: np.ndarray, io: Mapping[str, Any]) -> np.ndarray:
@@ -295,8 +435,7 @@ def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = Non
     16-bit vs 32-bit emulation in output codes and watts, and EACC on ``calibration`` labels when given."""
     io = io_quantization(fb)
     xq = _input_codes(x, io["input"])
-    e32 = emulate_int8(fb, xq, multiplier_bits=32)
-    e16 = emulate_int8(fb, xq, multiplier_bits=16)
+    e32, e16 = emulate_int8_widths(fb, xq, multiplier_bits=(32, 16)).values()
     cpu = _cpu_codes(fb, xq, default_delegates=True)
     ref = _cpu_codes(fb, xq, default_delegates=False)
     d = lambda a, b: np.abs(a.astype(np.int64) - b.astype(np.int64)).ravel()  # noqa: E731

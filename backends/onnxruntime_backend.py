@@ -8,8 +8,9 @@ toolchain is involved.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class OrtRunner:
         self.threads = threads
         self._sess: Any = None
 
-    def __enter__(self) -> "OrtRunner":
+    def __enter__(self) -> OrtRunner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -63,7 +64,7 @@ class OnnxRuntimeBackend:
         extra=None,
     )
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
         out_dir = Path(out_dir)
         if precision == "fp32":
             model.save_onnx(out_dir / "model.onnx")

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import collections
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ class OpenVINORunner:
         self._compiled: Any = None
         self._request: Any = None
 
-    def __enter__(self) -> "OpenVINORunner":
+    def __enter__(self) -> OpenVINORunner:
         ov = _openvino("running an OpenVINO IR")
         self._compiled = ov.Core().compile_model(str(self.xml), "CPU", cpu_config(threads=self.threads))
         self._request = self._compiled.create_infer_request()
@@ -214,7 +215,7 @@ class OpenVINOBackend:
         },
     )
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:
         """Write ``model.xml`` + ``model.bin`` for ``precision`` (default ``fp32``); ``int8`` needs ``options["quant"]``."""
         if precision not in self.capabilities.precisions:
             raise UnknownBackendError(f"backend {self.name!r} has no precision {precision!r}",
@@ -233,7 +234,7 @@ class OpenVINOBackend:
         info.update(self._info(precision, layers))
         return Artifact(self.name, precision, out_dir, XML, [XML, BIN], kind=_KINDS[precision], info=info)
 
-    def _source_model(self, model: "Model", precision: str, options: Mapping[str, Any] | None) -> tuple["Model", dict[str, Any]]:
+    def _source_model(self, model: Model, precision: str, options: Mapping[str, Any] | None) -> tuple[Model, dict[str, Any]]:
         if precision != "int8":
             return model, {}
         from nilmc.compiler.model import Model as _Model

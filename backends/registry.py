@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from nilmc.backends.base import Artifact, Backend, Capabilities, availability, option_fields
-from nilmc.compiler.errors import BadInputError, InternalError, UnknownBackendError
+from nilmc.compiler.errors import BadInputError, UnknownBackendError
 
 ENTRY_POINT_GROUP = "nilmc.backends"
 
@@ -31,7 +31,8 @@ class BrokenPlugin:
     capabilities: Capabilities = field(default_factory=lambda: Capabilities(precisions=(), description="failed to load"))
 
     def _raise(self) -> None:
-        raise PluginLoadError(f"backend plugin {self.name!r} failed to load: {self.error}", f"fix or reinstall the package providing entry point {self.name!r} in group {ENTRY_POINT_GROUP!r}")
+        raise PluginLoadError(f"backend plugin {self.name!r} failed to load: {self.error}",
+                              f"fix or reinstall the package providing entry point {self.name!r} in group {ENTRY_POINT_GROUP!r}")
 
     def lower(self, *a: Any, **k: Any) -> Artifact:
         self._raise()

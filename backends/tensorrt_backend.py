@@ -35,8 +35,9 @@ import ctypes
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -217,7 +218,7 @@ def qdq_problems(model: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def tensorrt_qdq_model(model: "Model", params: Any) -> onnx.ModelProto:
+def tensorrt_qdq_model(model: Model, params: Any) -> onnx.ModelProto:
     """The INT8 Q/DQ ONNX TensorRT parses: nilmc's QDQ graph with bias DequantizeLinear folded."""
     from nilmc.quantization.qdq import build_qdq_model
 
@@ -363,7 +364,7 @@ class TensorRTEngineRunner:
         self._context: Any = None
         self._stream: Any = None
 
-    def __enter__(self) -> "TensorRTEngineRunner":
+    def __enter__(self) -> TensorRTEngineRunner:
         import tensorrt as trt
 
         self._trt, self._cudart = trt, _cudart()
@@ -451,7 +452,7 @@ class TensorRTBackend:
         },
     )
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str = "fp16", options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str = "fp16", options: Mapping[str, Any] | None = None) -> Artifact:
         """Write ``model.onnx``, ``build_engine.py``, ``trtexec.txt`` (+ ``model.engine`` where possible). Default ``fp16``."""
         if precision not in self.capabilities.precisions:
             raise UnknownBackendError(f"backend {self.name!r} has no precision {precision!r}",
@@ -475,7 +476,7 @@ class TensorRTBackend:
         info["tools"] = [*info["tools"], "tensorrt"]
         return Artifact(self.name, precision, out_dir, ENGINE_FILE, [*files, ENGINE_FILE], kind=_KINDS[precision] + " engine", info=info)
 
-    def _graph(self, model: "Model", precision: str, options: Mapping[str, Any] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    def _graph(self, model: Model, precision: str, options: Mapping[str, Any] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:
         tools = ["onnx", "onnxruntime"]
         if precision == "fp16":
             info = {"tools": tools, "fp16_range_check": _check_fp16_activations(options), "io": "float32 (Cast to/from float16 inside)"}
@@ -496,7 +497,7 @@ class TensorRTBackend:
         return TensorRTOnnxEmulationRunner(artifact.path)
 
 
-def _save(proto: onnx.ModelProto, model: "Model", path: Path) -> None:
+def _save(proto: onnx.ModelProto, model: Model, path: Path) -> None:
     from nilmc.compiler.model import Model as _Model
 
     _Model(proto, model.contract, source=model.source).save_onnx(path)

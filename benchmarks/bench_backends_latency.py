@@ -33,9 +33,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen, skipped = targets(registry, args.targets)
     quant = QuantContext(model, calib)
     t0 = time.perf_counter()
-    quant.statistics  # the shared calibration pass, once, outside every target's compile time
+    _ = quant.statistics  # the shared calibration pass, once, outside every target's compile time
     calibration_s = time.perf_counter() - t0
     options = {"quant": quant, "calibration": calib}
     x = _windows(model, calib, max(args.batch, args.runs))

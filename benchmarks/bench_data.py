@@ -70,7 +70,7 @@ def main() -> None:
     v = np.concatenate([b.v for b in bursts])
     i = np.concatenate([b.i for b in bursts])
     for setup in ("T-P", "TF-P", "TF-VIP", "TFHF-VIP"):
-        dt = _best_of(lambda: extract_features(v, i, setup))
+        dt = _best_of(lambda setup=setup: extract_features(v, i, setup))
         nf = len(extract_features(v[:1], i[:1], setup)[0])
         print(f"features {setup:<9} {n:>8d} frames in {dt:6.2f} s  -> {n / dt:>10,.0f} frames/s  ({nf} features, best of 3)")
     dt_pb = _best_of(lambda: [extract_features(b.v, b.i, "T-P") for b in bursts])

@@ -203,7 +203,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     head = f"{'row':<27} {'EACC %':>7} {'dEACC pts':>9} {'MAE W':>8} {'dMAE W':>8} {'SQNR dB':>8}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
-        f = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+        f = lambda k, fmt, r=r: format(r[k], fmt) if k in r else "-"  # noqa: E731
         lines.append(f"{r['row']:<27} {f('eacc', '7.2f')} {f('delta_eacc_pts', '9.2f')} {f('mae_w', '8.1f')} "
                      f"{f('delta_mae_w', '8.1f')} {f('sqnr_db', '8.1f')}  {r.get('note', '')}")
     return "\n".join(lines)

@@ -21,11 +21,12 @@ if __name__ != "nilmc.bitstreams":  # a bare-folder import would load a second c
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from nilmc.compiler.errors import BadInputError
 
@@ -127,7 +128,7 @@ def _normalise(name: str) -> str:
     return key
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_target(name: str) -> DPUTarget:
     """A shipped target by precision (``b2304``), arch (``B4096``) or name (``DPUCZDX8G_ISA1_B4096``)."""
     key = _normalise(name)
@@ -180,7 +181,7 @@ def _raw_target(precision: str) -> dict[str, Any]:
     return _read_json(_package_dir().joinpath(_PREFIX + precision, TARGET_FILE), TARGET_FILE)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _boards_json() -> dict[str, Any]:
     return _read_json(_package_dir().joinpath(BOARDS_FILE), BOARDS_FILE)
 

@@ -9,8 +9,6 @@ Arrays
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,7 +44,8 @@ class NilmDataset:
     def validate(self, source: str = "data set") -> None:
         x, y = self.x, self.y
         if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-            raise DataError(f"{source}: x and y must be numpy arrays, got {type(x).__name__} and {type(y).__name__}", "build the data set with nilmc data generate/convert")
+            raise DataError(f"{source}: x and y must be numpy arrays, got {type(x).__name__} and {type(y).__name__}",
+                            "build the data set with nilmc data generate/convert")
         for name, arr in (("x", x), ("y", y)):
             _check_dtype(source, name, arr)
         if x.ndim != 4 or x.shape[-1] != 1:
@@ -54,7 +53,8 @@ class NilmDataset:
         if x.shape[0] == 0:
             raise DataError(f"{source}: x is empty (shape {x.shape})", "provide at least one window")
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
-            raise DataError(f"{source}: y has shape {y.shape} for {x.shape[0]} windows, expected ({x.shape[0]}, n_appliances)", "store one target row per window")
+            raise DataError(f"{source}: y has shape {y.shape} for {x.shape[0]} windows, expected ({x.shape[0]}, n_appliances)",
+                            "store one target row per window")
         if len(self.appliances) != y.shape[1]:
             raise DataError(f"{source}: {len(self.appliances)} appliance names for {y.shape[1]} target columns", "name every target column")
         if len(self.feature_names) != x.shape[2]:
@@ -93,7 +93,7 @@ class NilmDataset:
             raise DataError("this data set carries no training statistics", "regenerate it with nilmc data generate")
         return NormalizationSpec(kind, self.train_stats if kind is not Normalization.A else None)
 
-    def subset(self, idx: np.ndarray | slice) -> "NilmDataset":
+    def subset(self, idx: np.ndarray | slice) -> NilmDataset:
         return replace(self, x=self.x[idx], y=self.y[idx])
 
     # ------------------------------------------------------------------ io
@@ -115,9 +115,9 @@ class NilmDataset:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
-        from nilmc.compiler.io import atomic_write_bytes
-
         import io
+
+        from nilmc.compiler.io import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez_compressed(buf, x=self.x, y=self.y, meta=np.array(json.dumps(self.meta(), sort_keys=True)))
@@ -125,7 +125,7 @@ class NilmDataset:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "NilmDataset":
+    def load(cls, path: str | Path) -> NilmDataset:
         path = Path(path)
         if not path.exists():
             raise DataError(f"data file {str(path)!r} does not exist", "check the path, or create one with nilmc data generate")
@@ -138,12 +138,14 @@ class NilmDataset:
             with np.load(path, allow_pickle=False) as z:
                 missing = {"x", "y", "meta"} - set(z.files)
                 if missing:
-                    raise DataError(f"{str(path)!r} lacks array(s) {sorted(missing)} (has {sorted(z.files)})", "write it with nilmc data generate or nilmc data convert")
+                    raise DataError(f"{str(path)!r} lacks array(s) {sorted(missing)} (has {sorted(z.files)})",
+                                    "write it with nilmc data generate or nilmc data convert")
                 x, y, meta_s = z["x"], z["y"], str(z["meta"])
         except DataError:
             raise
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{str(path)!r} is not a readable nilmc .npz data file ({type(exc).__name__}: {exc})", "regenerate it; nilmc never loads pickled data") from None
+            raise DataError(f"{str(path)!r} is not a readable nilmc .npz data file ({type(exc).__name__}: {exc})",
+                            "regenerate it; nilmc never loads pickled data") from None
         try:
             m = json.loads(meta_s)
         except json.JSONDecodeError as exc:
@@ -151,7 +153,8 @@ class NilmDataset:
         if not isinstance(m, dict):
             raise DataError(f"{str(path)!r} has a JSON header that is a {type(m).__name__}, expected an object", "regenerate the data set")
         if m.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{str(path)!r} has format version {m.get('format_version')!r}, this nilmc reads {FORMAT_VERSION}", "regenerate the data set with this nilmc")
+            raise DataError(f"{str(path)!r} has format version {m.get('format_version')!r}, this nilmc reads {FORMAT_VERSION}",
+                            "regenerate the data set with this nilmc")
         ds = cls.__new__(cls)
         ds.x, ds.y = x, y
         try:
@@ -166,7 +169,8 @@ class NilmDataset:
         except DataError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(f"{str(path)!r} has a malformed JSON header ({type(exc).__name__}: {exc})", "regenerate the data set with nilmc data generate/convert") from None
+            raise DataError(f"{str(path)!r} has a malformed JSON header ({type(exc).__name__}: {exc})",
+                            "regenerate the data set with nilmc data generate/convert") from None
         ds.validate(source=str(path))
         return ds
 
@@ -184,7 +188,8 @@ def _check_dtype(source: str, name: str, arr: np.ndarray) -> None:
     if arr.dtype in (np.float32, np.float64):
         return
     what = "float16 holds only 11 significant bits (2 W steps at 3 kW, overflow above 65504)" if arr.dtype == np.float16 else "it is not a float array"
-    raise DataError(f"{source}: {name} has dtype {arr.dtype}; {what}", f"store {name} as float32 (e.g. {name}.astype(np.float32) from the original data) and save again")
+    raise DataError(f"{source}: {name} has dtype {arr.dtype}; {what}",
+                    f"store {name} as float32 (e.g. {name}.astype(np.float32) from the original data) and save again")
 
 
 def _sniff(path: Path) -> str | None:

@@ -35,9 +35,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -200,7 +200,8 @@ def read_labels(path: str | Path) -> dict[int, str]:
     """``labels.dat``: "channel label" lines -> ``{channel: label}``."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{str(path)!r} is missing: the layout needs a labels.dat naming each channel", "copy labels.dat from the data set into the house directory")
+        raise DataError(f"{str(path)!r} is missing: the layout needs a labels.dat naming each channel",
+                        "copy labels.dat from the data set into the house directory")
     out: dict[int, str] = {}
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -245,7 +246,8 @@ def load_redd_low(house_dir: str | Path) -> PowerRecording:
         else:
             apps[name] = s
     if not mains:
-        raise DataError(f"{d / 'labels.dat'}: no channel is labelled 'mains' (labels: {sorted(set(labels.values()))})", "REDD houses label channels 1 and 2 'mains'")
+        raise DataError(f"{d / 'labels.dat'}: no channel is labelled 'mains' (labels: {sorted(set(labels.values()))})",
+                        "REDD houses label channels 1 and 2 'mains'")
     ts = mains[0].ts
     for s in mains[1:]:
         ts = np.intersect1d(ts, s.ts)
@@ -277,7 +279,8 @@ def load_redd_high(house_dir: str | Path, *, leg: str = "sum", max_repeat: int =
         arr = read_numeric(files[k], ncols=ncols)
         bad = np.flatnonzero((arr[:, 1] < 1) | (arr[:, 1] != np.round(arr[:, 1])))
         if bad.size:
-            raise DataError(f"{files[k]}: line {int(bad[0]) + 1}: cycle count {arr[bad[0], 1]!r} is not a positive integer", "the second field counts the cycles a waveform stands for")
+            raise DataError(f"{files[k]}: line {int(bad[0]) + 1}: cycle count {arr[bad[0], 1]!r} is not a positive integer",
+                            "the second field counts the cycles a waveform stands for")
         order = np.argsort(arr[:, 0], kind="stable")
         arr = arr[order]
         keep = np.concatenate([[True], np.diff(arr[:, 0]) > 0])
@@ -330,7 +333,8 @@ def load_ukdale(house_dir: str | Path, *, prefer_mains: bool = True) -> PowerRec
         arr = read_numeric(mains_path, ncols=4)
         agg = _sorted_unique(arr[:, 0], arr[:, 1])
     if agg is None:
-        raise DataError(f"{d}: no mains.dat and no channel labelled 'aggregate' (labels: {sorted(set(labels.values()))})", "UK-DALE labels channel 1 'aggregate'")
+        raise DataError(f"{d}: no mains.dat and no channel labelled 'aggregate' (labels: {sorted(set(labels.values()))})",
+                        "UK-DALE labels channel 1 'aggregate'")
     return PowerRecording(agg, apps, "ukdale", str(d), _median_period(agg.ts))
 
 
@@ -369,7 +373,8 @@ def load_refit(csv_path: str | Path, *, appliance_names: Sequence[str] | Mapping
         names = _unique_names([appliance_names.get(h, h) for h in raw_names])
     else:
         if len(appliance_names) != len(raw_names):
-            raise BadInputError(f"{len(appliance_names)} appliance names for {len(raw_names)} appliance columns {raw_names}", "name every ApplianceK column, in order")
+            raise BadInputError(f"{len(appliance_names)} appliance names for {len(raw_names)} appliance columns {raw_names}",
+                                "name every ApplianceK column, in order")
         names = _unique_names(list(appliance_names))
     agg = _sorted_unique(ts, arr[:, lcol["aggregate"]])
     apps = {n: _sorted_unique(ts, arr[:, col[h]]) for n, h in zip(names, raw_names)}
@@ -381,7 +386,8 @@ def _check_width(path: Path, header: list[str], sep: str) -> None:
     lines = _read_text(path).splitlines()
     for lineno, line in enumerate(lines[1:], start=2):
         if line.strip() and line.count(sep) != len(header) - 1:
-            raise DataError(f"{path}: line {lineno} has {line.count(sep) + 1} fields, expected {len(header)}: {line.strip()[:120]!r}", "fix or remove that line")
+            raise DataError(f"{path}: line {lineno} has {line.count(sep) + 1} fields, expected {len(header)}: {line.strip()[:120]!r}",
+                            "fix or remove that line")
 
 
 _TUPLE_COL = re.compile(r"^\(\s*'([^']+)'\s*,\s*(\d+)\s*\)$")
@@ -496,7 +502,8 @@ def highfreq_to_dataset(
     x = np.concatenate(xs) if xs else np.zeros((0, 10, su.n_features, 1), np.float32)
     y = np.concatenate(ys) if ys else np.zeros((0, len(names)), np.float32)
     if x.shape[0] == 0:
-        raise DataError(f"{rec.path or 'the recording'}: no complete 10-frame window with targets (frames {rec.n_frames}, bursts {np.unique(rec.burst).size})", "pass a longer recording or targets that cover it")
+        raise DataError(f"{rec.path or 'the recording'}: no complete 10-frame window with targets (frames {rec.n_frames}, bursts {np.unique(rec.burst).size})",
+                        "pass a longer recording or targets that cover it")
     mean = [float(v) for v in y.mean(axis=0)] if y.shape[1] else []
     std = [float(max(v, 1e-3)) for v in y.std(axis=0)] if y.shape[1] else []
     return NilmDataset(
@@ -673,7 +680,7 @@ def write_refit(csv_path: str | Path, rec: PowerRecording, *, issues: bool = Tru
     lines = [",".join(header)]
     cols = [rec.aggregate.values] + [rec.appliances[n].values for n in names]
     for k in range(ts.shape[0]):
-        stamp = _dt.datetime.fromtimestamp(float(ts[k]), tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        stamp = _dt.datetime.fromtimestamp(float(ts[k]), tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         row = [stamp, f"{ts[k]:.0f}"] + [f"{c[k]:.0f}" for c in cols] + (["0"] if issues else [])
         lines.append(",".join(row))
     return atomic_write_text(csv_path, "\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ to 8 s (:func:`resample_mean`; see :mod:`nilmc.calibration_data.loaders`).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -193,7 +193,8 @@ def make_lowfreq_dataset(
     ``train_x``/``train_y`` default to ``x``/``y`` (the set is its own training split).
     """
     if x.shape[0] == 0:
-        raise DataError("no complete 599-sample window could be cut (recording too short or full of gaps)", "pass a longer recording (> 80 min at 8 s) or raise max_gap_s")
+        raise DataError("no complete 599-sample window could be cut (recording too short or full of gaps)",
+                        "pass a longer recording (> 80 min at 8 s) or raise max_gap_s")
     tx = x if train_x is None else train_x
     ty = y if train_y is None else train_y
     t_mean, t_std = _classic_target_stats(appliances, ty)

@@ -33,7 +33,7 @@ class Normalization(str, Enum):
     E = "E"  # min-max to [0, 255]
 
     @classmethod
-    def parse(cls, value: "str | Normalization") -> "Normalization":
+    def parse(cls, value: str | Normalization) -> Normalization:
         if isinstance(value, Normalization):
             return value
         key = str(value).strip().upper()
@@ -68,7 +68,7 @@ class FeatureStats:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray, feature_axis: int = 2) -> "FeatureStats":
+    def fit(cls, x: np.ndarray, feature_axis: int = 2) -> FeatureStats:
         """Fit on windows ``(N, T, F, 1)`` (default) or rows ``(N, F)`` (``feature_axis=1``)."""
         x = np.asarray(x, dtype=np.float64)
         if x.size == 0:
@@ -85,7 +85,7 @@ class FeatureStats:
         return {k: [float(v) for v in getattr(self, k)] for k in ("minimum", "maximum", "mean", "std")}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "FeatureStats":
+    def from_json(cls, d: dict[str, Any]) -> FeatureStats:
         try:
             arrs = {k: np.asarray(d[k], dtype=np.float64) for k in ("minimum", "maximum", "mean", "std")}
         except (KeyError, TypeError, ValueError) as exc:
@@ -169,7 +169,7 @@ class NormalizationSpec:
         return {"kind": self.kind.value, "stats": None if self.stats is None else self.stats.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "NormalizationSpec":
+    def from_json(cls, d: dict[str, Any]) -> NormalizationSpec:
         kind = Normalization.parse(d.get("kind", "A"))
         stats = FeatureStats.from_json(d["stats"]) if d.get("stats") else None
         return cls(kind, stats)
@@ -192,5 +192,5 @@ class TargetScaling:
         return {"mean": float(self.mean), "std": float(self.std)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TargetScaling":
+    def from_json(cls, d: dict[str, Any]) -> TargetScaling:
         return cls(float(d.get("mean", 0.0)), float(d.get("std", 1.0)))

@@ -37,8 +37,9 @@ Everything is deterministic given the seed (``numpy.random.Generator`` over
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -310,7 +311,7 @@ class ComponentTable:
     params: dict[str, np.ndarray]
 
     @classmethod
-    def from_comps(cls, comps: list[Comp], vshape: np.ndarray) -> "ComponentTable":
+    def from_comps(cls, comps: list[Comp], vshape: np.ndarray) -> ComponentTable:
         owner = np.array([c.owner for c in comps], np.int64)
         coeffs = np.array([c.coeffs for c in comps], np.complex128).reshape(len(comps), N_HARMONICS)
         params = {k: np.array([getattr(c, k) for c in comps], np.float64) for k in _COMP_FIELDS}
@@ -390,7 +391,7 @@ class DayContext:
         return float(watts * max(0.3, 1.0 + self.diff.power_variation * self.rng.standard_normal()))
 
 
-def _event_times(ctx: "DayContext", rate: float, profile: str, min_gap: float = 0.0) -> np.ndarray:
+def _event_times(ctx: DayContext, rate: float, profile: str, min_gap: float = 0.0) -> np.ndarray:
     """Use start times for one day: Poisson count, hour drawn from ``profile``.
 
     While ``ctx.forced_times`` is set (one injected use), those times are returned instead.
@@ -446,7 +447,7 @@ def _draw_house(rng: np.random.Generator) -> dict[str, dict[str, float]]:
     }
     # "present" above is a base probability; the house keeps one uniform draw per device and
     # the device exists when that draw is below probability * the day's rate scale (knobs).
-    for name, d in h.items():
+    for d in h.values():
         if "present" in d:
             d["u_present"] = u()
     return h

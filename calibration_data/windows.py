@@ -14,9 +14,9 @@ the calibration and evaluation sets do not depend on the training-set size.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

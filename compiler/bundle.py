@@ -18,10 +18,10 @@ signature when a trusted key is given; only then does it run the artifact.
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,7 +53,7 @@ _SCHEMA: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def bundle_name(t: "Target") -> str:
+def bundle_name(t: Target) -> str:
     return f"{t.backend}-{t.precision}"
 
 
@@ -61,7 +61,7 @@ def _array_sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def eval_identity(ds: "NilmDataset") -> dict[str, Any]:
+def eval_identity(ds: NilmDataset) -> dict[str, Any]:
     """What makes two evaluation sets the same one: arrays *and* their normalization metadata."""
     return {
         "windows": ds.n_windows,
@@ -105,12 +105,12 @@ def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
 class BundleWriter:
     """Writes the records and the canonical manifest of each bundle of one compile."""
 
-    model: "Model"
-    eval_ds: "NilmDataset"
+    model: Model
+    eval_ds: NilmDataset
     reference_sha256: str
-    signer: "Signer | None" = None
+    signer: Signer | None = None
 
-    def write(self, bundle: Path, target: "Target", art: Artifact, report: "Report",
+    def write(self, bundle: Path, target: Target, art: Artifact, report: Report,
               sections: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """Write records, manifest (and signature); returns the manifest's sha256 and the timings kept out of it.
 
@@ -203,7 +203,7 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
-def integrity_problems(bundle: Path, manifest: dict[str, Any], *, trust: "TrustedKey | None" = None) -> list[str]:
+def integrity_problems(bundle: Path, manifest: dict[str, Any], *, trust: TrustedKey | None = None) -> list[str]:
     """Every way the bundle's files disagree with its manifest (empty list: intact)."""
     problems: list[str] = []
     listed: dict[str, str] = {}
@@ -283,7 +283,7 @@ def _summary_problems(bundle: Path) -> list[str]:
 class VerifyResult:
     bundle: Path
     hash_problems: list[str]
-    report: "Report | None"
+    report: Report | None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -301,8 +301,8 @@ class VerifyResult:
                 "notes": self.notes, "report": report}
 
 
-def verify_bundle(bundle: str | Path, eval_ds: "NilmDataset", *, registry: "Registry | None" = None,
-                  budget: Mapping[str, float] | None = None, trust: "TrustedKey | None" = None) -> VerifyResult:
+def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registry | None = None,
+                  budget: Mapping[str, float] | None = None, trust: TrustedKey | None = None) -> VerifyResult:
     """Re-check an existing bundle: integrity first (see module docstring), then metrics, without recompiling.
 
     ``budget`` (default: the one stored in the manifest); ``trust`` (default None: signatures not required).
@@ -340,8 +340,8 @@ def verify_bundle(bundle: str | Path, eval_ds: "NilmDataset", *, registry: "Regi
     return VerifyResult(bundle, [], report, notes)
 
 
-def _reference_for_verify(bundle: Path, manifest: dict[str, Any], contract: Any, eval_ds: "NilmDataset",
-                          registry: "Registry") -> tuple[Any, str]:
+def _reference_for_verify(bundle: Path, manifest: dict[str, Any], contract: Any, eval_ds: NilmDataset,
+                          registry: Registry) -> tuple[Any, str]:
     """The stored reference when the evaluation set (arrays and normalization metadata) is the same one; else rerun it."""
     from nilmc.compiler.metrics import Metrics
 

@@ -9,12 +9,13 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from nilmc.compiler.errors import EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, NilmcError
+from nilmc.compiler.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Interrupted, NilmcError
 from nilmc.compiler.io import strict_dumps
 
 
@@ -156,7 +157,8 @@ def parse_option_flags(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
         key, sep, value = v.partition("=")
         backend, dot, name = key.strip().partition(".")
         if not sep or not dot or not backend or not name:
-            raise BadInputError(f"--option {v!r} is not BACKEND.NAME=VALUE", "e.g. --option dpu.qat_epochs=5 (nilmc backends --json lists each backend's options)")
+            raise BadInputError(f"--option {v!r} is not BACKEND.NAME=VALUE",
+                                "e.g. --option dpu.qat_epochs=5 (nilmc backends --json lists each backend's options)")
         if name in out.setdefault(backend, {}):
             raise BadInputError(f"--option {backend}.{name} is given twice", "give each option once")
         out[backend][name] = value
@@ -195,8 +197,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         for w in summary.warnings:
             click.echo(f"nilmc: warning: {w}", err=True)
         n = len(summary.bundles())
-        click.echo(f"{n} bundle{'s' if n != 1 else ''} written to {out}" + (f" (no bundle for: {', '.join(summary.by_status('BAD INPUT') + summary.by_status('INTERNAL ERROR'))})"
-                                                                         if n < len(summary.results) else ""))
+        missing = summary.by_status("BAD INPUT") + summary.by_status("INTERNAL ERROR")
+        click.echo(f"{n} bundle{'s' if n != 1 else ''} written to {out}" + (f" (no bundle for: {', '.join(missing)})" if missing else ""))
     code = summary.exit_code
     if code != EXIT_OK and not as_json:
         parts = [f"{label}: {', '.join(summary.by_status(status))}" for status, label in
@@ -217,7 +219,8 @@ def force_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--calib", type=click.Path(), default=None, help="Calibration set (.npz).")
 @click.option("--eval", "eval_path", type=click.Path(), required=True, help="Evaluation set (.npz) every artifact is verified on.")
 @click.option("--targets", default="onnxruntime:fp32", show_default=True, help="Comma-separated backend:precision list; 'all' for every available target.")
-@click.option("--out", type=click.Path(), required=True, help="Output directory (one bundle per target + summary.json); new, empty, or an earlier nilmc output.")
+@click.option("--out", type=click.Path(), required=True,
+              help="Output directory (one bundle per target + summary.json); new, empty, or an earlier nilmc output.")
 @click.option("--max-delta", default=None, help="Budget, e.g. 'eacc=0.5,mae=3' (EACC in points, MAE in W). Default eacc=0.5.")
 @click.option("--junit", type=click.Path(), default=None, help="Write JUnit XML (one test case per target).")
 @click.option("--sign", type=click.Path(), default=None, help="Ed25519 private key (nilmc keygen): sign every bundle's manifest.")
@@ -341,7 +344,8 @@ def keygen_cmd(out: str, as_json: bool) -> None:
 @click.option("--out", type=click.Path(), required=True, help="Output stem: writes OUT.keras, OUT.keras.contract.json, OUT.onnx.")
 @json_option
 @handle_errors
-def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance: str, normalization: str, architecture: str, epochs: int, seed: int, out: str, as_json: bool) -> None:
+def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance: str, normalization: str, architecture: str,
+              epochs: int, seed: int, out: str, as_json: bool) -> None:
     """Train a reference seq2point model reproducibly."""
     from nilmc.calibration_data.normalization import Normalization
     from nilmc.compiler.driver import reference_metrics

@@ -6,8 +6,9 @@ MAE/SAE/NDE). A budget bounds the loss per metric, e.g. ``eacc=0.5`` (points).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from nilmc.compiler.errors import BadInputError
 from nilmc.compiler.metrics import Metrics, compare_metrics
@@ -30,7 +31,8 @@ def parse_budget(text: str | None) -> dict[str, float]:
         key, sep, val = part.partition("=")
         key = key.strip().lower()
         if not sep or key not in KNOWN_BUDGET_METRICS:
-            raise BadInputError(f"budget entry {part!r} is not METRIC=VALUE with a known metric", f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)}")
+            raise BadInputError(f"budget entry {part!r} is not METRIC=VALUE with a known metric",
+                                f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)}")
         try:
             v = float(val)
         except ValueError:
@@ -105,7 +107,8 @@ def validate_budget(budget: Mapping[str, float]) -> dict[str, float]:
     return parse_budget(",".join(f"{k}={v!r}" for k, v in budget.items())) if budget else {}
 
 
-def compare(reference: Metrics, candidate: Metrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured", extra: Mapping[str, Any] | None = None) -> Report:
+def compare(reference: Metrics, candidate: Metrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured",
+            extra: Mapping[str, Any] | None = None) -> Report:
     """Compare candidate metrics with the reference under ``budget``."""
     deltas = compare_metrics(reference, candidate)
     violations = []

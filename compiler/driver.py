@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,17 @@ from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.bundle import MANIFEST, SUMMARY, BundleWriter, VerifyResult, bundle_name, read_manifest, verify_bundle
 from nilmc.compiler.compare import DEFAULT_BUDGET, Report, compare, validate_budget
 from nilmc.compiler.contract import ModelContract
-from nilmc.compiler.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, DataError, NilmcError,
-                                   NormalizationError, QuantizationError, most_severe)
+from nilmc.compiler.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    DataError,
+    NilmcError,
+    NormalizationError,
+    QuantizationError,
+    most_severe,
+)
 from nilmc.compiler.io import atomic_write_json, atomic_write_text, sha256_bytes
 from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
 from nilmc.compiler.model import Model

@@ -14,7 +14,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143 (128 + 15)
 SEVERITY = (EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL)  # least to most severe
 
 
-def most_severe(codes: "list[int] | tuple[int, ...]") -> int:
+def most_severe(codes: list[int] | tuple[int, ...]) -> int:
     """The most severe of several exit codes: 3 internal > 2 bad input > 1 gate > 0."""
     return max((c for c in codes if c in SEVERITY), key=SEVERITY.index, default=EXIT_OK)
 

@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -267,9 +268,11 @@ def _read_onnx(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise ModelLoadError(f"{str(path)!r} is not a readable ONNX model ({_short(exc)})", "export it again; the file may be truncated or of another kind") from None
+        raise ModelLoadError(f"{str(path)!r} is not a readable ONNX model ({_short(exc)})",
+                             "export it again; the file may be truncated or of another kind") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0 or len(proto.opset_import) == 0:
-        raise ModelLoadError(f"{str(path)!r} is not a complete ONNX model (no graph, nodes or opset)", "export it again; the file may be truncated or of another kind")
+        raise ModelLoadError(f"{str(path)!r} is not a complete ONNX model (no graph, nodes or opset)",
+                             "export it again; the file may be truncated or of another kind")
     return proto
 
 
@@ -285,7 +288,8 @@ def _check_onnx(proto: onnx.ModelProto, path: Path) -> None:
         opts.intra_op_num_threads = 1
         ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnx.checker.ValidationError, onnxruntime's Fail/InvalidGraph...
-        raise ModelLoadError(f"{str(path)!r} is not a valid ONNX model ({_short(exc)})", "export it again with opset <= 21 and a supported IR version") from None
+        raise ModelLoadError(f"{str(path)!r} is not a valid ONNX model ({_short(exc)})",
+                             "export it again with opset <= 21 and a supported IR version") from None
 
 
 def _embedded_contract(proto: onnx.ModelProto, path: Path) -> ModelContract | None:
@@ -294,7 +298,8 @@ def _embedded_contract(proto: onnx.ModelProto, path: Path) -> ModelContract | No
             try:
                 return ModelContract.loads(prop.value)
             except NilmcError as exc:
-                raise BadInputError(f"the contract stored in {str(path)!r} is unusable: {exc.message}", "pass a contract file instead (--contract FILE)") from None
+                raise BadInputError(f"the contract stored in {str(path)!r} is unusable: {exc.message}",
+                                    "pass a contract file instead (--contract FILE)") from None
     return None
 
 
@@ -320,7 +325,8 @@ def _load_saved_model(path: Path, contract: ModelContract | None) -> Model:
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as exc:  # tf.errors.*, ValueError, OSError...
-        raise ModelLoadError(f"TensorFlow cannot load the SavedModel {str(path)!r} ({_short(exc)})", "save it again with tf.saved_model.save or model.export") from None
+        raise ModelLoadError(f"TensorFlow cannot load the SavedModel {str(path)!r} ({_short(exc)})",
+                             "save it again with tf.saved_model.save or model.export") from None
     signature = _serving_signature(loaded, path)
     arg_name, arg_spec, out_key = _signature_io(signature, path)
     found = _resolve_contract(path, contract, None)
@@ -352,7 +358,8 @@ def _signature_io(signature: Any, path: Path) -> tuple[str, Any, str]:
     outputs = signature.structured_outputs
     if args or len(kwargs) != 1 or not isinstance(outputs, dict) or len(outputs) != 1:
         raise ModelLoadError(
-            f"the SavedModel {str(path)!r} must have one input and one output (inputs {sorted(kwargs)}, outputs {sorted(outputs) if isinstance(outputs, dict) else outputs})",
+            f"the SavedModel {str(path)!r} must have one input and one output "
+            f"(inputs {sorted(kwargs)}, outputs {sorted(outputs) if isinstance(outputs, dict) else outputs})",
             "export a single-input, single-output seq2point model",
         )
     (arg_name, arg_spec), = kwargs.items()
@@ -422,7 +429,8 @@ def _check_conversion(proto: onnx.ModelProto, function: Any, input_shape: tuple[
     reference = np.asarray(function(x)).astype(np.float64)
     got = _run_onnx(proto, x, source).astype(np.float64)
     if got.shape != reference.shape:
-        raise ModelLoadError(f"the ONNX graph converted from {source} returns shape {got.shape}, TensorFlow {reference.shape}", "export the model to ONNX yourself and load the .onnx")
+        raise ModelLoadError(f"the ONNX graph converted from {source} returns shape {got.shape}, TensorFlow {reference.shape}",
+                             "export the model to ONNX yourself and load the .onnx")
     diff = float(np.max(np.abs(got - reference))) if got.size else 0.0
     tolerance = _ATOL + _RTOL * float(np.max(np.abs(reference), initial=0.0)) + _QDQ_STEPS * _output_quant_step(proto)
     if not diff <= tolerance:  # also catches NaN
@@ -458,7 +466,8 @@ def _run_onnx(proto: onnx.ModelProto, x: np.ndarray, source: str) -> np.ndarray:
         sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
     except Exception as exc:  # onnxruntime errors
-        raise ModelLoadError(f"onnxruntime cannot run the graph converted from {source} ({_short(exc)})", "export the model to ONNX yourself and load the .onnx") from None
+        raise ModelLoadError(f"onnxruntime cannot run the graph converted from {source} ({_short(exc)})",
+                             "export the model to ONNX yourself and load the .onnx") from None
 
 
 # --------------------------------------------------------------------------- graph edits

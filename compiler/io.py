@@ -13,11 +13,13 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nilmc.compiler.errors import OutputError
+
 
 def umask() -> int:
     """The process umask now: from /proc (thread-safe) where Linux has it, else by setting and restoring it."""

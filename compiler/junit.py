@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from nilmc.compiler.driver import CompileSummary
 
 
-def junit_xml(summary: "CompileSummary") -> str:
+def junit_xml(summary: CompileSummary) -> str:
     failures = sum(1 for r in summary.results if r.error is None and not r.passed)
     errors = sum(1 for r in summary.results if r.error is not None)
     suite = ET.Element("testsuite", name="nilmc.compile", tests=str(len(summary.results)), failures=str(failures), errors=str(errors))

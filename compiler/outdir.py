@@ -29,9 +29,9 @@ import secrets
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Iterable, Sequence
 
 import nilmc
 from nilmc.compiler.errors import OutputError
@@ -178,7 +178,7 @@ class OutputDir:
         self._marked_here = False  # this run wrote the first marker (removed again if nothing is committed)
 
     # ------------------------------------------------------------------ enter / exit
-    def __enter__(self) -> "OutputDir":
+    def __enter__(self) -> OutputDir:
         try:
             self._open()
         except BaseException:
@@ -288,6 +288,14 @@ class OutputDir:
 
     # ------------------------------------------------------------------ close
     def _close(self, *, failed: bool) -> None:
+        # Signals wait until the directory is tidy: an interrupt here must not leave staging behind.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._tidy(failed=failed and not self._committed)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _tidy(self, *, failed: bool) -> None:
         if self.staging != Path() and self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
         if failed and self._lock_fd is not None:

@@ -15,7 +15,7 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
-def summary_table(summary: "CompileSummary") -> str:
+def summary_table(summary: CompileSummary) -> str:
     ref = summary.reference
     lines = [
         f"FP32 reference (onnxruntime, measured): EACC {ref.eacc * 100:.2f} %  MAE {ref.mae:.2f} W  SAE {ref.sae:.4f}  "

@@ -64,7 +64,7 @@ class Signer:
     key: Any
 
     @classmethod
-    def load(cls, path: str | Path) -> "Signer":
+    def load(cls, path: str | Path) -> Signer:
         serialization, ed25519 = _crypto()
         data = _read_key_file(path, "private key")
         try:
@@ -87,7 +87,7 @@ class TrustedKey:
     key: Any
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrustedKey":
+    def load(cls, path: str | Path) -> TrustedKey:
         serialization, ed25519 = _crypto()
         data = _read_key_file(path, "public key")
         try:

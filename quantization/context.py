@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 class QuantContext:
     """Calibration state of one compile. Defaults: min-max activations, 2048 histogram bins."""
 
-    model: "Model"
-    calibration: "NilmDataset"
+    model: Model
+    calibration: NilmDataset
     estimator: str = "minmax"
     bins: int = 2048
     techniques: Any = None  # api.Techniques; None -> api.Techniques() (every technique on, measured)

@@ -63,8 +63,8 @@ class QuantTraits:
             raise QuantizationError(f"traits {self.name!r}: narrow-range weights must be symmetric", "set symmetric_weights=True")
         if not 8 <= self.accumulator_bits <= 64:
             raise QuantizationError(f"traits {self.name!r}: accumulator_bits={self.accumulator_bits} is out of [8, 64]", "use 16, 24 or 32")
-        self.weight_range  # validate bit widths against the integer table
-        self.activation_range
+        _ = self.weight_range  # validate bit widths against the integer table
+        _ = self.activation_range
         object.__setattr__(self, "rounding", Rounding.parse(self.rounding))
 
     @property
@@ -84,7 +84,7 @@ class QuantTraits:
         """True when bias is stored at ``s_in * s_w`` (int32); otherwise with its own scale."""
         return self.bias_bits == 32
 
-    def with_(self, **changes: Any) -> "QuantTraits":
+    def with_(self, **changes: Any) -> QuantTraits:
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class QuantTraits:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "QuantTraits":
+    def from_json(cls, d: dict[str, Any]) -> QuantTraits:
         d = dict(d)
         if d.get("requant_shift_range") is not None:
             d["requant_shift_range"] = tuple(int(v) for v in d["requant_shift_range"])

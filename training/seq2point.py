@@ -59,8 +59,8 @@ def train_seq2point(
     config: TrainConfig = TrainConfig(),
 ) -> tuple[Any, ModelContract]:
     """Train a seq2point model for one appliance; returns ``(keras_model, contract)``."""
-    from nilmc.training.models import MODEL_BUILDERS
     from nilmc.compiler.tfcompat import import_tf
+    from nilmc.training.models import MODEL_BUILDERS
 
     tf = import_tf("training")
     contract = contract_for(train, appliance, normalization)

@@ -19,9 +19,10 @@ power; none is claimed here. ``xir`` / ``vart`` are imported only by the board s
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class DPUEmulatorRunner:
         self.path = Path(xmodel)
         self._emulator: DpuEmulator | None = None
 
-    def __enter__(self) -> "DPUEmulatorRunner":
+    def __enter__(self) -> DPUEmulatorRunner:
         if not self.path.is_file():
             raise BadInputError(f"{str(self.path)!r} does not exist", "point at a dpu bundle written by nilmc compile")
         graph, params = read_xmodel(self.path.read_bytes())
@@ -101,7 +102,7 @@ def _shared(graph: DpuGraph, ctx: Any, options: Mapping[str, Any]) -> dict[str, 
     return {"ranges": ranges, "start": shared_fix_positions(start)}
 
 
-def _watts_error(model: "Model") -> Any:
+def _watts_error(model: Model) -> Any:
     """Graph-output error as the metrics see it: mean |watts| difference, negatives floored at 0 W."""
     to_watts = model.contract.to_watts
 
@@ -113,7 +114,7 @@ def _watts_error(model: "Model") -> Any:
     return error
 
 
-def _peak_output(model: "Model") -> float | None:
+def _peak_output(model: Model) -> float | None:
     """|head value| the output grid must hold: the contract's 0 W and peak power in model units."""
     c = model.contract
     if c.peak_power_w is None:
@@ -126,7 +127,7 @@ def _peak_output(model: "Model") -> float | None:
 INPUT_SIGMAS = 4.0
 
 
-def _input_floor(model: "Model", sigmas: float = INPUT_SIGMAS) -> float | None:
+def _input_floor(model: Model, sigmas: float = INPUT_SIGMAS) -> float | None:
     """``sigmas`` training standard deviations of the widest normalized feature (None without statistics)."""
     c = model.contract
     stats, aff = c.normalization.stats, None if c.folded else c.normalization.affine()
@@ -183,7 +184,7 @@ class DPUBackend:
         },
     )
 
-    def lower(self, model: "Model", out_dir: Path, *, precision: str = "b2304", options: Mapping[str, Any] | None = None) -> Artifact:
+    def lower(self, model: Model, out_dir: Path, *, precision: str = "b2304", options: Mapping[str, Any] | None = None) -> Artifact:
         """Quantize for the DPU and write the xmodel + hand-off into ``out_dir``.
 
         ``options``: ``quant`` (the compile's QuantContext, required), ``arch_json`` (a board
@@ -244,7 +245,7 @@ class DPUBackend:
             info["tools"] += ["tensorflow", "tensorflow-model-optimization"]
         return Artifact(self.name, precision, out_dir, handoff.XMODEL, files, kind=f"{LABEL} ({target.name}, {'QAT' if qat_info else 'PTQ'})", info=info)
 
-    def _info(self, model: "Model", graph: DpuGraph, params: DpuParams, target: DPUTarget, report: InspectionReport,
+    def _info(self, model: Model, graph: DpuGraph, params: DpuParams, target: DPUTarget, report: InspectionReport,
               ctx: Any, peaks: Mapping[str, int], lower_s: float, reference: DpuGraph | None = None) -> dict[str, Any]:
         _, qparams = to_quant_params(model.graph, graph, params)
         calib = _calibration_eacc(model, graph, params, ctx, reference or graph)
@@ -284,7 +285,7 @@ def _stable_repr(options: Any) -> str:
                  for f in dataclasses.fields(options) for v in [getattr(options, f.name)]])
 
 
-def _calibration_eacc(model: "Model", graph: DpuGraph, params: DpuParams, ctx: Any, reference: DpuGraph) -> dict[str, Any]:
+def _calibration_eacc(model: Model, graph: DpuGraph, params: DpuParams, ctx: Any, reference: DpuGraph) -> dict[str, Any]:
     """FP32 (the ONNX model on onnxruntime) and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
     from nilmc.backends.dpu.quant import fp32_outputs
     from nilmc.compiler.metrics import nilm_metrics

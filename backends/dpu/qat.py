@@ -25,8 +25,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class DpuQatOptions:
     holdout: float = 0.2
 
     @classmethod
-    def parse(cls, o: Mapping[str, Any]) -> "DpuQatOptions":
+    def parse(cls, o: Mapping[str, Any]) -> DpuQatOptions:
         out = cls(int(o.get("qat_epochs", 3)), float(o.get("qat_learning_rate", 1e-5)), int(o.get("qat_batch_size", 64)),
                   int(o.get("qat_seed", 0)), float(o.get("qat_holdout", 0.2)))
         if not 0.0 < out.holdout < 1.0:
@@ -107,7 +108,7 @@ def pot_fix(lo: float, hi: float) -> int:
     return -math.ceil(math.log2(amax / 127.0) - 1e-6)
 
 
-def _data(model: "Model", graph: DpuGraph, ctx: Any, holdout: float) -> dict[str, Any]:
+def _data(model: Model, graph: DpuGraph, ctx: Any, holdout: float) -> dict[str, Any]:
     x = np.asarray(ctx.calib_x, np.float32)
     n_val = int(round(len(x) * holdout))
     if n_val < 1 or len(x) - n_val < 1:
@@ -118,7 +119,7 @@ def _data(model: "Model", graph: DpuGraph, ctx: Any, holdout: float) -> dict[str
     return {"x": x[:split], "y": y[:split], "val": (x[split:], y[split:])}
 
 
-def qat_lower(model: "Model", graph: DpuGraph, ptq: DpuParams, ctx: Any, limits: Mapping[str, Any],
+def qat_lower(model: Model, graph: DpuGraph, ptq: DpuParams, ctx: Any, limits: Mapping[str, Any],
               qopts: DpuQuantOptions, options: Mapping[str, Any], *, shared: Mapping[str, Any] | None = None
               ) -> tuple[DpuGraph, DpuParams, dict[str, Any]]:
     """``(graph, params, info)`` after power-of-two QAT; ``graph``/``ptq`` back unchanged when epoch 0 wins.

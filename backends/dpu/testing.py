@@ -6,7 +6,7 @@ with random He-initialised weights; the other builders make one-layer graphs.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx

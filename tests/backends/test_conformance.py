@@ -7,13 +7,12 @@ needs TensorFlow) instead of the TF-free ONNX one.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nilmc.backends.base import Artifact, Runner, Verification, availability
-from nilmc.backends.registry import BrokenPlugin, Target, default_registry
+from nilmc.backends.registry import BrokenPlugin, default_registry
 from nilmc.quantization.context import QuantContext
 
 REGISTRY = default_registry(plugins=False)
@@ -88,5 +87,5 @@ def test_backend_conformance(name, precision, request, tmp_path, tiny_ds, tiny_e
 def test_every_builtin_declares_capabilities():
     for b in REGISTRY:
         assert b.capabilities.precisions, b.name
-        for p, traits in b.capabilities.traits.items():
+        for p in b.capabilities.traits:
             assert p in b.capabilities.precisions, (b.name, p)

@@ -76,7 +76,7 @@ def _ort(model: Model, x: np.ndarray) -> np.ndarray:
 
 
 def test_lowering_is_deterministic(lowered, tiny, tiny_ds, tmp_path) -> None:
-    again = DPUBackend().lower(tiny, tmp_path, precision="b2304", options={"quant": QuantContext(tiny, tiny_ds)})
+    DPUBackend().lower(tiny, tmp_path, precision="b2304", options={"quant": QuantContext(tiny, tiny_ds)})
     for name in ("quantized.xmodel", "dpu_params.json", "run_on_board.py"):
         assert (tmp_path / name).read_bytes() == (lowered.directory / name).read_bytes(), name
 

@@ -103,7 +103,7 @@ LAYERS = {
 
 def _assert_ties_only(r: dict, tensor: str, op: object) -> int:
     """DPU_ROUND on onnxruntime's own inputs differs from onnxruntime only on exact ties, by one LSB."""
-    graph, params = r["graph"], r["params"]
+    params = r["params"]
     forced, ort_out = r["forced"][tensor], r["ort"][tensor]
     even = emu.run_op(op, [r["ort"][t] for t in op.inputs], params, Rounding.HALF_EVEN).astype(np.int64)
     np.testing.assert_array_equal(even, ort_out)

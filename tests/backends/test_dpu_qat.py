@@ -9,7 +9,6 @@ import pytest
 
 from nilmc.backends.dpu import DPUBackend, DPUEmulatorRunner
 from nilmc.backends.dpu.quant import fp32_outputs
-from nilmc.backends.dpu.ir import from_onnx
 from nilmc.backends.dpu.xmodel import read_xmodel
 from nilmc.compiler.errors import BadInputError
 
@@ -72,7 +71,6 @@ def test_qat_fix_points_are_exact_powers_of_two(lowered) -> None:
 
 def test_qat_not_worse_than_ptq_on_held_out_windows(lowered, keras_model, tiny_eval) -> None:
     x = keras_model.contract.prepare(tiny_eval.raw_x())
-    graph = from_onnx(keras_model.graph)
     ref = fp32_outputs(keras_model.graph, x).reshape(-1)
     mse = {p: float(np.mean((_emulated(a, keras_model, x) - ref) ** 2)) for p, a in lowered.items()}
     assert mse["b2304_qat"] <= 1.25 * mse["b2304"] + 1e-4, mse

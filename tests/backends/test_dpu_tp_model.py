@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nilmc.backends.dpu import DPUBackend
+from nilmc.backends.dpu import DPUBackend, quant
 from nilmc.backends.dpu import emulator as emu
-from nilmc.backends.dpu import quant
-from nilmc.backends.dpu.testing import dpu_round_qdq
 from nilmc.backends.dpu.ir import from_onnx
+from nilmc.backends.dpu.testing import dpu_round_qdq
 from nilmc.backends.dpu.xmodel import read_xmodel
 from nilmc.quantization.intops import Rounding
 

@@ -12,7 +12,6 @@ from nilmc.backends.base import Verification
 from nilmc.compiler.errors import BadInputError
 
 
-
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory, small_tp):
     """A small trained T-P model (Keras), calibration / evaluation sets and the shared QuantContext."""
@@ -128,8 +127,8 @@ def test_uint8_io_variant_and_determinism(tp, tmp_path):
 @pytest.mark.slow
 @pytest.mark.tf
 def test_unsupported_op_is_a_typed_error_naming_it(tp):
-    import tf_keras as keras
     import tensorflow as tf
+    import tf_keras as keras
 
     from nilmc.backends.eiq_backend import UnsupportedOpError, check_vx_graph, scan_keras_ops
     from nilmc.backends.tflite_int8 import convert_keras

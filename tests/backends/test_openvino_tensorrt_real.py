@@ -15,9 +15,9 @@ from onnx import TensorProto, numpy_helper
 pytestmark = pytest.mark.slow
 pytest.importorskip("openvino")
 
+from nilmc.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from nilmc.backends.openvino_backend import BIN, OpenVINOBackend  # noqa: E402
 from nilmc.backends.registry import Registry, Target  # noqa: E402
-from nilmc.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from nilmc.backends.tensorrt_backend import TensorRTBackend, engine_build_possible, qdq_problems  # noqa: E402
 from nilmc.calibration_data.dataset import NilmDataset  # noqa: E402
 from nilmc.compiler.driver import compile_model  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nilmc.backends.base import Artifact, Capabilities, Verification
-from nilmc.backends.registry import BrokenPlugin, PluginLoadError, Registry, Target, default_registry
+from nilmc.backends.registry import PluginLoadError, Registry, Target, default_registry
 from nilmc.compiler.errors import BadInputError, UnknownBackendError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -88,9 +88,9 @@ def test_keras_file_is_read_once_per_content(shared, tmp_path):
 @pytest.mark.slow
 @pytest.mark.tf
 def test_one_conversion_serves_tflite_and_every_eiq_precision_byte_identically(shared, tmp_path):
+    from nilmc.backends import tflite_int8 as ti
     from nilmc.backends.eiq_backend import EIQBackend
     from nilmc.backends.tflite_backend import TFLiteBackend
-    from nilmc.backends import tflite_int8 as ti
 
     model, opts = shared["model"], {"quant": shared["ctx"], "calibration": shared["calib"], "npu_emulation": False}
     ti.clear_conversion_cache()

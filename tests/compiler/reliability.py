@@ -17,9 +17,9 @@ import pickle
 import shutil
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from click.testing import CliRunner
@@ -53,7 +53,7 @@ def make_workdir(root: Path) -> dict[str, Path]:
     return files
 
 
-def run(*args: object) -> "Result":
+def run(*args: object) -> Result:
     r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
     return Result(r.exit_code, r.stdout, r.stderr, r.exception if not isinstance(r.exception, SystemExit) else None)
 
@@ -272,7 +272,8 @@ def _usage_cases() -> list[BadInput]:
         BadInput("out-is-input-dir", c(out=lambda f: f["root"])),
         BadInput("out-dot-with-inputs", lambda f: ["compile", f["model"], "--eval", f["eval"], "--out", f["root"]]),
         BadInput("out-foreign", c(out=lambda f: _foreign(f["root"]))),
-        BadInput("out-inside-input-dir", lambda f: ["compile", _fake_saved_model(f["root"]), "--eval", f["eval"], "--out", f["root"] / "bad" / "saved_model" / "o"]),
+        BadInput("out-inside-input-dir", lambda f: ["compile", _fake_saved_model(f["root"]), "--eval", f["eval"],
+                                                    "--out", f["root"] / "bad" / "saved_model" / "o"]),
         BadInput("junit-dir", c(junit=lambda f: _mkdir(f["root"] / "bad" / "jdir"))),
         BadInput("junit-proc", c(junit="/proc/nilmc-x/j.xml")),
         BadInput("junit-is-input", c(junit=lambda f: f["eval"])),
@@ -433,7 +434,8 @@ def tamper_cases() -> list[Tamper]:
         Tamper("manifest-deleted", _file_op(lambda b: (b / "manifest.json").unlink())),
         Tamper("manifest-not-json", _file_op(lambda b: (b / "manifest.json").write_text("{not json"))),
         Tamper("manifest-json-list", _file_op(lambda b: (b / "manifest.json").write_text("[1, 2]"))),
-        Tamper("manifest-nan-literal", _file_op(lambda b: (b / "manifest.json").write_text((b / "manifest.json").read_text().replace('"manifest_format": 2', '"manifest_format": 2, "x": NaN')))),
+        Tamper("manifest-nan-literal", _file_op(lambda b: (b / "manifest.json").write_text(
+            (b / "manifest.json").read_text().replace('"manifest_format": 2', '"manifest_format": 2, "x": NaN')))),
         Tamper("manifest-no-files-key", _edit(lambda m: m.pop("files"))),
         Tamper("manifest-format", _edit(lambda m: m.update(manifest_format=1))),
         Tamper("manifest-path-escape", _edit(lambda m: m["files"].append({"name": "../summary.json", "sha256": "0" * 64}))),
@@ -448,17 +450,20 @@ def tamper_cases() -> list[Tamper]:
         Tamper("quantization-record-consistent", _record_and_manifest("quantization.json", "quantization", lambda q: q.update(forged=True))),
         Tamper("artifact-points-elsewhere", _edit(lambda m: m["artifact"].update(file="contract.json"))),
         Tamper("artifact-sha-changed", _edit(lambda m: m["artifact"].update(sha256="0" * 64))),
-        Tamper("summary-sha-changed", lambda out, f: (_summary_edit(out, lambda s: s["bundles"]["onnxruntime-int8"].update(manifest_sha256="0" * 64)), [out / "onnxruntime-int8"])[1]),
+        Tamper("summary-sha-changed", lambda out, f: (
+            _summary_edit(out, lambda s: s["bundles"]["onnxruntime-int8"].update(manifest_sha256="0" * 64)), [out / "onnxruntime-int8"])[1]),
         Tamper("summary-bundle-removed", lambda out, f: (_summary_edit(out, lambda s: s["bundles"].pop("onnxruntime-int8")), [out / "onnxruntime-int8"])[1]),
         Tamper("summary-malformed", lambda out, f: ((out / "summary.json").write_text("[]"), [out / "onnxruntime-int8"])[1]),
-        Tamper("manifests-swapped", lambda out, f: (shutil.copy(out / "onnxruntime-fp32" / "manifest.json", out / "onnxruntime-int8" / "manifest.json"), [out / "onnxruntime-int8"])[1]),
+        Tamper("manifests-swapped", lambda out, f: (
+            shutil.copy(out / "onnxruntime-fp32" / "manifest.json", out / "onnxruntime-int8" / "manifest.json"), [out / "onnxruntime-int8"])[1]),
         Tamper("whole-dir-one-bad", lambda out, f: (_flip(out / "onnxruntime-int8" / art), [out])[1]),
         Tamper("staging-dir", lambda out, f: (shutil.copytree(out / "onnxruntime-int8", out / ".nilmc-part-1-abcd" / "onnxruntime-int8"),
                                                [out / ".nilmc-part-1-abcd" / "onnxruntime-int8"])[1]),
         Tamper("signed-other-key", lambda out, f: [out / "onnxruntime-fp32", "--trust", f["other_pub"]]),
         Tamper("signed-edited-resummarized", lambda out, f: (_edit(lambda m: _set_path(m, "verification.budget", {"eacc": 1e9}), resummarize=True,
                                                                    bundle="onnxruntime-fp32")(out, f), [out / "onnxruntime-fp32", "--trust", f["pub"]])[1]),
-        Tamper("signature-garbage", lambda out, f: ((out / "onnxruntime-fp32" / "manifest.sig").write_text("{}"), [out / "onnxruntime-fp32", "--trust", f["pub"]])[1]),
+        Tamper("signature-garbage", lambda out, f: (
+            (out / "onnxruntime-fp32" / "manifest.sig").write_text("{}"), [out / "onnxruntime-fp32", "--trust", f["pub"]])[1]),
         Tamper("signature-removed", lambda out, f: ((out / "onnxruntime-fp32" / "manifest.sig").unlink(), [out / "onnxruntime-fp32", "--trust", f["pub"]])[1]),
     ]
     return cases

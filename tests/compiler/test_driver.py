@@ -6,10 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-
 from helpers import tiny_dataset, tiny_model
+
 from nilmc.backends.base import Artifact, Capabilities, Verification
 from nilmc.backends.onnxruntime_backend import OrtRunner
 from nilmc.backends.registry import Target, default_registry

@@ -95,7 +95,8 @@ def assert_one_line_naming(err: NilmcError, path: Path | str) -> None:
 
 
 def test_import_does_not_pull_tensorflow() -> None:
-    code = "import sys, nilmc.compiler.frontend, nilmc.compiler.metrics, nilmc.compiler.tfcompat; assert 'tensorflow' not in sys.modules and 'tf2onnx' not in sys.modules"
+    code = ("import sys, nilmc.compiler.frontend, nilmc.compiler.metrics, nilmc.compiler.tfcompat; "
+            "assert 'tensorflow' not in sys.modules and 'tf2onnx' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -343,9 +344,12 @@ def tf2onnx_like(counter: int) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Relu", ["input_1"], ["model/relu/Relu:0"], name="model/relu/Relu"),
         helper.make_node("Shape", ["model/relu/Relu:0"], [f"Shape{c(1)}:0"], name=f"Shape{c(1)}"),
-        helper.make_node("Slice", [f"Shape{c(1)}:0", f"const_starts{c(3)}", f"const_ends{c(4)}"], [f"model/flatten/strided_slice{c(2)}:0"], name=f"model/flatten/strided_slice{c(2)}"),
-        helper.make_node("Concat", [f"model/flatten/strided_slice{c(2)}:0", f"const_fold_opt{c(5)}"], [f"model/flatten/Reshape/shape_Concat{c(6)}:0"], axis=0, name=f"model/flatten/Reshape/shape_Concat{c(6)}"),
-        helper.make_node("Reshape", ["model/relu/Relu:0", f"model/flatten/Reshape/shape_Concat{c(6)}:0"], ["model/flatten/Reshape:0"], name="model/flatten/Reshape"),
+        helper.make_node("Slice", [f"Shape{c(1)}:0", f"const_starts{c(3)}", f"const_ends{c(4)}"], [f"model/flatten/strided_slice{c(2)}:0"],
+                         name=f"model/flatten/strided_slice{c(2)}"),
+        helper.make_node("Concat", [f"model/flatten/strided_slice{c(2)}:0", f"const_fold_opt{c(5)}"],
+                         [f"model/flatten/Reshape/shape_Concat{c(6)}:0"], axis=0, name=f"model/flatten/Reshape/shape_Concat{c(6)}"),
+        helper.make_node("Reshape", ["model/relu/Relu:0", f"model/flatten/Reshape/shape_Concat{c(6)}:0"], ["model/flatten/Reshape:0"],
+                         name="model/flatten/Reshape"),
         helper.make_node("MatMul", ["model/flatten/Reshape:0", "model/dense/MatMul/ReadVariableOp:0"], ["Identity:0"], name="model/dense/MatMul"),
     ]
     graph = helper.make_graph(

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from reliability import bad_input_cases, check_bad_input, check_tamper, make_workdir, run, snapshot, tamper_cases
 
 BAD = bad_input_cases()
@@ -143,10 +142,11 @@ def test_identical_builds_have_identical_manifests(work, tmp_path):
 
 
 def test_exit_code_is_most_severe_over_targets(work, tmp_path):
+    import numpy as np
+
     from nilmc.backends.registry import Target
     from nilmc.compiler.driver import CompileSummary, TargetResult
     from nilmc.compiler.metrics import nilm_metrics
-    import numpy as np
 
     m = nilm_metrics(np.ones(3), np.ones(3), on_threshold_w=0.5)
     s = CompileSummary(m, [TargetResult(Target("a", "int8"), None, None, error="x", error_code=2),
@@ -186,8 +186,8 @@ def test_signal_cleans_up(work, tmp_path, sig, code):
     _, err = p.communicate(timeout=120)
     if p.returncode == 0:
         pytest.skip("the compile finished before the signal arrived")
-    assert p.returncode == code, err
-    assert "Traceback" not in err and not _staging(out)
+    assert p.returncode == code, (p.returncode, err)
+    assert "Traceback" not in err and not _staging(out), (err, _staging(out))
     if out.exists():  # the signal came during the commit (signals are blocked there): the output is whole
         assert run("verify", out, "--eval", files["eval"]).exit_code == 0
 

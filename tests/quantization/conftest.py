@@ -1,7 +1,7 @@
 """Small tf2onnx-shaped seq2point graphs built with onnx.helper (no TensorFlow)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nilmc.compiler.errors import QuantizationError
-from nilmc.quantization.estimators import estimate_range, histogram_mse, hist_quantile
+from nilmc.quantization.estimators import estimate_range, hist_quantile, histogram_mse
 from nilmc.quantization.intops import INT_RANGES, affine_params, dequantize, quantize
 from nilmc.quantization.statistics import TensorStats
 

@@ -29,7 +29,10 @@ def _raw_windows(n: int, features: int = 9, seed: int = 0) -> np.ndarray:
     return (rng.normal(size=(n, 10, features, 1)) * scales[None, None, :, None] + 3 * scales[None, None, :, None]).astype(np.float32)
 
 
-def _contract(raw: np.ndarray, kind: str = "C", target: TargetScaling = TargetScaling(700.0, 1000.0)) -> ModelContract:
+_TARGET = TargetScaling(700.0, 1000.0)
+
+
+def _contract(raw: np.ndarray, kind: str = "C", target: TargetScaling = _TARGET) -> ModelContract:
     spec = NormalizationSpec(Normalization(kind), FeatureStats.fit(raw))
     return ModelContract(input_shape=raw.shape[1:], normalization=spec, appliance="kettle", target=target, peak_power_w=3000.0,
                          feature_names=tuple(f"f{i}" for i in range(raw.shape[2])))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import tiny_dataset
+
 from nilmc.compiler.errors import QuantizationError
 from nilmc.compiler.metrics import compare_metrics
 from nilmc.quantization.api import Techniques, make_eval_fn, quantize

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import tiny_dataset, tiny_model
+
 from nilmc.calibration_data.normalization import Normalization, NormalizationSpec
 from nilmc.compiler.errors import NormalizationError
 from nilmc.compiler.model import Model
@@ -122,8 +122,8 @@ def test_policy_fix_keeps_the_first_layer_float(tp) -> None:
     t16 = TFLITE_INT8.with_(allow_int16_activations=True)
     import dataclasses
 
-    from nilmc.quantization.qdq import build_qdq_model
     from nilmc.quantization import _ort
+    from nilmc.quantization.qdq import build_qdq_model
 
     only_input = dataclasses.replace(fixed.params, keep_float=("input",))
     x = fixed.calib_x

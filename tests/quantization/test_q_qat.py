@@ -47,8 +47,8 @@ def test_keras_view_pairs_every_layer_with_its_onnx_layer(tp):
 
 
 def test_keras_view_refuses_parameters_of_another_model(tp):
-    from nilmc.training.models import build_seq2point_cnn
     from nilmc.quantization.qat import keras_quant_from_params
+    from nilmc.training.models import build_seq2point_cnn
 
     other = build_seq2point_cnn((10, 9, 1))  # same architecture, other weights
     with pytest.raises(QuantizationError, match="different model|do not match"):

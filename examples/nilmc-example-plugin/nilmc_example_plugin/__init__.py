@@ -7,8 +7,9 @@ entry-point group ``nilmc.backends`` declared in this package's pyproject.toml.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ class ReferenceEvaluatorRunner:
         self.path = path
         self._ev: Any = None
 
-    def __enter__(self) -> "ReferenceEvaluatorRunner":
+    def __enter__(self) -> ReferenceEvaluatorRunner:
         import onnx
         from onnx.reference import ReferenceEvaluator
 
