@@ -52,7 +52,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             _emit_error("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, as_json=as_json, kind="Interrupted")
         except Interrupted as exc:
-            _emit_error(f"terminated by signal {exc.signum}; nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
+            _emit_error(f"{'interrupted' if exc.signum == signal.SIGINT else 'terminated'} by signal {exc.signum}; "
+                        "nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
         except Exception as exc:  # an internal bug: say so, never a bare traceback
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.find_root().params.get("debug"):
@@ -82,15 +83,20 @@ class NilmcGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         as_json = "--json" in argv
-        previous = signal.getsignal(signal.SIGTERM)
+        # SIGINT and SIGTERM raise Interrupted (cleanup runs, exit 130 / 143); a signal the caller ignores stays ignored.
+        # Not KeyboardInterrupt: CPython exits with -SIGINT whenever one escapes a C-level call, whatever we exit with.
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_interrupted)
+            for s, handler in previous.items():
+                if handler is not signal.SIG_IGN:
+                    signal.signal(s, _raise_interrupted)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             _emit_error("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, as_json=as_json, kind="Interrupted")
         except Interrupted as exc:
-            _emit_error(f"terminated by signal {exc.signum}; nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
+            _emit_error(f"{'interrupted' if exc.signum == signal.SIGINT else 'terminated'} by signal {exc.signum}; "
+                        "nothing half-written was left behind", exc.exit_code, as_json=as_json, kind="Interrupted")
         except click.ClickException as exc:
             # One line, like every other error: what was wrong, then where to look.
             cmd = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx is not None else "nilmc"
@@ -99,7 +105,8 @@ class NilmcGroup(click.Group):
                         remedy=f"see `{cmd} --help`")
         finally:
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, previous)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -165,16 +172,37 @@ def parse_option_flags(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
     return out
 
 
+def parse_min_sqnr(text: str | None) -> float | None:
+    """``--min-sqnr``: a finite number of dB, ``off`` (no floor), or None (the default, 10 dB)."""
+    import math
+
+    from nilmc.compiler.compare import DEFAULT_MIN_SQNR_DB
+    from nilmc.compiler.errors import BadInputError
+
+    if text is None:
+        return DEFAULT_MIN_SQNR_DB
+    if text.strip().lower() == "off":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise BadInputError(f"--min-sqnr {text!r} is not a number of dB", "use e.g. --min-sqnr 20, or --min-sqnr off") from None
+    if not math.isfinite(v):
+        raise BadInputError(f"--min-sqnr {text!r} is not finite", "use e.g. --min-sqnr 20, or --min-sqnr off to drop the floor")
+    return v
+
+
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
                 junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
-                option_flags: tuple[str, ...] = ()) -> None:
+                option_flags: tuple[str, ...] = (), contract_flags: Any = None, min_sqnr: str | None = None,
+                calib_windows: int | None = None, calib_select: str = "stratified", calib_seed: int = 0) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
     from nilmc.compiler.driver import CompileOptions, compile_model
-    from nilmc.compiler.frontend import load_model
+    from nilmc.compiler.contract_flags import load_model_with_flags
     from nilmc.compiler.outdir import check_output_file, check_output_path
 
-    inputs = tuple(p for p in (model_path, calib, eval_path, sign) if p)
+    inputs = tuple(p for p in (model_path, calib, eval_path, sign) if p) + _contract_inputs(contract_flags)
     # Everything checkable without loading anything, first: a bad --out or --junit is found in milliseconds.
     check_output_path(out, inputs=inputs)
     if junit:
@@ -182,13 +210,15 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     registry = default_registry()
     tlist = registry.parse_targets(targets)
     budget = parse_budget(max_delta)
-    model = load_model(model_path)
+    min_sqnr_db = parse_min_sqnr(min_sqnr)
+    model = load_model_with_flags(model_path, contract_flags)
     eval_ds = _load_data(eval_path)
     calib_ds = _load_data(calib) if calib else None
     progress = None if as_json else (lambda s: click.echo(f"  .. {s}", err=True))
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
-                             inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags))
+                             inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags),
+                             min_sqnr_db=min_sqnr_db, calib_windows=calib_windows, calib_selection=calib_select, calib_seed=calib_seed)
     summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
     if as_json:
         _print_json(summary.to_json())
@@ -214,6 +244,86 @@ def force_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="Write into a non-empty directory nilmc did not write (its files are never touched).")(fn)
 
 
+def _check_layout(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from nilmc.compiler.contract import parse_layout
+    from nilmc.compiler.errors import NilmcError
+
+    try:
+        return None if value is None else parse_layout(value)
+    except NilmcError as exc:
+        raise click.BadParameter(f"{exc.message} ({exc.remedy})") from None
+
+
+def _check_output(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from nilmc.compiler.contract import parse_output_select
+    from nilmc.compiler.errors import NilmcError
+
+    try:
+        return None if value is None else parse_output_select(value)
+    except NilmcError as exc:
+        raise click.BadParameter(f"{exc.message} ({exc.remedy})") from None
+
+
+def _check_floats(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from nilmc.compiler.contract_flags import parse_floats
+    from nilmc.compiler.errors import NilmcError
+
+    try:
+        if value is not None:
+            parse_floats(value, f"--{param.name.replace('_', '-')}" if param.name else "value", positive=param.name == "input_std")
+    except NilmcError as exc:
+        raise click.BadParameter(f"{exc.message} ({exc.remedy})") from None
+    return value
+
+
+_NORM_CHOICES = ["none", "raw", "A", "zscore", "C", "minmax", "B", "D", "E"]
+_CONTRACT_OPTIONS = (
+    click.option("--contract", "contract_file", type=click.Path(), default=None,
+                 help="Model contract JSON (`nilmc contract init MODEL --out FILE` writes one to edit); the flags below override its fields."),
+    click.option("--input-norm", type=click.Choice(_NORM_CHOICES, case_sensitive=False), default=None,
+                 help="Input normalization: none/raw/A, zscore/C (needs mean/std), minmax/B, D, E (need min/max)."),
+    click.option("--input-mean", callback=_check_floats, default=None, metavar="M[,M..]", help="Z-score mean: one number, or one per feature."),
+    click.option("--input-std", callback=_check_floats, default=None, metavar="S[,S..]", help="Z-score std (> 0): one number, or one per feature."),
+    click.option("--input-min", callback=_check_floats, default=None, metavar="LO[,LO..]", help="Min-max minimum: one number, or one per feature."),
+    click.option("--input-max", callback=_check_floats, default=None, metavar="HI[,HI..]", help="Min-max maximum: one number, or one per feature."),
+    click.option("--input-stats-from", type=click.Path(), default=None, metavar="DATA.npz",
+                 help="Take the input statistics from this data set's training statistics."),
+    click.option("--target-mean", type=float, default=None, help="Target de-normalization: watts = output * std + mean (default 0)."),
+    click.option("--target-std", type=click.FloatRange(min=0, min_open=True), default=None, help="Target de-normalization std (default 1)."),
+    click.option("--appliance", default=None, help="The appliance the model disaggregates (a column of the data sets)."),
+    click.option("--on-threshold", type=click.FloatRange(min=0), default=None, metavar="W", help="ON threshold in watts (F1 etc.)."),
+    click.option("--peak-power", type=click.FloatRange(min=0, min_open=True), default=None, metavar="W",
+                 help="Largest power the output must represent (INT8 output range)."),
+    click.option("--window", type=click.IntRange(min=1), default=None, metavar="T", help="Samples per window (where the model leaves it open)."),
+    click.option("--output", callback=_check_output, default=None, metavar="SELECTOR",
+                 help="For sequence outputs: midpoint, last or index:K (the step that is the prediction)."),
+    click.option("--layout", callback=_check_layout, default=None,
+                 help="The model's input layout: NTF1 (N,T,F,1), NWC (N,T,F), NCW (N,F,T), NW (N,T); default from its rank."),
+)
+
+
+def _contract_inputs(flags: Any) -> tuple[str, ...]:
+    """The files the contract flags read (an output location must not overwrite them)."""
+    return tuple(p for p in (getattr(flags, "contract_file", None), getattr(flags, "input_stats_from", None)) if p)
+
+
+def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The contract options (``--contract FILE`` and the field flags), passed on as one ``contract_flags`` argument."""
+    names = ("contract_file", "input_norm", "input_mean", "input_std", "input_min", "input_max", "input_stats_from", "target_mean",
+             "target_std", "appliance", "on_threshold", "peak_power", "window", "output", "layout")  # ContractFlags' fields
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from nilmc.compiler.contract_flags import ContractFlags
+
+        kwargs["contract_flags"] = ContractFlags(**{n: kwargs.pop(n) for n in names})
+        return fn(*args, **kwargs)
+
+    for option in reversed(_CONTRACT_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @cli.command("compile")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--calib", type=click.Path(), default=None, help="Calibration set (.npz).")
@@ -228,17 +338,27 @@ def force_option(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="INT8 overflow policy for every quantizing target (findings are in each manifest's overflow section).")
 @click.option("--option", "option_flags", multiple=True, metavar="BACKEND.NAME=VALUE",
               help="A backend option, e.g. dpu.qat_epochs=5 (repeatable; `nilmc backends --json` lists them).")
+@click.option("--min-sqnr", "min_sqnr", default=None, metavar="DB",
+              help="Fail a target whose output SQNR vs FP32 is below DB (default 10: an all-zero output scores 0 dB; 'off' drops the floor).")
+@click.option("--calib-windows", type=click.IntRange(min=1), default=None,
+              help="Calibrate on N windows selected from --calib (default: every window given).")
+@click.option("--calib-select", type=click.Choice(["stratified", "random", "first"]), default="stratified", show_default=True,
+              help="How --calib-windows picks them: stratified over appliance states and input levels, random, or the first N.")
+@click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the calibration selection.")
+@contract_options
 @force_option
 @json_option
 @handle_errors
 def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
-                sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool) -> None:
+                sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool, contract_flags: Any = None,
+                min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "stratified", calib_seed: int = 0) -> None:
     """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
 
     Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
     """
     run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign, overflow=overflow,
-                option_flags=option_flags)
+                option_flags=option_flags, contract_flags=contract_flags, min_sqnr=min_sqnr, calib_windows=calib_windows,
+                calib_select=calib_select, calib_seed=calib_seed)
 
 
 @cli.command("example")
@@ -394,15 +514,17 @@ QUANTIZE_ENTRIES = ("model_qdq.onnx", "params.json", "report.json")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=3, show_default=True, help="QAT epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="QAT seed.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-6, show_default=True, help="QAT learning rate (Adam).")
+@contract_options
 @force_option
 @json_option
 @handle_errors
 def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overflow_policy: str, fold_normalization: bool,
-                 show_report: bool, out: str | None, qat: bool, epochs: int, seed: int, learning_rate: float, force: bool, as_json: bool) -> None:
+                 show_report: bool, out: str | None, qat: bool, epochs: int, seed: int, learning_rate: float, force: bool, as_json: bool,
+                 contract_flags: Any = None) -> None:
     """Normalization-aware PTQ (or QAT with --qat) of MODEL into nilmc's ideal INT8 reference (ONNX QDQ),
     with overflow checks. Per-target QAT artifacts: `nilmc compile --targets tflite:qat_int8`.
     """
-    from nilmc.compiler.frontend import load_model
+    from nilmc.compiler.contract_flags import load_model_with_flags
     from nilmc.quantization.api import quantize
     from nilmc.quantization.report import format_report, quantize_report
     from nilmc.quantization.traits import preset
@@ -410,21 +532,21 @@ def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overf
     if out is not None:
         from nilmc.compiler.outdir import check_output_path
 
-        check_output_path(out, inputs=(model, calib))
+        check_output_path(out, inputs=(model, calib, *_contract_inputs(contract_flags)))
     kw = dict(traits=preset(traits_name), estimator=estimator, overflow_policy=overflow_policy, fold_normalization=fold_normalization)
     if qat:
         from nilmc.quantization.qat_flow import qat_quantize
 
-        result, qat_info = qat_quantize(load_model(model), _load_data(calib), epochs=epochs, seed=seed, learning_rate=learning_rate, **kw)
+        result, qat_info = qat_quantize(load_model_with_flags(model, contract_flags), _load_data(calib), epochs=epochs, seed=seed, learning_rate=learning_rate, **kw)
     else:
-        result, qat_info = quantize(load_model(model), _load_data(calib), **kw), None
+        result, qat_info = quantize(load_model_with_flags(model, contract_flags), _load_data(calib), **kw), None
     report = quantize_report(result)
     if qat_info is not None:
         report["qat"] = qat_info
     if out:
         from nilmc.compiler.outdir import OutputDir
 
-        with OutputDir(out, QUANTIZE_ENTRIES, inputs=(model, calib), force=force) as od:
+        with OutputDir(out, QUANTIZE_ENTRIES, inputs=(model, calib, *_contract_inputs(contract_flags)), force=force) as od:
             result.save(od.staging)
             od.commit()
     if as_json:
@@ -434,6 +556,62 @@ def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overf
     else:
         click.echo(f"quantized with {traits_name}; output SQNR vs FP32 on calibration windows: {report.get('output_sqnr_db', float('nan')):.1f} dB"
                    + (f"; written to {out}" if out else ""))
+
+
+# ------------------------------------------------------------------ contract
+@cli.group("contract")
+def contract_group() -> None:
+    """Write and inspect model contracts (what a model's input and output mean)."""
+
+
+@contract_group.command("init")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--out", type=click.Path(), required=True, help="The contract file to write (JSON, edited by hand; pass it with --contract).")
+@contract_options
+@force_option
+@json_option
+@handle_errors
+def contract_init(model: str, out: str, force: bool, as_json: bool, contract_flags: Any = None) -> None:
+    """Write a documented contract file for MODEL: its contract (if it carries one) or one built from its input
+    shape, with the given flags applied. Edit the fields it lists, then `nilmc compile MODEL --contract FILE ...`.
+    """
+    from nilmc.compiler.contract_flags import base_contract, build_contract, dumps_contract_file, placeholders
+    from nilmc.compiler.errors import OutputError
+    from nilmc.compiler.io import atomic_write_text
+
+    target = Path(out)
+    if target.is_dir():
+        raise OutputError(f"--out {out!r} is a directory", "pass a file name, e.g. --out model.contract.json")
+    if target.exists() and not force:
+        raise OutputError(f"{out!r} exists", "pass --force to overwrite it, or another --out")
+    if Path(model).resolve() == target.resolve():
+        raise OutputError(f"--out {out!r} is the model itself", "pass another file name")
+    contract = build_contract(model, contract_flags, require=False)
+    todo = placeholders(contract, contract_flags, base_contract(model, contract_flags))
+    atomic_write_text(target, dumps_contract_file(contract))
+    if as_json:
+        _print_json({"contract": str(target), "edit": todo, **contract.to_json()})
+        return
+    click.echo(f"contract written to {out} (input {tuple(contract.input_shape)}, layout {contract.layout or 'canonical'}, "
+               f"normalization {contract.normalization.kind.value}, appliance {contract.appliance})")
+    if todo:
+        click.echo(f"nilmc: note: check and edit {', '.join(todo)} in {out}, then pass --contract {out}", err=True)
+
+
+@contract_group.command("show")
+@click.argument("model", type=click.Path(dir_okay=True))
+@contract_options
+@json_option
+@handle_errors
+def contract_show(model: str, as_json: bool, contract_flags: Any = None) -> None:
+    """Print the contract `nilmc compile MODEL` would use with these flags."""
+    from nilmc.compiler.contract_flags import build_contract, contract_file_json
+
+    contract = build_contract(model, contract_flags)
+    if as_json:
+        _print_json(contract.to_json())
+    else:
+        click.echo(json.dumps(contract_file_json(contract), indent=2))
 
 
 # ------------------------------------------------------------------ data

@@ -180,7 +180,9 @@ def _staging(out: Path) -> list[Path]:
 def test_signal_cleans_up(work, tmp_path, sig, code):
     files, _ = work
     out = tmp_path / "sig"
-    p = subprocess.Popen(_compile_cmd(files, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: the default dispositions (a test runner's workers may ignore SIGINT, which nilmc respects)
+    p = subprocess.Popen(_compile_cmd(files, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
     assert _wait_for(lambda: bool(_staging(out)))
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
