@@ -51,6 +51,7 @@ class Capabilities:
     estimators: Mapping[str, str] = field(default_factory=dict)
     keras_precisions: tuple[str, ...] = ()
     options: type | None = None
+    in_all: bool = True  # part of `--targets all` (False: asked for by name only, e.g. a slow interpreter)
 
     def quantizes(self, precision: str) -> bool:
         return precision in self.traits

@@ -107,7 +107,8 @@ class Registry:
                 for b in self:
                     if isinstance(b, BrokenPlugin) or not availability(b)[0]:  # type: ignore[arg-type]
                         continue
-                    out.extend(Target(b.name, p) for p in b.capabilities.precisions)
+                    if b.capabilities.in_all:
+                        out.extend(Target(b.name, p) for p in b.capabilities.precisions)
             elif part.endswith(":all"):
                 b = self.get(part[:-4])
                 out.extend(Target(b.name, p) for p in b.capabilities.precisions)
@@ -162,8 +163,9 @@ def register_builtins(registry: Registry) -> None:
     from nilmc.backends.openvino_backend import OpenVINOBackend
     from nilmc.backends.tensorrt_backend import TensorRTBackend
     from nilmc.backends.tflite_backend import TFLiteBackend
+    from nilmc.backends.tflm_backend import TFLMBackend
 
-    for backend in (OnnxRuntimeBackend(), TFLiteBackend(), EIQBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend()):
+    for backend in (OnnxRuntimeBackend(), TFLiteBackend(), EIQBackend(), OpenVINOBackend(), TensorRTBackend(), DPUBackend(), TFLMBackend()):
         registry.register(backend)
 
 
