@@ -228,7 +228,7 @@ class OpenVINOBackend:
             onnx_path = source.save_onnx(Path(tmp) / "model.onnx")
             ov_model = _convert_onnx(onnx_path)
         _save_ir(ov_model, out_dir, compress_to_fp16=precision == "fp16")
-        layers = inspect_ir(out_dir / XML, tuple(model.contract.input_shape))
+        layers = inspect_ir(out_dir / XML, model.contract.model_input_shape())
         if precision == "int8":
             _check_int8(layers)
         info.update(self._info(precision, layers))

@@ -461,7 +461,7 @@ class TensorRTBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         proto, info = self._graph(model, precision, options)
         _save(proto, model, out_dir / ONNX_FILE)
-        line = write_handoff(out_dir, precision=precision, input_name=model.input_name, window=tuple(model.contract.input_shape))
+        line = write_handoff(out_dir, precision=precision, input_name=model.input_name, window=model.contract.model_input_shape())
         info.update({"strongly_typed": True, "trtexec": line, "build_script": SCRIPT_FILE,
                      "optimization_profile": {"min": MIN_BATCH, "opt": OPT_BATCH, "max": MAX_BATCH}})
         files = [ONNX_FILE, SCRIPT_FILE, TRTEXEC_FILE]

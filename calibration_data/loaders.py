@@ -24,17 +24,25 @@ Layouts
                         (+ optional ``Issues``: rows with Issues=1 are dropped by default).
     ``ukdale_excerpt``  the CSV excerpt shipped here: ``unix_ns`` then columns named like
                         ``('kettle', 1)``, then ``mains`` and ``synthetic mains``.
+    ``csv``             any plain CSV with a header: an optional timestamp column, an aggregate
+                        column and appliance columns (raw watts, or a pre-normalized aggregate);
+                        streamed in chunks, so it may be larger than memory
+                        (:mod:`nilmc.calibration_data.csv_stream`).
+    ``windows``         an ``.npz`` of ready windows: ``x`` ``(N, T)``, ``(N, T, F)`` or ``(N, T, F, 1)``
+                        and ``y`` ``(N,)`` or ``(N, A)`` (:func:`windows_npz_to_dataset`).
 
 Appliance names are canonicalised: lower case, spaces -> ``_``; a repeated label gets
 ``_2``, ``_3`` ... Malformed input raises :class:`DataError` naming the file, the line and
-the offending text. Low-frequency recordings convert to the classic 599 x 8 s setting
-(:mod:`nilmc.calibration_data.lowfreq`), high-frequency ones to features + seq2point windows.
+the offending text. Low-frequency recordings convert to windows of mains power (default the
+classic 599 x 8 s setting of :mod:`nilmc.calibration_data.lowfreq`; any ``window``, ``step``,
+target ``offset`` and ``period_s``), high-frequency ones to features + seq2point windows.
 """
 from __future__ import annotations
 
 import csv
 import io
 import re
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +51,7 @@ import numpy as np
 
 from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.calibration_data.features import extract_features, parse_setup
-from nilmc.calibration_data.lowfreq import CLASSIC_PERIOD_S, classic_windows, make_lowfreq_dataset, resample_mean
+from nilmc.calibration_data.lowfreq import CLASSIC_PERIOD_S, CLASSIC_WINDOW, check_offset, classic_windows, make_lowfreq_dataset, resample_mean
 from nilmc.calibration_data.normalization import FeatureStats, Normalization
 from nilmc.calibration_data.synth import (
     ALL_DEVICES,
@@ -57,7 +65,8 @@ from nilmc.calibration_data.windows import ON_THRESHOLDS, windows_from_frames
 from nilmc.compiler.errors import BadInputError, DataError
 from nilmc.compiler.io import atomic_write_text
 
-LAYOUTS: tuple[str, ...] = ("redd_low", "redd_high", "ukdale", "refit", "ukdale_excerpt")
+RECORDING_LAYOUTS: tuple[str, ...] = ("redd_low", "redd_high", "ukdale", "refit", "ukdale_excerpt")
+LAYOUTS: tuple[str, ...] = (*RECORDING_LAYOUTS, "csv", "windows")
 EXCERPT_PATH = Path("/work/shared/data/ukdale_house_excerpt_120s.csv")
 _EPOCH = 1_303_132_929.0  # a REDD-era unix time (April 2011) for written synthetic files
 
@@ -451,12 +460,18 @@ def recording_to_lowfreq(
     period_s: float = CLASSIC_PERIOD_S,
     max_gap_s: float | None = None,
     step: int = 1,
+    window: int = CLASSIC_WINDOW,
+    offset: int | None = None,
 ) -> NilmDataset:
-    """A low-frequency recording -> the classic 599 x 8 s setting (its own training statistics).
+    """A low-frequency recording -> windows of mains power (its own training statistics).
 
-    Defaults: every appliance, 8 s grid over the aggregate's span, ``max_gap_s`` = max(60 s,
-    1.5 source periods) (so 120-s data are held, not dropped), every window start (``step`` 1).
+    Defaults: the classic 599 x 8 s setting: every appliance, 8 s grid over the aggregate's span,
+    ``max_gap_s`` = max(60 s, 1.5 source periods) (so 120-s data are held, not dropped), every
+    window start (``step`` 1), ``window`` 599 samples, target at ``offset`` = the midpoint.
     """
+    check_offset(window, offset)
+    if int(step) < 1:
+        raise BadInputError(f"step {step} must be >= 1", "pass e.g. --step 1 (every window start)")
     names = _select(rec.names, appliances, rec.path)
     gap = max(60.0, 1.5 * rec.period_s) if max_gap_s is None else float(max_gap_s)
     grid, mains = resample_mean(rec.aggregate.ts, rec.aggregate.values, period_s=period_s, max_gap_s=gap)
@@ -466,10 +481,13 @@ def recording_to_lowfreq(
         _, v = resample_mean(s.ts, s.values, period_s=period_s, start=grid[0], end=grid[-1], max_gap_s=gap)
         cols.append(v)
     y_all = np.stack(cols, axis=1) if cols else np.zeros((mains.shape[0], 0))
-    n_pos = mains.shape[0] - 599 + 1
-    pos = np.arange(0, max(n_pos, 0), max(int(step), 1))
-    x, y = classic_windows(mains, y_all, positions=pos)
-    ds = make_lowfreq_dataset(x, y, names, info={"source_layout": rec.layout, "source": rec.path, "source_period_s": rec.period_s, "step": int(step)})
+    n_pos = mains.shape[0] - int(window) + 1
+    pos = np.arange(0, max(n_pos, 0), int(step))
+    x, y = classic_windows(mains, y_all, positions=pos, window=int(window), offset=offset)
+    if x.shape[0] == 0:
+        x = np.zeros((0, int(window), 1, 1), np.float32)
+    ds = make_lowfreq_dataset(x, y, names, period_s=period_s, offset=offset,
+                              info={"source_layout": rec.layout, "source": rec.path, "source_period_s": rec.period_s, "step": int(step)})
     ds.on_thresholds = [threshold_for(n) for n in names]
     return ds
 
@@ -481,8 +499,14 @@ def highfreq_to_dataset(
     targets: PowerRecording | None = None,
     appliances: Sequence[str] | str | None = None,
     max_gap_s: float = 10.0,
+    window: int = 10,
+    offset: int | None = None,
+    step: int = 1,
 ) -> NilmDataset:
     """Frames -> features -> seq2point windows (inside bursts), raw features, own statistics.
+
+    Windows of ``window`` frames (default 10) with the target at frame ``offset`` (default
+    ``window // 2``), a window starting every ``step`` frames of a burst (default 1).
 
     Targets: per-frame ground truth carried by ``rec.power`` (synthetic recordings), else the
     series of ``targets`` (e.g. the house's REDD low_freq channels) held at each frame's time
@@ -494,16 +518,21 @@ def highfreq_to_dataset(
     names, tgt = _frame_targets(rec, targets, appliances, max_gap_s)
     xs, ys = [], []
     cuts = np.flatnonzero(np.diff(rec.burst)) + 1  # bursts are contiguous runs of frames
+    mid = check_offset(window, offset)
+    if int(step) < 1:
+        raise BadInputError(f"step {step} must be >= 1", "pass e.g. --step 1 (every window start)")
     for m in np.split(np.arange(rec.n_frames), cuts):
-        x, y = windows_from_frames(feats[m], tgt[m])
+        x, y = windows_from_frames(feats[m], tgt[m], window=int(window), midpoint=mid)
+        x, y = x[:: int(step)], y[:: int(step)]
         keep = np.all(np.isfinite(y), axis=1)
         xs.append(x[keep])
         ys.append(y[keep])
-    x = np.concatenate(xs) if xs else np.zeros((0, 10, su.n_features, 1), np.float32)
+    x = np.concatenate(xs) if xs else np.zeros((0, int(window), su.n_features, 1), np.float32)
     y = np.concatenate(ys) if ys else np.zeros((0, len(names)), np.float32)
     if x.shape[0] == 0:
-        raise DataError(f"{rec.path or 'the recording'}: no complete 10-frame window with targets (frames {rec.n_frames}, bursts {np.unique(rec.burst).size})",
-                        "pass a longer recording or targets that cover it")
+        raise DataError(f"{rec.path or 'the recording'}: no complete {window}-frame window with targets "
+                        f"(frames {rec.n_frames}, bursts {np.unique(rec.burst).size})",
+                        "pass a longer recording, targets that cover it, or a shorter --window")
     mean = [float(v) for v in y.mean(axis=0)] if y.shape[1] else []
     std = [float(max(v, 1e-3)) for v in y.std(axis=0)] if y.shape[1] else []
     return NilmDataset(
@@ -511,7 +540,8 @@ def highfreq_to_dataset(
         train_stats=FeatureStats.fit(x), target_mean=mean, target_std=std,
         on_thresholds=[threshold_for(n) for n in names],
         info={"setup": su.name, "source_layout": rec.layout, "source": rec.path, "frames": rec.n_frames,
-              "bursts": int(np.unique(rec.burst).size), "window_frames": 10, "midpoint_index": 5,
+              "bursts": int(np.unique(rec.burst).size), "window_frames": int(window), "midpoint_index": mid,
+              **({"step": int(step)} if int(step) != 1 else {}),
               "note": "statistics fitted on this set itself"},
     )
 
@@ -537,6 +567,9 @@ def load_layout(layout: str, path: str | Path, **options: object) -> PowerRecord
     """Dispatch on ``layout`` (one of ``LAYOUTS``) to its loader."""
     loaders = {"redd_low": load_redd_low, "redd_high": load_redd_high, "ukdale": load_ukdale,
                "refit": load_refit, "ukdale_excerpt": load_ukdale_excerpt}
+    if layout in ("csv", "windows"):
+        raise BadInputError(f"layout {layout!r} is converted straight to windows, not loaded as a recording",
+                            f"use convert_dataset({layout!r}, ...) (nilmc data convert {layout} FILE --out data.npz)")
     try:
         fn = loaders[layout]
     except KeyError:
@@ -553,24 +586,140 @@ def convert_dataset(
     appliances: Sequence[str] | str | None = None,
     targets_path: str | Path | None = None,
     step: int = 1,
+    window: int | None = None,
+    offset: int | None = None,
+    period_s: float | None = None,
+    csv_options: CsvOptions | None = None,
 ) -> NilmDataset:
     """``nilmc data convert``: load ``path`` in ``layout`` and convert it; saved when ``out`` is given.
 
     High-frequency layouts (``redd_high``) become ``setup`` features (default T-P) in
-    10-frame windows; ``targets_path`` may name the same house's REDD ``low_freq``
-    directory for per-appliance targets. Low-frequency layouts become the classic
-    599 x 8 s setting (window starts every ``step`` samples, default 1). Default
-    ``appliances``: all of the recording's.
+    windows of ``window`` frames (default 10); ``targets_path`` may name the same house's
+    REDD ``low_freq`` directory for per-appliance targets. Low-frequency layouts become
+    windows of ``window`` samples (default 599) on a ``period_s`` grid (default 8 s), and
+    ``csv`` files (options ``csv_options``, default :class:`CsvOptions`) the same, streamed. A window
+    starts every ``step`` samples (default 1); its target is sample ``offset`` (default the
+    midpoint). ``windows`` reads an npz of ready windows. Default ``appliances``: all.
     """
-    rec = load_layout(layout, path)
-    if isinstance(rec, HighFreqRecording):
-        tg = load_redd_low(targets_path) if targets_path is not None else None
-        ds = highfreq_to_dataset(rec, setup=setup, targets=tg, appliances=appliances)
+    if layout == "windows":
+        for name, value in (("--window", window), ("--target-offset", offset), ("--period", period_s)):
+            if value is not None:
+                raise BadInputError(f"{name} does not apply to layout 'windows' (its windows are ready)", f"leave {name} out")
+        ds = windows_npz_to_dataset(path, appliances=appliances, step=step, csv_options=csv_options)
+    elif layout == "csv":
+        from nilmc.calibration_data.csv_stream import csv_to_dataset
+
+        ds = csv_to_dataset(path, options=csv_options or CsvOptions(), appliances=appliances, window=window or CLASSIC_WINDOW, step=step,
+                            offset=offset, period_s=period_s)
     else:
-        ds = recording_to_lowfreq(rec, appliances=appliances, step=step)
+        rec = load_layout(layout, path)
+        if isinstance(rec, HighFreqRecording):
+            if period_s is not None:
+                raise BadInputError("--period does not apply to high-frequency layouts (a frame is one mains cycle)", "leave --period out")
+            tg = load_redd_low(targets_path) if targets_path is not None else None
+            ds = highfreq_to_dataset(rec, setup=setup, targets=tg, appliances=appliances, window=window or 10, offset=offset, step=step)
+        else:
+            ds = recording_to_lowfreq(rec, appliances=appliances, step=step, window=window or CLASSIC_WINDOW, offset=offset,
+                                      period_s=CLASSIC_PERIOD_S if period_s is None else period_s)
     if out is not None:
         ds.save(out)
     return ds
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """How to read a plain CSV (layout ``csv``) and what its numbers are.
+
+    ``aggregate``: the whole-house power column (default: one named aggregate, mains, main or
+    total); ``timestamp``: the time column (default: one named timestamp, time, unix, ts, datetime
+    or date, if any; unix s/ms/ns or ISO 8601 date-times; without one, rows are consecutive
+    samples); ``normalized``: ``None`` (raw watts, default), ``"zscore"`` or ``"minmax"`` when the
+    aggregate is pre-normalized with ``stats`` (``mean``/``std`` or ``minimum``/``maximum``,
+    the training statistics it was normalized with); ``chunk_rows``: rows read at a time (default
+    200000; the result does not depend on it); ``max_gap_s``: hold a reading across an empty bin at most
+    this long (default max(60 s, 1.5 periods)). Also used by ``windows`` for ``normalized``/``stats``.
+    """
+
+    aggregate: str | None = None
+    timestamp: str | None = None
+    normalized: str | None = None
+    stats: Mapping[str, float] = field(default_factory=dict)
+    chunk_rows: int = 200_000
+    max_gap_s: float | None = None
+
+
+def windows_npz_to_dataset(path: str | Path, *, appliances: Sequence[str] | str | None = None, step: int = 1,
+                           csv_options: CsvOptions | None = None) -> NilmDataset:
+    """An npz of ready windows -> :class:`NilmDataset`: ``x`` ``(N, T)``, ``(N, T, F)`` or ``(N, T, F, 1)``,
+    ``y`` ``(N,)`` or ``(N, A)`` in watts; optional string arrays ``appliances`` and ``feature_names``.
+
+    ``appliances`` (default: the file's names, else ``appliance``, ``appliance_2``...) name the ``y``
+    columns; every ``step``-th window is kept (default 1: all). Raw windows get statistics fitted on
+    themselves; with ``csv_options.normalized`` the windows are stored as normalized with its ``stats``.
+    """
+    from nilmc.calibration_data.csv_stream import normalized_stats
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"window file {str(path)!r} does not exist", "check the path")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if not {"x", "y"} <= files:
+                raise DataError(f"{str(path)!r} holds {sorted(files)}, a window file needs arrays x and y",
+                                "save it with np.savez(path, x=windows, y=targets)")
+            x, y = np.asarray(z["x"]), np.asarray(z["y"])
+            file_apps = [str(a) for a in z["appliances"].ravel()] if "appliances" in files else None
+            file_feats = [str(a) for a in z["feature_names"].ravel()] if "feature_names" in files else None
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{str(path)!r} is not a readable npz of windows ({type(exc).__name__}: {exc})",
+                        "save it with np.savez(path, x=windows, y=targets) (no pickled objects)") from None
+    if x.ndim == 2:
+        x = x[:, :, None, None]
+    elif x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] != 1:
+        raise DataError(f"{str(path)!r}: x has shape {x.shape}, expected (N, T), (N, T, F) or (N, T, F, 1)", "store one window per row")
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{str(path)!r}: y has shape {y.shape} for {x.shape[0]} windows, expected (N,) or (N, A)",
+                        "store one target per window and appliance (take the sequence's midpoint first)")
+    if int(step) < 1:
+        raise BadInputError(f"step {step} must be >= 1", "pass e.g. --step 1 (every window)")
+    x, y = x[:: int(step)], y[:: int(step)]
+    names = _window_names(appliances, file_apps, y.shape[1], path)
+    feats = file_feats if file_feats and len(file_feats) == x.shape[2] else (
+        ["mains.P"] if x.shape[2] == 1 else [f"feature_{k}" for k in range(x.shape[2])])
+    opts = csv_options or CsvOptions()
+    kind, stats = normalized_stats(opts.normalized, opts.stats, n_features=x.shape[2])
+    x = x.astype(np.float32) if x.dtype == np.float64 else x
+    y = y.astype(np.float32) if y.dtype == np.float64 else y
+    return NilmDataset(
+        x=x, y=y, appliances=names, feature_names=feats, applied_normalization=kind,
+        train_stats=stats if stats is not None else FeatureStats.fit(np.asarray(x, np.float64)),
+        target_mean=[float(v) for v in np.mean(y, axis=0, dtype=np.float64)],
+        target_std=[float(max(v, 1e-3)) for v in np.std(y, axis=0, dtype=np.float64)],
+        on_thresholds=[threshold_for(n) for n in names],
+        info={"setting": "windows", "source_layout": "windows", "source": str(path), "window": int(x.shape[1]),
+              "midpoint_index": int(x.shape[1]) // 2, "step": int(step), "note": "statistics fitted on this set itself"
+              if stats is None else "pre-normalized with the given statistics"},
+    )
+
+
+def _window_names(appliances: Sequence[str] | str | None, file_apps: list[str] | None, n: int, path: Path) -> list[str]:
+    if appliances is not None:
+        names = _unique_names(appliances.split(",") if isinstance(appliances, str) else list(appliances))
+    elif file_apps is not None:
+        names = _unique_names(file_apps)
+    else:
+        names = _unique_names(["appliance"] * n)
+    if len(names) != n:
+        raise DataError(f"{len(names)} appliance name(s) for {n} target column(s) of {str(path)!r}",
+                        f"pass --appliances with {n} comma-separated names")
+    return names
 
 
 # --------------------------------------------------------------------------- synthetic recordings

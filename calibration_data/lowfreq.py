@@ -17,6 +17,12 @@ all constants.
 Sources: the synthetic household (the same day timelines as the high-frequency
 frames, averaged from 1 s to 8 s) or any loaded low-frequency recording resampled
 to 8 s (:func:`resample_mean`; see :mod:`nilmc.calibration_data.loaders`).
+
+The classic numbers are defaults, not limits: :func:`classic_windows` and
+:func:`make_lowfreq_dataset` take any window length and target offset, and
+:func:`resample_mean` any period (``nilmc data convert --window --step --target-offset
+--period``); :func:`resample_bins` resamples one block of a long recording at a time, on
+the same grid, for the streaming CSV converter (:mod:`nilmc.calibration_data.csv_stream`).
 """
 from __future__ import annotations
 
@@ -88,8 +94,20 @@ def resample_mean(
     n = int(np.floor((t1 - t0) / period_s)) + 1
     if n <= 0:
         raise DataError(f"the series spans no full {period_s:g}-s bin ({ts[0]}..{ts[-1]})", "pass a longer recording")
-    grid = t0 + np.arange(n) * period_s
-    k = np.floor((ts - t0) / period_s).astype(np.int64)
+    return resample_bins(ts, values, t0=t0, period_s=period_s, k_lo=0, k_hi=n, max_gap_s=max_gap_s)
+
+
+def resample_bins(ts: np.ndarray, values: np.ndarray, *, t0: float, period_s: float, k_lo: int, k_hi: int,
+                  max_gap_s: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bins ``k_lo <= k < k_hi`` of the grid ``t0 + k * period_s`` (the rule of :func:`resample_mean`).
+
+    ``ts`` (sorted) must hold every sample of those bins and, for the hold rule, the last
+    finite sample before them; samples of other bins are ignored. Block by block over a
+    long recording this gives exactly what one call over the whole of it gives.
+    """
+    n = int(k_hi) - int(k_lo)
+    grid = t0 + np.arange(k_lo, k_hi) * period_s
+    k = np.floor((ts - t0) / period_s).astype(np.int64) - int(k_lo)
     inside = (k >= 0) & (k < n) & np.isfinite(values)
     sums = np.bincount(k[inside], weights=values[inside], minlength=n)
     counts = np.bincount(k[inside], minlength=n)
@@ -115,8 +133,10 @@ def classic_windows(
     *,
     window: int = CLASSIC_WINDOW,
     positions: np.ndarray | None = None,
+    offset: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Windows ``(B, window, 1, 1)`` of ``mains`` (W) and midpoint targets ``(B, A)`` (W).
+    """Windows ``(B, window, 1, 1)`` of ``mains`` (W) and targets ``(B, A)`` (W) at sample ``offset``
+    of each window (default ``window // 2``, the midpoint).
 
     ``positions`` are window starts (default: every start, step 1). Windows with a NaN in
     the mains or at the target are dropped.
@@ -131,7 +151,7 @@ def classic_windows(
     if n_pos <= 0:
         return np.zeros((0, window, 1, 1), np.float32), np.zeros((0, targets.shape[1]), np.float32)
     pos = np.arange(n_pos) if positions is None else np.asarray(positions, np.int64)
-    mid = window // 2
+    mid = check_offset(window, offset)
     # a window is valid when no NaN lies in its mains span and its midpoint targets are finite
     bad = np.concatenate([[0], np.cumsum(~np.isfinite(mains))])
     ok = (bad[pos + window] - bad[pos] == 0) & np.all(np.isfinite(targets[pos + mid]), axis=1)
@@ -140,6 +160,17 @@ def classic_windows(
     x = mains[idx].astype(np.float32)[:, :, None, None]
     y = targets[pos + mid].astype(np.float32)
     return x, y
+
+
+def check_offset(window: int, offset: int | None) -> int:
+    """The target's index in a window of ``window`` samples: ``offset`` (default the midpoint ``window // 2``)."""
+    if isinstance(window, bool) or int(window) < 1:
+        raise BadInputError(f"window {window!r} must be a positive number of samples", "pass e.g. --window 599")
+    k = int(window) // 2 if offset is None else int(offset)
+    if not 0 <= k < int(window):
+        raise BadInputError(f"target offset {offset} is outside a window of {window} samples",
+                            f"use 0 <= --target-offset < {window} (default {int(window) // 2}, the midpoint)")
+    return k
 
 
 def _classic_target_stats(apps: Sequence[str], y_train: np.ndarray) -> tuple[list[float], list[float]]:
@@ -187,21 +218,31 @@ def make_lowfreq_dataset(
     train_x: np.ndarray | None = None,
     train_y: np.ndarray | None = None,
     info: Mapping[str, object] | None = None,
+    period_s: float = CLASSIC_PERIOD_S,
+    offset: int | None = None,
 ) -> NilmDataset:
-    """Wrap classic windows into a :class:`NilmDataset` (raw watts, classic constants as stats).
+    """Wrap low-frequency windows into a :class:`NilmDataset` (raw watts, classic constants as stats).
 
-    ``train_x``/``train_y`` default to ``x``/``y`` (the set is its own training split).
+    ``train_x``/``train_y`` default to ``x``/``y`` (the set is its own training split). The
+    window length comes from ``x``; ``period_s`` (default 8 s) and ``offset`` (the target's
+    index, default the midpoint) are recorded in ``info``.
     """
+    window = int(x.shape[1])
     if x.shape[0] == 0:
-        raise DataError("no complete 599-sample window could be cut (recording too short or full of gaps)",
-                        "pass a longer recording (> 80 min at 8 s) or raise max_gap_s")
+        minutes = window * period_s / 60.0
+        raise DataError(f"no complete {window}-sample window could be cut (recording too short or full of gaps)",
+                        f"pass a longer recording (> {minutes:.0f} min at {period_s:g} s), a shorter --window, or raise max_gap_s")
     tx = x if train_x is None else train_x
     ty = y if train_y is None else train_y
     t_mean, t_std = _classic_target_stats(appliances, ty)
+    shape_info: dict[str, object] = {}
+    if window != CLASSIC_WINDOW or period_s != CLASSIC_PERIOD_S or offset is not None:
+        k = check_offset(window, offset)
+        shape_info = {"window": window, "period_s": float(period_s), "midpoint_index": k, "target_offset": k}
     return NilmDataset(
         x=x, y=y, appliances=list(appliances), feature_names=[FEATURE_NAME], applied_normalization=Normalization.A,
         train_stats=classic_stats(tx), target_mean=t_mean, target_std=t_std,
-        on_thresholds=[on_threshold(a) for a in appliances], info=classic_info(**dict(info or {})),
+        on_thresholds=[on_threshold(a) for a in appliances], info=classic_info(**{**shape_info, **dict(info or {})}),
     )
 
 
@@ -283,6 +324,6 @@ def build_lowfreq_splits(
 
 __all__ = [
     "CLASSIC_WINDOW", "CLASSIC_MIDPOINT", "CLASSIC_PERIOD_S", "MAINS_MEAN_W", "MAINS_STD_W", "CLASSIC_TARGET_STATS",
-    "resample_mean", "classic_windows", "make_lowfreq_dataset", "synth_lowfreq_day", "synth_lowfreq_windows",
+    "resample_mean", "resample_bins", "check_offset", "classic_windows", "make_lowfreq_dataset", "synth_lowfreq_day", "synth_lowfreq_windows",
     "build_lowfreq_splits", "TARGET_APPLIANCES",
 ]

@@ -195,11 +195,11 @@ def parse_min_sqnr(text: str | None) -> float | None:
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
                 junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
                 option_flags: tuple[str, ...] = (), contract_flags: Any = None, min_sqnr: str | None = None,
-                calib_windows: int | None = None, calib_select: str = "stratified", calib_seed: int = 0) -> None:
+                calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
-    from nilmc.compiler.driver import CompileOptions, compile_model
     from nilmc.compiler.contract_flags import load_model_with_flags
+    from nilmc.compiler.driver import CompileOptions, compile_model
     from nilmc.compiler.outdir import check_output_file, check_output_path
 
     inputs = tuple(p for p in (model_path, calib, eval_path, sign) if p) + _contract_inputs(contract_flags)
@@ -342,8 +342,8 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Fail a target whose output SQNR vs FP32 is below DB (default 10: an all-zero output scores 0 dB; 'off' drops the floor).")
 @click.option("--calib-windows", type=click.IntRange(min=1), default=None,
               help="Calibrate on N windows selected from --calib (default: every window given).")
-@click.option("--calib-select", type=click.Choice(["stratified", "random", "first"]), default="stratified", show_default=True,
-              help="How --calib-windows picks them: stratified over appliance states and input levels, random, or the first N.")
+@click.option("--calib-select", type=click.Choice(["random", "stratified", "first"]), default="random", show_default=True,
+              help="How --calib-windows picks them: at random over the whole set, stratified over appliance states and input levels, or the first N.")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the calibration selection.")
 @contract_options
 @force_option
@@ -351,7 +351,7 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @handle_errors
 def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
                 sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool, contract_flags: Any = None,
-                min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "stratified", calib_seed: int = 0) -> None:
+                min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0) -> None:
     """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
 
     Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
@@ -537,7 +537,8 @@ def quantize_cmd(model: str, calib: str, traits_name: str, estimator: str, overf
     if qat:
         from nilmc.quantization.qat_flow import qat_quantize
 
-        result, qat_info = qat_quantize(load_model_with_flags(model, contract_flags), _load_data(calib), epochs=epochs, seed=seed, learning_rate=learning_rate, **kw)
+        result, qat_info = qat_quantize(load_model_with_flags(model, contract_flags), _load_data(calib), epochs=epochs, seed=seed,
+                                        learning_rate=learning_rate, **kw)
     else:
         result, qat_info = quantize(load_model_with_flags(model, contract_flags), _load_data(calib), **kw), None
     report = quantize_report(result)
@@ -640,20 +641,57 @@ def data_generate(setup: str, appliances: str | None, n_windows: int, split: str
 
 
 @data_group.command("convert")
-@click.argument("layout", type=click.Choice(["redd_low", "redd_high", "ukdale", "refit", "ukdale_excerpt"]))
+@click.argument("layout", type=click.Choice(["redd_low", "redd_high", "ukdale", "refit", "ukdale_excerpt", "csv", "windows"]))
 @click.argument("path", type=click.Path())
 @click.option("--setup", default="T-P", show_default=True, help="Feature setup for high-frequency layouts.")
-@click.option("--appliances", default=None, help="Comma-separated appliances to keep (default: all).")
+@click.option("--appliances", default=None,
+              help="Comma-separated appliances to keep (csv: appliance column names; windows: names of y's columns). Default: all.")
 @click.option("--targets", "targets_path", type=click.Path(), default=None, help="REDD low_freq house directory with per-appliance targets (for redd_high).")
+@click.option("--window", type=click.IntRange(min=1), default=None, metavar="T",
+              help="Samples per window (default 599; redd_high: frames, default 10).")
+@click.option("--step", type=click.IntRange(min=1), default=1, show_default=True, metavar="S", help="A window starts every S samples.")
+@click.option("--target-offset", "offset", type=click.IntRange(min=0), default=None, metavar="K",
+              help="The target is sample K of each window (default: the midpoint, T // 2).")
+@click.option("--period", "period_s", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Resample to one sample per SECONDS (default 8; csv: the file's own spacing).")
+@click.option("--aggregate", default=None, metavar="COL", help="csv: the aggregate column (default: aggregate, mains, main or total).")
+@click.option("--timestamp", default=None, metavar="COL",
+              help="csv: the timestamp column (default: timestamp, time, unix, ts, datetime or date if present; unix s/ms/ns or ISO 8601).")
+@click.option("--normalized", type=click.Choice(["zscore", "minmax"], case_sensitive=False), default=None,
+              help="csv/windows: the aggregate is already normalized (give its --mean/--std or --min/--max); targets stay watts.")
+@click.option("--mean", "norm_mean", type=float, default=None, help="With --normalized zscore: the mean the data were normalized with.")
+@click.option("--std", "norm_std", type=click.FloatRange(min=0, min_open=True), default=None, help="With --normalized zscore: the std.")
+@click.option("--min", "norm_min", type=float, default=None, help="With --normalized minmax: the minimum.")
+@click.option("--max", "norm_max", type=float, default=None, help="With --normalized minmax: the maximum.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="csv: rows read at a time (files larger than memory stream; the result does not depend on it).")
 @click.option("--out", type=click.Path(), required=True, help="Output .npz file.")
 @json_option
 @handle_errors
-def data_convert(layout: str, path: str, setup: str, appliances: str | None, targets_path: str | None, out: str, as_json: bool) -> None:
-    """Convert a REDD / UK-DALE / REFIT layout on disk into a nilmc data set."""
-    from nilmc.calibration_data.loaders import convert_dataset
-    from nilmc.calibration_data.shipped import inspect_dataset
+def data_convert(layout: str, path: str, setup: str, appliances: str | None, targets_path: str | None, window: int | None, step: int,
+                 offset: int | None, period_s: float | None, aggregate: str | None, timestamp: str | None, normalized: str | None,
+                 norm_mean: float | None, norm_std: float | None, norm_min: float | None, norm_max: float | None, chunk_rows: int,
+                 out: str, as_json: bool) -> None:
+    """Convert a REDD / UK-DALE / REFIT layout, a plain CSV or an npz of windows into a nilmc data set.
 
-    convert_dataset(layout, path, out=out, setup=setup, appliances=appliances, targets_path=targets_path)
+    \b
+    nilmc data convert csv house.csv --aggregate mains --appliances kettle,fridge --window 599 --period 8 --out w.npz
+    nilmc data convert windows ready.npz --appliances kettle --out w.npz
+    """
+    from nilmc.calibration_data.loaders import CsvOptions, convert_dataset
+    from nilmc.calibration_data.shipped import inspect_dataset
+    from nilmc.compiler.errors import BadInputError
+
+    stats = {k: v for k, v in (("mean", norm_mean), ("std", norm_std), ("minimum", norm_min), ("maximum", norm_max)) if v is not None}
+    csv_only = {"--aggregate": aggregate, "--timestamp": timestamp}
+    if layout not in ("csv", "windows") and (normalized or stats or any(v is not None for v in csv_only.values())):
+        raise BadInputError(f"--aggregate/--timestamp/--normalized/--mean/--std/--min/--max apply to layouts csv and windows, not {layout}",
+                            "leave them out for this layout")
+    if window is not None and offset is not None and offset >= window:
+        raise BadInputError(f"--target-offset {offset} is outside a window of {window} samples", f"use 0 <= --target-offset < {window}")
+    options = CsvOptions(aggregate=aggregate, timestamp=timestamp, normalized=normalized, stats=stats, chunk_rows=chunk_rows)
+    convert_dataset(layout, path, out=out, setup=setup, appliances=appliances, targets_path=targets_path, step=step, window=window,
+                    offset=offset, period_s=period_s, csv_options=options)
     _show_inspect(inspect_dataset(out), as_json)
 
 

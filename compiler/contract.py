@@ -1,11 +1,30 @@
 """The model's input contract: what it expects, and what its output means.
 
 The contract travels inside every ONNX graph nilmc writes (``metadata_props``
-key ``nilmc.contract``) and into every artifact's ``manifest.json``.
+key ``nilmc.contract``) and into every artifact's ``manifest.json``. For a model nilmc
+did not write, it comes from a file (``nilmc contract init MODEL --out FILE``, then
+``--contract FILE``), from command-line flags (:mod:`nilmc.compiler.contract_flags`), from
+a Keras model's saved config or metadata (key ``nilmc.contract``, see
+:mod:`nilmc.compiler.frontend`) or from a sidecar ``<model>.contract.json``.
+
+Two fields describe models whose tensors are not nilmc's canonical ones:
+
+``layout``
+    How the model's own input tensor is laid out (``input_shape`` is always the canonical
+    window ``(T, F, 1)`` of the data sets): ``NTF1`` canonical ``(N, T, F, 1)``; ``NWC``
+    ``(N, T, F)`` (Keras Conv1D); ``NCW`` ``(N, F, T)`` (PyTorch Conv1d); ``NW`` ``(N, T)``.
+    Empty (the default) = not stated: the graph's input rank decides (:func:`resolve_layout`).
+    The graph is left as exported: :meth:`ModelContract.prepare` puts the windows into this layout (float pre-processing).
+``output_select``
+    Which element of a sequence output (seq2seq / seq2subseq models) is the prediction:
+    ``midpoint`` (index ``L // 2`` of an output of ``L`` steps), ``last``, or ``index:K``.
+    Empty (the default): the model returns one value per window; a sequence output is then
+    refused rather than silently reduced to its first step.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +35,113 @@ from nilmc.compiler.errors import BadInputError, ShapeMismatchError
 
 CONTRACT_KEY = "nilmc.contract"
 CONTRACT_VERSION = 1
+
+CANONICAL_LAYOUT = "NTF1"
+# layout -> (rank of the model's input without batch, time axis, feature axis or None), axes without batch.
+LAYOUTS: dict[str, tuple[int, int, int | None]] = {"NTF1": (3, 0, 1), "NWC": (2, 0, 1), "NCW": (2, 1, 0), "NW": (1, 0, None)}
+_LAYOUT_ALIASES = {"NTFC": "NTF1", "NHWC": "NTF1", "NTF": "NWC", "NTC": "NWC", "NFT": "NCW", "NCT": "NCW", "NT": "NW"}
+OUTPUT_SELECTORS_HELP = "midpoint, last or index:K"
+_MIN_STATS = {"C": ("mean", "std"), "B": ("minimum", "maximum"), "D": ("minimum", "maximum"), "E": ("minimum", "maximum")}
+
+
+def parse_layout(value: str | None) -> str:
+    """``"nwc"`` -> ``"NWC"``; empty/None -> ``""`` (not stated). Raises :class:`BadInputError` when unknown."""
+    key = (value or "").strip().upper()
+    if not key:
+        return ""
+    key = _LAYOUT_ALIASES.get(key, key)
+    if key not in LAYOUTS:
+        raise BadInputError(f"unknown input layout {value!r}",
+                            "use --layout NTF1 (N,T,F,1), NWC (N,T,F), NCW (N,F,T) or NW (N,T)")
+    return key
+
+
+def parse_output_select(value: str | None) -> str:
+    """``"midpoint"``, ``"last"``, ``"index:K"`` (K >= 0, or negative from the end); empty -> ``""``."""
+    text = (value or "").strip().lower()
+    if text in ("", "midpoint", "last"):
+        return text
+    head, sep, k = text.partition(":")
+    if head == "index" and sep:
+        try:
+            return f"index:{int(k)}"
+        except ValueError:
+            pass
+    raise BadInputError(f"unknown output selector {value!r}", f"use --output {OUTPUT_SELECTORS_HELP} (e.g. --output index:299)")
+
+
+def resolve_layout(model_shape: Sequence[int | None], layout: str = "") -> str:
+    """The layout of a model input of ``model_shape`` (without batch): ``layout`` when stated
+    (checked against the rank), else from the rank: 3 -> NTF1, 1 -> NW, 2 -> NCW when the
+    first axis is 1 (``(N, 1, T)``), NWC otherwise (``(N, T, F)``, ``(N, T, 1)``)."""
+    rank = len(model_shape)
+    if layout:
+        layout = parse_layout(layout)
+        if LAYOUTS[layout][0] != rank:
+            raise ShapeMismatchError(f"layout {layout} needs an input of rank {LAYOUTS[layout][0] + 1} but the model's is "
+                                     f"(N, {', '.join('?' if d is None else str(d) for d in model_shape)})",
+                                     "pass the --layout that matches the model's input")
+        return layout
+    if rank == 3:
+        return "NTF1"
+    if rank == 1:
+        return "NW"
+    if rank == 2:  # (N, 1, T) is PyTorch's Conv1d input; any other (N, a, b) is read as Keras' (N, T, F)
+        return "NCW" if model_shape[0] == 1 and model_shape[1] != 1 else "NWC"
+    raise ShapeMismatchError(f"a model input of rank {rank + 1} is not a window layout nilmc knows",
+                             "nilmc compiles (N,T), (N,T,F), (N,F,T) and (N,T,F,1) inputs")
+
+
+def canonical_input_shape(model_shape: Sequence[int | None], layout: str = "", *, window: int | None = None) -> tuple[int, int, int]:
+    """The canonical window ``(T, F, 1)`` of a model input ``model_shape`` (without batch) in ``layout``.
+
+    ``window`` (default None) gives T where the model leaves it open (or must agree with it).
+    Raises :class:`ShapeMismatchError` when T or F stays unknown or disagrees.
+    """
+    layout = resolve_layout(model_shape, layout)
+    _, t_axis, f_axis = LAYOUTS[layout]
+    t = model_shape[t_axis]
+    f = 1 if f_axis is None else model_shape[f_axis]
+    if window is not None:
+        if t is not None and int(t) != int(window):
+            raise ShapeMismatchError(f"--window {window} disagrees with the model's window of {t} samples", f"pass --window {t} or leave it out")
+        t = int(window)
+    if t is None:
+        raise ShapeMismatchError("the model's input leaves the window length open", "pass --window T (samples per window)")
+    if f is None:
+        raise ShapeMismatchError("the model's input leaves the number of features open", "write input_shape [T, F, 1] into the contract file (--contract FILE)")
+    if layout == "NTF1" and model_shape[2] not in (None, 1):
+        raise ShapeMismatchError(f"a rank-4 model input must end in a channel of 1, got {tuple(model_shape)}", "nilmc windows are (N, T, F, 1)")
+    return int(t), int(f), 1
+
+
+_REMEDY = "write a contract file with `nilmc contract init MODEL --out FILE` and pass --contract FILE"
+
+
+def to_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """Canonical windows ``(N, T, F, 1)`` -> ``layout`` (module doc): a view or a contiguous copy, values unchanged."""
+    if layout in ("", CANONICAL_LAYOUT):
+        return x
+    core = x[..., 0]
+    if layout == "NWC":
+        return core
+    if layout == "NCW":
+        return np.ascontiguousarray(core.transpose(0, 2, 1))
+    if core.shape[2] != 1:
+        raise ShapeMismatchError(f"layout NW takes one feature per step, the windows have {core.shape[2]}",
+                                 "use --layout NWC (N,T,F) or NCW (N,F,T) for several features")
+    return core[:, :, 0]
+
+
+def check_statistics(spec: NormalizationSpec) -> None:
+    """Each kind needs its own statistics: z-score mean/std, min-max (B, D, E) minimum/maximum."""
+    need = _MIN_STATS.get(spec.kind.value)
+    if not need or spec.stats is None or spec.stats.has(*need):
+        return
+    flags = "--input-mean/--input-std" if need[0] == "mean" else "--input-min/--input-max"
+    raise BadInputError(f"normalization {spec.kind.value} ({spec.kind.description}) needs {need[0]}/{need[1]} statistics, "
+                        f"the contract has only {'/'.join(spec.stats.given)}",
+                        f"pass {flags} or --input-stats-from DATA.npz (or add them to the contract file)")
 
 
 @dataclass(frozen=True)
@@ -34,6 +160,13 @@ class ModelContract:
     # True when the graph itself already contains the input normalization and
     # output de-normalization (it takes raw features and returns watts).
     folded: bool = False
+    layout: str = ""  # the model's own input layout (module doc); "" = not stated
+    output_select: str = ""  # midpoint | last | index:K for sequence outputs; "" = one value per window
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", parse_layout(self.layout))
+        object.__setattr__(self, "output_select", parse_output_select(self.output_select))
+        check_statistics(self.normalization)
 
     def check_input(self, x: np.ndarray, *, source: str = "data") -> None:
         got = tuple(int(d) for d in np.shape(x)[1:])
@@ -44,16 +177,62 @@ class ModelContract:
             )
 
     def prepare(self, raw_x: np.ndarray) -> np.ndarray:
-        """Raw features -> what the graph takes as input."""
+        """Raw features ``(N, T, F, 1)`` -> what the graph takes as input: normalized, then in the model's ``layout``.
+
+        The layout change is a float pre-processing stage (an exact reshape/transpose), so the graph itself is left
+        as the user exported it and every backend sees its plain ops.
+        """
+        return to_layout(self.normalize(raw_x), self.layout)
+
+    def normalize(self, raw_x: np.ndarray) -> np.ndarray:
+        """Raw features ``(N, T, F, 1)`` -> normalized, still canonical (what the normalization checks read)."""
         self.check_input(raw_x)
-        if self.folded:
-            return np.asarray(raw_x, np.float32)
-        return self.normalization.apply(raw_x)
+        return np.asarray(raw_x, np.float32) if self.folded else self.normalization.apply(raw_x)
+
+    def model_input_shape(self) -> tuple[int, ...]:
+        """The graph input's shape without batch: the canonical ``input_shape`` ``(T, F, 1)`` in the model's layout."""
+        t, f = int(self.input_shape[0]), int(self.input_shape[1]) if len(self.input_shape) > 1 else 1
+        return {"": tuple(int(d) for d in self.input_shape), "NTF1": tuple(int(d) for d in self.input_shape),
+                "NWC": (t, f), "NCW": (f, t), "NW": (t,)}[self.layout]
 
     def to_watts(self, out: np.ndarray) -> np.ndarray:
-        """Graph output -> watts, shape ``(N,)``."""
-        out = np.asarray(out, np.float32).reshape(len(out), -1)[:, 0]
+        """Graph output -> watts, shape ``(N,)``; ``output_select`` picks the step of a sequence output."""
+        out = np.asarray(out, np.float32).reshape(len(out), -1)
+        out = out[:, self.output_index(out.shape[1])]
         return out if self.folded else self.target.to_watts(out)
+
+    def output_index(self, length: int) -> int:
+        """Index of the prediction in a per-window output of ``length`` values (``output_select``).
+
+        Raises :class:`ShapeMismatchError` for a sequence output without a selector, or an index outside it.
+        """
+        sel = self.output_select
+        if not sel:
+            if length > 1:
+                raise ShapeMismatchError(
+                    f"the model returns {length} values per window (a sequence) and its contract selects none",
+                    f"pass --output {OUTPUT_SELECTORS_HELP} (or set output_select in the contract file)")
+            return 0
+        if sel == "midpoint":
+            return length // 2
+        if sel == "last":
+            return length - 1
+        k = int(sel.split(":", 1)[1])
+        if not -length <= k < length:
+            raise ShapeMismatchError(f"--output {sel} is outside the model's output of {length} values per window",
+                                     f"use an index in 0..{length - 1}, or --output midpoint|last")
+        return k % length
+
+    def check_output_shape(self, shape: Sequence[int | None]) -> None:
+        """Refuse a sequence output (``shape`` without batch, None = unknown) that the contract selects nothing from."""
+        dims = list(shape)
+        known = [int(d) for d in dims if d is not None]
+        if len(known) < len(dims):
+            if not self.output_select and len(dims) > 1:
+                raise ShapeMismatchError(f"the model's output {tuple('?' if d is None else d for d in dims)} has an open length "
+                                         "and its contract selects no element", f"pass --output {OUTPUT_SELECTORS_HELP}")
+            return
+        self.output_index(int(np.prod(known)) if known else 1)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +249,9 @@ class ModelContract:
             "input_name": self.input_name,
             "output_name": self.output_name,
             "folded": self.folded,
+            # written only when set, so every contract written before these fields stays byte-identical
+            **({"layout": self.layout} if self.layout else {}),
+            **({"output_select": self.output_select} if self.output_select else {}),
         }
 
     def dumps(self) -> str:
@@ -91,19 +273,47 @@ class ModelContract:
                 input_name=str(d.get("input_name", "input")),
                 output_name=str(d.get("output_name", "output")),
                 folded=bool(d.get("folded", False)),
+                layout=str(d.get("layout") or ""),
+                output_select=str(d.get("output_select") or ""),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadInputError(f"model contract is malformed ({type(exc).__name__}: {exc})", "write it with nilmc train or pass --contract FILE") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BadInputError(f"model contract is malformed ({type(exc).__name__}: {exc})", _REMEDY) from None
 
     @classmethod
     def loads(cls, s: str) -> ModelContract:
         try:
             return cls.from_json(json.loads(s))
         except json.JSONDecodeError as exc:
-            raise BadInputError(f"model contract is not valid JSON ({exc})", "write it with nilmc train or pass --contract FILE") from None
+            raise BadInputError(f"model contract is not valid JSON ({exc})", _REMEDY) from None
 
     def with_(self, **kw: Any) -> ModelContract:
         return replace(self, **kw)
+
+    def with_stages(
+        self,
+        *,
+        input_affine: tuple[np.ndarray, np.ndarray] | None = None,
+        output_affine: tuple[float, float] | None = None,
+        origin: str = "",
+    ) -> ModelContract:
+        """The contract of the graph after float stages were taken out of it (or put in front of it).
+
+        ``input_affine`` ``(scale, offset)`` (per feature or scalar): the old graph began with
+        ``x * scale + offset``, which now runs in :meth:`prepare` (normalization kind
+        ``affine``, composed onto the old normalization). ``output_affine`` ``(scale, offset)``:
+        the old graph ended with ``y * scale + offset``, which now runs in :meth:`to_watts`.
+        ``origin`` (default "") is recorded with each stage. A folded contract becomes
+        unfolded: what the graph no longer does, the contract does.
+        """
+        norm, target = self.normalization, self.target
+        if self.folded:  # the graph took raw features and returned watts: its stages were identities
+            norm, target = NormalizationSpec(Normalization.A, self.normalization.stats), TargetScaling()
+        if input_affine is not None:
+            n_features = int(self.input_shape[1]) if len(self.input_shape) > 1 else int(self.input_shape[0])
+            norm = norm.then(input_affine[0], input_affine[1], origin=origin, n_features=n_features)
+        if output_affine is not None:
+            target = target.after(float(output_affine[0]), float(output_affine[1]), origin=origin)
+        return replace(self, normalization=norm, target=target, folded=False)
 
     @property
     def normalization_kind(self) -> Normalization:

@@ -21,9 +21,17 @@ the canonical form every later stage may rely on:
 * the converted graph is checked numerically against the TensorFlow model.
 
 The contract (see :mod:`nilmc.compiler.contract`) comes from, first to last: the
-``contract`` argument, the ONNX graph's ``metadata_props`` (key ``nilmc.contract``),
-a sidecar file ``<model path>.contract.json`` beside the model. TensorFlow is imported
-only when a TensorFlow / Keras model is actually loaded.
+``contract`` argument (the CLI's ``--contract FILE`` and contract flags), the model itself
+(an ONNX graph's ``metadata_props`` key ``nilmc.contract``; a Keras file's contract, see
+:func:`read_keras_contract`), a sidecar file ``<model path>.contract.json`` beside the model.
+TensorFlow is imported only when a TensorFlow / Keras model is actually loaded.
+
+A Keras model carries its contract as a JSON string (or object) under the key
+``nilmc.contract`` (``KERAS_CONTRACT_KEY``) in, first to last: the model's config (the dict
+``get_config()`` returns, i.e. ``config.json["config"]`` of a ``.keras`` archive or the
+``model_config`` attribute of an ``.h5``; a subclassed model adds it in its ``get_config``),
+the top level of that saved config, a ``.keras`` archive's ``metadata.json``, an ``.h5``
+file's root attributes. :func:`embed_keras_contract` writes it into a saved file.
 """
 from __future__ import annotations
 
@@ -115,12 +123,14 @@ def keras_to_onnx(
     tf = _tf("converting a Keras model to ONNX")
     source = source or f"Keras model {getattr(keras_model, 'name', '?')!r}"
     input_shape = _merge_shapes(_keras_input_shape(keras_model, source), contract, source)
+    keras_model, contract = _strip_keras_stages(keras_model, contract)
     spec = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
     function = tf.function(lambda x: keras_model(x, training=False), input_signature=[spec])
     graph = _convert_tf_function(function, spec, input_shape, source)
+    graph, contract = _strip_io_stages(graph, _with_io_names(contract))
     return Model(
         graph=graph,
-        contract=_with_io_names(contract),
+        contract=contract,
         source=source,
         keras_path=None if keras_path is None else str(keras_path),
     )
@@ -261,7 +271,8 @@ def _load_onnx_model(path: Path, contract: ModelContract | None) -> Model:
     found = _resolve_contract(path, contract, embedded)
     _rename_io(proto)
     _check_graph_shape(_graph_input_shape(proto), found, str(path))
-    return Model(graph=proto, contract=_with_io_names(found), source=str(path))
+    proto, found = _strip_io_stages(proto, _with_io_names(found))
+    return Model(graph=proto, contract=found, source=str(path))
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
@@ -641,10 +652,14 @@ def _drop_unused_opsets(proto: onnx.ModelProto) -> None:
 
 # --------------------------------------------------------------------------- contract & shapes
 
+KERAS_CONTRACT_KEY = CONTRACT_KEY
+
 
 def _resolve_contract(path: Path, explicit: ModelContract | None, embedded: ModelContract | None) -> ModelContract:
     if explicit is not None:
         return explicit
+    if embedded is None and path.suffix.lower() in KERAS_SUFFIXES + H5_SUFFIXES:
+        embedded = read_keras_contract(path)
     if embedded is not None:
         return embedded
     side = read_contract_sidecar(path)
@@ -652,8 +667,124 @@ def _resolve_contract(path: Path, explicit: ModelContract | None, embedded: Mode
         return side
     raise BadInputError(
         f"no model contract found for {str(path)!r} (not in the model, no {sidecar_path(path).name} beside it)",
-        f"write one with nilmc.compiler.frontend.save_contract_sidecar, put it at {str(sidecar_path(path))!r}, or pass --contract FILE",
+        f"write one with `nilmc contract init {path.name} --out {sidecar_path(path).name}` (edit it; nilmc reads "
+        f"{str(sidecar_path(path))!r} by itself) and pass --contract FILE, or give the contract flags (--input-norm, --appliance, ...)",
     )
+
+
+def find_contract(path: str | Path) -> ModelContract | None:
+    """The contract that comes with the model at ``path`` (embedded, Keras config, sidecar), or None.
+
+    Reads no TensorFlow; raises :class:`BadInputError` when a contract is there but unusable.
+    """
+    path = Path(path)
+    kind = detect_kind(path)
+    embedded = None
+    if kind is SourceKind.ONNX:
+        embedded = _embedded_contract(_read_onnx(path), path)
+    elif kind is not SourceKind.SAVED_MODEL:
+        embedded = read_keras_contract(path)
+    return embedded if embedded is not None else read_contract_sidecar(path)
+
+
+def read_keras_contract(path: str | Path) -> ModelContract | None:
+    """The contract a ``.keras`` / ``.h5`` file carries under ``nilmc.contract`` (module doc), or None.
+
+    No TensorFlow needed. Raises :class:`BadInputError` (naming the file) when the value is malformed.
+    """
+    path = Path(path)
+    try:
+        found = _keras_contract_value(path)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError):
+        return None  # an unreadable file is reported by the loader, with its own message
+    if found is None:
+        return None
+    where, value = found
+    text = value if isinstance(value, str) else json.dumps(value)
+    try:
+        return ModelContract.loads(text)
+    except NilmcError as exc:
+        raise BadInputError(f"the contract stored in {str(path)!r} ({where}) is unusable: {exc.message}",
+                            "fix it, or pass a contract file (--contract FILE)") from None
+
+
+def _keras_contract_value(path: Path) -> tuple[str, Any] | None:
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            config = json.loads(zf.read("config.json")) if "config.json" in names else {}
+            meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
+        return _contract_in_config(config) or _contract_in(meta, "metadata.json")
+    from nilmc.compiler.tfcompat import import_h5py
+
+    h5py = import_h5py()
+    with h5py.File(path, "r") as fh:
+        raw = fh.attrs.get("model_config")
+        attr = fh.attrs.get(KERAS_CONTRACT_KEY)
+    raw = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    config = json.loads(raw) if isinstance(raw, str) else {}
+    if isinstance(attr, bytes):
+        attr = attr.decode("utf-8", "replace")
+    return _contract_in_config(config) or (("the root attribute", attr) if attr is not None else None)
+
+
+def _contract_in_config(config: Any) -> tuple[str, Any] | None:
+    inner = config.get("config") if isinstance(config, dict) else None
+    return _contract_in(inner, "the model config") or _contract_in(config, "the saved config")
+
+
+def _contract_in(d: Any, where: str) -> tuple[str, Any] | None:
+    if isinstance(d, dict) and d.get(KERAS_CONTRACT_KEY) is not None:
+        return where, d[KERAS_CONTRACT_KEY]
+    return None
+
+
+def embed_keras_contract(path: str | Path, contract: ModelContract) -> Path:
+    """Store ``contract`` inside a saved ``.keras`` (its ``metadata.json``) or ``.h5`` (a root attribute).
+
+    The file is rewritten atomically; Keras ignores the extra key when loading. Returns ``path``.
+    """
+    from nilmc.compiler.io import atomic_write_bytes
+
+    path = Path(path)
+    if path.suffix.lower() in H5_SUFFIXES:
+        from nilmc.compiler.tfcompat import import_h5py
+
+        with import_h5py().File(path, "a") as fh:
+            fh.attrs[KERAS_CONTRACT_KEY] = contract.dumps()
+        return path
+    if path.suffix.lower() not in KERAS_SUFFIXES:
+        raise BadInputError(f"{str(path)!r} is not a .keras or .h5 file", "embed contracts into Keras files; ONNX models carry them in metadata")
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta[KERAS_CONTRACT_KEY] = contract.dumps()
+                data = json.dumps(meta).encode("utf-8")
+            dst.writestr(info, data)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _strip_io_stages(proto: onnx.ModelProto, contract: ModelContract) -> tuple[onnx.ModelProto, ModelContract]:
+    """Normalization the graph carries at its input / output becomes the contract's float stage
+    (:func:`nilmc.quantization.io_affine.strip_io_affine`; exact, or the graph is left as it is)."""
+    from nilmc.quantization.io_affine import strip_io_affine
+
+    proto, contract, _ = strip_io_affine(proto, contract)
+    return proto, contract
+
+
+def _strip_keras_stages(keras_model: Any, contract: ModelContract) -> tuple[Any, ModelContract]:
+    """Leading Keras Normalization / Rescaling / BatchNormalization layers become the contract's float input stage
+    (:func:`nilmc.quantization.io_affine.strip_keras_model_affine`; exact, or the model is left as it is)."""
+    from nilmc.quantization.io_affine import strip_keras_model_affine
+
+    keras_model, contract, _ = strip_keras_model_affine(keras_model, contract)
+    return keras_model, contract
 
 
 def _with_io_names(contract: ModelContract) -> ModelContract:
@@ -673,8 +804,8 @@ def _check_graph_shape(graph_shape: tuple[int | None, ...], contract: ModelContr
 
 
 def _merge_shapes(model_shape: Sequence[int | None] | None, contract: ModelContract, source: str) -> tuple[int, ...]:
-    """The contract's input shape, after checking it against the model's (None = any)."""
-    want = tuple(int(d) for d in contract.input_shape)
+    """The model's own input shape per the contract (canonical window in the contract's layout), checked against the model's."""
+    want = contract.model_input_shape()
     if model_shape is None:
         return want
     model_shape = tuple(model_shape)
@@ -703,9 +834,12 @@ __all__ = [
     "SourceKind",
     "canonicalize_converted",
     "detect_kind",
+    "embed_keras_contract",
+    "find_contract",
     "keras_to_onnx",
     "load_model",
     "read_contract_sidecar",
+    "read_keras_contract",
     "save_contract_sidecar",
     "sidecar_path",
 ]

@@ -75,7 +75,9 @@ class QuantContext:
             if tech is None or tech.check_normalization:
                 from nilmc.quantization.normalization_check import check_normalization
 
-                self.normalization_report = check_normalization(self.model.contract, x, policy="error" if tech is None else tech.normalization_policy)
+                canonical = self.model.contract.normalize(self.calibration.raw_x())  # before the model's layout
+                self.normalization_report = check_normalization(self.model.contract, canonical,
+                                                                policy="error" if tech is None else tech.normalization_policy)
             self._stats = collect_statistics(self.model.graph, x, bins=self.bins)
             self.statistics_s = time.perf_counter() - t0
         return self._stats

@@ -1,0 +1,313 @@
+"""The model contract from the command line: ``--contract FILE`` and the flags that build or override it.
+
+A model nilmc did not write has no contract inside. The CLI then takes one from, in this order:
+
+1. ``--contract FILE`` (a JSON file, e.g. written by ``nilmc contract init MODEL --out FILE`` and edited
+   by hand), else the contract the model carries (ONNX metadata, Keras config, sidecar);
+2. the contract flags on top of it, each overriding one field (:class:`ContractFlags`).
+
+With neither a file nor a contract in the model, the flags build the whole contract: the window shape comes
+from the model's input (``--window``/``--layout`` where it is open or ambiguous), and at least
+``--input-norm`` and ``--appliance`` must be given (``--target-mean``/``--target-std`` default to 0/1: a model
+whose output is already in watts).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nilmc.calibration_data.normalization import FeatureStats, Normalization, NormalizationSpec, TargetScaling
+from nilmc.compiler.contract import (
+    OUTPUT_SELECTORS_HELP,
+    ModelContract,
+    canonical_input_shape,
+    parse_layout,
+    parse_output_select,
+    resolve_layout,
+)
+from nilmc.compiler.errors import BadInputError, NilmcError
+from nilmc.compiler.model import Model
+
+# the flag that sets each statistic (for messages)
+_STAT_FLAGS = {"minimum": "--input-min", "maximum": "--input-max", "mean": "--input-mean", "std": "--input-std"}
+
+
+@dataclass(frozen=True)
+class ContractFlags:
+    """The CLI's contract options, as given (None = not given). Values are checked by :func:`build_contract`."""
+
+    contract_file: str | None = None
+    input_norm: str | None = None
+    input_mean: str | None = None
+    input_std: str | None = None
+    input_min: str | None = None
+    input_max: str | None = None
+    input_stats_from: str | None = None
+    target_mean: float | None = None
+    target_std: float | None = None
+    appliance: str | None = None
+    on_threshold: float | None = None
+    peak_power: float | None = None
+    window: int | None = None
+    output: str | None = None
+    layout: str | None = None
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The field flags that were given (everything but ``--contract``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "contract_file" and getattr(self, f.name) is not None}
+
+    def __bool__(self) -> bool:
+        return self.contract_file is not None or bool(self.overrides)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_floats(text: str, flag: str, *, positive: bool = False) -> list[float]:
+    """``"522"`` or ``"1.5, 2, 3e2"`` -> floats; raises :class:`BadInputError` naming ``flag``."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise BadInputError(f"{flag} {text!r} is not a number or a comma list of numbers",
+                            f"e.g. {flag} 522 (every feature) or {flag} 1.5,2,0.25 (one per feature)") from None
+    bad = [v for v in values if not math.isfinite(v) or (positive and v <= 0)]
+    if bad:
+        need = "finite and > 0" if positive else "finite"
+        raise BadInputError(f"{flag} {text!r} holds {bad[0]!r}; every value must be {need}", f"pass {need} values to {flag}")
+    return values
+
+
+def read_contract_file(path: str | Path) -> ModelContract:
+    """Read a contract JSON file (keys starting with ``_`` are comments); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"contract file {str(path)!r} does not exist",
+                            "write one with `nilmc contract init MODEL --out FILE` and pass its path to --contract")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read contract file {str(path)!r} ({type(exc).__name__})", "check the path and its permissions") from None
+    try:
+        return ModelContract.loads(text)
+    except NilmcError as exc:
+        raise BadInputError(f"contract file {str(path)!r}: {exc.message}", exc.remedy) from None
+
+
+def model_io_shapes(path: str | Path) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
+    """The model's input and output shapes without batch (None = open), as the model declares them.
+
+    ONNX: from the graph; Keras / SavedModel: from the loaded model (TensorFlow).
+    """
+    from nilmc.compiler.frontend import SourceKind, detect_kind
+
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind is SourceKind.ONNX:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        inits = {t.name for t in proto.graph.initializer}
+        inputs = [i for i in proto.graph.input if i.name not in inits]
+        if len(inputs) != 1 or len(proto.graph.output) != 1:
+            raise BadInputError(f"{str(path)!r} has {len(inputs)} inputs and {len(proto.graph.output)} outputs",
+                                "nilmc compiles models with one input and one output tensor")
+        return _value_shape(inputs[0]), _value_shape(proto.graph.output[0])
+    if kind is SourceKind.SAVED_MODEL:
+        raise BadInputError(f"nilmc cannot read the input shape of the SavedModel {str(path)!r} without a contract",
+                            "write input_shape into a contract file (`nilmc contract init` on the .keras/.onnx, or by hand) and pass --contract FILE")
+    from nilmc.compiler.tfcompat import read_keras
+
+    km = read_keras(path, kind)
+    return _keras_shape(km.inputs), _keras_shape(km.outputs)
+
+
+def _value_shape(value: Any) -> tuple[int | None, ...]:
+    dims = list(value.type.tensor_type.shape.dim)[1:]
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+
+
+def _keras_shape(tensors: Any) -> tuple[int | None, ...]:
+    tensors = list(tensors or [])
+    if len(tensors) != 1:
+        raise BadInputError(f"the Keras model has {len(tensors)} inputs/outputs", "nilmc compiles single-input, single-output models")
+    return tuple(None if d is None else int(d) for d in tuple(tensors[0].shape)[1:])
+
+
+# --------------------------------------------------------------------------- building
+
+
+def base_contract(model_path: str | Path, flags: ContractFlags) -> ModelContract | None:
+    """``--contract FILE`` if given, else the model's own contract (None when it has none)."""
+    if flags.contract_file is not None:
+        return read_contract_file(flags.contract_file)
+    from nilmc.compiler.frontend import find_contract
+
+    return find_contract(model_path)
+
+
+def build_contract(model_path: str | Path, flags: ContractFlags, *, require: bool = True) -> ModelContract:
+    """The contract for ``model_path``: the base (:func:`base_contract`) with ``flags`` on top.
+
+    Without a base the flags build it from the model's input shape; ``require`` (default True)
+    then insists on ``--input-norm`` and ``--appliance`` (``nilmc contract init`` passes False and
+    writes placeholders for the user to edit).
+    """
+    base = base_contract(model_path, flags)
+    layout = parse_layout(flags.layout) if flags.layout is not None else (base.layout if base else "")
+    output_select = parse_output_select(flags.output) if flags.output is not None else (base.output_select if base else "")
+    if base is None:
+        missing = [f for f, v in (("--input-norm KIND", flags.input_norm), ("--appliance NAME", flags.appliance)) if v is None]
+        if require and missing:
+            raise BadInputError(f"{str(model_path)!r} carries no contract and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not given",
+                                "pass --contract FILE (`nilmc contract init MODEL --out FILE` writes one to edit) or the contract flags "
+                                "--input-norm, --appliance, --target-mean/--target-std ...")
+        in_shape, _ = model_io_shapes(model_path)
+        layout = resolve_layout(in_shape, layout)
+        input_shape = canonical_input_shape(in_shape, layout, window=flags.window)
+    else:
+        input_shape = tuple(base.input_shape)
+        if flags.window is not None and flags.window != input_shape[0]:
+            input_shape = (int(flags.window), *input_shape[1:])
+    data = _stats_source(flags.input_stats_from)
+    normalization = _normalization(flags, base, data, n_features=int(input_shape[1]))
+    target = TargetScaling(
+        flags.target_mean if flags.target_mean is not None else (base.target.mean if base else 0.0),
+        flags.target_std if flags.target_std is not None else (base.target.std if base else 1.0),
+    )
+    appliance = flags.appliance if flags.appliance is not None else (base.appliance if base else "appliance")
+    on_threshold = flags.on_threshold if flags.on_threshold is not None else (base.on_threshold_w if base else _default_threshold(appliance))
+    feature_names = base.feature_names if base else ()
+    if data is not None and len(data.feature_names) == input_shape[1] and (not feature_names or flags.input_stats_from):
+        feature_names = tuple(data.feature_names)
+    kw: dict[str, Any] = dict(
+        input_shape=tuple(int(d) for d in input_shape), normalization=normalization, appliance=str(appliance), target=target,
+        on_threshold_w=float(on_threshold), feature_names=tuple(feature_names), layout=layout, output_select=output_select,
+        peak_power_w=flags.peak_power if flags.peak_power is not None else (base.peak_power_w if base else None),
+    )
+    if base is not None:
+        return base.with_(**kw)
+    setup = str(data.info.get("setup", "")) if data is not None else ""
+    return ModelContract(setup=setup, **kw)
+
+
+def _default_threshold(appliance: str) -> float:
+    from nilmc.calibration_data.loaders import threshold_for
+
+    return threshold_for(appliance)
+
+
+def _stats_source(path: str | None) -> Any:
+    if path is None:
+        return None
+    from nilmc.calibration_data.dataset import NilmDataset
+
+    ds = NilmDataset.load(path)
+    if ds.train_stats is None:
+        raise BadInputError(f"--input-stats-from {path!r}: the data set carries no training statistics",
+                            "pass a set written by nilmc data generate/convert, or --input-mean/--input-std (--input-min/--input-max)")
+    return ds
+
+
+def _normalization(flags: ContractFlags, base: ModelContract | None, data: Any, *, n_features: int) -> NormalizationSpec:
+    if flags.input_norm is not None:
+        kind = Normalization.parse(flags.input_norm)
+    else:
+        kind = base.normalization.kind if base else Normalization.A
+    if kind is Normalization.A:
+        return NormalizationSpec(kind, None)
+    stats: dict[str, np.ndarray] = {}
+    if base is not None and base.normalization.stats is not None and data is None:
+        s = base.normalization.stats
+        stats = {k: np.asarray(getattr(s, k)) for k in s.given}
+    if data is not None:
+        s = data.train_stats
+        stats = {k: np.asarray(getattr(s, k)) for k in s.given}
+    for name, text in (("mean", flags.input_mean), ("std", flags.input_std), ("minimum", flags.input_min), ("maximum", flags.input_max)):
+        if text is not None:
+            stats[name] = np.asarray(parse_floats(text, _STAT_FLAGS[name], positive=name == "std"), np.float64)
+    if not stats:
+        need = "--input-mean M --input-std S" if kind is Normalization.C else "--input-min LO --input-max HI"
+        raise BadInputError(f"normalization {kind.value} ({kind.description}) needs statistics and none were given",
+                            f"pass {need} (a number or one per feature) or --input-stats-from DATA.npz")
+    stats = {k: _per_feature(v, n_features, k) for k, v in stats.items()}
+    return NormalizationSpec(kind, FeatureStats.partial(**stats))
+
+
+def _per_feature(values: np.ndarray, n: int, name: str) -> np.ndarray:
+    values = np.atleast_1d(np.asarray(values, np.float64))
+    if values.size == 1:
+        return np.full(n, float(values[0]))
+    if values.size != n:
+        raise BadInputError(f"{_STAT_FLAGS[name]} has {values.size} values but the model takes {n} features",
+                            f"give one value (every feature) or {n}")
+    return values
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model_with_flags(model_path: str | Path, flags: ContractFlags | None = None) -> Model:
+    """:func:`nilmc.compiler.frontend.load_model` with the contract from ``flags`` (when any is given),
+    then refuse a sequence output the contract selects nothing from."""
+    from nilmc.compiler.frontend import load_model
+
+    contract = build_contract(model_path, flags) if flags else None
+    model = load_model(model_path, contract=contract)
+    check_output(model)
+    return model
+
+
+def check_output(model: Model) -> None:
+    """Refuse a model whose output is a sequence without an output selector (``--output``)."""
+    out = model.graph.graph.output[0]
+    model.contract.check_output_shape(_value_shape(out))
+
+
+# --------------------------------------------------------------------------- the contract file
+
+FIELD_HELP: dict[str, str] = {
+    "input_shape": "the window as nilmc data sets hold it: [T samples, F features, 1]",
+    "layout": "the model's own input layout: NTF1 (N,T,F,1), NWC (N,T,F: Keras Conv1D), NCW (N,F,T: PyTorch Conv1d), NW (N,T); flag --layout",
+    "normalization": "input normalization: kind A/none, C/zscore (stats mean, std), B/minmax [0,1], D [-128,127], E [0,255] (stats minimum, maximum), "
+                     "one value per feature; flags --input-norm, --input-mean/--input-std, --input-min/--input-max, --input-stats-from DATA.npz",
+    "target": "the model output in watts is output * std + mean (0 and 1 when it returns watts); flags --target-mean/--target-std",
+    "appliance": "the appliance the model disaggregates (a column of the data sets); flag --appliance",
+    "on_threshold_w": "ON when power >= this many watts (F1/precision/recall); flag --on-threshold",
+    "peak_power_w": "the largest power the output must represent (INT8 output range), null = from the data; flag --peak-power",
+    "output_select": f"for a sequence output: {OUTPUT_SELECTORS_HELP} ('' = one value per window); flag --output",
+    "feature_names": "names of the F features (informational)",
+    "folded": "true when the graph itself normalizes its input and returns watts",
+}
+
+
+def contract_file_json(contract: ModelContract) -> dict[str, Any]:
+    """The contract as a hand-editable file: every field written out, plus ``_help`` (ignored when read)."""
+    doc = contract.to_json()
+    doc["layout"] = contract.layout
+    doc["output_select"] = contract.output_select
+    return {"_help": FIELD_HELP, **doc}
+
+
+def placeholders(contract: ModelContract, flags: ContractFlags, base: ModelContract | None) -> list[str]:
+    """Fields of a built contract nobody stated (defaults a user should check before compiling)."""
+    if base is not None:
+        return []
+    given = flags.overrides
+    out = []
+    if "appliance" not in given:
+        out.append("appliance")
+    if "input_norm" not in given:
+        out.append("normalization (kind none)")
+    if "target_mean" not in given and "target_std" not in given:
+        out.append("target (mean 0, std 1: output already in watts)")
+    return out
+
+
+def dumps_contract_file(contract: ModelContract) -> str:
+    return json.dumps(contract_file_json(contract), indent=2) + "\n"

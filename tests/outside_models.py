@@ -1,0 +1,101 @@
+"""Models in the shapes users bring, built here (nilmc never designed for them): for the outside-model tests.
+
+* :func:`ncw_conv1d_seq2seq` — an ONNX graph the way ``torch.onnx.export`` writes a four-layer Conv1d
+  sequence-to-sequence model: input ``(N, 1, T)`` with a dynamic batch, ``Conv`` with 1-D kernels, a
+  ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` subgraph, a final ``Clip`` at 0 and a sequence output
+  ``(N, 1, T)``; deterministic weights fitted so it predicts the appliance from the aggregate.
+* :func:`lf_windows` — low-frequency windows ``(N, T, 1, 1)`` of aggregate power with an appliance whose
+  midpoint power is the target, as nilmc's data format holds them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nilmc.calibration_data.dataset import NilmDataset
+from nilmc.calibration_data.normalization import FeatureStats
+
+
+def lf_windows(n: int = 600, t: int = 128, *, seed: int = 0, appliance: str = "fridge") -> NilmDataset:
+    """Aggregate watts (a base load, noise and a fridge cycling at ~100 W) in windows; target = fridge at the midpoint."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, 40, n)
+    steps = np.arange(t)[None, :] + start[:, None]
+    period = 60 + rng.integers(0, 20, n)[:, None]
+    fridge = np.where((steps % period) < period // 2, 100.0 + rng.normal(0, 3, (n, 1)), 0.0)
+    base = 150.0 + 50.0 * rng.random((n, 1)) + rng.normal(0, 8, (n, t))
+    agg = (base + fridge).astype(np.float32)
+    x = agg[:, :, None, None]
+    y = fridge[:, t // 2].astype(np.float32)[:, None]
+    return NilmDataset(x=x, y=y, appliances=[appliance], feature_names=["P"], train_stats=FeatureStats.fit(x),
+                       target_mean=[float(y.mean())], target_std=[float(y.std())], on_thresholds=[50.0],
+                       info={"setup": "LF-P", "seed": seed, "window": t})
+
+
+def ncw_conv1d_seq2seq(ds: NilmDataset, *, channels: int = 8, kernel: int = 9, seed: int = 0) -> onnx.ModelProto:
+    """A PyTorch-style export: z-scored input (N, 1, T) -> 4 Conv1d -> Clip(0) -> (N, 1, T) appliance watts, z-scored."""
+    rng = np.random.default_rng(seed)
+    t = ds.x.shape[1]
+    mean, std = float(ds.x.mean()), float(ds.x.std())
+    xz = ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+    pad = kernel // 2
+    w1 = rng.normal(0, 1 / np.sqrt(kernel), (channels, 1, kernel))
+    w2 = rng.normal(0, 1 / np.sqrt(channels * kernel), (channels, channels, kernel))
+    w3 = rng.normal(0, 1 / np.sqrt(channels * kernel), (channels, channels, kernel))
+    b = [np.full(channels, 0.05) for _ in range(3)]
+    h = _conv1d_relu(xz[:, None, :], w1, b[0], pad)
+    h = _conv1d_relu(h, w2, b[1], pad)
+    h = _conv1d_relu(h, w3, b[2], pad)
+    # last layer (1x1 conv) least-squares fitted to the appliance at every step it is known (the midpoint)
+    mid = h[:, :, t // 2]
+    y = ds.y[:, 0].astype(np.float64)
+    ym, ys = float(y.mean()), float(y.std())
+    sol, *_ = np.linalg.lstsq(np.c_[mid, np.ones(len(mid))], (y - ym) / ys, rcond=None)
+    w4, b4 = sol[:-1].reshape(1, channels, 1), sol[-1:]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+             ((w1, "conv1.weight"), (b[0], "conv1.bias"), (w2, "conv2.weight"), (b[1], "conv2.bias"), (w3, "conv3.weight"),
+              (b[2], "conv3.bias"), (w4, "conv4.weight"), (b4, "conv4.bias"))]
+    inits += [numpy_helper.from_array(np.array(0, np.int64), "zero_idx"), numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array([-1], np.int64), "minus_one"), numpy_helper.from_array(np.array(0.0, np.float32), "clip_min")]
+    conv = {"kernel_shape": [kernel], "pads": [pad, pad], "strides": [1], "dilations": [1]}
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"], name="/conv1/Conv", **conv),
+        helper.make_node("Relu", ["/conv1/Conv_output_0"], ["/act1/Relu_output_0"], name="/act1/Relu"),
+        helper.make_node("Conv", ["/act1/Relu_output_0", "conv2.weight", "conv2.bias"], ["/conv2/Conv_output_0"], name="/conv2/Conv", **conv),
+        helper.make_node("Relu", ["/conv2/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
+        helper.make_node("Conv", ["/act2/Relu_output_0", "conv3.weight", "conv3.bias"], ["/conv3/Conv_output_0"], name="/conv3/Conv", **conv),
+        helper.make_node("Relu", ["/conv3/Conv_output_0"], ["/act3/Relu_output_0"], name="/act3/Relu"),
+        helper.make_node("Conv", ["/act3/Relu_output_0", "conv4.weight", "conv4.bias"], ["/conv4/Conv_output_0"], name="/conv4/Conv",
+                         kernel_shape=[1], pads=[0, 0], strides=[1], dilations=[1]),
+        # torch's view(x.size(0), 1, -1): a dynamic Shape/Gather/Unsqueeze/Concat/Reshape subgraph
+        helper.make_node("Shape", ["/conv4/Conv_output_0"], ["/Shape_output_0"], name="/Shape"),
+        helper.make_node("Gather", ["/Shape_output_0", "zero_idx"], ["/Gather_output_0"], name="/Gather", axis=0),
+        helper.make_node("Unsqueeze", ["/Gather_output_0", "zero_axes"], ["/Unsqueeze_output_0"], name="/Unsqueeze"),
+        helper.make_node("Concat", ["/Unsqueeze_output_0", "one", "minus_one"], ["/Concat_output_0"], name="/Concat", axis=0),
+        helper.make_node("Reshape", ["/conv4/Conv_output_0", "/Concat_output_0"], ["/Reshape_output_0"], name="/Reshape"),
+        helper.make_node("Clip", ["/Reshape_output_0", "clip_min"], ["output"], name="/Clip"),
+    ]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero_axes"))
+    g = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", 1, t])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", 1, t])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch", producer_version="2.5.0")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    for key, value in (("input_mean", mean), ("input_std", std), ("target_mean", ym), ("target_std", ys)):
+        m.metadata_props.add(key=f"training.{key}", value=repr(value))  # what the user's training script knows
+    return m
+
+
+def _conv1d_relu(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
+    n, c, t = x.shape
+    k = w.shape[2]
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad)))
+    cols = np.stack([xp[:, :, i:i + t] for i in range(k)], axis=-1)  # (N, C, T, K)
+    out = np.einsum("nctk,ock->not", cols, w) + b[None, :, None]
+    return np.maximum(out, 0.0)
+
+
+def export_stats(m: onnx.ModelProto) -> dict[str, float]:
+    """The normalization statistics a user knows from their training script (stored here in the export's metadata)."""
+    return {p.key.split(".", 1)[1]: float(p.value) for p in m.metadata_props if p.key.startswith("training.")}
