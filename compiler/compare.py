@@ -2,10 +2,14 @@
 
 Deltas are losses: positive means the candidate is worse than the FP32 reference
 (``ref - cand`` for higher-is-better EACC/F1, ``cand - ref`` for lower-is-better
-MAE/SAE/NDE). A budget bounds the loss per metric, e.g. ``eacc=0.5`` (points).
+MAE/SAE/NDE). A budget bounds the loss per metric, e.g. ``eacc=0.5`` (points), and may hold
+one floor: ``min_sqnr_db``, the lowest output SQNR vs FP32 a candidate may have (dB; an all-zero
+output scores 0 dB, FP32 itself inf). The floor is checked where the SQNR is known (at compile);
+``nilmc verify``, which has only the stored reference metrics, records it as not checked.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +19,9 @@ from nilmc.compiler.metrics import Metrics, compare_metrics
 
 # EACC and F1 budgets are in percentage points; MAE in watts; SAE/NDE as fractions.
 KNOWN_BUDGET_METRICS = ("eacc", "mae", "sae", "nde", "f1")
+MIN_SQNR_KEY = "min_sqnr_db"  # a floor, not a loss: output SQNR vs FP32 in dB
 DEFAULT_BUDGET: dict[str, float] = {"eacc": 0.5}
+DEFAULT_MIN_SQNR_DB = 10.0  # what the compile driver adds to the budget unless told otherwise
 
 
 def parse_budget(text: str | None) -> dict[str, float]:
@@ -23,6 +29,7 @@ def parse_budget(text: str | None) -> dict[str, float]:
 
     Refused (:class:`BadInputError`): unknown metrics, non-numbers, negative / infinite / NaN
     values (an infinite budget would switch the gate off) and a metric named twice.
+    ``min_sqnr_db=DB`` (a floor) takes any finite number.
     """
     if text is None or not text.strip():
         return dict(DEFAULT_BUDGET)
@@ -30,14 +37,16 @@ def parse_budget(text: str | None) -> dict[str, float]:
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         key, sep, val = part.partition("=")
         key = key.strip().lower()
-        if not sep or key not in KNOWN_BUDGET_METRICS:
+        if not sep or key not in (*KNOWN_BUDGET_METRICS, MIN_SQNR_KEY):
             raise BadInputError(f"budget entry {part!r} is not METRIC=VALUE with a known metric",
-                                f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)}")
+                                f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)} (and the floor {MIN_SQNR_KEY})")
         try:
             v = float(val)
         except ValueError:
             raise BadInputError(f"budget value {val!r} for {key} is not a number", "use e.g. eacc=0.5") from None
-        if not v >= 0 or v == float("inf"):
+        if key == MIN_SQNR_KEY and not math.isfinite(v):
+            raise BadInputError(f"{MIN_SQNR_KEY} value {val.strip()!r} is infinite or NaN", f"give a finite floor in dB, e.g. {MIN_SQNR_KEY}=10")
+        if key != MIN_SQNR_KEY and (not v >= 0 or v == float("inf")):
             raise BadInputError(f"budget value {val.strip()!r} for {key} is negative, infinite or NaN",
                                 f"a budget is a finite maximum loss >= 0, e.g. {key}=0.5 (omit the metric to leave it ungated)")
         if key in out:
@@ -48,16 +57,30 @@ def parse_budget(text: str | None) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Violation:
+    """A loss over its budget (``delta > limit``) or, with ``floor``, a value under its floor (``delta < limit``)."""
+
     metric: str
     delta: float
     limit: float
+    floor: bool = False
 
     @property
     def excess(self) -> float:
-        return self.delta - self.limit
+        return self.limit - self.delta if self.floor else self.delta - self.limit
 
     def __str__(self) -> str:
+        if self.floor:
+            return f"output SQNR {self.delta:.3g} dB < min {self.limit:g} dB"
         return f"{self.metric} loss {self.delta:+.4g} > budget {self.limit:g}"
+
+    def to_json(self) -> dict[str, Any]:
+        if self.floor:
+            return {"metric": self.metric, "value": _finite_or_str(self.delta), "min": self.limit}
+        return {"metric": self.metric, "delta": self.delta, "limit": self.limit}
+
+
+def _finite_or_str(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,8 @@ class Report:
     verification: str  # measured | emulated | not verified
     violations: tuple[Violation, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
+    cause: str = ""  # of a failure, from the overflow and coverage analysis ("likely cause: ...")
+    unchecked: tuple[str, ...] = ()  # budget entries that could not be checked (the SQNR floor without FP32 predictions)
 
     def __bool__(self) -> bool:
         return not self.violations
@@ -86,7 +111,11 @@ class Report:
     def __str__(self) -> str:
         if self:
             return f"{self.target}: PASS ({self.verification}) eacc delta {self.deltas.get('eacc', 0.0):+.3f} pts"
-        return f"{self.target}: FAIL ({self.verification}) " + "; ".join(str(v) for v in self.worst_first())
+        return f"{self.target}: FAIL ({self.verification}) " + self.failure_line()
+
+    def failure_line(self) -> str:
+        """The violations, worst first, then the likely cause when one was diagnosed."""
+        return "; ".join([str(v) for v in self.worst_first()] + ([self.cause] if self.cause else []))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,8 +126,10 @@ class Report:
             "candidate": self.candidate.to_json(),
             "deltas": dict(self.deltas),
             "budget": dict(self.budget),
-            "violations": [{"metric": v.metric, "delta": v.delta, "limit": v.limit} for v in self.worst_first()],
+            "violations": [v.to_json() for v in self.worst_first()],
             **({"extra": dict(self.extra)} if self.extra else {}),
+            **({"cause": self.cause} if self.cause else {}),
+            **({"unchecked": list(self.unchecked)} if self.unchecked else {}),
         }
 
 
@@ -108,14 +139,26 @@ def validate_budget(budget: Mapping[str, float]) -> dict[str, float]:
 
 
 def compare(reference: Metrics, candidate: Metrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured",
-            extra: Mapping[str, Any] | None = None) -> Report:
-    """Compare candidate metrics with the reference under ``budget``."""
+            extra: Mapping[str, Any] | None = None, sqnr_db: float | None = None) -> Report:
+    """Compare candidate metrics with the reference under ``budget``.
+
+    ``sqnr_db`` (default None): the candidate's output SQNR vs FP32, checked against the budget's
+    ``min_sqnr_db`` floor (NaN fails; +inf passes); without it the floor is listed in ``unchecked``.
+    """
     deltas = compare_metrics(reference, candidate)
     violations = []
+    unchecked = []
     for metric, limit in budget.items():
+        if metric == MIN_SQNR_KEY:
+            if sqnr_db is None:
+                unchecked.append(metric)
+            elif not sqnr_db >= limit:  # NaN fails too
+                violations.append(Violation("sqnr_db", float(sqnr_db), float(limit), floor=True))
+            continue
         d = deltas.get(metric)
         if d is None:
             raise BadInputError(f"budget names metric {metric!r}, which the comparison does not produce", f"use one of {', '.join(sorted(deltas))}")
         if not d <= limit:  # NaN fails too
             violations.append(Violation(metric, float(d), float(limit)))
-    return Report(target, reference, candidate, deltas, dict(budget), verification, tuple(violations), dict(extra or {}))
+    return Report(target, reference, candidate, deltas, dict(budget), verification, tuple(violations), dict(extra or {}),
+                  unchecked=tuple(unchecked))

@@ -25,7 +25,7 @@ from nilmc.backends.base import Verification
 from nilmc.backends.registry import Registry, Target, default_registry
 from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.bundle import MANIFEST, SUMMARY, BundleWriter, VerifyResult, bundle_name, read_manifest, verify_bundle
-from nilmc.compiler.compare import DEFAULT_BUDGET, Report, compare, validate_budget
+from nilmc.compiler.compare import DEFAULT_BUDGET, MIN_SQNR_KEY, Report, compare, validate_budget
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import (
     EXIT_BAD_INPUT,
@@ -62,7 +62,15 @@ class CompileOptions:
     the findings in the manifest, ``error`` fails the target (exit 2) naming the tensors, ``fix``
     applies the fixes overflow.py knows; under ``error`` and ``fix`` output clipping is always
     fixed, since the head must cover the contract's peak power), ``backend_options={}``
-    (backend name -> {option: value}, checked against the backend's typed options record).
+    (backend name -> {option: value}, checked against the backend's typed options record),
+    ``min_sqnr_db=10.0`` (the output-SQNR floor vs FP32 added to the budget as ``min_sqnr_db`` unless
+    the budget names it; an all-zero output scores 0 dB, FP32 itself inf; None: no floor),
+    ``calib_windows=None`` (calibrate on every window given; N: select N of them, see
+    :func:`calibration_data.selection.select_calibration`) with ``calib_selection="random"``
+    (``"random"``, ``"stratified"`` or ``"first"``; random is the default because it gave the best
+    worst-draw SQNR in benchmarks/bench_calibration_draws.py) and ``calib_seed=0``, and
+    ``coverage_threshold=0.001`` (share of a tensor's evaluation values outside its calibrated range
+    above which the compile warns; see :mod:`quantization.coverage`).
     """
 
     batch_size: int = 512
@@ -74,6 +82,11 @@ class CompileOptions:
     debug: bool = False
     overflow: str = "warn"
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    min_sqnr_db: float | None = 10.0
+    calib_windows: int | None = None
+    calib_selection: str = "random"
+    calib_seed: int = 0
+    coverage_threshold: float = 1e-3
 
 
 @dataclass
@@ -225,7 +238,7 @@ def check_data_normalization(model: Model, ds: NilmDataset, *, role: str) -> Non
     from nilmc.quantization.normalization_check import check_normalization
 
     try:
-        check_normalization(model.contract, model.contract.prepare(ds.raw_x()), policy="error")
+        check_normalization(model.contract, model.contract.normalize(ds.raw_x()), policy="error")
     except NormalizationError as exc:
         raise NormalizationError(f"the {role} set: {exc.message}", exc.remedy) from None
 
@@ -350,9 +363,18 @@ def compile_model(
     Default budget: ``eacc=0.5``.
     """
     registry = registry or default_registry()
-    budget = validate_budget(DEFAULT_BUDGET if budget is None else budget)
+    budget = dict(DEFAULT_BUDGET if budget is None else budget)
+    if options.min_sqnr_db is not None and MIN_SQNR_KEY not in budget:
+        budget[MIN_SQNR_KEY] = options.min_sqnr_db  # the floor that fails an all-zero output, recorded with the budget
+    budget = validate_budget(budget)
     targets = list(dict.fromkeys(targets))
     plans = preflight(model, eval_ds, targets, out_dir, calib=calib, registry=registry, options=options)
+    calibration_record: dict[str, Any] = {}
+    if calib is not None:
+        from nilmc.calibration_data.selection import select_for_compile
+
+        calib, calibration_record = select_for_compile(calib, options.calib_windows, method=options.calib_selection,
+                                                       seed=options.calib_seed, appliance=model.contract.appliance)
     say = progress or (lambda s: None)
     signer = None
     if options.sign_key is not None:
@@ -379,10 +401,13 @@ def compile_model(
             quant = QuantContext(model, calib)
         writer = BundleWriter(model, eval_ds, reference_sha256=sha256_bytes(reference_onnx), signer=signer)
         job = _Job(model, registry, {"calibration": calib, "quant": quant}, eval_ds, eval_truth(model, eval_ds), (ref_metrics, ref_pred),
-                   budget, options, writer)
+                   budget, options, writer, calibration_record)
         for plan in plans:
             say(f"lowering {plan.target}")
             summary.results.append(job.run(plan, out.staging / bundle_name(plan.target)))
+        summary.warnings.extend(job.warnings)
+        if job.coverage_s:
+            summary.stages_s["coverage"] = round(job.coverage_s, 3)
         summary.calibration_s = quant.calibration_s if quant is not None else 0.0
         if quant is not None:
             summary.stages_s["statistics"] = round(quant.statistics_s, 3)
@@ -411,6 +436,10 @@ class _Job:
     budget: Mapping[str, float]
     options: CompileOptions
     writer: BundleWriter
+    calibration_record: Mapping[str, Any] = field(default_factory=dict)  # how the calibration windows were chosen
+    warnings: list[str] = field(default_factory=list)  # per-target warnings for the summary (coverage)
+    coverage_s: float = 0.0  # the one FP32 pass over the evaluation windows
+    _observation: Any = field(default=None, repr=False)  # coverage.EvaluationObservation, on first use
 
     def run(self, plan: TargetPlan, bundle: Path) -> TargetResult:
         import shutil
@@ -431,8 +460,10 @@ class _Job:
             msg = f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it"
             return TargetResult(target, None, None, error=msg, error_code=EXIT_INTERNAL, compile_s=time.perf_counter() - t0)
 
-    def _quantize(self, plan: TargetPlan) -> tuple[Any, dict[str, Any]]:
-        """Parameters from the one calibration pass under the target's traits, then the overflow checks under the policy."""
+    def _quantize(self, plan: TargetPlan) -> tuple[Any, dict[str, Any], Any]:
+        """Parameters from the one calibration pass under the target's traits, then the overflow checks under the policy.
+
+        Returns the parameters, the manifest's ``overflow`` section and the overflow report."""
         from nilmc.quantization.overflow import QuantizationOverflowError, check_overflow
 
         quant = self.lower_options["quant"]
@@ -445,7 +476,20 @@ class _Job:
         except QuantizationOverflowError as exc:
             tensors = sorted({f.tensor for f in exc.report.errors})
             raise QuantizationError(f"--overflow error: {exc.message} (tensors: {', '.join(tensors)})", exc.remedy) from None
-        return report.params, {"policy": self.options.overflow, **report.to_json()}
+        return report.params, {"policy": self.options.overflow, **report.to_json()}, report
+
+    def _coverage(self, params: Any) -> Any:
+        """Coverage of ``params`` on the evaluation windows; the FP32 pass over them runs once per compile."""
+        from nilmc.quantization.coverage import coverage, observe_evaluation, output_floor
+
+        if self._observation is None:
+            t0 = time.perf_counter()
+            quant = self.lower_options["quant"]
+            contract = self.model.contract
+            self._observation = observe_evaluation(self.model.graph, contract.prepare(self.eval_ds.raw_x()), quant.statistics,
+                                                   feature_names=contract.feature_names or self.eval_ds.feature_names)
+            self.coverage_s = time.perf_counter() - t0
+        return coverage(self._observation, params, threshold=self.options.coverage_threshold, floors=output_floor(self.model.contract))
 
     def _run(self, plan: TargetPlan, bundle: Path, t0: float) -> TargetResult:
         target = plan.target
@@ -454,8 +498,16 @@ class _Job:
         bundle.mkdir(parents=True)
         lower_options = dict(self.lower_options)
         sections: dict[str, Any] = {}
+        findings: Any = None  # (overflow report, coverage report) of a quantizing target, for the cause of a failed gate
         if plan.quantizes:
-            lower_options["params"], sections["overflow"] = self._quantize(plan)
+            lower_options["params"], sections["overflow"], overflow = self._quantize(plan)
+            cover = self._coverage(lower_options["params"])
+            sections["coverage"] = cover.to_json()
+            if self.calibration_record:
+                sections["calibration"] = dict(self.calibration_record)
+            if not cover:
+                self.warnings.append(f"{target}: {cover.warning()}")
+            findings = (overflow, cover)
         if plan.options is not None:
             lower_options["backend_options"] = plan.options
             lower_options.update({k: getattr(plan.options, k) for k in plan.option_values})
@@ -474,7 +526,12 @@ class _Job:
         # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
         fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
                     "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
-        report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity)
+        report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity,
+                         sqnr_db=fidelity["output_sqnr_db"])
+        if not report:
+            from nilmc.quantization.coverage import likely_causes
+
+            report = dataclasses.replace(report, cause=likely_causes(*findings) if findings else "")
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)

@@ -15,12 +15,18 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
+def _floor_note(summary: CompileSummary) -> str:
+    floor = next((r.report.budget.get("min_sqnr_db") for r in summary.results if r.report is not None), None)
+    return "" if floor is None else f"; gate: SQNR >= {floor:g} dB"
+
+
 def summary_table(summary: CompileSummary) -> str:
     ref = summary.reference
     lines = [
         f"FP32 reference (onnxruntime, measured): EACC {ref.eacc * 100:.2f} %  MAE {ref.mae:.2f} W  SAE {ref.sae:.4f}  "
         f"NDE {ref.nde:.4f}  F1 {ref.f1:.3f}",
-        "dEACC/dMAE: loss vs FP32 (positive = worse); SQNR: agreement of the artifact's output with FP32's (higher = closer)",
+        "dEACC/dMAE: loss vs FP32 (positive = worse); SQNR: agreement of the artifact's output with FP32's (higher = closer)"
+        + _floor_note(summary),
         "",
     ]
     head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "SQNR dB", "size", "lat b1 ms", "gate")
@@ -36,13 +42,13 @@ def summary_table(summary: CompileSummary) -> str:
             _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate,
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    for i, cells in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     for r in summary.results:
         if r.error:
             lines.append(f"  {r.target}: {r.error}")
         elif not r.passed and r.report is not None:
-            lines.append(f"  {r.target}: " + "; ".join(str(v) for v in r.report.worst_first()))
+            lines.append(f"  {r.target}: " + r.report.failure_line())
     return "\n".join(lines)
