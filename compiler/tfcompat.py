@@ -248,7 +248,9 @@ def _mentions_quantize_wrapper(path: Path) -> bool:
 
 
 def load_keras(model: Model) -> Any:
-    """The tf_keras (Keras 2) model behind ``model`` (its ``keras_path``), through :func:`read_keras`.
+    """The tf_keras (Keras 2) model behind ``model`` (its ``keras_path``), through :func:`read_keras`, without
+    the leading normalization layers the contract's float input stage took over
+    (:func:`nilmc.quantization.io_affine.strip_keras_input_affine`).
 
     Raises :class:`BadInputError` when ``model`` has no Keras source or its file is not tf_keras.
     """
@@ -262,7 +264,10 @@ def load_keras(model: Model) -> Any:
     if kind is not SourceKind.TF_KERAS:
         raise BadInputError(f"{str(path)!r} is a {kind.value} model; TFLite lowering and QAT here use tf_keras (Keras 2) models",
                             "save the model with tf_keras (nilmc train does), or export ONNX and use another backend")
-    return read_keras(path, kind)
+    # normalization the graph carried is the contract's float stage now: lower the Keras model without it
+    from nilmc.quantization.io_affine import strip_keras_input_affine
+
+    return strip_keras_input_affine(read_keras(path, kind), model.contract)
 
 
 def kernel_and_bias(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:

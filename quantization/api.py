@@ -18,7 +18,9 @@ The pipeline (each step measured, recorded in the result and in ``params.provena
    (:mod:`bias_correction`).
 6. **Overflow checks** — :func:`overflow.check_overflow` under ``overflow_policy`` plus the
    per-feature input check for unnormalized models (:func:`normalization_check.check_feature_scales`);
-   ``"fix"`` keeps the layers reading a starved input at FP32.
+   ``"fix"`` repairs a starved input with a per-feature rescaling stage folded into the first layer
+   (:func:`io_affine.repair_input_scales`, then quantizes the repaired model; needs a data set, not bare
+   windows), and keeps the layers reading it at FP32 only where that repair cannot be done.
 7. **Mixed precision** (``budget`` given) — :func:`mixed_precision.mixed_precision` with
    ``eval_fn`` (default: NILM metrics on the calibration set itself when it carries targets).
 8. **The ideal INT8 reference** — :func:`qdq.build_qdq_model` of the final parameters.
@@ -411,7 +413,8 @@ def quantize(
                    budget=budget if budget is not None else (advanced.budget if advanced else None))
     x, raw = _windows(model, calib)
     result_notes: list[str] = []
-    norm = check_normalization(model.contract, x, policy=tech.normalization_policy) if tech.check_normalization else None
+    canonical = x if raw is None else model.contract.normalize(raw)  # the check reads features before the model's layout
+    norm = check_normalization(model.contract, canonical, policy=tech.normalization_policy) if tech.check_normalization else None
     fold = None
     keep: tuple[str, ...] = ()
     if fold_normalization:
@@ -434,6 +437,16 @@ def quantize(
         check_overflow(model.graph, stats, outcome.params, traits, data=x, peak_output=model.contract, policy=policy), float_acts)
     params = overflow.params
     scales = check_feature_scales(model.graph, stats, params, feature_names=model.contract.feature_names)
+    if not scales.ok and raw is not None and not fold_normalization and _policy_of(overflow_policy, "input_features") == "fix":
+        # the fix for a raw-scale input: rescale the features in a float stage, their inverse folded into the first
+        # layer (exact), and quantize that; the first layer at float (below) only where the rescaling cannot be done
+        repaired = _repair_input_scales(model, raw)
+        if repaired is not None:
+            again = quantize(repaired[0], calib, traits=traits, estimator=estimator, bias_correction=bias_correction,
+                             overflow_policy=overflow_policy, budget=budget, eval_fn=eval_fn, advanced=advanced)
+            again.notes.insert(0, repaired[1])
+            again.timings["total"] = time.perf_counter() - t_start
+            return again
     if not scales.ok and _policy_of(overflow_policy, "input_features") == "fix":
         params, readers = starved_input_fix(params, model.graph)
         result_notes.append(f"layers {readers} kept at float: per-tensor INT8 input would starve {len(scales.lost)} features "
@@ -442,6 +455,17 @@ def quantize(
     qdq = build_qdq_model(model.graph, params)
     timings["total"] = time.perf_counter() - t_start
     return QuantizationResult(model, params, qdq, traits, stats, x, norm, scales, overflow, fold, outcome, timings, result_notes)
+
+
+def _repair_input_scales(model: Model, raw: np.ndarray) -> tuple[Model, str] | None:
+    """:func:`io_affine.repair_input_scales` on the raw calibration features: (model, what was done) or None."""
+    from nilmc.calibration_data.normalization import FeatureStats
+    from nilmc.quantization.io_affine import ORIGIN_REPAIR, repair_input_scales
+
+    if ORIGIN_REPAIR in model.contract.normalization.origin:
+        return None
+    repaired, report = repair_input_scales(model, FeatureStats.fit(raw))
+    return (repaired, report.summary()) if report.applied else None
 
 
 def _default_eval_fn(model: Model, calib: Any) -> EvalFn:
