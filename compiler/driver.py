@@ -501,6 +501,10 @@ class _Job:
         findings: Any = None  # (overflow report, coverage report) of a quantizing target, for the cause of a failed gate
         if plan.quantizes:
             lower_options["params"], sections["overflow"], overflow = self._quantize(plan)
+            from nilmc.quantization.placement import op_placement
+
+            # which ops got INT8 parameters and which stay float inside the artifact (never hidden behind "int8")
+            sections["placement"] = op_placement(self.model.graph, lower_options["params"])
             cover = self._coverage(lower_options["params"])
             sections["coverage"] = cover.to_json()
             if self.calibration_record:

@@ -99,3 +99,45 @@ def _conv1d_relu(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.nd
 def export_stats(m: onnx.ModelProto) -> dict[str, float]:
     """The normalization statistics a user knows from their training script (stored here in the export's metadata)."""
     return {p.key.split(".", 1)[1]: float(p.value) for p in m.metadata_props if p.key.startswith("training.")}
+
+
+def keras_conv1d_bilstm(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
+    """A Keras 2 model as the REDD-fridge one: (N, T, 1) -> Conv1D -> BatchNormalization -> BiLSTM -> Dropout -> Dense."""
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("building a test model")
+    tf.keras.utils.set_random_seed(seed)
+    t = ds.x.shape[1]
+    k = tf.keras
+    inp = k.Input((t, 1), name="aggregate")
+    x = k.layers.Conv1D(8, 9, padding="same", activation="relu")(inp)
+    x = k.layers.BatchNormalization()(x)
+    x = k.layers.Bidirectional(k.layers.LSTM(8))(x)
+    x = k.layers.Dropout(0.1)(x)
+    out = k.layers.Dense(1)(x)
+    _fit_and_save(k.Model(inp, out), ds, path, layout_axes=(t, 1))
+
+
+def keras_bigru_tfop(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
+    """A Keras model as the UK-DALE-kettle one: (N, T) -> a TensorFlowOpLayer (tf.expand_dims) -> BiGRU -> Dense."""
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("building a test model")
+    tf.keras.utils.set_random_seed(seed)
+    t = ds.x.shape[1]
+    k = tf.keras
+    inp = k.Input((t,), name="aggregate")
+    x = tf.expand_dims(inp, -1)  # a TFOpLambda layer in the saved model
+    x = k.layers.Conv1D(4, 5, strides=4, padding="same", activation="relu")(x)
+    x = k.layers.Bidirectional(k.layers.GRU(8))(x)
+    out = k.layers.Dense(1)(x)
+    _fit_and_save(k.Model(inp, out), ds, path, layout_axes=(t,))
+
+
+def _fit_and_save(model, ds: NilmDataset, path: str, *, layout_axes: tuple[int, ...]) -> None:
+    mean, std = float(ds.x.mean()), float(ds.x.std())
+    x = ((ds.x[:, :, 0, 0] - mean) / std).reshape(len(ds.x), *layout_axes).astype(np.float32)
+    ym, ys = float(ds.y.mean()), float(ds.y.std())
+    model.compile("adam", "mse")
+    model.fit(x, (ds.y[:, 0] - ym) / ys, epochs=2, batch_size=64, verbose=0)
+    model.save(path)

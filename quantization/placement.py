@@ -1,0 +1,52 @@
+"""Which ops of a model run in INT8 and which stay float, under a set of quantization parameters.
+
+A manifest that says ``int8`` must not hide the ops that stay float inside the artifact (a BiLSTM
+in a QDQ graph runs in float32 while its neighbours run in INT8). :func:`op_placement` lists, from
+nilmc's own graph analysis, the weighted layers that get INT8 parameters, the layers the parameters
+keep at float (mixed-precision fallback), and every other compute op nilmc does not quantize
+(recurrent cells, attention, normalization, transposed convolutions, ...). Shape and data-movement
+ops (Reshape, Shape, Gather, Concat, Transpose, ...) and the element-wise ops a QDQ graph runs on
+quantized tensors (Relu, Add, pooling) are not listed. A backend may place ops further (the DPU's
+inspector, OpenVINO's runtime precisions): its own record is in the artifact info.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from nilmc.quantization.graph import analyze
+from nilmc.quantization.params import QuantParams
+
+# Ops that only move or reshape data, or that a QDQ graph runs on the quantized tensors of its neighbours.
+NOT_COMPUTE = frozenset({
+    "Reshape", "Shape", "Gather", "GatherElements", "Unsqueeze", "Squeeze", "Concat", "Slice", "Split", "Transpose", "Cast",
+    "Expand", "Identity", "Flatten", "Constant", "ConstantOfShape", "Range", "Tile", "Pad", "Dropout",
+    "Relu", "LeakyRelu", "Clip", "Add", "Sub", "Mul", "Div", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "QuantizeLinear", "DequantizeLinear", "Sigmoid", "Tanh", "Max", "Min", "Neg", "Abs", "Equal", "Where", "Not", "And",
+    "Less", "Greater", "ReduceMean", "ReduceMax", "ReduceSum", "Sqrt", "Pow", "Exp", "Log", "Floor", "Ceil", "Round",
+})
+
+
+def op_placement(model: onnx.ModelProto, params: QuantParams) -> dict[str, Any]:
+    """``{"int8": [layer names], "float": [{"name", "op", "why"}], "summary": str}`` for ``model`` under ``params``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = analyze(m)
+    keep = set(params.keep_float)
+    quantized = [layer for layer in g.layers if layer.name not in keep and layer.weight in params]
+    q_names = {layer.name for layer in quantized}
+    floats: list[dict[str, str]] = []
+    for layer in g.layers:
+        if layer.name not in q_names:
+            floats.append({"name": layer.name, "op": layer.op_type, "why": "kept at float by the parameters (keep_float)"
+                           if layer.name in keep else "no INT8 parameters for its weights"})
+    for node in m.graph.node:
+        if node.name in q_names or node.op_type in NOT_COMPUTE or any(f["name"] == node.name for f in floats):
+            continue
+        if any(layer.bias_node == node.name for layer in g.layers):
+            continue
+        floats.append({"name": node.name, "op": node.op_type, "why": "nilmc does not quantize this op: it runs in float32"})
+    ops = sorted({f["op"] for f in floats})
+    summary = (f"{len(quantized)} weighted layer(s) in INT8" + (f"; float: {len(floats)} op(s) ({', '.join(ops)})" if floats else "; nothing float"))
+    return {"int8": sorted(q_names), "float": floats, "summary": summary}
