@@ -72,10 +72,9 @@ def _ort_run(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- vendor flows
-def vendor_ort(model: Model, calib_x: np.ndarray, eval_x: np.ndarray, *, per_channel: bool) -> np.ndarray:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    name = model.input_name
+def _reader(name: str, calib_x: np.ndarray) -> Any:
+    """onnxruntime's calibration reader protocol over the draw, one window per step (what the vendors' examples do)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -85,10 +84,18 @@ def vendor_ort(model: Model, calib_x: np.ndarray, eval_x: np.ndarray, *, per_cha
             nxt = next(self._it, None)
             return None if nxt is None else {name: nxt}
 
+    return Reader()
+
+
+def vendor_ort(model: Model, calib_x: np.ndarray, eval_x: np.ndarray, *, per_channel: bool) -> np.ndarray:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    name = model.input_name
+
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
         src.write_bytes(model.serialize())
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel)
+        quantize_static(str(src), str(dst), _reader(name, calib_x), quant_format=QuantFormat.QDQ, per_channel=per_channel)
         return _ort_run(dst.read_bytes(), eval_x)
 
 
@@ -121,24 +128,15 @@ def vendor_modelopt(model: Model, calib_x: np.ndarray, eval_x: np.ndarray) -> np
 
 
 def vendor_quark(model: Model, calib_x: np.ndarray, eval_x: np.ndarray) -> np.ndarray:
-    from onnxruntime.quantization import CalibrationDataReader
     from quark.onnx import ModelQuantizer  # needs torch (the bench extra)
     from quark.onnx.quantization.config import Config, get_default_config
 
     name = model.input_name
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(calib_x[i:i + 1] for i in range(len(calib_x)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            nxt = next(self._it, None)
-            return None if nxt is None else {name: nxt}
-
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
         src.write_bytes(model.serialize())
-        ModelQuantizer(Config(global_quant_config=get_default_config("XINT8"))).quantize_model(str(src), str(dst), Reader())
+        ModelQuantizer(Config(global_quant_config=get_default_config("XINT8"))).quantize_model(str(src), str(dst), _reader(name, calib_x))
         return _ort_run(dst.read_bytes(), eval_x)
 
 

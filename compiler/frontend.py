@@ -50,6 +50,7 @@ from onnx import numpy_helper
 from nilmc.compiler.contract import CONTRACT_KEY, ModelContract
 from nilmc.compiler.errors import BadInputError, InternalError, ModelLoadError, NilmcError, ShapeMismatchError
 from nilmc.compiler.model import ONNX_IR_VERSION, ONNX_OPSET, Model
+from nilmc.quantization.graph import prune_dead
 
 SIDECAR_SUFFIX = ".contract.json"
 INPUT_NAME = "input"
@@ -425,7 +426,7 @@ def canonicalize_converted(proto: onnx.ModelProto) -> onnx.ModelProto:
     _rename_io(out)
     _symbolic_batch(out)
     _fold_dynamic_reshapes(out)
-    _prune_dead(out.graph)
+    prune_dead(out.graph)
     _renumber_name_counters(out.graph)
     _drop_unused_opsets(out)
     out.ir_version = ONNX_IR_VERSION
@@ -589,22 +590,6 @@ def _fold_dynamic_reshapes(proto: onnx.ModelProto) -> None:
         graph.initializer.append(numpy_helper.from_array(np.array([-1, *dst[1:]], np.int64), name))
         node.input[1] = name
         constants.add(name)
-
-
-def _prune_dead(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers nothing reaches the graph output through."""
-    needed = {o.name for o in graph.output}
-    keep: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    used_init = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(used_init)
 
 
 def _renumber_name_counters(graph: onnx.GraphProto) -> None:

@@ -225,3 +225,19 @@ def _classify_plain(
         internal.add(out)  # fused into the activation that follows; that one is the point
         return
     points.append(out)
+
+
+def prune_dead(graph: onnx.GraphProto) -> None:
+    """Drop, in place, the nodes and initializers no graph output depends on any more."""
+    needed = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)

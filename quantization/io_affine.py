@@ -43,6 +43,7 @@ from onnx import helper, numpy_helper
 
 from nilmc.compiler.errors import BadInputError
 from nilmc.quantization import _ort
+from nilmc.quantization.graph import prune_dead
 
 if TYPE_CHECKING:
     from nilmc.calibration_data.normalization import FeatureStats
@@ -131,22 +132,6 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return out
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop nodes and initializers no graph output depends on any more."""
-    needed = {o.name for o in graph.output}
-    keep: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
 
 
 def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -242,7 +227,7 @@ def _find_input_chain(graph: onnx.GraphProto, full: tuple[int, ...]) -> tuple[St
 
 def _strip_input(graph: onnx.GraphProto, stage_end: str) -> None:
     _rename_uses(graph, stage_end, _graph_input(graph))
-    _prune(graph)
+    prune_dead(graph)
 
 
 # --------------------------------------------------------------------------- output side
@@ -303,7 +288,7 @@ def _strip_output(graph: onnx.GraphProto, new_end: str) -> None:
     chain_nodes = [n for n in graph.node if n is not node and out in n.output]
     for n in chain_nodes:
         graph.node.remove(n)
-    _prune(graph)
+    prune_dead(graph)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -731,7 +716,7 @@ def _conv_over_features(graph: onnx.ModelProto, layer: Any, fmap: np.ndarray, in
         g.node.remove(n)
     for i, n in enumerate(nodes):
         g.node.insert(at + i, n)
-    _prune(g)
+    prune_dead(g)
     return None
 
 
