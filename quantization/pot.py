@@ -92,11 +92,13 @@ class PotParams:
 @dataclass(frozen=True)
 class PotOptions:
     """Refinement knobs. Defaults: bias correction where it lowers the layer's calibration error
-    (``"auto"``; ``True`` always, ``False`` never), candidates from one coarser than the no-clipping
+    (``"auto"``; ``True`` always, ``False`` never, ``"holdout"`` where the correction measured on the first
+    windows lowers the error on the last ``holdout`` share, default 0.2), candidates from one coarser than the no-clipping
     position to it (``fix_window=(-1, 0)``), input ``(-1, 1)``, MSE everywhere except the graph output
     (``output_error``), no physical peak, no input floor, no pinned fix positions."""
 
     bias_correction: bool | str = "auto"
+    holdout: float = 0.2  # share of the windows (the last ones) bias_correction="holdout" decides on
     fix_window: tuple[int, int] = (-1, 0)
     input_fix_window: tuple[int, int] = (-1, 1)
     input_floor: float | None = None  # |value| the input grid must hold whatever the calibration windows show
@@ -289,6 +291,8 @@ class _Refiner:
         """Best output fix position with the model's bias and/or the corrected one (per ``bias_correction``)."""
         mode = self.opt.bias_correction if op.bias is not None else False  # no bias to absorb the correction
         plain = None if op.bias is None else np.asarray(op.bias, np.float64)
+        if mode == "holdout":
+            mode = self._correction_holds(op, acc, plain, fi, fw, cands, ref)
         best = None if mode is True else self._search_fo(op, acc, plain, fi, fw, cands, ref)
         if mode is False:
             return best
@@ -299,10 +303,26 @@ class _Refiner:
             return corrected
         return best
 
-    def _corrected_bias(self, op: Any, acc: np.ndarray, fi: int, fw: int) -> np.ndarray:
-        """The bias plus the mean pre-activation error ``E[y_fp32 - y_q]`` per output channel."""
+    def _correction_holds(self, op: Any, acc: np.ndarray, plain: np.ndarray | None, fi: int, fw: int, cands: list[int],
+                          ref: np.ndarray) -> bool:
+        """Whether the bias correction, measured on the first windows, lowers the error on the last ``holdout`` share
+        (a contiguous block: the windows are a time series, neighbours share frames)."""
+        m = int(round(len(acc) * (1.0 - self.opt.holdout)))
+        if m < 1 or m >= len(acc):
+            return True
+        fitted = self._corrected_bias(op, acc[:m], fi, fw, rows=slice(0, m))
+        held = slice(m, len(acc))
+        a = self._search_fo(op, acc[held], plain, fi, fw, cands, ref[held])
+        b = self._search_fo(op, acc[held], fitted, fi, fw, cands, ref[held])
+        keep = b is not None and (a is None or b.err < a.err)
+        if a is not None and b is not None:
+            self.params.note(op.name, f"bias correction {'kept' if keep else 'dropped'}: held-out error {a.err:.4g} -> {b.err:.4g}")
+        return keep
+
+    def _corrected_bias(self, op: Any, acc: np.ndarray, fi: int, fw: int, rows: slice = slice(None)) -> np.ndarray:
+        """The bias plus the mean pre-activation error ``E[y_fp32 - y_q]`` per output channel (over ``rows``)."""
         bias = np.zeros(acc.shape[-1]) if op.bias is None else np.asarray(op.bias, np.float64)
-        x_ref = np.asarray(self.ref[op.inputs[0]], np.float64)
+        x_ref = np.asarray(self.ref[op.inputs[0]][rows], np.float64)
         pre_fp = self.t.accumulate(op, x_ref, np.asarray(op.weight, np.float64)) + bias
         pre_q = acc * math.ldexp(1.0, -(fi + fw)) + bias
         return bias + np.mean(pre_fp - pre_q, axis=tuple(range(pre_fp.ndim - 1)))
