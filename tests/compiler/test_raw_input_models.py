@@ -23,7 +23,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "calibration_data" / "shipped"
 TARGETS = "onnxruntime:int8,openvino:int8,tensorrt:int8,dpu:b2304,tflite:int8"
 ONNX_TARGETS = "onnxruntime:int8,openvino:int8,tensorrt:int8,dpu:b2304"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.tf]  # the shipped Keras model and the tflite target need TensorFlow
 
 
 def _contract() -> ModelContract:
