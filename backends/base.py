@@ -102,6 +102,13 @@ class Backend(Protocol):
         ...
 
 
+def precheck(backend: Any, model: Any, precision: str) -> str | None:
+    """A backend's optional ``precheck(model, precision) -> str | None``: what makes the target unable to take the model,
+    found from the graph alone before any calibration (None: nothing found, or the backend has no pre-check)."""
+    check = getattr(backend, "precheck", None)
+    return check(model, precision) if callable(check) else None
+
+
 def option_fields(caps: Capabilities) -> dict[str, dataclasses.Field[Any]]:
     """The typed options a backend declares (name -> dataclass field); {} when it has none."""
     return {f.name: f for f in dataclasses.fields(caps.options)} if caps.options is not None else {}

@@ -452,6 +452,16 @@ class TensorRTBackend:
         },
     )
 
+    def precheck(self, model: Model, precision: str) -> str | None:
+        """An op without an FP16 rule, found from the graph alone (None: nothing found)."""
+        if precision != "fp16":
+            return None
+        missing = sorted({n.op_type for n in model.graph.graph.node if n.op_type not in FP16_OPS})
+        if not missing:
+            return None
+        return (f"op(s) {', '.join(missing)} have no FP16 rule in nilmc's strongly typed TensorRT lowering; "
+                "use tensorrt:int8 or an FP32 target for this model")
+
     def lower(self, model: Model, out_dir: Path, *, precision: str = "fp16", options: Mapping[str, Any] | None = None) -> Artifact:
         """Write ``model.onnx``, ``build_engine.py``, ``trtexec.txt`` (+ ``model.engine`` where possible). Default ``fp16``."""
         if precision not in self.capabilities.precisions:

@@ -298,9 +298,28 @@ def plan_targets(model: Model, targets: Sequence[Target], registry: Registry, op
         if caps.needs_keras(t.precision) and model.keras_path is None:
             problem = BadInputError(f"{t} lowers from the Keras source, but {model.source or 'the model'} was given as ONNX",
                                     "pass the .keras/.h5 file instead, or choose a target that lowers from ONNX (e.g. onnxruntime:int8, openvino:int8)")
+        else:
+            problem = _precheck(registry, t, model)
         plans.append(TargetPlan(t, caps.traits.get(t.precision), caps.estimators.get(t.precision), typed[t.backend],
                                 dict(options.backend_options.get(t.backend, {})), problem))
     return plans
+
+
+def _precheck(registry: Registry, target: Target, model: Model) -> NilmcError | None:
+    """The backend's own graph pre-check (milliseconds, before calibration), as the target's problem."""
+    from nilmc.backends.base import precheck
+    from nilmc.compiler.errors import BadInputError
+
+    try:
+        reason = precheck(registry.get(target.backend), model, target.precision)
+    except NilmcError as exc:
+        return exc
+    except Exception:  # a pre-check that fails to decide decides nothing: the lowering reports for itself
+        return None
+    if reason is None:
+        return None
+    head, _, remedy = reason.rpartition("; ")
+    return BadInputError(head or reason, remedy if head else None)
 
 
 def needs_calibration(registry: Registry, target: Target) -> bool:

@@ -48,6 +48,9 @@ QAT_SUFFIX = "_qat"
 PRECISIONS = ARCHS + tuple(a + QAT_SUFFIX for a in ARCHS)
 
 
+UNSUPPORTED_REMEDY = "replace those ops, or choose a target that takes them (onnxruntime, openvino, tensorrt)"
+
+
 class DPUUnsupportedError(BadInputError):
     """The model holds ops nilmc cannot lower to (or emulate on) the DPU."""
 
@@ -184,6 +187,16 @@ class DPUBackend:
         },
     )
 
+    def precheck(self, model: Model, precision: str) -> str | None:
+        """What makes the model unlowerable to the DPU, found from the graph alone in milliseconds (None: nothing)."""
+        if precision not in PRECISIONS:
+            return None
+        graph = from_onnx(model.graph)
+        if not graph.unsupported:
+            return None
+        report = inspect_graph(graph, load_target(precision.removesuffix(QAT_SUFFIX)))
+        return f"the model cannot be lowered to the DPU: {report.summary()}; {UNSUPPORTED_REMEDY}"
+
     def lower(self, model: Model, out_dir: Path, *, precision: str = "b2304", options: Mapping[str, Any] | None = None) -> Artifact:
         """Quantize for the DPU and write the xmodel + hand-off into ``out_dir``.
 
@@ -210,8 +223,7 @@ class DPUBackend:
         report = inspect_graph(graph, target)
         atomic_write_json(out_dir / INSPECTOR, report.to_json())
         if graph.unsupported:
-            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {report.summary()}",
-                                      "replace those ops (see inspector.json for every layer's placement)")
+            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {report.summary()}", UNSUPPORTED_REMEDY)
         feeds = {model.input_name: ctx.calib_x}
         qopts = options.get("dpu_quant") or DpuQuantOptions(peak_output=_peak_output(model), output_error=_watts_error(model),
                                                             input_floor=_input_floor(model))
