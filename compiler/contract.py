@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,19 @@ def canonical_input_shape(model_shape: Sequence[int | None], layout: str = "", *
 
 
 _REMEDY = "write a contract file with `nilmc contract init MODEL --out FILE` and pass --contract FILE"
+
+
+def load_contract_file(path: Path) -> ModelContract:
+    """A contract JSON file (``nilmc contract init``, a sidecar): every failure a :class:`BadInputError` naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read contract file {str(path)!r} ({type(exc).__name__}: {exc})",
+                            "check the path and its permissions, or write it again with `nilmc contract init MODEL --out FILE`") from None
+    try:
+        return ModelContract.loads(text)
+    except BadInputError as exc:
+        raise BadInputError(f"contract file {str(path)!r}: {exc.message}", exc.remedy) from None
 
 
 def to_layout(x: np.ndarray, layout: str) -> np.ndarray:

@@ -26,11 +26,12 @@ from nilmc.compiler.contract import (
     OUTPUT_SELECTORS_HELP,
     ModelContract,
     canonical_input_shape,
+    load_contract_file,
     parse_layout,
     parse_output_select,
     resolve_layout,
 )
-from nilmc.compiler.errors import BadInputError, NilmcError
+from nilmc.compiler.errors import BadInputError
 from nilmc.compiler.model import Model
 
 # the flag that sets each statistic (for messages)
@@ -89,14 +90,7 @@ def read_contract_file(path: str | Path) -> ModelContract:
     if not path.is_file():
         raise BadInputError(f"contract file {str(path)!r} does not exist",
                             "write one with `nilmc contract init MODEL --out FILE` and pass its path to --contract")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read contract file {str(path)!r} ({type(exc).__name__})", "check the path and its permissions") from None
-    try:
-        return ModelContract.loads(text)
-    except NilmcError as exc:
-        raise BadInputError(f"contract file {str(path)!r}: {exc.message}", exc.remedy) from None
+    return load_contract_file(path)
 
 
 def model_io_shapes(path: str | Path) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from nilmc.compiler.contract import CONTRACT_KEY, ModelContract
+from nilmc.compiler.contract import CONTRACT_KEY, ModelContract, load_contract_file
 from nilmc.compiler.errors import BadInputError, InternalError, ModelLoadError, NilmcError, ShapeMismatchError
 from nilmc.compiler.model import ONNX_IR_VERSION, ONNX_OPSET, Model
 from nilmc.quantization.graph import prune_dead
@@ -158,14 +158,7 @@ def read_contract_sidecar(path: str | Path) -> ModelContract | None:
     side = sidecar_path(path)
     if not side.is_file():
         return None
-    try:
-        text = side.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read contract file {str(side)!r} ({_short(exc)})", "fix or delete it") from None
-    try:
-        return ModelContract.loads(text)
-    except NilmcError as exc:
-        raise BadInputError(f"contract file {str(side)!r}: {exc.message}", exc.remedy) from None
+    return load_contract_file(side)
 
 
 def detect_kind(path: str | Path) -> SourceKind:
