@@ -195,7 +195,7 @@ def parse_min_sqnr(text: str | None) -> float | None:
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
                 junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
                 option_flags: tuple[str, ...] = (), contract_flags: Any = None, min_sqnr: str | None = None,
-                calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0) -> None:
+                calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0, jobs: int | None = None) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
     from nilmc.compiler.contract_flags import load_model_with_flags
@@ -218,7 +218,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
                              inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags),
-                             min_sqnr_db=min_sqnr_db, calib_windows=calib_windows, calib_selection=calib_select, calib_seed=calib_seed)
+                             min_sqnr_db=min_sqnr_db, calib_windows=calib_windows, calib_selection=calib_select, calib_seed=calib_seed,
+                             jobs=_jobs(jobs, len(tlist)))
     summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
     if as_json:
         _print_json(summary.to_json())
@@ -237,6 +238,23 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         click.echo("nilmc: " + "; ".join(parts) + f" (exit {code})", err=True)
     if code != EXIT_OK:
         sys.exit(code)
+
+
+AUTO_JOBS_MIN_TARGETS = 8  # below this a worker's start-up (imports, TensorFlow) costs more than it saves
+
+
+def _jobs(jobs: int | None, n_targets: int) -> int:
+    """--jobs as given, else 2 worker shares for a large compile on a machine with 2+ cores, else 1."""
+    import os
+
+    if jobs is not None:
+        return jobs
+    return min(2, os.cpu_count() or 1) if n_targets >= AUTO_JOBS_MIN_TARGETS else 1
+
+
+def jobs_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--jobs", type=click.IntRange(1, 2), default=None,
+                        help=f"Processes for independent targets (default: 2 for {AUTO_JOBS_MIN_TARGETS}+ targets on 2+ cores, else 1).")(fn)
 
 
 def force_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -346,34 +364,37 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="How --calib-windows picks them: at random over the whole set, stratified over appliance states and input levels, or the first N.")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the calibration selection.")
 @contract_options
+@jobs_option
 @force_option
 @json_option
 @handle_errors
 def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
                 sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool, contract_flags: Any = None,
-                min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0) -> None:
+                min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0,
+                jobs: int | None = None) -> None:
     """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
 
     Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
     """
     run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign, overflow=overflow,
                 option_flags=option_flags, contract_flags=contract_flags, min_sqnr=min_sqnr, calib_windows=calib_windows,
-                calib_select=calib_select, calib_seed=calib_seed)
+                calib_select=calib_select, calib_seed=calib_seed, jobs=jobs)
 
 
 @cli.command("example")
 @click.option("--out", type=click.Path(), default="nilmc-example-out", show_default=True, help="Output directory.")
 @click.option("--targets", default="all", show_default=True, help="Targets to compile (default: every available one).")
+@jobs_option
 @force_option
 @json_option
 @handle_errors
-def example_cmd(out: str, targets: str, force: bool, as_json: bool) -> None:
+def example_cmd(out: str, targets: str, jobs: int | None, force: bool, as_json: bool) -> None:
     """Compile the shipped reference T-P model with the shipped calibration/evaluation sets."""
     from nilmc.calibration_data.shipped import shipped_paths
 
     p = shipped_paths()
     # The Keras source (not the .onnx) so that Keras-based targets (TFLite, QAT) can lower too.
-    run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json, force=force)
+    run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json, force=force, jobs=jobs)
 
 
 # ------------------------------------------------------------------ verify

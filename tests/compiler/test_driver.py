@@ -157,3 +157,29 @@ def test_gate_failure_is_exit_1(tiny, tiny_ds, tiny_eval, tmp_path):
     assert s.results[0].report is not None
     assert s.exit_code == (0 if s.results[0].passed else 1)
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["exit_code"] == s.exit_code
+
+
+@pytest.mark.slow
+def test_a_worker_process_gives_the_same_bundles(tiny, tiny_ds, tiny_eval, tmp_path):
+    """jobs=2 splits the targets by backend into this process and a spawned worker: same manifests, byte for byte."""
+    from nilmc.compiler.driver import _split_plans, plan_targets
+
+    targets = [Target("onnxruntime", "fp32"), Target("onnxruntime", "int8"), Target("dpu", "b2304"), Target("tensorrt", "int8"),
+               Target("tensorrt", "fp16"), Target("dpu", "b4096")]
+    reg = default_registry()
+    here, there = _split_plans(plan_targets(tiny, targets, reg, CompileOptions()), reg, CompileOptions(jobs=2))
+    assert here and there and {targets[i].backend for i in here}.isdisjoint({targets[i].backend for i in there})
+    one = compile_model(tiny, tiny_eval, targets, tmp_path / "one", calib=tiny_ds, budget={"eacc": 100})
+    two = compile_model(tiny, tiny_eval, targets, tmp_path / "two", calib=tiny_ds, budget={"eacc": 100}, options=CompileOptions(jobs=2))
+    assert [str(r.target) for r in two.results] == [str(t) for t in targets] and two.exit_code == one.exit_code == 0
+    for t in targets:
+        b = f"{t.backend}-{t.precision}"
+        assert (tmp_path / "one" / b / "manifest.json").read_bytes() == (tmp_path / "two" / b / "manifest.json").read_bytes()
+
+
+def test_targets_registered_in_process_only_stay_in_this_process(registry, tiny):
+    from nilmc.compiler.driver import _split_plans, plan_targets
+
+    targets = [Target("mini", "int8"), Target("onnxruntime", "fp32"), Target("dpu", "b2304"), Target("tensorrt", "fp16")]
+    here, there = _split_plans(plan_targets(tiny, targets, registry, CompileOptions()), registry, CompileOptions(jobs=2))
+    assert there == [] and len(here) == 4
