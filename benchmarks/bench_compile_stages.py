@@ -6,7 +6,7 @@ target whose traits derive the same parameters), and per target the lowering tim
 includes the shared stages the first target to need them pays) and the verification time
 (the artifact over the evaluation set, plus batch-1 latency where measured).
 
-    python benchmarks/bench_compile_stages.py [--targets all] [--repeat 1]
+    python benchmarks/bench_compile_stages.py [--targets all] [--repeat 1] [--jobs 1|2]
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 
-def run_once(targets: str) -> tuple[float, object]:
+def run_once(targets: str, jobs: int = 1) -> tuple[float, object]:
     from nilmc.backends.registry import default_registry
     from nilmc.calibration_data.dataset import NilmDataset
     from nilmc.calibration_data.shipped import shipped_paths
-    from nilmc.compiler.driver import compile_model
+    from nilmc.compiler.driver import CompileOptions, compile_model
     from nilmc.compiler.frontend import load_model
 
     p = shipped_paths()
@@ -31,7 +31,7 @@ def run_once(targets: str) -> tuple[float, object]:
     model = load_model(p["keras"])
     with tempfile.TemporaryDirectory() as tmp:
         summary = compile_model(model, NilmDataset.load(p["eval"]), reg.parse_targets(targets), Path(tmp) / "out",
-                                calib=NilmDataset.load(p["calib"]), registry=reg)
+                                calib=NilmDataset.load(p["calib"]), registry=reg, options=CompileOptions(jobs=jobs))
     return time.perf_counter() - t0, summary
 
 
@@ -39,11 +39,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="all")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="1: every target here (per-target times are clean); 2: a worker process too")
     a = ap.parse_args()
     walls = []
     summary = None
     for _ in range(a.repeat):
-        wall, summary = run_once(a.targets)
+        wall, summary = run_once(a.targets, a.jobs)
         walls.append(wall)
     assert summary is not None
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
