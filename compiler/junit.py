@@ -17,7 +17,7 @@ def junit_xml(summary: CompileSummary) -> str:
         if r.error is not None:
             ET.SubElement(case, "error", message=r.error).text = r.error
         elif not r.passed and r.report is not None:
-            msg = "; ".join(str(v) for v in r.report.worst_first())
+            msg = r.report.failure_line()  # the violations worst first, then the likely cause
             ET.SubElement(case, "failure", message=msg).text = str(r.report)
         if r.report is not None:
             ET.SubElement(case, "system-out").text = str(r.report)

@@ -81,6 +81,7 @@ def test_gate_failure_exits_1_naming_target(tiny_files, with_lossy):
     assert "lossy:int8" in res.output and "FAIL" in res.output
     xml = junit.read_text()
     assert xml.count("<testcase") == 2 and xml.count("<failure") == 1 and "lossy:int8" in xml
+    assert "eacc loss" in xml  # the failure message: the violations worst first (and the likely cause when one is found)
 
 
 def test_verify_detects_tampering(tiny_files):
