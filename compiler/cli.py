@@ -627,13 +627,13 @@ def contract_init(model: str, out: str, force: bool, as_json: bool, contract_fla
 @handle_errors
 def contract_show(model: str, as_json: bool, contract_flags: Any = None) -> None:
     """Print the contract `nilmc compile MODEL` would use with these flags."""
-    from nilmc.compiler.contract_flags import build_contract, contract_file_json
+    from nilmc.compiler.contract_flags import build_contract, dumps_contract_file
 
     contract = build_contract(model, contract_flags)
     if as_json:
         _print_json(contract.to_json())
     else:
-        click.echo(json.dumps(contract_file_json(contract), indent=2))
+        click.echo(dumps_contract_file(contract), nl=False)
 
 
 # ------------------------------------------------------------------ data

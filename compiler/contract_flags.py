@@ -304,4 +304,4 @@ def placeholders(contract: ModelContract, flags: ContractFlags, base: ModelContr
 
 
 def dumps_contract_file(contract: ModelContract) -> str:
-    return json.dumps(contract_file_json(contract), indent=2) + "\n"
+    return json.dumps(contract_file_json(contract), indent=2, allow_nan=False) + "\n"  # strict: no NaN/Infinity

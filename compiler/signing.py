@@ -66,14 +66,8 @@ class Signer:
     @classmethod
     def load(cls, path: str | Path) -> Signer:
         serialization, ed25519 = _crypto()
-        data = _read_key_file(path, "private key")
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
-            raise SignatureError(f"{str(path)!r} is not an unencrypted PEM private key ({exc})", "create one with nilmc keygen --out PREFIX") from None
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise SignatureError(f"{str(path)!r} is a {type(key).__name__}, not an Ed25519 key", "create one with nilmc keygen --out PREFIX")
-        return cls(key)
+        return cls(_load_pem(path, "unencrypted PEM private key", lambda d: serialization.load_pem_private_key(d, password=None),
+                             ed25519.Ed25519PrivateKey, "create one with nilmc keygen --out PREFIX"))
 
     def sign_file(self, manifest: Path, out: Path) -> Path:
         signature = self.key.sign(manifest.read_bytes())
@@ -89,14 +83,8 @@ class TrustedKey:
     @classmethod
     def load(cls, path: str | Path) -> TrustedKey:
         serialization, ed25519 = _crypto()
-        data = _read_key_file(path, "public key")
-        try:
-            key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError) as exc:
-            raise SignatureError(f"{str(path)!r} is not a PEM public key ({exc})", "pass the .pub file written by nilmc keygen") from None
-        if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise SignatureError(f"{str(path)!r} is a {type(key).__name__}, not an Ed25519 public key", "pass the .pub file written by nilmc keygen")
-        return cls(key)
+        return cls(_load_pem(path, "PEM public key", serialization.load_pem_public_key, ed25519.Ed25519PublicKey,
+                             "pass the .pub file written by nilmc keygen"))
 
     def check(self, manifest: Path, sig_path: Path) -> str | None:
         """None when ``sig_path`` is a valid signature of ``manifest`` by this key, else the reason."""
@@ -117,6 +105,18 @@ class TrustedKey:
         except InvalidSignature:
             return f"{sig_path.name}: signature does not verify under the trusted key {fingerprint(self.key)[:16]}…"
         return None
+
+
+def _load_pem(path: str | Path, what: str, loader: Any, want: type, remedy: str) -> Any:
+    """An Ed25519 key of type ``want`` from a PEM file, or a :class:`SignatureError` saying what the file is instead."""
+    data = _read_key_file(path, "public key" if "public" in what else "private key")
+    try:
+        key = loader(data)
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"{str(path)!r} is not a readable {what} ({exc})", remedy) from None
+    if not isinstance(key, want):
+        raise SignatureError(f"{str(path)!r} is a {type(key).__name__}, not an Ed25519 key", remedy)
+    return key
 
 
 def _read_key_file(path: str | Path, what: str) -> bytes:
