@@ -73,8 +73,9 @@ if TYPE_CHECKING:
     from nilmc.compiler.model import Model
 
 VX_DELEGATE = "/usr/lib/libvx_delegate.so"
+# TRANSPOSE, EXPAND_DIMS, SQUEEZE, PAD (data movement of a Conv1d / NCW model): "yes" in VeriSilicon's tflite-vx-delegate op_status.md.
 VX_ALLOWED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "RESHAPE", "MAX_POOL_2D", "AVERAGE_POOL_2D", "ADD",
-                  "QUANTIZE", "DEQUANTIZE", "SOFTMAX", "LOGISTIC", "CONCATENATION")
+                  "QUANTIZE", "DEQUANTIZE", "SOFTMAX", "LOGISTIC", "CONCATENATION", "TRANSPOSE", "EXPAND_DIMS", "SQUEEZE", "PAD")
 ALLOWED_TENSOR_TYPES = ("int8", "uint8", "int32")  # uint8 only on the I/O tensors of the uint8_io variant
 NPU_NOTE = "NPU execution itself needs an i.MX 8M Plus board (VX delegate); verified on the CPU interpreter + NPU requantization emulation"
 PRECISIONS = {"int8": (False, "int8"), "int8_pt": (True, "int8"), "uint8_io": (True, "uint8")}  # -> (per_tensor, io_dtype)
@@ -82,7 +83,8 @@ HANDOFF_WINDOWS = 64
 PRIMARY = "model_eiq.tflite"
 
 
-ALLOW_LIST_SOURCE = "assumption: conservative subset of the VX delegate operator table in NXP IMXMLUG (i.MX Machine Learning User's Guide)"
+ALLOW_LIST_SOURCE = ("assumption: conservative subset of the VX delegate operator table in NXP IMXMLUG (i.MX Machine Learning User's Guide) "
+                     "and VeriSilicon tflite-vx-delegate op_status.md")
 NPU_PATH = "the i.MX 8M Plus NPU path"
 
 
@@ -316,7 +318,7 @@ def _quantize_op(op: Any, t: list[_Tensor]) -> _Rescale:
 
 
 _PREPARE = {"CONV_2D": _conv, "FULLY_CONNECTED": _fc, "QUANTIZE": _quantize_op}  # ops that accumulate and requantize
-EMULATED_OPS = ("CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D", "QUANTIZE")
+EMULATED_OPS = ("CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D", "QUANTIZE", "TRANSPOSE", "PAD")
 
 
 def _distinct(xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
@@ -380,6 +382,12 @@ class _IntegerGraph:
     def _shape_op(self, name: str, op: Any, x: np.ndarray) -> np.ndarray:
         if name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
             return _pool(op, self.t, x, name)
+        if name == "TRANSPOSE":  # codes move, grid unchanged (TFLite's int8 TRANSPOSE keeps scale and zero point)
+            perm = [int(v) for v in np.asarray(self.t[op.inputs[1]].data).ravel()]
+            return np.ascontiguousarray(np.transpose(x, perm))
+        if name == "PAD":  # filled with the zero point (0.0), grid unchanged
+            pads = np.asarray(self.t[op.inputs[1]].data).reshape(-1, 2).astype(np.int64)
+            return np.pad(x, [(0, 0), *(tuple(p) for p in pads[1:])], constant_values=int(self.t[op.inputs[0]].zero_point[0]))
         return x.reshape((len(x), *self.t[op.outputs[0]].shape[1:]))
 
 
@@ -414,7 +422,8 @@ def _input_codes(x: np.ndarray, io: Mapping[str, Any]) -> np.ndarray:
 
 
 def _units(codes: np.ndarray, io: Mapping[str, Any]) -> np.ndarray:
-    return ((codes.astype(np.int64) - io["zero_point"]).astype(np.float32) * np.float32(io["scale"])).reshape(len(codes), -1)[:, 0]
+    # every output value per window: the contract's output selector picks the step of a sequence output
+    return ((codes.astype(np.int64) - io["zero_point"]).astype(np.float32) * np.float32(io["scale"])).reshape(len(codes), -1)
 
 
 def _cpu_codes(fb: bytes, x_codes: np.ndarray, *, default_delegates: bool) -> np.ndarray:
@@ -440,7 +449,7 @@ def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = Non
     ref = _cpu_codes(fb, xq, default_delegates=False)
     d = lambda a, b: np.abs(a.astype(np.int64) - b.astype(np.int64)).ravel()  # noqa: E731
     c = model.contract
-    w32, w16 = (np.asarray(c.to_watts(_units(e, io["output"])[:, None])).ravel() for e in (e32, e16))
+    w32, w16 = (np.asarray(c.to_watts(_units(e, io["output"]))).ravel() for e in (e32, e16))
     dw = np.abs(w16 - w32)
     out: dict[str, Any] = {
         "label": "emulated", "windows": int(len(x)),
@@ -555,12 +564,12 @@ class EIQBackend:
         description="NXP eIQ (i.MX 8M Plus NPU via the VX delegate): full-integer TFLite from nilmc's ranges, "
                     "per-channel (int8) or per-tensor (int8_pt, uint8_io) weights; CPU interpreter reference + emulated NPU drift",
         traits={"int8": eiq_traits(), "int8_pt": eiq_traits(per_tensor=True), "uint8_io": eiq_traits(per_tensor=True, io_dtype="uint8")},
-        keras_precisions=tuple(PRECISIONS),
         options=EiqOptions,
         requires=("tensorflow", "ai_edge_litert"),
         extra="eiq",
         limitations={
-            "needs_keras_source": "needs the tf_keras (Keras 2) model (.keras/.h5); an ONNX-only model cannot be lowered",
+            "needs_keras_source": "not needed: an ONNX model (a PyTorch export) lowers through onnx2tf; Conv/Gemm/MatMul layers with Relu/Clip and data "
+                           "movement only (the pre-check refuses other ops)",
             "npu": NPU_NOTE,
             "ops": f"only {', '.join(VX_ALLOWED_OPS)} (allow-list assumed from NXP IMXMLUG); other ops raise UnsupportedOpError",
             "emulation": f"the NPU drift emulation covers {', '.join(EMULATED_OPS)} with a 16-bit multiplier hypothesis",
@@ -574,27 +583,48 @@ class EIQBackend:
         ``npu_emulation`` (default True), ``estimator`` (default: the context's)."""
         if precision not in PRECISIONS:
             raise BadInputError(f"eiq has no precision {precision!r}", f"available: {', '.join(PRECISIONS)}")
-        if not model.keras_path:
-            load_keras(model)  # the clear "needs the Keras model" error
-        require_tflite()
+        require_tflite(extra="eiq")
         options = dict(options or {})
         out_dir = Path(out_dir)
         spec = EIQ_SPECS[precision]
-        keras_model = load_keras(model)
-        derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
+        where = f"model {model.source or '?'!r}"
+        if model.keras_path:
+            keras_model = load_keras(model)
+            derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
+            result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where)
+        else:  # an ONNX source: onnx2tf, then the same parameters written into the converter's graph
+            from nilmc.backends.onnx_to_tf import build_int8_from_onnx, onnx_integer_params
+
+            derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
+            result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec)
+            check = check_graph(result.flatbuffer, spec, where=where)
         calib_x = derived.calib_x
-        result, check = build_full_integer(keras_model, derived.kq, calib_x, spec, where=f"model {model.source or '?'!r}")
         fb = result.flatbuffer
         check["precision"], check["io"] = precision, io_quantization(fb)
         atomic_write_bytes(out_dir / PRIMARY, fb)
         atomic_write_json(out_dir / "eiq_check.json", check)
         extra = ["eiq_check.json"] + write_handoff(out_dir, fb, calib_x[:HANDOFF_WINDOWS])
         info = _info(spec, derived, result, check, extra)
+        if not model.keras_path:
+            from nilmc.backends.onnx_to_tf import ONNX2TF
+
+            info["tools"] = ["onnx2tf", *info["tools"]]
+            info["route"] = f"ONNX -> {ONNX2TF} (tf_keras) -> TFLiteConverter (full integer) -> nilmc's parameters written into every tensor"
         if options.get("npu_emulation", True):
             info["npu_emulation"] = npu_emulation(fb, calib_x, model, options.get("calibration", derived.calibration))
         kind = (f"eIQ full-integer TFLite for the i.MX 8M Plus NPU ({'per-tensor' if spec.per_tensor else 'per-channel'} int8 weights, "
                 f"{spec.io_dtype} I/O; CPU reference run, NPU emulated)")
         return Artifact(self.name, precision, out_dir, PRIMARY, [PRIMARY], kind=kind, info=info)
+
+    def precheck(self, model: Model, precision: str) -> str | None:
+        """What keeps an ONNX ``model`` from ``eiq:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
+        if model.keras_path or precision not in PRECISIONS:
+            return None
+        from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available
+
+        if not onnx2tf_available():
+            return f"eiq:{precision} lowers an ONNX model through onnx2tf, which is not installed; pip install 'nilmc[eiq]' ({ONNX2TF})"
+        return int8_precheck(model.graph, f"eiq:{precision}")
 
     def runner(self, artifact: Artifact) -> Any:
         """The ai_edge_litert CPU interpreter on the artifact (MEASURED: CPU reference of the eIQ artifact)."""

@@ -217,13 +217,15 @@ class TFLiteBackend:
         precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
         description="TFLite (ai_edge_litert runtime): FP32, FP16, dynamic-range INT8, full-integer INT8 from nilmc's ranges, QAT INT8; TFLite Micro export",
         traits={"int8": TFLITE_INT8, "qat_int8": TFLITE_INT8},
-        keras_precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
+        keras_precisions=("qat_int8",),  # QAT fine-tunes the Keras model; every other precision also lowers from ONNX
         options=TFLiteOptions,
         requires=("tensorflow", "ai_edge_litert"),
         extra="tflite",
         limitations={
-            "needs_keras_source": "needs the tf_keras (Keras 2) model (.keras/.h5); an ONNX-only model cannot be lowered",
-            "layers": "full-integer mapping covers Conv2D, Dense, Flatten/Reshape, MaxPool (seq2point); other ops raise a typed error",
+            "needs_keras_source": "qat_int8 fine-tunes the tf_keras (Keras 2) model (.keras/.h5); the other precisions also lower an ONNX "
+                                  "model (a PyTorch export) through onnx2tf",
+            "layers": "full-integer mapping covers Conv2D, Dense, Flatten/Reshape, MaxPool (Keras source) and Conv (1-D/2-D), Gemm, MatMul "
+                      "with Relu/Clip and data movement (ONNX source); other ops are refused by the pre-check",
             "qat_int8": "fine-tunes on the calibration windows (FP32 outputs as targets) or options['qat_train'] (labels) for qat_epochs epochs",
             "tflm": "TFLite Micro Flash / arena / cycle figures are estimates from the flatbuffer, not measured on a microcontroller",
         },
@@ -233,21 +235,74 @@ class TFLiteBackend:
         """Write ``model_<precision>.tflite`` (and, for integer precisions, the TFLite Micro export) into ``out_dir``."""
         if precision not in self.capabilities.precisions:
             raise BadInputError(f"tflite has no precision {precision!r}", f"available: {', '.join(self.capabilities.precisions)}")
-        if not model.keras_path:
+        if not model.keras_path and precision == "qat_int8":
             load_keras(model)  # raises the clear "needs the Keras model" error before anything is imported
         require_tflite()
         out_dir = Path(out_dir)
+        if not model.keras_path:
+            return self._lower_onnx(model, out_dir, precision, dict(options or {}))
         keras_model = load_keras(model)
         if precision in FLOAT_PRECISIONS:
             return self._lower_float(keras_model, out_dir, precision)
         return self._lower_int(model, keras_model, out_dir, precision, dict(options or {}))
 
+    def precheck(self, model: Model, precision: str) -> str | None:
+        """What keeps ``model`` from ``tflite:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
+        if model.keras_path or precision not in self.capabilities.precisions:
+            return None
+        from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available
+
+        if not onnx2tf_available():
+            return f"tflite:{precision} lowers an ONNX model through onnx2tf, which is not installed; pip install 'nilmc[tflite]' ({ONNX2TF})"
+        return int8_precheck(model.graph, f"tflite:{precision}") if precision in INT_PRECISIONS else None
+
     def runner(self, artifact: Artifact) -> TFLiteRunner:
         return TFLiteRunner(artifact.path)
 
+    # ------------------------------------------------------------------ from ONNX (onnx2tf)
+    def _lower_onnx(self, model: Model, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
+        from nilmc.backends.onnx_to_tf import ONNX2TF, build_int8_from_onnx, convert_onnx, onnx_integer_params, output_cover_watts
+
+        tools = ["onnx2tf", "tensorflow", "ai-edge-litert"]
+        route = f"ONNX -> {ONNX2TF} (tf_keras) -> TFLiteConverter"
+        if precision in FLOAT_PRECISIONS:
+            art = self._write_float(convert_onnx(model, precision), out_dir, precision)
+            art.info.update(tools=tools, route=route)
+            return art
+        opts = TFLiteOptions.parse(options)
+        spec = tflite_spec(precision, opts)
+        derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
+        result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec)
+        name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
+        info: dict[str, Any] = {"tools": tools, "route": route + " (full integer) -> nilmc's parameters written into every tensor",
+                                "quantization": derived.params.to_json(), "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype,
+                                "per_tensor": opts.per_tensor, "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)",
+                                "param_check": {k: v for k, v in result.check.items() if k != "mismatches"},
+                                "io": io_quantization(result.flatbuffer), "output_covers_w": output_cover_watts(derived.params, model),
+                                "layers": dict(sorted((str(k), v) for k, v in result.plan.layer_of_op.items()))}
+        if derived.params.keep_float:
+            info["keep_float_ignored"] = {"layers": list(derived.params.keep_float),
+                                          "why": "a full-integer TFLite keeps no layer in float; these are quantized like the rest"}
+        extra = self._tflm(result.flatbuffer, out_dir, opts, info)
+        info["extra_files"] = extra
+        kind = f"TFLite full-integer INT8 (PTQ, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, {opts.io_dtype} I/O; via onnx2tf)"
+        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+
+    @staticmethod
+    def _tflm(fb: bytes, out_dir: Path, opts: TFLiteOptions, info: dict[str, Any]) -> list[str]:
+        if not opts.tflm:
+            return []
+        from nilmc.backends.tflite_micro import write_tflm_export
+
+        tflm_files, report = write_tflm_export(fb, out_dir)
+        info["tflm"] = {k: report[k] for k in ("flash", "arena", "compute", "budget", "fits", "cycles_verdict_robust", "estimate", "note")}
+        return tflm_files
+
     # ------------------------------------------------------------------ float / dynamic
     def _lower_float(self, keras_model: Any, out_dir: Path, precision: str) -> Artifact:
-        fb = convert_keras(keras_model, precision)
+        return self._write_float(convert_keras(keras_model, precision), out_dir, precision)
+
+    def _write_float(self, fb: bytes, out_dir: Path, precision: str) -> Artifact:
         name = _write(out_dir, f"model_{precision}.tflite", fb)
         kinds = {"fp32": "TFLite FP32", "fp16": "TFLite FP16 weights", "dynamic_int8": "TFLite dynamic-range INT8 (int8 weights, float activations)"}
         return Artifact(self.name, precision, out_dir, name, [name], kind=kinds[precision],
@@ -277,12 +332,7 @@ class TFLiteBackend:
         info["param_check"] = {k: v for k, v in result.check.items() if k != "mismatches"}
         info["io"] = io_quantization(result.flatbuffer)
         info["output_covers_w"] = _output_cover_watts(kq, model)
-        if opts.tflm:
-            from nilmc.backends.tflite_micro import write_tflm_export
-
-            tflm_files, report = write_tflm_export(result.flatbuffer, out_dir)
-            extra += tflm_files
-            info["tflm"] = {k: report[k] for k in ("flash", "arena", "compute", "budget", "fits", "cycles_verdict_robust", "estimate", "note")}
+        extra += self._tflm(result.flatbuffer, out_dir, opts, info)
         label = "QAT" if precision == "qat_int8" else "PTQ"
         kind = f"TFLite full-integer INT8 ({label}, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, {opts.io_dtype} I/O)"
         info["extra_files"] = extra  # beside the deployable model; not counted in its size

@@ -70,8 +70,10 @@ _ALIGN = 16
 
 # TFLite builtin operator codes (schema.fbs) used here.
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, RESHAPE, QUANTIZE = 3, 4, 6, 9, 17, 22, 114
-SQUEEZE, EXPAND_DIMS = 43, 70
-PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D})
+SQUEEZE, TRANSPOSE, EXPAND_DIMS, PAD = 43, 39, 70, 34
+# Data movement: TFLite's int8 kernels of these keep the input's scale and zero point on the output (PAD fills with the
+# zero point, i.e. 0.0: the explicit padding onnx2tf writes before a VALID conv).
+PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, TRANSPOSE, PAD})
 WEIGHTED = frozenset({CONV_2D, FULLY_CONNECTED})
 # TensorType codes -> (name, lowest code) for the integer types we place.
 INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0)}
@@ -379,6 +381,16 @@ def _check_complete(model: Any, plan: TensorPlan) -> None:
                                 "the graph has ops nilmc's TFLite lowering does not map (supported: Conv2D, Dense, Flatten/Reshape, MaxPool)")
 
 
+def propagate_plan(model: Any, plan: TensorPlan) -> None:
+    """Share grids through data-movement and integer<->integer (de)quantize ops (public for the ONNX route)."""
+    _propagate(model, plan)
+
+
+def check_plan_complete(model: Any, plan: TensorPlan) -> None:
+    """Refuse a plan that leaves a quantized tensor of ``model`` without nilmc's parameters."""
+    _check_complete(model, plan)
+
+
 def plan_tensors(model: Any, keras_model: Any, kq: KerasQuant) -> TensorPlan:
     """Which nilmc parameters go to which tensor of the converted graph."""
     plan = TensorPlan()
@@ -617,7 +629,7 @@ class IntegerParams:
 
     params: Any  # QuantParams after fixes
     overflow: Any  # OverflowReport
-    kq: KerasQuant
+    kq: KerasQuant | None  # None on the ONNX route (no Keras model)
     calib_x: np.ndarray  # the context's prepared calibration windows
     calibration: Any = None  # the context's calibration NilmDataset
 
@@ -690,9 +702,18 @@ def integer_params(model: Model, keras_model: Any, spec: FullIntegerSpec, option
     """nilmc's parameters for ``spec``: ``options["params"]`` when derived under ``spec.traits`` (I/O dtype aside),
     else ``QuantContext.params(spec.traits)`` from ``options["quant"]``; then the overflow checks under
     ``spec.overflow_policy``; then keyed by Keras layer with the output widened to the contract's peak."""
+    from nilmc.quantization.qat import keras_quant_from_params, widen_output
+
+    shared = shared_integer_params(model, spec, options, estimator=estimator)
+    shared.kq = widen_output(keras_quant_from_params(keras_model, shared.params), model.contract)
+    return shared
+
+
+def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[str, Any], *, estimator: str | None = None) -> IntegerParams:
+    """nilmc's parameters for ``spec`` keyed by the ONNX graph's tensors (``kq`` None): ``options["params"]`` when
+    derived under ``spec.traits`` (I/O dtype aside), else ``QuantContext.params(spec.traits)``; then the overflow checks."""
     from nilmc.quantization.context import require_quant
     from nilmc.quantization.overflow import check_overflow
-    from nilmc.quantization.qat import keras_quant_from_params, widen_output
 
     ctx = require_quant(options, spec.label)
     params = _given_params(options, spec.traits)
@@ -700,8 +721,7 @@ def integer_params(model: Model, keras_model: Any, spec: FullIntegerSpec, option
         params = ctx.params(spec.traits, estimator=estimator)
     overflow = check_overflow(model.graph, ctx.statistics, params, spec.traits, peak_output=model.contract,
                               policy=dict(spec.overflow_policy))
-    kq = widen_output(keras_quant_from_params(keras_model, overflow.params), model.contract)
-    return IntegerParams(overflow.params, overflow, kq, ctx.calib_x, ctx.calibration)
+    return IntegerParams(overflow.params, overflow, None, ctx.calib_x, ctx.calibration)
 
 
 def _given_params(options: Mapping[str, Any], traits: QuantTraits) -> Any:

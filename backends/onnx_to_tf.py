@@ -1,0 +1,437 @@
+"""An ONNX model (a PyTorch export) to TFLite: onnx2tf, then the TFLite converter, then nilmc's own INT8 parameters.
+
+This is how ``tflite:*`` and ``eiq:*`` lower a model that was given as ``.onnx`` (no Keras source).
+
+The route
+    1. :func:`tf_ready_graph`: the model's ONNX graph with run-time Reshape shapes (PyTorch's
+       ``view(x.size(0), ...)`` as ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``) made constant
+       ``[-1, ...]``, measured with onnxruntime at two batch sizes; dead shape ops pruned. Tensor names are
+       kept, so nilmc's parameters (keyed by them) still apply.
+    2. :func:`onnx_keras`: onnx2tf turns it into a tf_keras model. The input keeps the ONNX layout (an NCW
+       ``(N, 1, T)`` model keeps ``(N, 1, T)``; onnx2tf transposes inside), so the artifact is a drop-in for the
+       user's model. The float TFLite conversion is checked against onnxruntime on random windows.
+    3. Float precisions: the TFLite converter on that model (:func:`convert_onnx`).
+    4. INT8 (:func:`build_int8_from_onnx`): the converter runs once in full-integer mode to get the graph
+       TFLite wants (op choice, Conv1d as EXPAND_DIMS + CONV_2D, fused ReLU, int32 biases); then every
+       quantized tensor is overwritten with nilmc's parameters, as for a Keras source
+       (:func:`nilmc.backends.tflite_int8.apply_plan`). The k-th CONV_2D / FULLY_CONNECTED is the k-th weighted
+       layer of nilmc's quantization graph; its weights are re-quantized from the ONNX float weights, laid out
+       as TFLite wants (found by comparing with the converter's own codes), its bias at ``s_in * s_w``. A fused
+       ReLU that the ONNX graph has as a separate Clip/Relu after a Reshape takes that activation's parameters.
+       Data-movement ops share their input's grid. Any quantized tensor left unmatched is an error.
+
+Why onnx2tf 1.28.8: onnx2tf 2.x needs Python >= 3.12 (nilmc runs on 3.11); 1.29.x pins tensorflow==2.19,
+numpy==1.26.4 and onnx==1.19, which pip cannot resolve beside nilmc's pins; 1.28.8 declares no pins and works
+with TensorFlow 2.21 / tf-keras 2.21 (checked). It runs without onnxsim (``not_use_onnxsim``): step 1 folds
+what onnxsim would.
+
+Determinism: onnx2tf and the converter are deterministic for the same graph; the process-global tf_keras
+name counters (which end up in tensor names) are reset before each conversion, so the same inputs give a
+byte-identical ``.tflite`` in any process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from nilmc.backends.tflite_int8 import (
+    CONV_2D,
+    DEPTHWISE_CONV_2D,
+    FULLY_CONNECTED,
+    FullIntegerSpec,
+    FullIntegerTFLite,
+    IntegerParams,
+    TensorPlan,
+    apply_plan,
+    check_params,
+    check_plan_complete,
+    convert_keras,
+    load_flatbuffer,
+    op_code,
+    op_name,
+    pack_flatbuffer,
+    propagate_plan,
+    shared_integer_params,
+    tensor_name,
+)
+from nilmc.compiler.errors import BadInputError, InternalError, MissingDependencyError, QuantizationError
+from nilmc.quantization.graph import ACTIVATION_OPS, PASSTHROUGH_OPS, prune_dead
+from nilmc.quantization.graph import constants as onnx_constants
+from nilmc.quantization.params import QuantParams, TensorQuant, bias_quant
+
+if TYPE_CHECKING:
+    from nilmc.compiler.model import Model
+
+ONNX2TF = "onnx2tf==1.28.8"
+STRUCTURE_WINDOWS = 32  # representative windows for the structural conversion (its ranges are all overwritten)
+_CHECK_BATCH, _CHECK_SEED, _CHECK_RTOL = 4, 0, 1e-4
+# TFLite fused activation codes (schema.fbs ActivationFunctionType) and the ONNX activations they stand for.
+_FUSED = {1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}
+
+# ONNX ops the INT8 route places: weighted layers, their fused activations, data movement, and the shape math
+# of a Reshape (never on the data path). Anything else on the data path is refused by the pre-check.
+INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout"}) | ACTIVATION_OPS | PASSTHROUGH_OPS
+
+
+def require_onnx2tf(purpose: str = "lowering an ONNX model to TFLite") -> Any:
+    """The onnx2tf module (imported lazily; its import pulls TensorFlow), or :class:`MissingDependencyError`."""
+    from nilmc.compiler.tfcompat import import_tf, stderr_silenced
+
+    import_tf(purpose)
+    try:
+        with stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
+            return importlib.import_module("onnx2tf")
+    except ImportError:
+        raise MissingDependencyError(ONNX2TF.split("==")[0], "tflite", purpose) from None
+
+
+def onnx2tf_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx2tf", "onnx_graphsurgeon", "sng4onnx"))
+
+
+# --------------------------------------------------------------------------- 1. the graph onnx2tf gets
+def tf_ready_graph(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``graph`` whose run-time Reshape shapes are constant ``[-1, ...]`` where the per-sample shape is
+    fixed (measured with onnxruntime at batch 2 and 3), with the shape ops no output needs any more pruned."""
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph)
+    del proto.metadata_props[:]
+    g = proto.graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    dynamic = [n for n in g.node if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] not in consts]
+    if not dynamic:
+        return proto
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+                              for n in dynamic if n.output[0] not in known)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    dims = [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+    names = [n.output[0] for n in dynamic]
+    shapes = [[o.shape for o in sess.run(names, {inp.name: np.zeros([b, *dims], np.float32)})] for b in (2, 3)]
+    for node, s2, s3 in zip(dynamic, *shapes):
+        if s2[0] == 2 and s3[0] == 3 and s2[1:] == s3[1:]:
+            name = f"{node.name or node.output[0]}/nilmc_const_shape"
+            g.initializer.append(numpy_helper.from_array(np.array([-1, *s2[1:]], np.int64), name))
+            node.input[1] = name
+    prune_dead(g)
+    return proto
+
+
+def graph_digest(graph: onnx.ModelProto) -> str:
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+# --------------------------------------------------------------------------- 2. onnx2tf
+_KERAS_SLOTS = 2
+_KERAS: OrderedDict[str, Any] = OrderedDict()  # graph digest -> tf_keras model (onnx2tf's)
+_STRUCTURES: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()  # (digest, windows, io dtype) -> flatbuffer
+_STRUCTURE_SLOTS = 8
+
+
+def onnx_keras(model: Model) -> Any:
+    """onnx2tf's tf_keras model of ``model.graph`` (cached per process by graph content), checked against onnxruntime."""
+    proto = tf_ready_graph(model.graph)
+    key = graph_digest(proto)
+    if key in _KERAS:
+        _KERAS.move_to_end(key)
+        return _KERAS[key]
+    keras_model = _run_onnx2tf(proto, model)
+    _check_float_conversion(keras_model, proto, model)
+    _KERAS[key] = keras_model
+    while len(_KERAS) > _KERAS_SLOTS:
+        _KERAS.popitem(last=False)
+    return keras_model
+
+
+def _run_onnx2tf(proto: onnx.ModelProto, model: Model) -> Any:
+    import tempfile
+
+    from nilmc.compiler.tfcompat import import_tf_keras, stderr_silenced
+
+    onnx2tf = require_onnx2tf()
+    import_tf_keras().backend.reset_uids()  # layer-name counters end up in tensor names: same graph, same bytes
+    keep = [proto.graph.input[0].name]
+    try:
+        with tempfile.TemporaryDirectory() as tmp, stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
+            return onnx2tf.convert(onnx_graph=proto, output_folder_path=tmp, not_use_onnxsim=True, non_verbose=True,
+                                   keep_ncw_or_nchw_or_ncdhw_input_names=keep, disable_model_save=True)
+    except (SystemExit, Exception) as exc:  # onnx2tf reports unsupported ops by sys.exit or by raising
+        text = str(exc).strip().splitlines()
+        raise BadInputError(f"onnx2tf could not convert {model.source or 'the ONNX model'} "
+                            f"({type(exc).__name__}: {text[0][:200] if text else 'no message'})",
+                            "lower it with an ONNX target (onnxruntime:int8, openvino:int8), or export it with plainer ops") from None
+
+
+def _check_float_conversion(keras_model: Any, proto: onnx.ModelProto, model: Model) -> None:
+    """The float TFLite conversion must give onnxruntime's outputs, in the ONNX output's shape, on random windows."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    fb = convert_keras(keras_model, "fp32")
+    shape = model.contract.model_input_shape()
+    x = np.random.default_rng(_CHECK_SEED).normal(size=(_CHECK_BATCH, *shape)).astype(np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    it = Interpreter(model_content=fb, num_threads=1)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape), strict=False)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    got = np.asarray(it.get_tensor(out["index"]))
+    if got.shape != ref.shape:
+        raise BadInputError(f"onnx2tf changed the model's output shape {ref.shape} -> {got.shape}",
+                            "lower it with an ONNX target (onnxruntime:int8, openvino:int8)")
+    err = float(np.max(np.abs(got - ref)))
+    if err > 1e-4 + _CHECK_RTOL * float(np.max(np.abs(ref))):
+        raise InternalError(f"onnx2tf's TensorFlow model differs from the ONNX model by {err:.3g} on random windows",
+                            "report this model; lower it with an ONNX target meanwhile")
+
+
+def convert_onnx(model: Model, mode: str) -> bytes:
+    """The TFLite converter on onnx2tf's model of ``model``: ``fp32``, ``fp16`` or ``dynamic_int8``."""
+    return convert_keras(onnx_keras(model), mode)
+
+
+def structural_onnx_tflite(model: Model, representative: np.ndarray, *, io_dtype: str) -> bytes:
+    """The converter's full-integer graph of onnx2tf's model (per-channel weights, ``io_dtype`` I/O), whose
+    parameters :func:`build_int8_from_onnx` overwrites; converted once per process per (graph, windows, I/O dtype)."""
+    rep = np.ascontiguousarray(representative[:STRUCTURE_WINDOWS], np.float32)
+    key = (graph_digest(tf_ready_graph(model.graph)), hashlib.sha256(repr(rep.shape).encode() + rep.tobytes()).hexdigest(), io_dtype)
+    if key not in _STRUCTURES:
+        _STRUCTURES[key] = convert_keras(onnx_keras(model), "full_int8", representative=rep, io_dtype=io_dtype)
+        while len(_STRUCTURES) > _STRUCTURE_SLOTS:
+            _STRUCTURES.popitem(last=False)
+    _STRUCTURES.move_to_end(key)
+    return _STRUCTURES[key]
+
+
+def clear_caches() -> None:
+    """Forget converted models (tests, long-running processes)."""
+    _KERAS.clear()
+    _STRUCTURES.clear()
+
+
+# --------------------------------------------------------------------------- 4. nilmc's parameters in the flatbuffer
+@dataclass(frozen=True)
+class _OnnxLayer:
+    """One weighted layer of nilmc's quantization graph, with the float values to quantize."""
+
+    name: str
+    kind: str
+    op_type: str
+    input: TensorQuant
+    output: TensorQuant
+    after_activation: TensorQuant | None  # the separate Relu/Clip behind data movement, for a fused TFLite ReLU
+    weight_q: TensorQuant
+    weight: np.ndarray  # ONNX layout
+    trans_b: bool
+    bias_q: TensorQuant | None
+    bias: np.ndarray | None
+
+
+def _following_activation(graph: onnx.GraphProto, tensor: str) -> str | None:
+    """The output of the first Relu/Clip reached from ``tensor`` through data-movement ops only (None: none)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        if n.op_type != "Shape":  # shape math reads the tensor's shape, not its values
+            for i in n.input[:1]:
+                consumers.setdefault(i, []).append(n)
+    while True:
+        nxt = consumers.get(tensor, [])
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+        if node.op_type in ("Relu", "Clip"):
+            return node.output[0]
+        if node.op_type not in PASSTHROUGH_OPS:
+            return None
+        tensor = node.output[0]
+
+
+def _onnx_layers(graph: onnx.ModelProto, params: QuantParams) -> list[_OnnxLayer]:
+    consts = onnx_constants(graph)
+    out = []
+    for layer in params.layers:
+        node = next(n for n in graph.graph.node if n.name == layer.name or layer.output in n.output or layer.internal[:1] == tuple(n.output[:1]))
+        trans_b = bool(next((a.i for a in node.attribute if a.name == "transB"), 0)) if node.op_type == "Gemm" else False
+        act = None if layer.activation else _following_activation(graph.graph, layer.output)
+        bias = None if layer.bias is None else np.asarray(params.constant(layer.bias, consts), np.float32).ravel()
+        out.append(_OnnxLayer(layer.name, layer.kind, layer.op_type, params[layer.input], params[layer.output],
+                              params[act] if act is not None and act in params else None, params.tensors[layer.weight],
+                              np.asarray(consts[layer.weight], np.float32), trans_b,
+                              params.tensors.get(layer.bias) if layer.bias else None, bias))
+    return out
+
+
+def _layouts(layer: _OnnxLayer) -> list[np.ndarray]:
+    """Candidate TFLite layouts of an ONNX weight: Conv1d (O,I,K) -> (O,1,K,I) or (O,K,1,I); Conv2d OIHW -> OHWI;
+    Gemm / MatMul -> [out, in]."""
+    w = layer.weight
+    if layer.kind == "conv":
+        if w.ndim == 3:
+            t = w.transpose(0, 2, 1)
+            return [t[:, None], t[:, :, None]]
+        return [w.transpose(0, 2, 3, 1)] if w.ndim == 4 else []
+    if layer.op_type == "Gemm":
+        return [w if layer.trans_b else w.T]
+    return [w.T]
+
+
+def _converter_weights(t: Any, buf: Any) -> np.ndarray | None:
+    """The converter's own int8 weights, dequantized (its per-channel scales along axis 0)."""
+    if buf is None or not len(buf) or t.quantization is None or t.quantization.scale is None or not len(t.quantization.scale):
+        return None
+    codes = np.frombuffer(np.asarray(buf, np.uint8).tobytes(), np.int8).reshape([int(d) for d in t.shape]).astype(np.float64)
+    s = np.asarray(t.quantization.scale, np.float64)
+    return codes * (s.reshape(-1, *([1] * (codes.ndim - 1))) if len(s) > 1 else s[0])
+
+
+def _tflite_weight(m: Any, t: Any, layer: _OnnxLayer) -> np.ndarray:
+    """The ONNX weight in the TFLite tensor's layout: the candidate layout of the right shape whose values match
+    the converter's own codes within half a step (so a wrong pairing or layout is never written)."""
+    shape = tuple(int(d) for d in t.shape)
+    deq = _converter_weights(t, m.buffers[t.buffer].data)
+    q = t.quantization
+    s = np.asarray(q.scale, np.float64) if q is not None and q.scale is not None and len(q.scale) else np.zeros(1)
+    tol = (0.5 * s.reshape(-1, *([1] * (len(shape) - 1))) if len(s) > 1 else 0.5 * s[0]) * 1.001 + 1e-12
+    for cand in _layouts(layer):
+        if cand.shape == shape and (deq is None or np.all(np.abs(cand - deq) <= tol)):
+            return np.ascontiguousarray(cand, np.float32)
+    raise QuantizationError(f"TFLite weight {tensor_name(t)!r} {shape} does not match ONNX layer {layer.name!r} {layer.weight.shape}",
+                            "onnx2tf laid the layer out in a way nilmc does not map; lower it with an ONNX target (onnxruntime:int8)")
+
+
+def plan_onnx_tensors(m: Any, graph: onnx.ModelProto, params: QuantParams) -> TensorPlan:
+    """Which of nilmc's parameters (derived on ``graph``) go to which tensor of the converter's full-integer graph."""
+    sg = m.subgraphs[0]
+    ops = [i for i, op in enumerate(sg.operators) if op_code(m, op) in (CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D)]
+    layers = _onnx_layers(graph, params)
+    if any(op_code(m, sg.operators[i]) == DEPTHWISE_CONV_2D for i in ops):
+        raise QuantizationError("the TFLite graph has a DEPTHWISE_CONV_2D, which nilmc's TFLite lowering does not map",
+                                "lower it with an ONNX target (onnxruntime:int8, openvino:int8)")
+    if len(ops) != len(layers):
+        raise QuantizationError(f"the TFLite graph has {len(ops)} CONV_2D/FULLY_CONNECTED ops but nilmc's graph {len(layers)} weighted layers",
+                                "onnx2tf split or fused layers nilmc cannot map; lower it with an ONNX target (onnxruntime:int8)")
+    plan = TensorPlan()
+    for i, layer in zip(ops, layers):
+        _plan_onnx_layer(m, i, layer, params, plan)
+    propagate_plan(m, plan)
+    check_plan_complete(m, plan)
+    return plan
+
+
+def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantParams, plan: TensorPlan) -> None:
+    sg = m.subgraphs[0]
+    op = sg.operators[op_index]
+    expected = "CONV_2D" if layer.kind == "conv" else "FULLY_CONNECTED"
+    if op_name(op_code(m, op)) != expected:
+        raise QuantizationError(f"ONNX layer {layer.name!r} ({layer.op_type}) pairs with a TFLite {op_name(op_code(m, op))}",
+                                "onnx2tf reordered the layers; lower it with an ONNX target (onnxruntime:int8)")
+    w = _tflite_weight(m, sg.tensors[op.inputs[1]], layer)
+    fused = int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0)
+    output = layer.output
+    if fused and layer.after_activation is not None:
+        output = layer.after_activation  # the converter fused the Relu/Clip that follows a Reshape into this op
+    plan.layer_of_op[op_index] = layer.name
+    plan.activations[op.inputs[0]] = layer.input
+    plan.activations[op.outputs[0]] = output
+    plan.weights[op.inputs[1]] = (layer.weight_q, w)
+    has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
+    bias = layer.bias
+    if has_bias:
+        values = np.zeros(w.shape[0], np.float32) if bias is None else bias
+        bq = layer.bias_q if layer.bias_q is not None else bias_quant(f"{layer.name}/bias", values, layer.input, layer.weight_q, params.traits)
+        plan.biases[op.inputs[2]] = (bq, values)
+    elif bias is not None and np.any(bias != 0):
+        raise InternalError(f"the converter dropped the non-zero bias of layer {layer.name!r}", "report this model")
+
+
+def build_int8_from_onnx(model: Model, params: QuantParams, representative: np.ndarray, spec: FullIntegerSpec) -> FullIntegerTFLite:
+    """A full-integer TFLite flatbuffer of ``model`` (an ONNX source) carrying exactly nilmc's ``params``."""
+    if spec.per_tensor and any(t.per_channel for t in params.by_role("weight")):
+        raise InternalError(f"{spec.label}: per-tensor weights asked for but the parameters are per channel", "derive them with per-tensor traits")
+    for t in params.by_role("weight"):
+        if any(z != 0 for z in t.zero_point):
+            raise QuantizationError(f"weight {t.name!r} has a non-zero zero point, but TFLite's int8 kernels need symmetric weights",
+                                    "derive the parameters with symmetric_weights=True")
+    m = load_flatbuffer(structural_onnx_tflite(model, representative, io_dtype=spec.io_dtype))
+    plan = plan_onnx_tensors(m, tf_ready_graph(model.graph), params)
+    apply_plan(m, plan, params.traits)
+    fb = pack_flatbuffer(m)
+    result = FullIntegerTFLite(fb, plan, spec.io_dtype, spec.per_tensor)
+    result.check = check_params(fb, plan)
+    if not result.check["ok"]:
+        raise InternalError(f"the written TFLite file does not carry nilmc's parameters: {result.check['mismatches'][:3]}", "report this")
+    return result
+
+
+def onnx_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[str, Any], *, estimator: str | None = None) -> IntegerParams:
+    """nilmc's shared parameters for ``spec`` (``options["params"]`` when the driver derived them under its traits), after
+    the overflow checks; ``kq`` is None (there is no Keras model)."""
+    return shared_integer_params(model, spec, options, estimator=estimator)
+
+
+def output_cover_watts(params: QuantParams, model: Model) -> dict[str, Any]:
+    """The watts the output grid can represent, and whether it reaches the contract's peak power."""
+    lo, hi = params[model.output_name].representable()
+    c = model.contract
+    w = np.asarray(c.to_watts(np.array([[lo], [hi]], np.float32)) if not c.folded else np.array([lo, hi]), np.float64).ravel()
+    return {"representable_w": [float(w.min()), float(w.max())], "peak_power_w": c.peak_power_w,
+            "covers_peak": c.peak_power_w is None or float(w.max()) >= c.peak_power_w}
+
+
+# --------------------------------------------------------------------------- pre-check (the graph alone, milliseconds)
+def data_path_ops(graph: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes on the float data path from the graph input: shape math (behind a Shape, or a Reshape's shape input) excluded."""
+    g = graph.graph
+    live = {i.name for i in g.input}
+    out = []
+    for node in g.node:  # ONNX nodes are topologically sorted
+        data_inputs = node.input[:1] if node.op_type in ("Reshape", "Expand", "Tile", "Slice", "Gather") else node.input
+        if node.op_type == "Shape" or not any(i in live for i in data_inputs):
+            continue
+        out.append(node)
+        live.update(node.output)
+    return out
+
+
+def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
+    """Why the ONNX INT8 route cannot place ``graph`` (one line with a remedy after ``; ``), or None."""
+    nodes = data_path_ops(graph)
+    bad = sorted({n.op_type for n in nodes if n.op_type not in INT8_DATA_OPS})
+    if bad:
+        return (f"{target} from an ONNX model places Conv/Gemm/MatMul layers with Relu/Clip and data movement only; "
+                f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8, or {target.split(':')[0]}:fp32")
+    adds = [n for n in nodes if n.op_type == "Add" and not _bias_add(n, graph)]
+    if adds:
+        return (f"{target} from an ONNX model does not place a residual Add ({adds[0].name or adds[0].output[0]}); "
+                "lower it with onnxruntime:int8 or openvino:int8")
+    depthwise = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    if depthwise:
+        return f"{target} does not place grouped/depthwise Conv {depthwise[0]!r}; lower it with onnxruntime:int8 or openvino:int8"
+    return None
+
+
+def _bias_add(node: onnx.NodeProto, graph: onnx.ModelProto) -> bool:
+    consts = {t.name for t in graph.graph.initializer} | {o for n in graph.graph.node if n.op_type == "Constant" for o in n.output}
+    return any(i in consts for i in node.input)
