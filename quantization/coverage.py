@@ -235,7 +235,7 @@ def coverage(observation: EvaluationObservation, params: QuantParams, *, thresho
     metric clips to 0 W anyway; :func:`output_floor`): when its range's lower clip bound lies at or
     below the floor, only values above the range count.
     """
-    floats = set(params.keep_float)
+    floats = _unquantized(params)
     rows, kept = [], []
     for tq in params.by_role("activation"):
         if tq.name in floats:
@@ -246,6 +246,15 @@ def coverage(observation: EvaluationObservation, params: QuantParams, *, thresho
         rows.append(_tensor_coverage(observation.tensors[tq.name], tq, (floors or {}).get(tq.name)))
     return CoverageReport(tuple(rows), float(threshold), observation.n_windows, observation.input_name,
                           observation.feature_outside, observation.feature_names, tuple(kept))
+
+
+def _unquantized(params: QuantParams) -> set[str]:
+    """Activation tensors the deployed graph leaves float: those named in ``keep_float`` and the input of a layer
+    named there (the precise-input first layer reads the float graph input)."""
+    root = lambda t: params.shared.get(t, t)  # noqa: E731
+    kept = set(params.keep_float)
+    kept |= {root(layer.input) for layer in params.layers if layer.name in kept}
+    return kept | {t for t in params.shared if root(t) in kept}
 
 
 def clip_bounds(tq: TensorQuant) -> tuple[float, float]:

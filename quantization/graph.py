@@ -227,6 +227,25 @@ def _classify_plain(
     points.append(out)
 
 
+def input_layers(model: onnx.ModelProto, g: QuantGraph) -> list[Layer] | None:
+    """The weighted layers that read the graph input (through passthrough ops), or None when any other
+    op reads it too (then keeping these layers float would not leave the whole input float)."""
+    if len(g.inputs) != 1:
+        return None
+    root = g.root(g.inputs[0])
+    family = {root} | {t for t, r in g.shared.items() if r == root}
+    weighted = {layer.name: layer for layer in g.layers}
+    readers: list[Layer] = []
+    for node in model.graph.node:
+        if not family.intersection(node.input):
+            continue
+        if node.name in weighted and weighted[node.name].input in family:
+            readers.append(weighted[node.name])
+        elif not (node.op_type in PASSTHROUGH_OPS and node.output and node.output[0] in family):
+            return None
+    return readers or None
+
+
 def prune_dead(graph: onnx.GraphProto) -> None:
     """Drop, in place, the nodes and initializers no graph output depends on any more."""
     needed = {o.name for o in graph.output}

@@ -36,11 +36,13 @@ def op_placement(model: onnx.ModelProto, params: QuantParams) -> dict[str, Any]:
     keep = set(params.keep_float)
     quantized = [layer for layer in g.layers if layer.name not in keep and layer.weight in params]
     q_names = {layer.name for layer in quantized}
+    precise = set((params.provenance.get("precise_input") or {}).get("float_layers", ()))
     floats: list[dict[str, str]] = []
     for layer in g.layers:
         if layer.name not in q_names:
-            floats.append({"name": layer.name, "op": layer.op_type, "why": "kept at float by the parameters (keep_float)"
-                           if layer.name in keep else "no INT8 parameters for its weights"})
+            why = ("precise input: reads the float graph input (no 8-bit input grid)" if layer.name in precise
+                   else "kept at float by the parameters (keep_float)" if layer.name in keep else "no INT8 parameters for its weights")
+            floats.append({"name": layer.name, "op": layer.op_type, "why": why})
     for node in m.graph.node:
         if node.name in q_names or node.op_type in NOT_COMPUTE or any(f["name"] == node.name for f in floats):
             continue

@@ -26,6 +26,7 @@ from nilmc.backends.tensorrt_backend import (
 )
 from nilmc.compiler.errors import DataError, MissingDependencyError, QuantizationError
 from nilmc.compiler.model import ONNX_IR_VERSION, ONNX_OPSET, Model
+from nilmc.quantization.api import Techniques
 from nilmc.quantization.context import QuantContext
 from nilmc.quantization.qdq import build_qdq_model
 from nilmc.quantization.traits import TENSORRT_INT8
@@ -66,7 +67,17 @@ def conv(tiny):
 
 @pytest.fixture(scope="module")
 def quant(conv, tiny_ds):
-    return QuantContext(conv, tiny_ds)
+    # every layer INT8 (the Q/DQ rules below are about quantized layers); precise input is tested on its own
+    return QuantContext(conv, tiny_ds, techniques=Techniques(precise_input=False))
+
+
+def test_precise_input_keeps_the_input_conv_float_within_the_qdq_rules(conv, tiny_ds, tmp_path):
+    ctx = QuantContext(conv, tiny_ds)
+    art = TensorRTBackend().lower(conv, tmp_path, precision="int8", options={"quant": ctx})
+    m = onnx.load(art.path)
+    assert qdq_problems(m) == []
+    names = {n.output[0] for n in m.graph.node}
+    assert "conv_w_dequantized" not in names and "dense_w_dequantized" in names  # conv float, dense INT8
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from nilmc.quantization.fold import fold_normalization
 from nilmc.quantization.normalization_check import NormalizationLimits, check_normalization
 from nilmc.quantization.overflow import QuantizationOverflowError
 
-FAST = Techniques(select_estimators=False, headroom=False, bias_correction=False)
+FAST = Techniques(select_estimators=False, headroom=False, bias_correction=False, precise_input=False)  # the INT8-input findings
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,26 @@ from nilmc.quantization.context import QuantContext
 from nilmc.quantization.overflow import Check, check_overflow
 from nilmc.quantization.params import QuantParams, derive_params
 from nilmc.quantization.report import format_report, layer_table, quantize_report
-from nilmc.quantization.traits import GENERIC_INT8
+from nilmc.quantization.traits import GENERIC_INT8, TFLITE_INT8
 
 
 @pytest.fixture(scope="module")
 def result(tiny, tiny_ds):
-    return quantize(tiny, tiny_ds)
+    return quantize(tiny, tiny_ds, advanced=Techniques(precise_input=False))  # every tensor INT8, the input included
+
+
+def test_precise_input_keeps_the_first_layer_float_and_widens_the_rest(tiny, tiny_ds) -> None:
+    plain = dict(select_estimators=False, bias_correction=False)
+    off = quantize(tiny, tiny_ds, advanced=Techniques(precise_input=False, **plain)).params
+    on = quantize(tiny, tiny_ds, advanced=Techniques(**plain)).params
+    first = "MatMul_1"
+    assert first in on.keep_float and first not in off.keep_float
+    assert on.provenance["precise_input"] == {"float_layers": [first], "deployment_headroom": 1.5}
+    assert on["r1"].hi[0] == pytest.approx(1.5 * off["r1"].hi[0])  # the headroom, on every range but the output's
+    assert on["output"].lo[0] == pytest.approx(off["output"].lo[0]) and on["output"].hi[0] == pytest.approx(off["output"].hi[0])
+    # traits without float layers (full-integer targets) are left as they were
+    tfl = quantize(tiny, tiny_ds, traits=TFLITE_INT8, advanced=Techniques(**plain)).params
+    assert not tfl.keep_float and "precise_input" not in tfl.provenance
 
 
 def test_report_json_and_values(result) -> None:
