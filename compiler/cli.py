@@ -195,7 +195,8 @@ def parse_min_sqnr(text: str | None) -> float | None:
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
                 junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
                 option_flags: tuple[str, ...] = (), contract_flags: Any = None, min_sqnr: str | None = None,
-                calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0, jobs: int | None = None) -> None:
+                calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0, jobs: int | None = None,
+                report: str | None = None) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
     from nilmc.compiler.contract_flags import load_model_with_flags
@@ -207,6 +208,10 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     check_output_path(out, inputs=inputs)
     if junit:
         check_output_file(junit, inputs=inputs, what="--junit")
+    if report:
+        from nilmc.compiler.html_report import check_report_path
+
+        check_report_path(report, out, inputs=inputs)
     registry = default_registry()
     tlist = registry.parse_targets(targets)
     budget = parse_budget(max_delta)
@@ -214,13 +219,21 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     model = load_model_with_flags(model_path, contract_flags)
     eval_ds = _load_data(eval_path)
     calib_ds = _load_data(calib) if calib else None
-    progress = None if as_json else (lambda s: click.echo(f"  .. {s}", err=True))
+    from nilmc.compiler.progress import StageProgress
+
+    # a bar with an ETA on a terminal, the stage lines elsewhere, nothing under --json
+    progress = StageProgress("compile", quiet=as_json, echo=lambda s: click.echo(s, err=True))
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
                              inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags),
                              min_sqnr_db=min_sqnr_db, calib_windows=calib_windows, calib_selection=calib_select, calib_seed=calib_seed,
                              jobs=_jobs(jobs, len(tlist)))
-    summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
+    with progress:
+        summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
+    if report and summary.written:
+        from nilmc.compiler.html_report import write_report
+
+        write_report(out, report)
     if as_json:
         _print_json(summary.to_json())
     else:
@@ -230,6 +243,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         n = len(summary.bundles())
         missing = summary.by_status("BAD INPUT") + summary.by_status("INTERNAL ERROR")
         click.echo(f"{n} bundle{'s' if n != 1 else ''} written to {out}" + (f" (no bundle for: {', '.join(missing)})" if missing else ""))
+        if report:
+            click.echo(f"report: {report}")
     code = summary.exit_code
     if code != EXIT_OK and not as_json:
         parts = [f"{label}: {', '.join(summary.by_status(status))}" for status, label in
@@ -363,6 +378,8 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--calib-select", type=click.Choice(["random", "stratified", "first"]), default="random", show_default=True,
               help="How --calib-windows picks them: at random over the whole set, stratified over appliance states and input levels, or the first N.")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the calibration selection.")
+@click.option("--report", "report", type=click.Path(), default=None, metavar="FILE.html",
+              help="Also write the HTML report (nilmc report) of this compile to FILE.html (needs the [report] extra).")
 @contract_options
 @jobs_option
 @force_option
@@ -371,14 +388,14 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
                 sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool, contract_flags: Any = None,
                 min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0,
-                jobs: int | None = None) -> None:
+                jobs: int | None = None, report: str | None = None) -> None:
     """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
 
     Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
     """
     run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign, overflow=overflow,
                 option_flags=option_flags, contract_flags=contract_flags, min_sqnr=min_sqnr, calib_windows=calib_windows,
-                calib_select=calib_select, calib_seed=calib_seed, jobs=jobs)
+                calib_select=calib_select, calib_seed=calib_seed, jobs=jobs, report=report)
 
 
 @cli.command("example")
@@ -735,6 +752,78 @@ def _show_inspect(info: dict[str, Any], as_json: bool) -> None:
         if isinstance(v, (dict, list)) and len(json.dumps(v, default=str)) > 100:
             v = json.dumps(v, default=str)[:97] + "..."
         click.echo(f"{k:<24} {v}")
+
+
+# ------------------------------------------------------------------ sweep and report
+@cli.command("sweep")
+@click.argument("grid", type=click.Path())
+@click.option("--out", type=click.Path(), default="nilmc-sweep-out", show_default=True,
+              help="Sweep directory: results.sqlite, the trained-model cache, report.html. An earlier sweep's directory resumes it.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: every core, as many as the available memory holds; 1 runs the cells in this process).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per cell (default: cores // workers).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the cells as Ray tasks on the cluster at ADDRESS (host:port; 'local' starts one for this sweep; the [sweep] extra).")
+@click.option("--retry-failed", is_flag=True, help="Run the cells that failed in an earlier run again.")
+@click.option("--report/--no-report", "with_report", default=True, show_default=True,
+              help="Write OUT/report.html at the end (needs the [report] extra; skipped with a note when it is missing).")
+@json_option
+@handle_errors
+def sweep_cmd(grid: str, out: str, workers: int | None, threads: int | None, ray_address: str | None, retry_failed: bool,
+              with_report: bool, as_json: bool) -> None:
+    """Run the experiment grid in GRID (TOML): train, compile and verify every cell; print Tables 6 and 7.
+
+    Cells already in OUT/results.sqlite are not run again (content hash of data, model, options and nilmc version);
+    an interrupted sweep resumes; a failed cell is recorded with its error and the others go on.
+    """
+    from nilmc.backends.registry import default_registry
+    from nilmc.compiler.progress import CellProgress
+    from nilmc.compiler.sweep_results import ResultsDB, format_table6, format_table7, table6, table7
+    from nilmc.training.sweep import grid_cells, load_grid, run_sweep
+
+    g = load_grid(grid)
+    targets = default_registry().parse_targets(",".join(g.targets))  # unknown targets: exit 2 before any work
+    with CellProgress(len(grid_cells(g)), quiet=as_json) as bar:
+        summary = run_sweep(g, targets, out, workers=workers, threads=threads, ray_address=ray_address, retry_failed=retry_failed,
+                            on_cell=lambda c: bar.cell_done(c["label"], c["status"] if c["status"] == "done" else f"FAILED: {c.get('error')}"))
+    with ResultsDB(summary.results, create=False) as db:
+        t6, t7 = table6(db), table7(db)
+        # a failed cell (bad input 2, internal 3) is the sweep's exit code; a gate that failed inside a cell is a result
+        failed_codes = [int(c["exit_code"] or EXIT_INTERNAL) for c in db.cells(summary.keys) if c["status"] != "done"]
+    report_path = None
+    if with_report:
+        try:
+            from nilmc.compiler.html_report import write_report
+
+            report_path = str(write_report(summary.out_dir, summary.out_dir / "report.html"))
+        except NilmcError as exc:
+            click.echo(f"nilmc: note: no report: {exc.one_line()}", err=True)
+    if as_json:
+        _print_json({**summary.to_json(), "report": report_path, "table6": t6, "table7": t7})
+    else:
+        click.echo(format_table6(t6) + "\n\n" + format_table7(t7))
+        click.echo(f"{summary.cells} cells: {summary.ran} run, {summary.cached} from the results, {summary.failed} failed; "
+                   f"{summary.wall_s:.1f} s wall ({summary.engine}, {summary.workers} worker(s)); results: {summary.results}"
+                   + (f"; report: {report_path}" if report_path else ""))
+    if failed_codes:
+        sys.exit(max(failed_codes))
+
+
+@cli.command("report")
+@click.argument("results", type=click.Path())
+@click.option("--out", type=click.Path(), default=None, metavar="FILE.html",
+              help="Where to write the page (default: report.html in a sweep directory; RESULTS-report.html beside a compile output).")
+@json_option
+@handle_errors
+def report_cmd(results: str, out: str | None, as_json: bool) -> None:
+    """Write a self-contained HTML report (plotly, no network) of a compile output or a sweep (needs the [report] extra)."""
+    from nilmc.compiler.html_report import default_report_path, write_report
+
+    path = write_report(results, out or default_report_path(results))
+    if as_json:
+        _print_json({"report": str(path)})
+    else:
+        click.echo(f"report: {path}")
 
 
 def main() -> None:

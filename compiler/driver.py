@@ -42,6 +42,7 @@ from nilmc.compiler.io import atomic_write_json, atomic_write_text, sha256_bytes
 from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
 from nilmc.compiler.model import Model
 from nilmc.compiler.outdir import OutputDir, check_output_file, check_output_path
+from nilmc.compiler.progress import progress_done, progress_plan
 
 __all__ = ["MANIFEST", "SUMMARY", "CompileOptions", "CompileSummary", "TargetResult", "compile_model", "predict_watts",
            "reference_metrics", "preflight", "VerifyResult", "read_manifest", "verify_bundle"]
@@ -399,6 +400,7 @@ def compile_model(
         calib, calibration_record = select_for_compile(calib, options.calib_windows, method=options.calib_selection,
                                                        seed=options.calib_seed, appliance=model.contract.appliance)
     say = progress or (lambda s: None)
+    progress_plan(progress, 1 + len(plans))  # a progress bar's total: the reference, then each target
     signer = None
     if options.sign_key is not None:
         from nilmc.compiler.signing import Signer
@@ -412,6 +414,7 @@ def compile_model(
         ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
         summary = CompileSummary(ref_metrics, out_dir=Path(out_dir))
         summary.stages_s["reference"] = round(time.perf_counter() - t_ref, 3)
+        progress_done(progress, "FP32 reference on onnxruntime")
         reference_onnx = model.serialize()
         model.save_onnx(out.staging / REFERENCE_ENTRY / "model.onnx")
         quant = None
@@ -432,10 +435,13 @@ def compile_model(
             for i in here:
                 say(f"lowering {plans[i].target}")
                 results[i] = job.run(plans[i], out.staging / bundle_name(plans[i].target))
+                progress_done(progress, str(plans[i].target))
             if worker is not None:
                 done, warnings = _collect_worker(worker, there, plans)
                 results.update(done)
                 job.warnings.extend(warnings)
+                for i in there:
+                    progress_done(progress, str(plans[i].target))
         finally:
             if worker is not None:
                 worker[0].terminate()
@@ -662,6 +668,9 @@ class _Job:
                     "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity,
                          sqnr_db=fidelity["output_sqnr_db"])
+        from nilmc.compiler.trace import power_trace
+
+        sections["trace"] = power_trace(self.truth, ref_pred, pred)  # a small predicted-vs-true trace for `nilmc report`
         if not report:
             from nilmc.quantization.coverage import likely_causes
 
