@@ -21,21 +21,24 @@ Beside ``model.onnx``, ``lower`` writes ``build_engine.py`` (TensorRT Python bui
 parse ONNX, strongly typed network, optimization profile for batch 1..1024 (opt 256),
 serialize ``model.engine``) and ``trtexec.txt`` (the equivalent ``trtexec`` line).
 
-Where ``tensorrt`` and ``cuda-python`` import *and* an NVIDIA GPU is present, ``lower``
-runs that very script, the artifact becomes ``model.engine`` and the runner executes it
-(verification MEASURED; engines are not byte-identical between builds: TensorRT times
-tactics). Otherwise no engine file is written: the runner executes the strongly typed
-ONNX on onnxruntime's CPU provider and the verification is EMULATED (Q/DQ and FP16
-numerics as onnxruntime computes them, not TensorRT's kernels; onnxruntime upcasts
-FP16 ops that lack a CPU FP16 kernel to float32). The ONNX itself is deterministic.
+Where the ``tensorrt`` extra is installed (TensorRT's Python package and libraries, Polygraphy), TensorRT imports
+*and* an NVIDIA GPU is present, ``lower`` builds ``model.engine`` from that very ONNX with Polygraphy (strongly
+typed, the same profile, detailed profiling verbosity), reads every layer's precision from the engine inspector
+and refuses the engine when a layer meant for INT8 (a Conv / MatMul / Gemm nilmc quantized) or FP16 takes
+another precision (``info["layer_precisions"]``); the runner executes the engine through Polygraphy's
+``TrtRunner`` (verification MEASURED; engines are not byte-identical between builds: TensorRT times tactics).
+Otherwise no engine file is written: the runner executes the strongly typed ONNX on onnxruntime's CPU provider
+and the verification is EMULATED (Q/DQ and FP16 numerics as onnxruntime computes them, not TensorRT's kernels;
+onnxruntime upcasts FP16 ops that lack a CPU FP16 kernel, e.g. LSTM / GRU, to float32). The ONNX itself is
+deterministic. ``trtexec.txt`` also carries the ``polygraphy run`` line that compares TensorRT with onnxruntime
+on every tensor.
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import subprocess
-import sys
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +68,9 @@ FP16_OPS = frozenset({
     "MatMul", "Gemm", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "AveragePool",
     "GlobalAveragePool", "GlobalMaxPool", "Concat", "BatchNormalization", "Pad", "Slice", "Gather", "Shape", "Cast",
     "Constant", "Split", "Max", "Min", "Abs", "Neg", "Sqrt", "Exp", "Erf", "Pow", "ReduceMean", "ReduceSum",
+    # Expand (its shape input is int64), LSTM and GRU (every float input is type T, float16 allowed; sequence_lens
+    # is int32; activation alpha/beta are float attributes, not tensors): the recurrent models of seeds 000 and 002
+    "Expand", "LSTM", "GRU",
 })
 
 
@@ -261,6 +267,7 @@ def build(onnx_path: Path, engine_path: Path, workspace_mib: int) -> None:
         raise SystemExit(f"TensorRT could not parse {{onnx_path}}:\\n{{errors}}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # every layer's precision in the engine inspector
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (MIN_BATCH, *WINDOW_SHAPE), (OPT_BATCH, *WINDOW_SHAPE), (MAX_BATCH, *WINDOW_SHAPE))
     config.add_optimization_profile(profile)
@@ -308,19 +315,20 @@ def write_handoff(out_dir: Path, *, precision: str, input_name: str, window: tup
     (out_dir / TRTEXEC_FILE).write_text(
         f"# Build the TensorRT engine for tensorrt:{precision} (TensorRT 10; run in this directory, on the target GPU).\n"
         "# TensorRT 11 builds every network strongly typed: drop --stronglyTyped if your trtexec rejects it.\n"
-        f"{line}\n")
+        f"{line}\n"
+        "# Layer by layer against onnxruntime (Polygraphy: every tensor marked as an output in both runtimes):\n"
+        f"# {polygraphy_compare_line(input_name, window)}\n")
     return line
 
 
+def polygraphy_compare_line(input_name: str, window: tuple[int, ...]) -> str:
+    """``polygraphy run`` comparing TensorRT with onnxruntime on every tensor of ``model.onnx`` (batch OPT_BATCH)."""
+    shape = ",".join(str(int(d)) for d in (OPT_BATCH, *window))
+    return (f"polygraphy run {ONNX_FILE} --trt --strongly-typed --onnxrt --trt-outputs mark all --onnx-outputs mark all "
+            f"--input-shapes {input_name}:[{shape}] --atol 1e-2 --rtol 1e-2")
+
+
 # ---------------------------------------------------------------- engine (only where TensorRT + a GPU exist)
-def _cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart  # older cuda-python
-    return cudart
-
-
 def _gpu_count() -> int:
     """NVIDIA GPUs visible through the CUDA driver (0 when there is no driver)."""
     try:
@@ -334,97 +342,154 @@ def _gpu_count() -> int:
 
 
 def engine_build_possible() -> tuple[bool, str]:
-    """Whether this machine can build and run a TensorRT engine, and why not."""
-    for module, package in (("tensorrt", "tensorrt"), ("cuda", "cuda-python")):
+    """Whether this machine can build and run a TensorRT engine, and why not.
+
+    Needs TensorRT's Python package with its libraries (NVIDIA's index), Polygraphy (the ``tensorrt`` extra), an NVIDIA GPU,
+    and TensorRT importing (its libraries load); checked in that order, the GPU before the heavy import."""
+    remedies = {"tensorrt": "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12 (NVIDIA's index; not on PyPI)",
+                "polygraphy": "pip install 'nilmc[tensorrt]'"}
+    for module, remedy in remedies.items():
         if importlib.util.find_spec(module) is None:
-            return False, f"the Python package '{package}' is not installed"
+            return False, f"the Python package '{module}' is not installed ({remedy})"
     if _gpu_count() < 1:
         return False, "no NVIDIA GPU visible"
+    try:
+        import tensorrt  # noqa: F401  (its shared libraries load here)
+    except Exception as exc:  # an install without its libraries fails here, whatever the exception type
+        return False, f"tensorrt does not import ({type(exc).__name__}: {str(exc)[:200]})"
     return True, "ok"
 
 
-def build_engine_here(out_dir: Path) -> str:
-    """Run the written ``build_engine.py`` (the very hand-off script); returns its output."""
-    proc = subprocess.run([sys.executable, str(out_dir / SCRIPT_FILE)], capture_output=True, text=True, cwd=out_dir)
-    if proc.returncode != 0 or not (out_dir / ENGINE_FILE).is_file():
-        raise BadInputError(f"TensorRT engine build failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-800:]}",
-                            "check the TensorRT version (>= 10) and the log; the ONNX and build_engine.py are kept for a manual build")
-    return proc.stdout.strip()
+def build_engine(onnx_path: Path, engine_path: Path, *, input_name: str, window: tuple[int, ...], workspace_mib: int = 1024) -> str:
+    """Build ``engine_path`` from the strongly typed ``onnx_path`` with Polygraphy (profile batch MIN..MAX, opt OPT;
+    detailed profiling verbosity so that the engine inspector reports every layer's precision). Returns a log line."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.exception import PolygraphyException
+
+    from nilmc.compiler.io import atomic_write_bytes
+
+    shape = tuple(int(d) for d in window)
+    profile = Profile().add(input_name, min=(MIN_BATCH, *shape), opt=(OPT_BATCH, *shape), max=(MAX_BATCH, *shape))
+    config = CreateConfig(profiles=[profile], profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mib << 20})
+    try:
+        data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path), strongly_typed=True), config=config)()
+    except PolygraphyException as exc:
+        raise BadInputError(f"TensorRT could not build the engine ({str(exc)[-600:]})",
+                            "check the TensorRT version (>= 10) and the log; model.onnx and build_engine.py are kept for a manual build") from None
+    atomic_write_bytes(engine_path, bytes(data))
+    return f"{engine_path.name}: {engine_path.stat().st_size} bytes, TensorRT {trt.__version__} (Polygraphy, strongly typed)"
+
+
+def engine_layers(engine_path: Path, *, input_name: str, window: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The engine inspector's layers (JSON, detailed), with the input shape set to the optimum batch so that every
+    tensor's format and data type is resolved (``N/A due to dynamic shapes`` otherwise)."""
+    import json
+
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise BadInputError(f"TensorRT could not load {str(engine_path)!r}", "rebuild it on this machine (engines are tied to the TensorRT version and GPU)")
+    context = engine.create_execution_context()
+    context.set_input_shape(input_name, (OPT_BATCH, *(int(d) for d in window)))
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return [layer for layer in info.get("Layers", []) if isinstance(layer, dict)]
+
+
+def tensor_precision(fmt: str) -> str:
+    """``int8`` / ``fp16`` / ``fp32`` / ``unknown`` from an inspector ``Format/Datatype`` string
+    (e.g. "Thirty-two wide channel vectorized row major Int8 format", "Row major linear FP16 format", "Float")."""
+    low = fmt.lower()
+    if "int8" in low:
+        return "int8"
+    if "fp16" in low or "half" in low:
+        return "fp16"
+    if "fp32" in low or "float" in low:
+        return "fp32"
+    return "unknown"
+
+
+def _layer_inputs(layer: Mapping[str, Any]) -> list[str]:
+    return [tensor_precision(str(t.get("Format/Datatype", ""))) for t in layer.get("Inputs", []) if isinstance(t, dict)]
+
+
+def compute_nodes(proto: onnx.ModelProto, precision: str) -> list[tuple[str, ...]]:
+    """The ONNX nodes whose TensorRT layers must run at ``precision``, each as the names TensorRT may give it (its own
+    name; an unnamed node is ``node_of_<output>``): for ``int8`` the Conv / MatMul / Gemm nodes whose weights come from
+    a DequantizeLinear (nilmc quantized them), for ``fp16`` every Conv / MatMul / Gemm."""
+    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    if precision == "int8":
+        dq_out = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        compute = [n for n in compute if len(n.input) > 1 and n.input[1] in dq_out]
+    return [(n.name,) if n.name else (f"node_of_{n.output[0]}", n.output[0]) for n in compute]
+
+
+def _names(layer_name: str, candidates: tuple[str, ...]) -> bool:
+    """Whether a TensorRT layer name holds one of ``candidates`` as a whole name (fused layers join names with " + ";
+    Myelin regions read ``{ForeignNode[first...last]}``)."""
+    return any(re.search(rf"(?<![A-Za-z0-9_/]){re.escape(c)}(?![A-Za-z0-9_])", layer_name) for c in candidates if c)
+
+
+def check_layer_precisions(layers: Sequence[Mapping[str, Any]], nodes: Sequence[tuple[str, ...]], precision: str) -> dict[str, Any]:
+    """Whether the engine runs each of ``nodes`` (from :func:`compute_nodes`) at ``precision``: every layer named after
+    the node must take ``precision`` input (the inspector's ``Format/Datatype`` of its first input).
+
+    Returns ``{"precision", "checked", "located", "not_located", "wrong", "layers"}``: ``wrong`` lists the layers at
+    another precision (the check failed), ``not_located`` the nodes no layer is named after (the check is partial:
+    ``checked`` is True only when every node was located)."""
+    located: list[str] = []
+    missing: list[str] = []
+    wrong: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for candidates in nodes:
+        hits = [l for l in layers if _names(str(l.get("Name", "")), candidates)]
+        (located if hits else missing).append(candidates[0])
+        for layer in hits:
+            row = {"node": candidates[0], "layer": str(layer.get("Name", "")), "type": str(layer.get("LayerType", "")),
+                   "inputs": _layer_inputs(layer)}
+            rows.append(row)
+            if not row["inputs"] or row["inputs"][0] != precision:
+                wrong.append(row)
+    return {"precision": precision, "checked": bool(located) and not missing, "located": located, "not_located": missing,
+            "wrong": wrong, "layers": rows}
 
 
 class TensorRTEngineRunner:
-    """Runs ``model.engine`` with the TensorRT runtime (TensorRT 10 tensor API, cuda-python buffers)."""
+    """Runs ``model.engine`` with TensorRT through Polygraphy's ``TrtRunner``, in chunks of at most ``MAX_BATCH``."""
 
     verification = Verification.MEASURED
 
     def __init__(self, engine_path: Path, *, max_batch: int = MAX_BATCH) -> None:
         self.engine_path = Path(engine_path)
         self.max_batch = max_batch
-        self._engine: Any = None
-        self._context: Any = None
-        self._stream: Any = None
+        self._runner: Any = None
 
     def __enter__(self) -> TensorRTEngineRunner:
-        import tensorrt as trt
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        self._trt, self._cudart = trt, _cudart()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self._engine is None:
-            raise BadInputError(f"TensorRT could not load {str(self.engine_path)!r}",
-                                "rebuild it with build_engine.py on this machine (engines are tied to TensorRT version and GPU)")
-        self._context = self._engine.create_execution_context()
-        self._stream = self._call(self._cudart.cudaStreamCreate())
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._runner = TrtRunner(EngineFromBytes(self.engine_path.read_bytes()))
+        self._runner.activate()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._stream is not None:
-            self._cudart.cudaStreamDestroy(self._stream)
-        self._context = self._engine = self._stream = None
-
-    def _call(self, result: Any) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise InternalError(f"CUDA runtime error {err}", "check the GPU and driver")
-        return rest[0] if rest else None
-
-    def _device_copy(self, host: np.ndarray) -> Any:
-        cudart = self._cudart
-        ptr = self._call(cudart.cudaMalloc(host.nbytes))
-        self._call(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
-        return ptr
-
-    def _run_chunk(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        trt, cudart = self._trt, self._cudart
-        buffers, hosts = [], {}
-        try:
-            for name in self._inputs:
-                host = np.ascontiguousarray(feeds[name], dtype=trt.nptype(self._engine.get_tensor_dtype(name)))
-                self._context.set_input_shape(name, host.shape)
-                buffers.append(self._device_copy(host))
-                self._context.set_tensor_address(name, int(buffers[-1]))
-            for name in self._outputs:
-                hosts[name] = np.empty(tuple(self._context.get_tensor_shape(name)), trt.nptype(self._engine.get_tensor_dtype(name)))
-                buffers.append(self._call(cudart.cudaMalloc(hosts[name].nbytes)))
-                self._context.set_tensor_address(name, int(buffers[-1]))
-            if not self._context.execute_async_v3(self._stream):
-                raise InternalError("TensorRT execute_async_v3 failed", "check the TensorRT log")
-            for name, ptr in zip(self._outputs, buffers[len(self._inputs):]):
-                self._call(cudart.cudaMemcpyAsync(hosts[name].ctypes.data, ptr, hosts[name].nbytes,
-                                                  cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
-            self._call(cudart.cudaStreamSynchronize(self._stream))
-        finally:
-            for ptr in buffers:
-                cudart.cudaFree(ptr)
-        return {name: v.astype(np.float32) for name, v in hosts.items()}
+        if self._runner is not None:
+            self._runner.deactivate()
+        self._runner = None
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._runner is None:
+            raise InternalError("TensorRTEngineRunner.infer called outside its context", "use `with backend.runner(artifact) as r:`")
         n = len(next(iter(feeds.values())))
-        chunks = [self._run_chunk({k: v[i:i + self.max_batch] for k, v in feeds.items()}) for i in range(0, n, self.max_batch)]
-        return {name: np.concatenate([c[name] for c in chunks]) for name in self._outputs}
+        chunks = []
+        for i in range(0, n, self.max_batch):
+            out = self._runner.infer({k: np.ascontiguousarray(v[i:i + self.max_batch], np.float32) for k, v in feeds.items()})
+            chunks.append({k: np.array(v, np.float32) for k, v in out.items()})  # copies: Polygraphy reuses its buffers
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
 class TensorRTOnnxEmulationRunner(OrtRunner):
@@ -446,7 +511,7 @@ class TensorRTBackend:
         requires=(),
         extra="tensorrt",
         limitations={
-            "engine": "the engine is built only where tensorrt + cuda-python import and an NVIDIA GPU is present",
+            "engine": "the engine is built only where the tensorrt extra (tensorrt, polygraphy) imports and an NVIDIA GPU is present",
             "fp16": "emulated on onnxruntime CPU (float16 storage; ops without a CPU FP16 kernel run upcast to float32)",
             "int8": "emulated on onnxruntime CPU (Q/DQ numerics, not TensorRT's INT8 kernels)",
         },
@@ -473,6 +538,7 @@ class TensorRTBackend:
         _save(proto, model, out_dir / ONNX_FILE)
         line = write_handoff(out_dir, precision=precision, input_name=model.input_name, window=model.contract.model_input_shape())
         info.update({"strongly_typed": True, "trtexec": line, "build_script": SCRIPT_FILE,
+                     "polygraphy_compare": polygraphy_compare_line(model.input_name, model.contract.model_input_shape()),
                      "optimization_profile": {"min": MIN_BATCH, "opt": OPT_BATCH, "max": MAX_BATCH}})
         files = [ONNX_FILE, SCRIPT_FILE, TRTEXEC_FILE]
         possible, why = engine_build_possible()
@@ -480,10 +546,19 @@ class TensorRTBackend:
             info.update({"engine": ENGINE_NOT_BUILT, "engine_built": False, "why_not_built": why,
                          "emulation": "onnxruntime CPU runs model.onnx; results are EMULATED, not TensorRT's"})
             return Artifact(self.name, precision, out_dir, ONNX_FILE, files, kind=_KINDS[precision] + " (engine not built)", info=info)
-        log = build_engine_here(out_dir)
-        info.update({"engine": f"built here: {log}", "engine_built": True,
+        window = model.contract.model_input_shape()
+        log = build_engine(out_dir / ONNX_FILE, out_dir / ENGINE_FILE, input_name=model.input_name, window=window)
+        check = check_layer_precisions(engine_layers(out_dir / ENGINE_FILE, input_name=model.input_name, window=window),
+                                       compute_nodes(proto, precision), precision)
+        if check["wrong"]:
+            (out_dir / ENGINE_FILE).unlink()
+            shown = "; ".join(f"{w['layer']!r} takes {'/'.join(w['inputs']) or 'an unknown type'}" for w in check["wrong"][:5])
+            raise QuantizationError(f"the TensorRT engine runs {len(check['wrong'])} layer(s) meant for {precision} at another precision: {shown}",
+                                    "check the TensorRT version and the Q/DQ placement (model.onnx); compare layer by layer with the "
+                                    "polygraphy line in trtexec.txt")
+        info.update({"engine": f"built here: {log}", "engine_built": True, "layer_precisions": check,
                      "determinism": "engines are not byte-identical between builds (TensorRT times tactics)"})
-        info["tools"] = [*info["tools"], "tensorrt"]
+        info["tools"] = [*info["tools"], "tensorrt", "polygraphy"]
         return Artifact(self.name, precision, out_dir, ENGINE_FILE, [*files, ENGINE_FILE], kind=_KINDS[precision] + " engine", info=info)
 
     def _graph(self, model: Model, precision: str, options: Mapping[str, Any] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:

@@ -211,6 +211,26 @@ def _macs_and_overhead(model: Any) -> tuple[int, int, int]:
     return macs, scratch, opdata
 
 
+def graph_costs(fb: bytes) -> dict[str, int]:
+    """Weight elements, output channels, MACs, the largest input + output of one op (int8 activations) and the
+    CMSIS-NN conv scratch of ``fb``: the figures a variant's cost is extrapolated from (``tflm`` backend's meter)."""
+    from nilmc.backends.tflite_int8 import CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, op_code
+
+    model, facts, _ = _graph(fb)
+    sg = model.subgraphs[0]
+    macs, scratch, _ = _macs_and_overhead(model)
+    weights = channels = peak = 0
+    for op in sg.operators:
+        if op_code(model, op) in (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED):
+            w = [int(d) for d in sg.tensors[op.inputs[1]].shape]
+            weights += int(np.prod(w))
+            channels += w[-1] if op_code(model, op) == DEPTHWISE_CONV_2D else w[0]
+        live = [facts[int(i)].nbytes for i in [*op.inputs, *op.outputs] if i >= 0 and not facts[int(i)].constant]
+        peak = max(peak, sum(live))
+    return {"weights": int(weights), "channels": int(channels), "macs": int(macs), "peak_activation_bytes": int(peak),
+            "scratch_bytes": int(scratch)}
+
+
 # --------------------------------------------------------------------------- the report
 def tflm_report(fb: bytes, *, budget: McuBudget = CORTEX_M4_SEED001, cycles_per_mac: float = CYCLES_PER_MAC) -> dict[str, Any]:
     """Flash, tensor-arena and cycle estimates of ``fb`` under TFLite Micro, checked against ``budget``.

@@ -7,6 +7,19 @@ package, the ``mcu`` extra) allocates and invokes the model in, found by bisecti
 checked against the meter's SRAM budget (seed 001: 72 KiB for the classifier). The C array's bytes
 equal the flatbuffer's (:func:`backends.tflite_micro.parse_c_array`).
 
+**Fitting the meter** (option ``tflm.fit``, default ``auto``): when the given model does not fit the budget
+(Flash and cycles estimated, arena measured), a variant that does is made by structured pruning (filters / units
+by L1 norm), a width search under the budget and distillation from the FP32 model on the calibration windows
+(:mod:`nilmc.training.fit_meter`; the evaluation set stays held out) and deployed instead; ``artifact_info.fit``
+records the widths, parameters, MACs, the figures against the budget and the held-out calibration cost, and the
+gate compares the deployed variant with the **unpruned** FP32 model on the evaluation set. When no variant within
+the budget stays within ``tflm.fit_max_loss`` EACC points, the target is refused (exit 2) with every candidate's
+figures. ``tflm.fit=off`` deploys the given model and reports that it does not fit. The fitter lives in
+``training/``, which only the CLI imports: ``nilmc compile`` registers :class:`FittingTFLMBackend`; from Python,
+``registry.register(FittingTFLMBackend(fit_to_budget), replace=True)`` with
+``from nilmc.training.fit_meter import fit_to_budget``. ``auto`` fits where the backend has a fitter and otherwise
+deploys the given model, saying so in ``artifact_info.fit``; ``search`` without a fitter is refused.
+
 The runner executes the flatbuffer on the TFLM interpreter window by window (batch 1, as on the
 MCU), so the accuracy the gate reads is the interpreter's own: **measured** on this machine with
 TFLM's reference kernels (which requantize a few LSB differently from LiteRT's XNNPACK: the two runtimes
@@ -18,24 +31,32 @@ target: ask for it by name (``--targets tflm:cortex-m4``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nilmc.backends.base import Artifact, Capabilities, Verification
-from nilmc.backends.tflite_micro import CORTEX_M4_SEED001, McuBudget
-from nilmc.compiler.errors import BadInputError, InternalError, MissingDependencyError
+from nilmc.backends.tflite_micro import CORTEX_M4_SEED001, CYCLES_PER_MAC, PER_CHANNEL_QUANT_BYTES, McuBudget, graph_costs, tflm_report, write_tflm_export
+from nilmc.compiler.errors import BadInputError, DataError, InternalError, MissingDependencyError
 from nilmc.compiler.io import atomic_write_json
 from nilmc.quantization.traits import TFLITE_INT8
 
 if TYPE_CHECKING:
+    from nilmc.calibration_data.dataset import NilmDataset
     from nilmc.compiler.model import Model
 
 PRECISIONS = ("cortex-m4",)
 BUDGETS: dict[str, McuBudget] = {"cortex-m4": CORTEX_M4_SEED001}
 ARENA_STEP = 16
+FIT_MODES = ("auto", "search", "off")
+# Flatbuffer bytes per output channel of a conv / dense besides its int8 weights: int32 bias (4) + float32 scale and
+# int64 zero point of the weights' per-channel quantization (12) and of the bias's (12).
+FLATBUFFER_BYTES_PER_CHANNEL = 28
+REPRESENTATIVE_WINDOWS = 32  # for a candidate's structural conversion: no size depends on them
+FITTED_FLOAT = "fitted_float.h5"
 
 
 def _runtime() -> Any:
@@ -64,13 +85,16 @@ def _runs_in(fb: bytes, arena: int) -> bool:
 
 def measure_arena(fb: bytes, *, ceiling: int = 8 << 20) -> int:
     """The smallest arena (to :data:`ARENA_STEP` bytes) in which the TFLM interpreter runs ``fb``: measured, by bisection."""
-    if not _runs_in(fb, ceiling):
-        raise BadInputError(f"the TFLite Micro interpreter cannot run the model even with a {ceiling >> 20} MiB arena",
-                            "check the ops against the TFLM op resolver (tflm_report.json lists them)")
-    lo, hi = 0, ceiling
-    while hi - lo > ARENA_STEP:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _runs_in(fb, mid) else (mid, hi)
+    from nilmc.compiler.tfcompat import stderr_silenced
+
+    with stderr_silenced():  # TFLM prints "Failed to resize buffer ..." for every arena that is too small
+        if not _runs_in(fb, ceiling):
+            raise BadInputError(f"the TFLite Micro interpreter cannot run the model even with a {ceiling >> 20} MiB arena",
+                                "check the ops against the TFLM op resolver (tflm_report.json lists them)")
+        lo, hi = 0, ceiling
+        while hi - lo > ARENA_STEP:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _runs_in(fb, mid) else (mid, hi)
     return hi
 
 
@@ -93,8 +117,7 @@ class TFLMRunner:
         self._it = None
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from nilmc.quantization.intops import int_range, quantize
-        from nilmc.quantization.traits import Rounding
+        from nilmc.quantization.intops import Rounding, int_range, quantize
 
         if self._it is None:
             raise InternalError("TFLMRunner.infer called outside its context", "use `with backend.runner(artifact) as r:`")
@@ -113,6 +136,77 @@ class TFLMRunner:
         return {self.output_name: ((y - z_out).astype(np.float32) * np.float32(s_out)).astype(np.float32)}
 
 
+@dataclass(frozen=True)
+class TFLMOptions:
+    """Typed options of the ``tflm`` backend (``--option tflm.NAME=VALUE``).
+
+    ``fit`` (default ``"auto"``): when the given model does not fit the meter's budget, make a variant that does
+    and deploy it (module docstring), if this backend has a fitter (``nilmc compile`` gives it one), else deploy the
+    given model and say why; ``"search"``: the same, refused without a fitter; ``"off"``: deploy the given model
+    and only report that it does not fit.
+    ``fit_max_loss`` (2.0): the most EACC points the variant may lose against the FP32 model on the held-out
+    calibration windows. ``fit_candidates`` (2): how many widths within the budget are fine-tuned.
+    ``fit_epochs`` (60): the most fine-tuning epochs (early stopping on the held-out calibration windows).
+    ``fit_seed`` (0): the fine-tuning's seed.
+    """
+
+    fit: str = "auto"
+    fit_max_loss: float = 2.0
+    fit_candidates: int = 2
+    fit_epochs: int = 60
+    fit_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {self.fit!r}")
+        if not self.fit_max_loss >= 0 or self.fit_candidates < 1 or self.fit_epochs < 0:
+            raise ValueError(f"need fit_max_loss >= 0, fit_candidates >= 1 and fit_epochs >= 0, got "
+                             f"{self.fit_max_loss}, {self.fit_candidates}, {self.fit_epochs}")
+
+
+OPTION_NAMES = tuple(f.name for f in fields(TFLMOptions))
+
+
+def _verdict(budget: McuBudget, flash: int, sram: int, cycles: int, *, sram_how: str) -> dict[str, Any]:
+    fits = {"flash": flash <= budget.flash_bytes, "sram": sram <= budget.sram_bytes, "cycles": cycles <= budget.cycles}
+    return {"flash_bytes": int(flash), "sram_bytes": int(sram), "cycles": int(cycles), "sram_how": sram_how,
+            "flash_how": "estimated", "cycles_how": "estimated", "fits_each": fits, "fits": all(fits.values())}
+
+
+class TFLMMeter:
+    """The meter's side of the fit (:class:`nilmc.training.fit_meter.Meter`): what a variant costs, and the real check.
+
+    ``estimate`` extrapolates from the given model's own figures (its Flash estimate and measured arena) by the
+    differences in weights, channels, activations and MACs; ``measure`` converts a Keras model to full-integer TFLite
+    (the converter's structure: nilmc's parameters change no size), reads the Flash and cycle estimates of
+    :func:`tflm_report` and **measures** the arena on the TFLM interpreter."""
+
+    def __init__(self, budget: McuBudget, representative: np.ndarray, given_fb: bytes) -> None:
+        self.budget = budget
+        self.representative = np.asarray(representative[:REPRESENTATIVE_WINDOWS], np.float32)
+        self.given = self.figures(given_fb)
+        self.given_costs = graph_costs(given_fb)
+
+    def figures(self, fb: bytes) -> dict[str, Any]:
+        report = tflm_report(fb, budget=self.budget)
+        return _verdict(self.budget, report["flash"]["total_bytes"], measure_arena(fb), report["compute"]["cycles"],
+                        sram_how="measured (TFLM interpreter arena)")
+
+    def estimate(self, facts: Any) -> dict[str, Any]:
+        g = self.given_costs
+        d_channels = facts.channels - g["channels"]
+        flash = self.given["flash_bytes"] + (facts.weights - g["weights"]) + FLATBUFFER_BYTES_PER_CHANNEL * d_channels
+        sram = (self.given["sram_bytes"] + (facts.peak_activation_bytes - g["peak_activation_bytes"])
+                + (facts.scratch_bytes - g["scratch_bytes"]) + PER_CHANNEL_QUANT_BYTES * d_channels)
+        cycles = int(facts.macs * CYCLES_PER_MAC)
+        return _verdict(self.budget, flash, sram, cycles, sram_how="estimated from the given model's measured arena")
+
+    def measure(self, keras_model: Any) -> dict[str, Any]:
+        from nilmc.backends.tflite_int8 import structural_tflite
+
+        return self.figures(structural_tflite(keras_model, self.representative))
+
+
 class TFLMBackend:
     """``tflm:<mcu>``: full-integer TFLite + C array for a microcontroller, verified on the TFLM interpreter."""
 
@@ -120,9 +214,10 @@ class TFLMBackend:
     capabilities = Capabilities(
         precisions=PRECISIONS,
         description="TFLite Micro for the seed-001 smart meter (STM32F4 Cortex-M4): full-integer TFLite + C array, "
-                    "run and arena-measured on the TFLM interpreter",
+                    "run and arena-measured on the TFLM interpreter; a model over the budget is pruned and distilled to fit",
         traits={p: TFLITE_INT8 for p in PRECISIONS},
         keras_precisions=PRECISIONS,
+        options=TFLMOptions,
         requires=("tensorflow", "ai_edge_litert", "tflite_micro"),
         extra="mcu",
         in_all=False,
@@ -131,8 +226,16 @@ class TFLMBackend:
                             "LSB differently from LiteRT's XNNPACK); a Cortex-M4 build links CMSIS-NN kernels, not run here",
             "estimates": "Flash and cycles are estimates from the flatbuffer (tflm_report.json); the arena is measured",
             "speed": "~9 ms per window of the shipped model on the interpreter: not part of `all`, ask for tflm:cortex-m4",
+            "fit": "a model over the budget is replaced by a pruned, distilled variant (tflm.fit=search, the default; needs "
+                   "the fitter from nilmc.training, which `nilmc compile` wires); only Conv2D / Dense chains are pruned",
         },
     )
+
+    def __init__(self, fitter: Callable[..., Any] | None = None, *, budget: McuBudget | None = None) -> None:
+        """``fitter`` (default None): :func:`nilmc.training.fit_meter.fit_to_budget` or a callable like it (see
+        :class:`FittingTFLMBackend`); ``budget`` (default None: :data:`BUDGETS` per precision) replaces the meter's budget."""
+        self.fitter = fitter
+        self.budget = budget
 
     def lower(self, model: Model, out_dir: Path, *, precision: str = "cortex-m4", options: Mapping[str, Any] | None = None) -> Artifact:
         from nilmc.backends.tflite_backend import TFLiteBackend
@@ -140,25 +243,76 @@ class TFLMBackend:
         if precision not in PRECISIONS:
             raise BadInputError(f"tflm has no precision {precision!r}", f"available: {', '.join(PRECISIONS)}")
         _runtime()  # the clear "install nilmc[mcu]" error before any conversion
-        art = TFLiteBackend().lower(model, Path(out_dir), precision="int8", options={**dict(options or {}), "tflm": True})
+        options = dict(options or {})
+        opts = options.get("backend_options") or TFLMOptions()
+        budget = self.budget or BUDGETS[precision]
+        forward = {k: v for k, v in options.items() if k not in (*OPTION_NAMES, "backend_options")}
+        fit, model, forward = self._fit(model, Path(out_dir), budget, opts, forward)
+        art = TFLiteBackend().lower(model, Path(out_dir), precision="int8", options={**forward, "tflm": True})
         fb = art.path.read_bytes()
-        budget = BUDGETS[precision]
         arena = measure_arena(fb)
+        _, report = write_tflm_export(fb, Path(out_dir), budget=budget)  # again: the estimate against this backend's budget
         report_path = Path(out_dir) / "tflm_report.json"
-        import json
-
-        report = json.loads(report_path.read_text())
         report["arena"]["measured_bytes"] = arena
         report["arena"]["measured_how"] = (f"smallest tensor arena (to {ARENA_STEP} B) in which the TFLM interpreter "
                                            "(tflite-micro, reference kernels) allocates and invokes the model: bisection")
         report["fits"]["sram_measured"] = arena <= budget.sram_bytes
+        report["fits"]["all_with_measured_sram"] = bool(report["fits"]["flash"] and report["fits"]["cycles"] and arena <= budget.sram_bytes)
         atomic_write_json(report_path, report)
-        info = {k: v for k, v in art.info.items() if k != "tflm"}
+        info = {k: v for k, v in art.info.items() if k not in ("tflm", "extra_files")}
         info["tools"] = [*art.info.get("tools", []), "tflite-micro"]
-        info["tflm"] = {**art.info.get("tflm", {}), "arena_measured_bytes": arena, "sram_budget_bytes": budget.sram_bytes,
-                        "fits_sram_measured": arena <= budget.sram_bytes, "budget": budget.name}
+        info["tflm"] = {**{k: report[k] for k in ("flash", "arena", "compute", "budget", "fits", "cycles_verdict_robust", "estimate", "note")},
+                        "arena_measured_bytes": arena, "sram_budget_bytes": budget.sram_bytes,
+                        "fits_sram_measured": arena <= budget.sram_bytes, "fits_all": report["fits"]["all_with_measured_sram"],
+                        "budget": budget.name}
+        info["fit"] = fit
+        info["extra_files"] = [*art.info.get("extra_files", []), *([FITTED_FLOAT] if fit.get("deployed") == "fitted variant" else [])]
         kind = f"TFLite Micro full-integer INT8 for {budget.name} (C array; run on the TFLM interpreter, arena measured)"
+        if fit.get("deployed") == "fitted variant":
+            w = fit["variant"]
+            kind += (f"; fitted variant: {w['params']:,} of {w['given_params']:,} parameters, pruned by L1 norm and "
+                     "distilled from the FP32 model")
         return Artifact(self.name, precision, Path(out_dir), art.primary, art.files, kind=kind, info=info)
+
+    def _fit(self, model: Model, out_dir: Path, budget: McuBudget, opts: TFLMOptions,
+             forward: dict[str, Any]) -> tuple[dict[str, Any], Model, dict[str, Any]]:
+        """``(fit record, model to deploy, its lowering options)``: the given model when it fits or ``fit=off``."""
+        from nilmc.backends.tflite_int8 import structural_tflite
+        from nilmc.compiler.tfcompat import load_keras
+
+        calib: NilmDataset | None = forward.get("calibration")
+        if calib is None:
+            raise DataError("tflm:cortex-m4 quantizes and needs calibration windows", "pass --calib FILE")
+        keras_model = load_keras(model)
+        representative = model.contract.prepare(calib.raw_x()[:REPRESENTATIVE_WINDOWS])
+        meter = TFLMMeter(budget, representative, structural_tflite(keras_model, representative))
+        record: dict[str, Any] = {"mode": opts.fit, "budget": asdict(budget), "given": meter.given}
+        if meter.given["fits"]:
+            return {**record, "needed": False, "deployed": "given model"}, model, forward
+        if opts.fit == "off":
+            return {**record, "needed": True, "deployed": "given model (tflm.fit=off): it does not fit the budget"}, model, forward
+        if self.fitter is None and opts.fit == "auto":
+            return {**record, "needed": True, "deployed": "given model: it does not fit the budget, and this registry's tflm backend "
+                    "has no fitter (nilmc compile has one; from Python register FittingTFLMBackend(fit_to_budget))"}, model, forward
+        if self.fitter is None:
+            raise BadInputError(f"the model does not fit {budget.name} ({_over(meter.given, budget)}) and fitting it needs the trainer "
+                                "from nilmc.training, which this registry's tflm backend lacks (nilmc compile wires it; from Python: "
+                                "registry.register(FittingTFLMBackend(nilmc.training.fit_meter.fit_to_budget), replace=True))",
+                                "or pass --option tflm.fit=off to compile the given model as it is")
+        try:
+            result = self.fitter(keras_model, calib, model.contract, meter, max_loss_pts=opts.fit_max_loss,
+                                 candidates=opts.fit_candidates, epochs=opts.fit_epochs, seed=opts.fit_seed)
+        except BadInputError as exc:
+            raise BadInputError(f"the model does not fit {budget.name} ({_over(meter.given, budget)}); {exc.message}", exc.remedy) from None
+        variant = _save_variant(result.model, model, out_dir / FITTED_FLOAT)
+        from nilmc.quantization.context import QuantContext
+
+        lowered = {**{k: v for k, v in forward.items() if k not in ("params", "quant")}, "quant": QuantContext(variant, calib)}
+        fitted = {**record, "needed": True, "deployed": "fitted variant", "variant": result.to_json(), "float_model": FITTED_FLOAT,
+                  "note": "the deployed model is the fitted variant; the gate compares it with the unpruned FP32 model on the "
+                          "evaluation set. Its INT8 parameters are this manifest's quantization record; the manifest's overflow, "
+                          "placement and coverage sections were computed for the given (unpruned) model"}
+        return fitted, variant, lowered
 
     def runner(self, artifact: Artifact) -> TFLMRunner:
         arena = int(artifact.info.get("tflm", {}).get("arena_measured_bytes") or 0)
@@ -166,3 +320,33 @@ class TFLMBackend:
             raise BadInputError("the bundle records no measured arena", "recompile the tflm target")
         # a little headroom over the measured minimum: the interpreter may round allocations differently per input
         return TFLMRunner(artifact.path, arena=arena + 1024)
+
+
+class FittingTFLMBackend(TFLMBackend):
+    """:class:`TFLMBackend` that can fit a model to the meter: ``fitter`` is
+    :func:`nilmc.training.fit_meter.fit_to_budget` (training/ is imported only by the CLI, which registers this).
+    Its own class, so the compile driver keeps its targets in this process (a worker's fresh registry lacks it)."""
+
+    def __init__(self, fitter: Callable[..., Any], *, budget: McuBudget | None = None) -> None:
+        super().__init__(fitter, budget=budget)
+
+
+def _over(fig: Mapping[str, Any], budget: McuBudget) -> str:
+    return (f"Flash {fig['flash_bytes']:,} B of {budget.flash_bytes:,}, SRAM {fig['sram_bytes']:,} B of {budget.sram_bytes:,} "
+            f"(measured arena), {fig['cycles']:,} of {budget.cycles:,} cycles per window")
+
+
+def _save_variant(keras_model: Any, model: Model, path: Path) -> Model:
+    """Write the fitted float model (.h5, atomically) and return it as a :class:`Model` with the given contract."""
+    import tempfile
+    import warnings
+
+    from nilmc.compiler.frontend import keras_to_onnx
+    from nilmc.compiler.io import atomic_write_bytes
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tf_keras calls HDF5 "legacy"; it is what the QAT target writes too
+        tmp_path = Path(tmp) / "m.h5"
+        keras_model.save(tmp_path)
+        atomic_write_bytes(path, tmp_path.read_bytes())
+    return keras_to_onnx(keras_model, model.contract, source=f"{model.source or 'model'} (fitted to the meter)", keras_path=path)

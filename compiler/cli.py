@@ -192,6 +192,16 @@ def parse_min_sqnr(text: str | None) -> float | None:
     return v
 
 
+def _wire_meter_fitter(registry: Any, tlist: list[Any]) -> None:
+    """The tflm backend's fitter (pruning + distillation) lives in training/, which only the CLI may import: hand it over."""
+    from nilmc.backends.tflm_backend import FittingTFLMBackend, TFLMBackend
+
+    if any(t.backend == "tflm" for t in tlist) and type(registry.get("tflm")) is TFLMBackend:
+        from nilmc.training.fit_meter import fit_to_budget
+
+        registry.register(FittingTFLMBackend(fit_to_budget), replace=True)
+
+
 def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None,
                 junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
                 option_flags: tuple[str, ...] = (), contract_flags: Any = None, min_sqnr: str | None = None,
@@ -214,6 +224,7 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         check_report_path(report, out, inputs=inputs)
     registry = default_registry()
     tlist = registry.parse_targets(targets)
+    _wire_meter_fitter(registry, tlist)
     budget = parse_budget(max_delta)
     min_sqnr_db = parse_min_sqnr(min_sqnr)
     model = load_model_with_flags(model_path, contract_flags)

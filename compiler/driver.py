@@ -675,6 +675,9 @@ class _Job:
             from nilmc.quantization.coverage import likely_causes
 
             report = dataclasses.replace(report, cause=likely_causes(*findings) if findings else "")
+        from nilmc.compiler.hardware import manifest_section
+
+        sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)

@@ -51,4 +51,9 @@ def summary_table(summary: CompileSummary) -> str:
             lines.append(f"  {r.target}: {r.error}")
         elif not r.passed and r.report is not None:
             lines.append(f"  {r.target}: " + r.report.failure_line())
+    from nilmc.compiler.hardware import hardware_table, summary_rows
+
+    boards = [row for row in summary_rows(summary) if row.get("target")]
+    if boards:  # seed 003 Table 12 for the boards this compile's targets run on
+        lines += ["", hardware_table(boards)]
     return "\n".join(lines)

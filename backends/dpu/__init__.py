@@ -329,7 +329,8 @@ def _headroom(peaks: Mapping[str, int]) -> dict[str, Any]:
 
 def _board_figures(target: DPUTarget, eacc_pct: float | None) -> dict[str, Any]:
     rows = [b.figures(eacc_pct) for b in boards_for(target)] if eacc_pct is not None else []
-    return {"source": boards_source(), "eacc": "emulated DPU EACC on the calibration windows", "rows": rows,
+    return {"source": boards_source(), "eacc": "emulated DPU EACC on the calibration windows, known before verification; the manifest's "
+            "'hardware' section has the figures from the gate's evaluation EACC", "rows": rows,
             "formula": "EACC % / TDP W and EACC % / board cost $ (seed 003 Table 8)"}
 
 

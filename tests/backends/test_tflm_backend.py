@@ -47,6 +47,9 @@ def test_arena_is_measured_and_the_c_array_is_the_model(compiled):
     assert _runs_in(fb, arena) and not _runs_in(fb, arena - 64)  # the minimum, measured
     assert parse_c_array((b / "model_data.cc").read_text()) == fb
     assert json.loads((b / "tflm_report.json").read_text())["arena"]["measured_bytes"] == arena
+    # the full-size seq2point does not fit the meter; the default registry has no fitter (the CLI's has): said, not hidden
+    fit = m["artifact_info"]["fit"]
+    assert fit["given"]["fits"] is False and "has no fitter" in fit["deployed"] and m["artifact_info"]["tflm"]["fits_all"] is False
 
 
 def test_tflm_is_not_in_all_but_listed():
