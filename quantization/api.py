@@ -30,6 +30,7 @@ pipeline (steps 4–5, 7) that :class:`context.QuantContext` runs for every back
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,7 +45,7 @@ from nilmc.quantization.bias_correction import BiasCorrectionCheck, BiasCorrecti
 from nilmc.quantization.estimators import ESTIMATORS
 from nilmc.quantization.graph import analyze, input_layers
 from nilmc.quantization.mixed_precision import MixedPrecisionResult, Unit, mixed_precision, raise_precision
-from nilmc.quantization.params import QuantParams, activation_from_range, derive_params, replace_activation
+from nilmc.quantization.params import QuantParams, TensorQuant, activation_from_range, derive_params, replace_activation
 from nilmc.quantization.selection import (
     CANDIDATES,
     HEADROOM_GRID,
@@ -145,7 +146,8 @@ def required_output_range(contract: ModelContract | None) -> tuple[float, float]
 
 
 def fit_output_range(params: QuantParams, onnx_model: onnx.ModelProto, contract: ModelContract | None) -> QuantParams:
-    """Widen every graph output's range to cover :func:`required_output_range` (no-op when it does)."""
+    """Widen every graph output's range to cover :func:`required_output_range` (no-op when it does), then put
+    0 W exactly on a code of asymmetric grids (:func:`_zero_watts_on_grid`)."""
     need = required_output_range(contract)
     if need is None:
         return params
@@ -169,7 +171,40 @@ def fit_output_range(params: QuantParams, onnx_model: onnx.ModelProto, contract:
                 break
             want_lo, want_hi = want_lo - (new.scale[0] if lo > need[0] else 0.0), want_hi + (new.scale[0] if hi < need[1] else 0.0)
         out = replace_activation(out, new, g)
+    for name in g.outputs:
+        if name in out and name not in out.keep_float:
+            on_grid = _zero_watts_on_grid(out[name], need[0], out.traits)
+            out = out if on_grid is None else replace_activation(out, on_grid, g)
     return out
+
+
+def _zero_watts_on_grid(tq: TensorQuant, zero_w: float, traits: QuantTraits) -> TensorQuant | None:
+    """The output grid re-cut so that 0 W (``zero_w`` in model units) is exactly one of its codes, or None.
+
+    Every metric clips predictions at 0 W. On a grid where 0 W falls between two codes, the many near-zero
+    predictions (appliance off) round to the code above or below, and the clip keeps only the ones above: measured
+    on the shipped model over 5 random 1000-window draws, the INT8 output sat +1.4..+2.5 W above FP32 and EACC
+    lost +0.27..+0.37 points; with 0 W on a code, +0.15..+0.23 (consecutive draws and the shipped draw gain too;
+    output SQNR unchanged within 0.1 dB). The scale grows by at most ~1/k (k codes between 0 W and 0.0) and the
+    grid still covers the range it had. Asymmetric, non-power-of-two, per-tensor grids only (on a symmetric grid
+    the scale alone would have to move, which the weights' requantization already fixes)."""
+    if traits.symmetric_activations or traits.power_of_two or tq.per_channel or not zero_w < 0.0:
+        return None
+    rng = tq.rng
+    lo, hi = tq.representable()
+    if zero_w > hi:
+        return None
+    lo = min(lo, zero_w)  # fit_output_range covers 0 W; a zero point's rounding may leave it a fraction of a code out
+    step = (hi - lo) / (rng.hi - rng.lo - 1)  # one code spare: the zero point moves to a whole code
+    k = int(math.floor(-zero_w / step + 1e-9))
+    if k < 1:
+        return None
+    scale = float(np.float32(-zero_w / k))
+    zp = int(rng.lo + math.ceil(-lo / scale - 1e-9))
+    new = TensorQuant(tq.name, "activation", tq.range_name, (scale,), (zp,), None, ((rng.lo - zp) * scale,), ((rng.hi - zp) * scale,),
+                      f"{tq.method}+0 W on a code")
+    nlo, nhi = new.representable()
+    return new if rng.lo <= zp <= rng.hi and nlo <= lo + 1e-9 * abs(lo) and nhi >= hi - 1e-9 * abs(hi) else None
 
 
 # --------------------------------------------------------------------------- the parameter pipeline
@@ -188,6 +223,17 @@ def _precise_input_layers(onnx_model: onnx.ModelProto, traits: QuantTraits) -> t
     layers = input_layers(m, analyze(m))
     return tuple(layer.name for layer in layers) if layers else ()
 
+
+def with_precise_input(params: QuantParams, onnx_model: onnx.ModelProto, techniques: Techniques | None = None) -> QuantParams:
+    """``params`` from a plain derivation (a target's own estimator, e.g. the DPU's min-max start) with
+    ``Techniques.precise_input`` applied as :func:`ptq_params` applies it: where ``params.traits.float_layers``, the
+    layers reading the graph input are kept float (``provenance["precise_input"]``), no headroom added; else unchanged."""
+    techniques = techniques or Techniques()
+    precise = _precise_input_layers(onnx_model, params.traits) if techniques.precise_input else ()
+    if not precise:
+        return params
+    return replace(params, keep_float=tuple(dict.fromkeys([*params.keep_float, *precise])),
+                   provenance={**params.provenance, "precise_input": {"float_layers": list(precise), "deployment_headroom": 1.0}})
 
 
 @dataclass

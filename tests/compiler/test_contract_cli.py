@@ -225,7 +225,7 @@ def test_keras_with_embedded_contract_loads(work, tmp_path):
 FOREIGN_FLAGS = {"--cpu", "--delegate", "--graph", "--external", "--engine", "--fp16", "--int8", "--onnx", "--save", "--strongly",
                  "--workspace-mib", "--xmodel", "--opset", "--help",
                  "--head", "--trt", "--onnxrt", "--strongly-typed", "--trt-outputs", "--onnx-outputs", "--input-shapes", "--atol",
-                 "--rtol"}  # ray start; polygraphy run
+                 "--rtol", "--extra-index-url"}  # ray start; polygraphy run; pip
 
 
 def _all_options() -> set[str]:
