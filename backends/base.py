@@ -52,6 +52,7 @@ class Capabilities:
     keras_precisions: tuple[str, ...] = ()
     options: type | None = None
     in_all: bool = True  # part of `--targets all` (False: asked for by name only, e.g. a slow interpreter)
+    onnx_ml_precisions: tuple[str, ...] = ()  # precisions whose runtime runs ONNX-ML ops (TreeEnsemble...); others refuse them
 
     def quantizes(self, precision: str) -> bool:
         return precision in self.traits
@@ -105,8 +106,17 @@ class Backend(Protocol):
 def precheck(backend: Any, model: Any, precision: str) -> str | None:
     """A backend's optional ``precheck(model, precision) -> str | None``: what makes the target unable to take the model,
     found from the graph alone before any calibration (None: nothing found, or the backend has no pre-check)."""
+    ml = onnx_ml_ops(model)
+    if ml and precision not in getattr(backend.capabilities, "onnx_ml_precisions", ()):
+        return (f"{', '.join(ml)} is an ONNX-ML op (domain ai.onnx.ml) and {backend.name}:{precision} cannot run it; "
+                "only onnxruntime:fp32 runs it; use --targets onnxruntime:fp32")
     check = getattr(backend, "precheck", None)
     return check(model, precision) if callable(check) else None
+
+
+def onnx_ml_ops(model: Any) -> list[str]:
+    """The ONNX-ML ops (domain ``ai.onnx.ml``: TreeEnsembleRegressor, TreeEnsembleClassifier...) in ``model``'s graph."""
+    return sorted({n.op_type for n in model.graph.graph.node if n.domain == "ai.onnx.ml"})
 
 
 def option_fields(caps: Capabilities) -> dict[str, dataclasses.Field[Any]]:

@@ -62,6 +62,7 @@ class OnnxRuntimeBackend:
         traits={"int8": GENERIC_INT8},
         requires=("onnxruntime",),
         extra=None,
+        onnx_ml_precisions=("fp32",),  # onnxruntime's CPU provider runs the ai.onnx.ml tree ensembles; QDQ INT8 has nothing to quantize there
     )
 
     def lower(self, model: Model, out_dir: Path, *, precision: str = "fp32", options: Mapping[str, Any] | None = None) -> Artifact:

@@ -343,6 +343,10 @@ _CONTRACT_OPTIONS = (
                  help="For sequence outputs: midpoint, last or index:K (the step that is the prediction)."),
     click.option("--layout", callback=_check_layout, default=None,
                  help="The model's input layout: NTF1 (N,T,F,1), NWC (N,T,F), NCW (N,F,T), NW (N,T); default from its rank."),
+    click.option("--task", type=click.Choice(["regression", "binary", "multilabel"], case_sensitive=False), default=None,
+                 help="regression (watts, the default) or ON/OFF classification: binary (one appliance), multilabel (several)."),
+    click.option("--appliances", default=None, metavar="A,B,..", help="Classification: the appliance of each output probability, in order."),
+    click.option("--thresholds", default=None, metavar="W[,W..]", help="Classification: ON thresholds in watts, one or one per appliance."),
 )
 
 
@@ -354,7 +358,8 @@ def _contract_inputs(flags: Any) -> tuple[str, ...]:
 def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The contract options (``--contract FILE`` and the field flags), passed on as one ``contract_flags`` argument."""
     names = ("contract_file", "input_norm", "input_mean", "input_std", "input_min", "input_max", "input_stats_from", "target_mean",
-             "target_std", "appliance", "on_threshold", "peak_power", "window", "output", "layout")  # ContractFlags' fields
+             "target_std", "appliance", "on_threshold", "peak_power", "window", "output", "layout", "task", "appliances",
+             "thresholds")  # ContractFlags' fields
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -505,17 +510,29 @@ def keygen_cmd(out: str, as_json: bool) -> None:
 @click.option("--data", "data_path", type=click.Path(), default=None, help="Training set (.npz); default: generate train/val splits with --setup/--seed.")
 @click.option("--setup", default="T-P", show_default=True, help="Feature setup when generating data (e.g. T-P, TF-VIP, LF-P).")
 @click.option("--val", "val_path", type=click.Path(), default=None, help="Validation set (.npz) for early stopping.")
-@click.option("--appliance", required=True, help="Appliance to disaggregate (a target column of the data).")
+@click.option("--appliance", default=None, help="Appliance to disaggregate (a target column of the data); --model seq2point/xgboost.")
 @click.option("--normalization", default="C", show_default=True, help="Input normalization A-E (Table 1 of seed 003).")
 @click.option("--architecture", type=click.Choice(["seq2point", "classic"]), default="seq2point", show_default=True)
-@click.option("--epochs", type=click.IntRange(1, 10000), default=30, show_default=True)
+@click.option("--model", "model_kind", type=click.Choice(["seq2point", "xgboost", "ctrnn"]), default="seq2point", show_default=True,
+              help="seq2point CNN (seed 003); xgboost edge regressor (seed 000, needs the [tree] extra); ctrnn multi-label ON/OFF classifier "
+                   "(seed 002). The last two train on synthetic low-frequency data unless --data is given.")
+@click.option("--appliances", "appliance_list", default=None, metavar="A,B,..", help="--model ctrnn: the appliances it labels ON/OFF.")
+@click.option("--epochs", type=click.IntRange(1, 10000), default=None, help="Training epochs (default 30; ctrnn: its own default).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="Output stem: writes OUT.keras, OUT.keras.contract.json, OUT.onnx.")
 @json_option
 @handle_errors
-def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance: str, normalization: str, architecture: str,
-              epochs: int, seed: int, out: str, as_json: bool) -> None:
-    """Train a reference seq2point model reproducibly."""
+def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance: str | None, normalization: str, architecture: str,
+              epochs: int | None, seed: int, out: str, as_json: bool, model_kind: str = "seq2point", appliance_list: str | None = None) -> None:
+    """Train a reference model reproducibly (the seq2point CNN by default; --model for the others)."""
+    if model_kind != "seq2point":
+        _train_zoo(model_kind, data_path, val_path, appliance, appliance_list, epochs, seed, out, as_json)
+        return
+    if appliance is None:
+        from nilmc.compiler.errors import BadInputError
+
+        raise BadInputError("--appliance is missing", "pass --appliance NAME (a target column of the data), e.g. --appliance kettle")
+    epochs = 30 if epochs is None else epochs
     from nilmc.calibration_data.normalization import Normalization
     from nilmc.compiler.driver import reference_metrics
     from nilmc.compiler.frontend import load_model
@@ -543,6 +560,35 @@ def train_cmd(data_path: str | None, setup: str, val_path: str | None, appliance
         click.echo(f"trained {architecture} for {appliance} ({result['parameters']:,} parameters) -> {paths['onnx']}")
         if "val_metrics" in result:
             click.echo("validation (FP32, onnxruntime): " + ", ".join(f"{k}={v:.4g}" for k, v in result["val_metrics"].items() if isinstance(v, float)))
+
+
+def _train_zoo(kind: str, data_path: str | None, val_path: str | None, appliance: str | None, appliance_list: str | None,
+               epochs: int | None, seed: int, out: str, as_json: bool) -> None:
+    """``nilmc train --model xgboost|ctrnn``: nilmc.training.zoo, then the FP32 validation metrics of the written ONNX."""
+    from nilmc.compiler.driver import reference_metrics
+    from nilmc.compiler.frontend import load_model
+    from nilmc.training.lowfreq_data import DEFAULT_APPLIANCES
+    from nilmc.training.zoo import default_splits, save_model, train_model
+
+    apps = tuple(a.strip() for a in (appliance_list or appliance or ",".join(DEFAULT_APPLIANCES)).split(",") if a.strip())
+    if data_path is None:
+        splits = default_splits(kind, apps, seed=seed)
+        train, val = splits["train"], splits["val"]
+    else:
+        train, val = _load_data(data_path), (_load_data(val_path) if val_path else None)
+    trained = train_model(kind, train, val, appliances=apps, epochs=epochs, seed=seed)
+    paths = save_model(trained, out)
+    result: dict[str, Any] = {"files": {k: str(v) for k, v in paths.items()}, **trained.info}
+    if val is not None:
+        m, _ = reference_metrics(load_model(paths["onnx"]), val)
+        result["val_metrics"] = m.to_json()
+    if as_json:
+        _print_json(result)
+        return
+    click.echo(f"trained {kind} for {', '.join(apps)} ({result.get('parameters', 0):,} parameters) -> {paths['onnx']}")
+    if "val_metrics" in result:
+        flat = {k: v for k, v in result["val_metrics"].items() if isinstance(v, float)}
+        click.echo("validation (FP32, onnxruntime): " + ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
 
 
 # ------------------------------------------------------------------ quantize

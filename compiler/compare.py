@@ -15,12 +15,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nilmc.compiler.errors import BadInputError
-from nilmc.compiler.metrics import Metrics, compare_metrics
+from nilmc.compiler.metrics import CLASSIFICATION_METRICS, AnyMetrics, ClassificationMetrics, compare_metrics
 
-# EACC and F1 budgets are in percentage points; MAE in watts; SAE/NDE as fractions.
-KNOWN_BUDGET_METRICS = ("eacc", "mae", "sae", "nde", "f1")
+# EACC and F1 budgets are in percentage points; MAE in watts; SAE/NDE as fractions. The classification metrics
+# (f1w = support-weighted F1, precision_w, recall_w, accuracy, f1_macro) are in percentage points too: seed 002's
+# "weighted-F1 loss <= 0.01" (a fraction) is f1w=1.
+REGRESSION_BUDGET_METRICS = ("eacc", "mae", "sae", "nde", "f1")
+CLASSIFICATION_BUDGET_METRICS = CLASSIFICATION_METRICS
+KNOWN_BUDGET_METRICS = (*REGRESSION_BUDGET_METRICS, *CLASSIFICATION_BUDGET_METRICS)
 MIN_SQNR_KEY = "min_sqnr_db"  # a floor, not a loss: output SQNR vs FP32 in dB
 DEFAULT_BUDGET: dict[str, float] = {"eacc": 0.5}
+DEFAULT_CLASSIFICATION_BUDGET: dict[str, float] = {"f1w": 1.0}  # one point of weighted F1 = seed 002's 0.01
+
+
+def default_budget(task: str = "regression") -> dict[str, float]:
+    """The budget a compile uses when none is given: ``eacc=0.5`` (regression), ``f1w=1`` (binary / multilabel)."""
+    return dict(DEFAULT_CLASSIFICATION_BUDGET if task in ("binary", "multilabel") else DEFAULT_BUDGET)
+
+
+def check_budget_for_task(budget: Mapping[str, float], task: str) -> None:
+    """Refuse (before any work) a budget naming metrics the task's comparison does not produce."""
+    allowed = CLASSIFICATION_BUDGET_METRICS if task in ("binary", "multilabel") else REGRESSION_BUDGET_METRICS
+    wrong = [k for k in budget if k != MIN_SQNR_KEY and k not in allowed]
+    if wrong:
+        raise BadInputError(f"the budget names {', '.join(wrong)}, which a {task} model is not scored in",
+                            f"pass --max-delta with {', '.join(allowed)} (e.g. --max-delta {allowed[0]}=1)")
 DEFAULT_MIN_SQNR_DB = 10.0  # what the compile driver adds to the budget unless told otherwise
 
 
@@ -88,8 +107,8 @@ class Report:
     """Outcome of comparing one candidate with the reference; truthy when it passed."""
 
     target: str
-    reference: Metrics
-    candidate: Metrics
+    reference: AnyMetrics
+    candidate: AnyMetrics
     deltas: Mapping[str, float]
     budget: Mapping[str, float]
     verification: str  # measured | emulated | not verified
@@ -110,7 +129,8 @@ class Report:
 
     def __str__(self) -> str:
         if self:
-            return f"{self.target}: PASS ({self.verification}) eacc delta {self.deltas.get('eacc', 0.0):+.3f} pts"
+            key = "f1w" if isinstance(self.reference, ClassificationMetrics) else "eacc"
+            return f"{self.target}: PASS ({self.verification}) {key} delta {self.deltas.get(key, 0.0):+.3f} pts"
         return f"{self.target}: FAIL ({self.verification}) " + self.failure_line()
 
     def failure_line(self) -> str:
@@ -138,7 +158,7 @@ def validate_budget(budget: Mapping[str, float]) -> dict[str, float]:
     return parse_budget(",".join(f"{k}={v!r}" for k, v in budget.items())) if budget else {}
 
 
-def compare(reference: Metrics, candidate: Metrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured",
+def compare(reference: AnyMetrics, candidate: AnyMetrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured",
             extra: Mapping[str, Any] | None = None, sqnr_db: float | None = None) -> Report:
     """Compare candidate metrics with the reference under ``budget``.
 

@@ -20,19 +20,38 @@ Two fields describe models whose tensors are not nilmc's canonical ones:
     ``midpoint`` (index ``L // 2`` of an output of ``L`` steps), ``last``, or ``index:K``.
     Empty (the default): the model returns one value per window; a sequence output is then
     refused rather than silently reduced to its first step.
+
+Three task kinds (``task``):
+
+``regression`` (the default)
+    One appliance's power: the output is de-normalized to watts (``target``) and scored in NILM metrics
+    (EACC, MAE, ...; ON/OFF scores at ``on_threshold_w``).
+``binary`` / ``multilabel``
+    ON/OFF classification of one (``binary``) or several (``multilabel``) appliances: the model returns one
+    probability per appliance in ``appliances`` (a sigmoid head, seed 002's CtRNN); an appliance is predicted
+    ON when its probability is ``>= decision_threshold`` (default 0.5), and truly ON when its power in the
+    data set is ``>= on_thresholds_w[k]`` watts. Scored in F1 / precision / recall / accuracy per appliance
+    and their support-weighted averages (:func:`nilmc.compiler.metrics.classification_metrics`).
+
+A regression contract writes none of the classification fields, so every contract written before them
+stays byte-identical.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nilmc.calibration_data.normalization import Normalization, NormalizationSpec, TargetScaling
-from nilmc.compiler.errors import BadInputError, ShapeMismatchError
+from nilmc.compiler.errors import BadInputError, DataError, ShapeMismatchError
+
+if TYPE_CHECKING:
+    from nilmc.compiler.metrics import AnyMetrics
 
 CONTRACT_KEY = "nilmc.contract"
 CONTRACT_VERSION = 1
@@ -42,6 +61,8 @@ CANONICAL_LAYOUT = "NTF1"
 LAYOUTS: dict[str, tuple[int, int, int | None]] = {"NTF1": (3, 0, 1), "NWC": (2, 0, 1), "NCW": (2, 1, 0), "NW": (1, 0, None)}
 _LAYOUT_ALIASES = {"NTFC": "NTF1", "NHWC": "NTF1", "NTF": "NWC", "NTC": "NWC", "NFT": "NCW", "NCT": "NCW", "NT": "NW"}
 OUTPUT_SELECTORS_HELP = "midpoint, last or index:K"
+TASKS = ("regression", "binary", "multilabel")
+CLASSIFICATION_TASKS = ("binary", "multilabel")
 _MIN_STATS = {"C": ("mean", "std"), "B": ("minimum", "maximum"), "D": ("minimum", "maximum"), "E": ("minimum", "maximum")}
 
 
@@ -69,6 +90,16 @@ def parse_output_select(value: str | None) -> str:
         except ValueError:
             pass
     raise BadInputError(f"unknown output selector {value!r}", f"use --output {OUTPUT_SELECTORS_HELP} (e.g. --output index:299)")
+
+
+def parse_task(value: str | None) -> str:
+    """``"Multilabel"`` -> ``"multilabel"``; empty/None -> ``"regression"``. Raises :class:`BadInputError` when unknown."""
+    key = (value or "").strip().lower().replace("-", "")
+    if not key:
+        return "regression"
+    if key not in TASKS:
+        raise BadInputError(f"unknown task {value!r}", f"use --task {' | '.join(TASKS)}")
+    return key
 
 
 def resolve_layout(model_shape: Sequence[int | None], layout: str = "") -> str:
@@ -176,11 +207,69 @@ class ModelContract:
     folded: bool = False
     layout: str = ""  # the model's own input layout (module doc); "" = not stated
     output_select: str = ""  # midpoint | last | index:K for sequence outputs; "" = one value per window
+    task: str = "regression"  # regression | binary | multilabel (module doc)
+    appliances: tuple[str, ...] = ()  # classification: one output column per appliance, in order
+    on_thresholds_w: tuple[float, ...] = ()  # classification: truly ON when power >= this (W), per appliance
+    decision_threshold: float = 0.5  # classification: predicted ON when probability >= this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", parse_layout(self.layout))
         object.__setattr__(self, "output_select", parse_output_select(self.output_select))
+        object.__setattr__(self, "task", parse_task(self.task))
         check_statistics(self.normalization)
+        if self.is_classification:
+            self._check_classification()
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task in CLASSIFICATION_TASKS
+
+    @property
+    def output_appliances(self) -> tuple[str, ...]:
+        """The appliance of each output column: ``appliances`` for classification, ``(appliance,)`` for regression."""
+        return self.appliances if self.is_classification else (self.appliance,)
+
+    def _check_classification(self) -> None:
+        apps = tuple(str(a) for a in (self.appliances or (self.appliance,)))
+        thr = tuple(float(t) for t in (self.on_thresholds_w or (self.on_threshold_w,) * len(apps)))
+        if self.task == "binary" and len(apps) != 1:
+            raise BadInputError(f"a binary contract classifies one appliance, got {len(apps)} ({', '.join(apps)})",
+                                "pass --task multilabel for several appliances, or one name to --appliances")
+        if len(set(apps)) != len(apps):
+            raise BadInputError(f"--appliances names an appliance twice ({', '.join(apps)})", "name each output column once")
+        if len(thr) != len(apps):
+            raise BadInputError(f"{len(thr)} ON thresholds for {len(apps)} appliances ({', '.join(apps)})",
+                                "pass one --thresholds value per appliance (watts), or one for all")
+        if not all(math.isfinite(t) and t >= 0 for t in thr):
+            raise BadInputError(f"ON thresholds must be finite watts >= 0, got {list(thr)}", "pass e.g. --thresholds 2000,200,50")
+        if not 0.0 < float(self.decision_threshold) < 1.0:
+            raise BadInputError(f"decision_threshold must lie in (0, 1), got {self.decision_threshold!r}",
+                                "use a probability such as 0.5 (seed 002: ON when > 0.5)")
+        object.__setattr__(self, "appliances", apps)
+        object.__setattr__(self, "on_thresholds_w", thr)
+        object.__setattr__(self, "appliance", apps[0] if self.appliance not in apps else self.appliance)
+        object.__setattr__(self, "decision_threshold", float(self.decision_threshold))
+
+    def select_truth(self, y: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """The ground truth (W) of a data set's ``y`` whose columns are ``names``: ``(N,)`` for regression,
+        ``(N, M)`` in ``appliances`` order for classification. Raises :class:`DataError` naming a missing appliance."""
+        names = list(names)
+        missing = [a for a in self.output_appliances if a not in names]
+        if missing:
+            raise DataError(f"appliance(s) {', '.join(missing)} of the model's contract are not in this data set",
+                            f"available: {', '.join(names)}; pass data with those columns or --appliances from them")
+        cols = [names.index(a) for a in self.output_appliances]
+        return y[:, cols[0]] if not self.is_classification else y[:, cols]
+
+    def score(self, truth_w: np.ndarray, pred: np.ndarray) -> AnyMetrics:
+        """The task's metrics: :class:`~nilmc.compiler.metrics.Metrics` (regression, ``pred`` in W) or
+        :class:`~nilmc.compiler.metrics.ClassificationMetrics` (``pred`` probabilities ``(N, M)``)."""
+        from nilmc.compiler.metrics import classification_metrics, nilm_metrics
+
+        if self.is_classification:
+            return classification_metrics(truth_w, pred, appliances=self.appliances, on_thresholds_w=self.on_thresholds_w,
+                                          decision_threshold=self.decision_threshold, task=self.task)
+        return nilm_metrics(truth_w, pred, on_threshold_w=self.on_threshold_w)
 
     def check_input(self, x: np.ndarray, *, source: str = "data") -> None:
         got = tuple(int(d) for d in np.shape(x)[1:])
@@ -210,8 +299,16 @@ class ModelContract:
                 "NWC": (t, f), "NCW": (f, t), "NW": (t,)}[self.layout]
 
     def to_watts(self, out: np.ndarray) -> np.ndarray:
-        """Graph output -> watts, shape ``(N,)``; ``output_select`` picks the step of a sequence output."""
+        """Graph output -> watts, shape ``(N,)``; ``output_select`` picks the step of a sequence output.
+
+        For a classification contract: the per-appliance probabilities, shape ``(N, M)`` (no watts to return).
+        """
         out = np.asarray(out, np.float32).reshape(len(out), -1)
+        if self.is_classification:
+            if out.shape[1] != len(self.appliances):
+                raise ShapeMismatchError(f"the model returns {out.shape[1]} values per window, its contract names {len(self.appliances)} "
+                                         f"appliances ({', '.join(self.appliances)})", "pass one --appliances name per output column")
+            return out
         out = out[:, self.output_index(out.shape[1])]
         return out if self.folded else self.target.to_watts(out)
 
@@ -246,6 +343,11 @@ class ModelContract:
                 raise ShapeMismatchError(f"the model's output {tuple('?' if d is None else d for d in dims)} has an open length "
                                          "and its contract selects no element", f"pass --output {OUTPUT_SELECTORS_HELP}")
             return
+        if self.is_classification:
+            if known and len(known) == len(dims) and int(np.prod(known)) != len(self.appliances):
+                raise ShapeMismatchError(f"the model's output {tuple(dims)} does not hold one probability per appliance of its contract "
+                                         f"({', '.join(self.appliances)})", "pass one --appliances name per output column")
+            return
         self.output_index(int(np.prod(known)) if known else 1)
 
     def to_json(self) -> dict[str, Any]:
@@ -266,6 +368,8 @@ class ModelContract:
             # written only when set, so every contract written before these fields stays byte-identical
             **({"layout": self.layout} if self.layout else {}),
             **({"output_select": self.output_select} if self.output_select else {}),
+            **({"task": self.task, "appliances": list(self.appliances), "on_thresholds_w": list(self.on_thresholds_w),
+                "decision_threshold": self.decision_threshold} if self.is_classification else {}),
         }
 
     def dumps(self) -> str:
@@ -289,6 +393,10 @@ class ModelContract:
                 folded=bool(d.get("folded", False)),
                 layout=str(d.get("layout") or ""),
                 output_select=str(d.get("output_select") or ""),
+                task=str(d.get("task") or "regression"),
+                appliances=tuple(str(a) for a in d.get("appliances") or ()),
+                on_thresholds_w=tuple(float(t) for t in d.get("on_thresholds_w") or ()),
+                decision_threshold=float(d.get("decision_threshold", 0.5)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadInputError(f"model contract is malformed ({type(exc).__name__}: {exc})", _REMEDY) from None

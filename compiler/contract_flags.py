@@ -10,6 +10,10 @@ With neither a file nor a contract in the model, the flags build the whole contr
 from the model's input (``--window``/``--layout`` where it is open or ambiguous), and at least
 ``--input-norm`` and ``--appliance`` must be given (``--target-mean``/``--target-std`` default to 0/1: a model
 whose output is already in watts).
+
+An ON/OFF classifier (``--task binary|multilabel``) names its output columns with ``--appliances a,b,c`` (one
+probability each, in order) and their ON thresholds in watts with ``--thresholds`` (one value, or one per
+appliance; default: each appliance's usual threshold); ``--appliances`` then stands for ``--appliance``.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from nilmc.compiler.contract import (
     load_contract_file,
     parse_layout,
     parse_output_select,
+    parse_task,
     resolve_layout,
 )
 from nilmc.compiler.errors import BadInputError
@@ -57,6 +62,9 @@ class ContractFlags:
     window: int | None = None
     output: str | None = None
     layout: str | None = None
+    task: str | None = None
+    appliances: str | None = None  # comma list (classification output columns)
+    thresholds: str | None = None  # comma list of watts, one or one per appliance
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -155,8 +163,11 @@ def build_contract(model_path: str | Path, flags: ContractFlags, *, require: boo
     base = base_contract(model_path, flags)
     layout = parse_layout(flags.layout) if flags.layout is not None else (base.layout if base else "")
     output_select = parse_output_select(flags.output) if flags.output is not None else (base.output_select if base else "")
+    task = parse_task(flags.task) if flags.task is not None else (base.task if base else "regression")
+    appliances = _appliance_list(flags.appliances) if flags.appliances is not None else (base.appliances if base else ())
     if base is None:
-        missing = [f for f, v in (("--input-norm KIND", flags.input_norm), ("--appliance NAME", flags.appliance)) if v is None]
+        named = flags.appliance if flags.appliance is not None else (appliances[0] if appliances else None)
+        missing = [f for f, v in (("--input-norm KIND", flags.input_norm), ("--appliance NAME", named)) if v is None]
         if require and missing:
             raise BadInputError(f"{str(model_path)!r} carries no contract and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not given",
                                 "pass --contract FILE (`nilmc contract init MODEL --out FILE` writes one to edit) or the contract flags "
@@ -174,7 +185,8 @@ def build_contract(model_path: str | Path, flags: ContractFlags, *, require: boo
         flags.target_mean if flags.target_mean is not None else (base.target.mean if base else 0.0),
         flags.target_std if flags.target_std is not None else (base.target.std if base else 1.0),
     )
-    appliance = flags.appliance if flags.appliance is not None else (base.appliance if base else "appliance")
+    appliance = flags.appliance if flags.appliance is not None else (
+        appliances[0] if appliances and (base is None or base.appliance not in appliances) else (base.appliance if base else "appliance"))
     on_threshold = flags.on_threshold if flags.on_threshold is not None else (base.on_threshold_w if base else _default_threshold(appliance))
     feature_names = base.feature_names if base else ()
     if data is not None and len(data.feature_names) == input_shape[1] and (not feature_names or flags.input_stats_from):
@@ -184,10 +196,41 @@ def build_contract(model_path: str | Path, flags: ContractFlags, *, require: boo
         on_threshold_w=float(on_threshold), feature_names=tuple(feature_names), layout=layout, output_select=output_select,
         peak_power_w=flags.peak_power if flags.peak_power is not None else (base.peak_power_w if base else None),
     )
+    kw.update(_task_fields(task, appliances, appliance, flags, base))
     if base is not None:
         return base.with_(**kw)
     setup = str(data.info.get("setup", "")) if data is not None else ""
     return ModelContract(setup=setup, **kw)
+
+
+def _appliance_list(text: str) -> tuple[str, ...]:
+    names = tuple(a.strip() for a in str(text).split(",") if a.strip())
+    if not names:
+        raise BadInputError(f"--appliances {text!r} names no appliance", "pass a comma list, e.g. --appliances kettle,microwave,fridge")
+    return names
+
+
+def _task_fields(task: str, appliances: tuple[str, ...], appliance: str, flags: ContractFlags, base: ModelContract | None) -> dict[str, Any]:
+    """The classification fields (empty for regression: a regression contract stays as it was)."""
+    if task == "regression":
+        if flags.appliances is not None or flags.thresholds is not None:
+            raise BadInputError("--appliances/--thresholds describe a classifier's outputs, and the task is regression",
+                                "pass --task binary or --task multilabel (or --appliance NAME for a regression model)")
+        return {"task": task, "appliances": (), "on_thresholds_w": ()}
+    apps = appliances or (appliance,)
+    if flags.thresholds is not None:
+        thr = parse_floats(flags.thresholds, "--thresholds")
+        thr = thr * len(apps) if len(thr) == 1 else thr
+    elif base is not None and base.is_classification and tuple(base.appliances) == tuple(apps):
+        thr = list(base.on_thresholds_w)
+    else:
+        thr = [_default_threshold(a) for a in apps]
+    out: dict[str, Any] = {"task": task, "appliances": tuple(apps), "on_thresholds_w": tuple(float(t) for t in thr), "output_units": "probability"}
+    if flags.peak_power is None and (base is None or not base.is_classification):
+        out["peak_power_w"] = 1.0  # a sigmoid head: the output range the INT8 head must cover is [0, 1]
+    if flags.target_mean is None and flags.target_std is None and (base is None or not base.is_classification):
+        out["target"] = TargetScaling(0.0, 1.0)
+    return out
 
 
 def _default_threshold(appliance: str) -> float:
@@ -278,6 +321,13 @@ FIELD_HELP: dict[str, str] = {
     "feature_names": "names of the F features (informational)",
     "folded": "true when the graph itself normalizes its input and returns watts",
 }
+# written into a classifier's contract file only, so a regression contract file stays as it was
+CLASSIFICATION_FIELD_HELP: dict[str, str] = {
+    "task": "regression (watts), binary or multilabel (ON/OFF probabilities, one per appliance); flag --task",
+    "appliances": "classification: the appliance of each output column, in order; flag --appliances a,b,c",
+    "on_thresholds_w": "classification: an appliance is truly ON when its power >= this many watts, one per appliance; flag --thresholds",
+    "decision_threshold": "classification: predicted ON when the probability >= this (seed 002: 0.5)",
+}
 
 
 def contract_file_json(contract: ModelContract) -> dict[str, Any]:
@@ -285,7 +335,8 @@ def contract_file_json(contract: ModelContract) -> dict[str, Any]:
     doc = contract.to_json()
     doc["layout"] = contract.layout
     doc["output_select"] = contract.output_select
-    return {"_help": FIELD_HELP, **doc}
+    helps = {**FIELD_HELP, **CLASSIFICATION_FIELD_HELP} if contract.is_classification else FIELD_HELP
+    return {"_help": helps, **doc}
 
 
 def placeholders(contract: ModelContract, flags: ContractFlags, base: ModelContract | None) -> list[str]:
@@ -294,7 +345,7 @@ def placeholders(contract: ModelContract, flags: ContractFlags, base: ModelContr
         return []
     given = flags.overrides
     out = []
-    if "appliance" not in given:
+    if "appliance" not in given and "appliances" not in given:
         out.append("appliance")
     if "input_norm" not in given:
         out.append("normalization (kind none)")

@@ -25,7 +25,7 @@ from nilmc.backends.base import Verification
 from nilmc.backends.registry import Registry, Target, default_registry
 from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.bundle import MANIFEST, SUMMARY, BundleWriter, VerifyResult, bundle_name, read_manifest, verify_bundle
-from nilmc.compiler.compare import DEFAULT_BUDGET, MIN_SQNR_KEY, Report, compare, validate_budget
+from nilmc.compiler.compare import MIN_SQNR_KEY, Report, check_budget_for_task, compare, default_budget, validate_budget
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import (
     EXIT_BAD_INPUT,
@@ -39,7 +39,7 @@ from nilmc.compiler.errors import (
     most_severe,
 )
 from nilmc.compiler.io import atomic_write_json, atomic_write_text, sha256_bytes
-from nilmc.compiler.metrics import Metrics, nilm_metrics, sqnr_db
+from nilmc.compiler.metrics import AnyMetrics, sqnr_db
 from nilmc.compiler.model import Model
 from nilmc.compiler.outdir import OutputDir, check_output_file, check_output_path
 from nilmc.compiler.progress import progress_done, progress_plan
@@ -131,8 +131,9 @@ class TargetResult:
             "status": self.status,
             "exit_code": self.exit_code,
             "verification": r.verification if r is not None else "not verified",
-            "eacc": None if r is None else r.candidate.eacc,
-            "mae_w": None if r is None else r.candidate.mae,
+            "eacc": None if r is None or r.candidate.eacc != r.candidate.eacc else r.candidate.eacc,  # NaN: a classifier
+            "mae_w": None if r is None or r.candidate.mae != r.candidate.mae else r.candidate.mae,
+            **({"f1w": r.candidate.f1w, "delta_f1w_pts": r.deltas.get("f1w")} if r is not None and hasattr(r.candidate, "f1w") else {}),
             "delta_eacc_pts": None if r is None else r.deltas.get("eacc"),
             "delta_mae_w": None if r is None else r.deltas.get("mae"),
             "output_sqnr_db": None if r is None else r.extra.get("output_sqnr_db"),
@@ -151,7 +152,7 @@ class TargetResult:
 
 @dataclass
 class CompileSummary:
-    reference: Metrics
+    reference: AnyMetrics
     results: list[TargetResult] = field(default_factory=list)
     out_dir: Path | None = None
     calibration_s: float = 0.0
@@ -225,13 +226,15 @@ def latency_ms_batch1(runner: Any, contract: ModelContract, raw_x: np.ndarray, *
 
 
 def eval_truth(model: Model, ds: NilmDataset) -> np.ndarray:
-    return ds.y[:, ds.appliance_index(model.contract.appliance)]
+    # (N,) watts for regression; (N, M) watts of the contract's appliances for ON/OFF classification
+    return model.contract.select_truth(ds.y, ds.appliances)
 
 
 def check_data_for_model(model: Model, ds: NilmDataset, *, role: str) -> None:
     """Shape and appliance must agree before anything runs."""
     model.contract.check_input(ds.x, source=f"the {role} set")
     ds.appliance_index(model.contract.appliance)
+    model.contract.select_truth(ds.y[:1], ds.appliances)  # every appliance a classifier names
 
 
 def check_data_normalization(model: Model, ds: NilmDataset, *, role: str) -> None:
@@ -248,7 +251,7 @@ def check_data_normalization(model: Model, ds: NilmDataset, *, role: str) -> Non
         raise NormalizationError(f"the {role} set: {exc.message}", exc.remedy) from None
 
 
-def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry | None = None, batch_size: int = 512) -> tuple[Metrics, np.ndarray]:
+def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry | None = None, batch_size: int = 512) -> tuple[AnyMetrics, np.ndarray]:
     """The FP32 reference: the model's ONNX graph on onnxruntime, in watts."""
     import tempfile
 
@@ -259,7 +262,7 @@ def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry 
         art = backend.lower(model, Path(tmp), precision=REFERENCE_TARGET.precision)
         with backend.runner(art) as r:
             pred = predict_watts(r, model.contract, eval_ds.raw_x(), batch_size=batch_size)
-    return nilm_metrics(eval_truth(model, eval_ds), pred, on_threshold_w=model.contract.on_threshold_w), pred
+    return model.contract.score(eval_truth(model, eval_ds), pred), pred
 
 
 OVERFLOW_POLICIES = ("warn", "error", "fix")
@@ -387,7 +390,8 @@ def compile_model(
     Default budget: ``eacc=0.5``.
     """
     registry = registry or default_registry()
-    budget = dict(DEFAULT_BUDGET if budget is None else budget)
+    budget = dict(default_budget(model.contract.task) if budget is None else budget)
+    check_budget_for_task(budget, model.contract.task)
     if options.min_sqnr_db is not None and MIN_SQNR_KEY not in budget:
         budget[MIN_SQNR_KEY] = options.min_sqnr_db  # the floor that fails an all-zero output, recorded with the budget
     budget = validate_budget(budget)
@@ -568,7 +572,7 @@ class _Job:
     lower_options: Mapping[str, Any]
     eval_ds: NilmDataset
     truth: np.ndarray
-    reference: tuple[Metrics, np.ndarray]
+    reference: tuple[AnyMetrics, np.ndarray]
     budget: Mapping[str, float]
     options: CompileOptions
     writer: BundleWriter
@@ -662,7 +666,7 @@ class _Job:
             lat = (latency_ms_batch1(runner, self.model.contract, raw_eval, n=self.options.latency_windows)
                    if verification is Verification.MEASURED else None)
         verify_s = time.perf_counter() - t_run
-        cand = nilm_metrics(self.truth, pred, on_threshold_w=self.model.contract.on_threshold_w)
+        cand = self.model.contract.score(self.truth, pred)
         # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
         fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
                     "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
@@ -670,7 +674,8 @@ class _Job:
                          sqnr_db=fidelity["output_sqnr_db"])
         from nilmc.compiler.trace import power_trace
 
-        sections["trace"] = power_trace(self.truth, ref_pred, pred)  # a small predicted-vs-true trace for `nilmc report`
+        if self.truth.ndim == 1:  # a power trace; a classifier predicts no power
+            sections["trace"] = power_trace(self.truth, ref_pred, pred)  # a small predicted-vs-true trace for `nilmc report`
         if not report:
             from nilmc.quantization.coverage import likely_causes
 

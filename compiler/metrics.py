@@ -33,6 +33,14 @@ Policies:
   ground truth, and F1 is 0 when precision + recall is 0 (scikit-learn's
   ``zero_division=0`` convention): with no ON samples at all, F1 is 0, not 1.
 
+ON/OFF classification (:func:`classification_metrics`, contracts of task ``binary`` / ``multilabel``):
+per-appliance ``precision``, ``recall``, ``f1``, ``accuracy`` (label accuracy ``(tp + tn) / N``) of
+``prob ≥ decision_threshold`` against ``power ≥ on_threshold_w``, and their averages weighted by each
+appliance's support (its number of truly-ON samples; scikit-learn's ``average="weighted"``):
+``f1w``, ``precision_w``, ``recall_w``; ``accuracy`` is the mean label accuracy over every appliance and
+``f1_macro`` the unweighted mean F1. With no ON sample anywhere the weights are all 0 and the weighted
+averages are 0 (the same ``zero_division=0`` convention).
+
 Comparing a candidate with a reference (:func:`compare_metrics`): **a positive delta
 is a loss** — ``ref − cand`` for higher-is-better EACC/F1/precision/recall, reported
 in percentage points (seed 003 Table 7), and ``cand − ref`` for lower-is-better
@@ -60,6 +68,8 @@ DELTA_UNITS: dict[str, str] = {
     "mae": "W", "rmse": "W", "sae": "fraction", "nde": "fraction", "nde_sqrt": "fraction",
 }
 _POINTS = 100.0
+# Classification (ClassificationMetrics): every metric is higher-is-better, its delta in percentage points.
+CLASSIFICATION_METRICS: tuple[str, ...] = ("f1w", "precision_w", "recall_w", "accuracy", "f1_macro")
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,132 @@ class MetricDelta:
         return {k: _json_number(v) for k, v in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class ApplianceScores:
+    """ON/OFF scores of one appliance (fractions) and its confusion counts."""
+
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    accuracy: float
+    support: int  # truly-ON samples
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    """Metrics of an ON/OFF classifier over ``appliances`` (module docstring); fractions.
+
+    ``eacc`` / ``mae`` are NaN: a classifier predicts no power (a consumer reading EACC finds it undefined).
+    """
+
+    f1w: float
+    precision_w: float
+    recall_w: float
+    accuracy: float
+    f1_macro: float
+    subset_accuracy: float  # windows where every appliance's state is right
+    per_appliance: tuple[ApplianceScores, ...]
+    n: int
+    decision_threshold: float
+    task: str = "multilabel"
+
+    @property
+    def appliances(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.per_appliance)
+
+    @property
+    def eacc(self) -> float:
+        return float("nan")
+
+    @property
+    def mae(self) -> float:
+        return float("nan")
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(getattr(self, k)) for k in CLASSIFICATION_METRICS)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: _json_number(getattr(self, k)) for k in (*CLASSIFICATION_METRICS, "subset_accuracy", "n", "decision_threshold", "task")}
+        d["per_appliance"] = [{k: _json_number(v) for k, v in asdict(a).items()} for a in self.per_appliance]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ClassificationMetrics:
+        """Inverse of :meth:`to_json` (None -> NaN)."""
+        try:
+            per = tuple(ApplianceScores(str(a["name"]), _float_or_nan(a["precision"]), _float_or_nan(a["recall"]), _float_or_nan(a["f1"]),
+                                        _float_or_nan(a["accuracy"]), int(a["support"]), int(a["tp"]), int(a["fp"]), int(a["fn"]), int(a["tn"]))
+                        for a in d["per_appliance"])
+            return cls(_float_or_nan(d["f1w"]), _float_or_nan(d["precision_w"]), _float_or_nan(d["recall_w"]), _float_or_nan(d["accuracy"]),
+                       _float_or_nan(d["f1_macro"]), _float_or_nan(d["subset_accuracy"]), per, int(d["n"]), float(d["decision_threshold"]),
+                       str(d.get("task", "multilabel")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"classification metrics record is malformed ({type(exc).__name__}: {exc})",
+                            "write it with ClassificationMetrics.to_json") from None
+
+
+AnyMetrics = Metrics | ClassificationMetrics
+
+
+def metrics_from_json(d: dict[str, Any]) -> AnyMetrics:
+    """:meth:`Metrics.from_json` or :meth:`ClassificationMetrics.from_json`, by the record's shape."""
+    return ClassificationMetrics.from_json(d) if "per_appliance" in d else Metrics.from_json(d)
+
+
 # --------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(truth_w: np.ndarray, prob: np.ndarray, *, appliances: tuple[str, ...] | list[str],
+                           on_thresholds_w: tuple[float, ...] | list[float], decision_threshold: float = 0.5,
+                           task: str = "multilabel") -> ClassificationMetrics:
+    """ON/OFF scores of probabilities ``prob`` ``(N, M)`` against ground-truth power ``truth_w`` ``(N, M)`` (W).
+
+    An appliance is truly ON at ``power ≥ on_thresholds_w[m]`` and predicted ON at ``prob ≥ decision_threshold``
+    (default 0.5). Non-finite probabilities count as predicted OFF and make ``finite`` False (NaN ``f1w``), so a
+    broken artifact fails a gate rather than crashing it. Raises :class:`DataError` for empty, mismatched or
+    non-finite ground truth, :class:`BadInputError` for a bad threshold.
+    """
+    y = _as_float_array(truth_w, "ground truth")
+    p = _as_float_array(prob, "prediction")
+    if y.ndim == 1:
+        y = y[:, None]
+    if p.ndim == 1:
+        p = p[:, None]
+    y, p = _pair(y, p, ("ground truth", "prediction"))
+    names = [str(a) for a in appliances]
+    thr = [_check_threshold(t) for t in on_thresholds_w]
+    if y.ndim != 2 or not len(names) == len(thr) == y.shape[1]:
+        raise DataError(f"classification scores need (N, M) arrays with M = {len(names)} appliances and thresholds, got {y.shape}",
+                        "pass one column per appliance of the contract")
+    if not np.all(np.isfinite(y)):
+        raise DataError(f"ground truth has {int(np.sum(~np.isfinite(y)))} non-finite values", "drop or repair those samples")
+    dt = float(decision_threshold)
+    if not 0.0 < dt < 1.0:
+        raise BadInputError(f"decision_threshold must lie in (0, 1), got {decision_threshold!r}", "use a probability such as 0.5")
+    on_true = y >= np.asarray(thr)[None, :]
+    on_pred = p >= dt  # NaN compares False: predicted OFF
+    per = []
+    for m, name in enumerate(names):
+        precision, recall, f1, c = _confusion_scores(on_true[:, m], on_pred[:, m])
+        per.append(ApplianceScores(name, precision, recall, f1, (c["tp"] + c["tn"]) / len(y), c["tp"] + c["fn"], **c))
+    support = np.array([a.support for a in per], np.float64)
+
+    def weighted(key: str) -> float:
+        return float(np.dot(support, [getattr(a, key) for a in per]) / support.sum()) if support.sum() else 0.0
+
+    nan = not np.all(np.isfinite(p))
+    scores = {"f1w": weighted("f1"), "precision_w": weighted("precision"), "recall_w": weighted("recall"),
+              "accuracy": float(np.mean([a.accuracy for a in per])), "f1_macro": float(np.mean([a.f1 for a in per]))}
+    if nan:
+        scores = {k: float("nan") for k in scores}
+    return ClassificationMetrics(**scores, subset_accuracy=float(np.mean(np.all(on_true == on_pred, axis=1))), per_appliance=tuple(per),
+                                 n=int(len(y)), decision_threshold=dt, task=task)
 
 
 def nilm_metrics(y_true_w: np.ndarray, y_pred_w: np.ndarray, *, on_threshold_w: float) -> Metrics:
@@ -198,7 +333,7 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def compare_metrics(reference: Metrics, candidate: Metrics) -> dict[str, float]:
+def compare_metrics(reference: AnyMetrics, candidate: AnyMetrics) -> dict[str, float]:
     """Per-metric loss of ``candidate`` against ``reference``; **a positive delta is a loss**.
 
     ``reference − candidate`` for :data:`HIGHER_IS_BETTER` metrics (eacc, f1,
@@ -211,9 +346,20 @@ def compare_metrics(reference: Metrics, candidate: Metrics) -> dict[str, float]:
     return {name: d.delta for name, d in metric_deltas(reference, candidate).items()}
 
 
-def metric_deltas(reference: Metrics, candidate: Metrics) -> dict[str, MetricDelta]:
-    """Like :func:`compare_metrics`, as :class:`MetricDelta` records (values, delta, unit)."""
+def metric_deltas(reference: AnyMetrics, candidate: AnyMetrics) -> dict[str, MetricDelta]:
+    """Like :func:`compare_metrics`, as :class:`MetricDelta` records (values, delta, unit).
+
+    For :class:`ClassificationMetrics`: :data:`CLASSIFICATION_METRICS` and ``f1.<appliance>`` per appliance,
+    every one higher-is-better in percentage points.
+    """
     out: dict[str, MetricDelta] = {}
+    if isinstance(reference, ClassificationMetrics) or isinstance(candidate, ClassificationMetrics):
+        if not (isinstance(reference, ClassificationMetrics) and isinstance(candidate, ClassificationMetrics)):
+            raise DataError("cannot compare classification metrics with regression metrics", "score both with the same contract")
+        pairs = [(k, float(getattr(reference, k)), float(getattr(candidate, k))) for k in CLASSIFICATION_METRICS]
+        by_name = {a.name: a for a in candidate.per_appliance}
+        pairs += [(f"f1.{a.name}", a.f1, by_name[a.name].f1 if a.name in by_name else float("nan")) for a in reference.per_appliance]
+        return {k: MetricDelta(k, r, c, (r - c) * _POINTS, True, "pts") for k, r, c in pairs}
     for name in (*HIGHER_IS_BETTER, *LOWER_IS_BETTER):
         ref, cand = float(getattr(reference, name)), float(getattr(candidate, name))
         higher = name in HIGHER_IS_BETTER
@@ -235,7 +381,11 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _on_state_scores(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float, float, dict[str, int]]:
-    on_true, on_pred = y >= threshold, p >= threshold
+    return _confusion_scores(y >= threshold, p >= threshold)
+
+
+def _confusion_scores(on_true: np.ndarray, on_pred: np.ndarray) -> tuple[float, float, float, dict[str, int]]:
+    """Precision, recall, F1 (``zero_division=0``) and the confusion counts of two boolean vectors."""
     tp = int(np.sum(on_true & on_pred))
     fp = int(np.sum(~on_true & on_pred))
     fn = int(np.sum(on_true & ~on_pred))
@@ -313,6 +463,12 @@ def _float_or_nan(v: Any) -> float:
 
 
 __all__ = [
+    "AnyMetrics",
+    "ApplianceScores",
+    "CLASSIFICATION_METRICS",
+    "ClassificationMetrics",
+    "classification_metrics",
+    "metrics_from_json",
     "DELTA_UNITS",
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",

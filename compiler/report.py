@@ -22,6 +22,8 @@ def _floor_note(summary: CompileSummary) -> str:
 
 def summary_table(summary: CompileSummary) -> str:
     ref = summary.reference
+    if hasattr(ref, "per_appliance"):  # an ON/OFF classifier: scored in F1, not in watts
+        return classification_table(summary)
     lines = [
         f"FP32 reference (onnxruntime, measured): EACC {ref.eacc * 100:.2f} %  MAE {ref.mae:.2f} W  SAE {ref.sae:.4f}  "
         f"NDE {ref.nde:.4f}  F1 {ref.f1:.3f}",
@@ -56,4 +58,33 @@ def summary_table(summary: CompileSummary) -> str:
     boards = [row for row in summary_rows(summary) if row.get("target")]
     if boards:  # seed 003 Table 12 for the boards this compile's targets run on
         lines += ["", hardware_table(boards)]
+    return "\n".join(lines)
+
+
+def classification_table(summary: CompileSummary) -> str:
+    """The table of an ON/OFF classifier's compile: support-weighted F1/precision/recall, accuracy, deltas in points."""
+    ref: Any = summary.reference
+    per = "  ".join(f"{a.name} {a.f1:.3f}" for a in ref.per_appliance)
+    lines = [f"FP32 reference (onnxruntime, measured): weighted F1 {ref.f1w:.4f}  precision {ref.precision_w:.4f}  recall {ref.recall_w:.4f}  "
+             f"accuracy {ref.accuracy:.4f}  (F1 per appliance: {per})",
+             "dF1w: loss of weighted F1 vs FP32 in points (positive = worse); SQNR of the output probabilities vs FP32" + _floor_note(summary), ""]
+    head = ("target", "verified", "F1w", "prec w", "recall w", "accuracy", "dF1w pts", "SQNR dB", "size", "lat b1 ms", "gate")
+    rows: list[tuple[str, ...]] = [head]
+    for r in summary.results:
+        row, c = r.row(), (r.report.candidate if r.report is not None else None)
+        gate = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
+        rows.append((row["target"], row["verification"], *(_fmt(getattr(c, k, None), ".4f") for k in ("f1w", "precision_w", "recall_w", "accuracy")),
+                     _fmt(None if r.report is None else r.report.deltas.get("f1w"), "+.3f"),
+                     "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"),
+                     _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    for i, cells in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for r in summary.results:
+        if r.error:
+            lines.append(f"  {r.target}: {r.error}")
+        elif not r.passed and r.report is not None:
+            lines.append(f"  {r.target}: " + r.report.failure_line())
     return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The reference models beyond the seq2point CNN, trained reproducibly by ``nilmc train --model KIND``.
+
+``xgboost``  seed 000's edge model: XGBoost on window features, ONNX-ML trees (:mod:`nilmc.training.tree`).
+``ctrnn``    seed 002's multi-label ON/OFF classifier: conv blocks + transposed conv + GRU + sigmoids
+             (:mod:`nilmc.training.ctrnn`).
+
+Each writes ``OUT.onnx`` (contract embedded) and ``OUT.info.json`` (sizes, parameter count, MACs/FLOPs,
+checks); data default to the synthetic low-frequency household at 8 s (:mod:`nilmc.training.lowfreq_data`),
+sized so that training takes about a minute on two CPU cores.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from nilmc.calibration_data.dataset import NilmDataset
+from nilmc.compiler.contract import ModelContract
+from nilmc.compiler.errors import BadInputError
+
+MODEL_KINDS = ("xgboost", "ctrnn")
+# window (8 s samples) and split sizes each model trains on by default (sized for this machine)
+DEFAULT_DATA: dict[str, dict[str, Any]] = {
+    "xgboost": {"window": 99, "sizes": {"train": 4000, "val": 800, "calib": 300, "eval": 1500}, "on_fraction": 0.5},
+    "ctrnn": {"window": 128, "sizes": {"train": 3000, "val": 600, "calib": 300, "eval": 1500}, "on_fraction": 0.5},
+}
+
+
+@dataclass
+class Trained:
+    """A trained reference model: its ONNX graph, contract and what training measured."""
+
+    kind: str
+    graph: onnx.ModelProto
+    contract: ModelContract
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_splits(kind: str, appliances: Sequence[str], *, seed: int = 0, window: int | None = None,
+                   sizes: dict[str, int] | None = None) -> dict[str, NilmDataset]:
+    """The synthetic low-frequency splits ``kind`` trains and is compiled on by default."""
+    from nilmc.training.lowfreq_data import lowfreq_splits
+
+    spec = DEFAULT_DATA[check_kind(kind)]
+    return lowfreq_splits(appliances, window=window or spec["window"], seed=seed, sizes=sizes or spec["sizes"], on_fraction=spec["on_fraction"])
+
+
+def check_kind(kind: str) -> str:
+    if kind not in MODEL_KINDS:
+        raise BadInputError(f"unknown model {kind!r}", f"use --model {' | '.join(('seq2point', *MODEL_KINDS))}")
+    return kind
+
+
+def train_model(kind: str, train: NilmDataset, val: NilmDataset | None = None, *, appliances: Sequence[str],
+                epochs: int | None = None, seed: int = 0, **kw: Any) -> Trained:
+    """Train ``kind`` on ``train`` (``val`` for checks and early stopping). ``appliances``: the one the regressors
+    predict (first name), or every appliance the classifier labels. ``epochs`` None = the model's default."""
+    check_kind(kind)
+    if kind == "xgboost":
+        from nilmc.training.tree import TreeConfig, train_xgboost
+
+        proto, contract, info = train_xgboost(train, val, appliance=appliances[0], config=TreeConfig(seed=seed))
+        return Trained(kind, proto, contract, info)
+    from nilmc.training.ctrnn import CtrnnConfig, train_ctrnn
+
+    cfg = CtrnnConfig(seed=seed, **({"epochs": epochs} if epochs else {}), **kw)
+    proto, contract, info = train_ctrnn(train, val, appliances=tuple(appliances), config=cfg)
+    return Trained(kind, proto, contract, info)
+
+
+def save_model(trained: Trained, out: str | Path) -> dict[str, Path]:
+    """Write ``<out>.onnx`` (contract embedded) and ``<out>.info.json``, atomically."""
+    from nilmc.compiler.io import atomic_write_json
+    from nilmc.compiler.model import Model
+
+    out = Path(out)
+    onnx_path = Model(trained.graph, trained.contract, source=str(out)).save_onnx(out.with_suffix(".onnx"))
+    info_path = atomic_write_json(out.with_suffix(".info.json"), {"model": trained.kind, **trained.info})
+    return {"onnx": onnx_path, "info": info_path}
