@@ -608,6 +608,10 @@ class _Job:
 
         quant = self.lower_options["quant"]
         params = quant.params(plan.traits, estimator=plan.estimator)
+        if plan.estimator is not None:  # a target's own estimator (the DPU's start): precise input still applies (traits.float_layers)
+            from nilmc.quantization.api import with_precise_input
+
+            params = with_precise_input(params, self.model.graph, getattr(quant, "techniques", None))
         policy = {"default": self.options.overflow}
         if self.options.overflow != "warn":
             policy["output_clipping"] = "fix"
@@ -657,6 +661,8 @@ class _Job:
             lower_options.update({k: getattr(plan.options, k) for k in plan.option_values})
             sections["backend_options"] = dataclasses.asdict(plan.options)
         art = backend.lower(self.model, bundle, precision=target.precision, options=lower_options)
+        if isinstance(art.info.get("placement"), dict):  # a backend that places ops itself (the DPU's CPU/DPU split) has the last word
+            sections["placement"] = art.info.pop("placement")
         compile_s = time.perf_counter() - t0
         t_run = time.perf_counter()
         raw_eval = self.eval_ds.raw_x()

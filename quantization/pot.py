@@ -108,6 +108,9 @@ class PotOptions:
     # replace the search; shift bounds still apply (a violated shift_cut still moves ``fw``). Default none.
     fixed: Mapping[str, int] | None = None
     fixed_weights: Mapping[str, int] | None = None
+    # Deployment headroom: every activation range but an input's with ``input_floor`` is scaled by this before the
+    # candidates are placed (evaluation data run past a 1000-window calibration's maxima). Default 1.0 (none).
+    headroom: float = 1.0
 
 
 class PotOp(Protocol):
@@ -200,6 +203,10 @@ class _Refiner:
     def amax(self, tensor: str) -> float:
         return float(self.ranges[tensor]) if tensor in self.ranges else float(np.max(np.abs(self.ref[tensor])))
 
+    def deployed_amax(self, tensor: str) -> float:
+        """The range the grid must hold when deployed: the calibration range with the options' headroom."""
+        return self.amax(tensor) * float(self.opt.headroom)
+
     def run(self) -> PotParams:
         steps = {PotRule.INPUT: self.input, PotRule.WEIGHTED: self.weighted, PotRule.PASSTHROUGH: self.passthrough,
                  PotRule.ELEMENTWISE: self.elementwise}
@@ -210,7 +217,8 @@ class _Refiner:
     # -- ops
     def input(self, op: Any) -> None:
         x = self.ref[op.output]
-        cands = list(window(self.amax(op.output), self.opt.input_fix_window))
+        amax = self.amax(op.output) if self.opt.input_floor is not None else self.deployed_amax(op.output)
+        cands = list(window(amax, self.opt.input_fix_window))
         if self.opt.input_floor is not None:
             cap = no_clip_fix(self.opt.input_floor)
             cands = [fp for fp in cands if fp <= cap] or [cap]
@@ -227,7 +235,7 @@ class _Refiner:
     def elementwise(self, op: Any) -> None:
         ref = self.ref[op.output]
         fis = [self.params.fix[t] for t in op.inputs]
-        cands = list(window(self.amax(op.output), self.opt.fix_window))
+        cands = list(window(self.deployed_amax(op.output), self.opt.fix_window))
         if op.output in self.fixed:
             cands = [int(self.fixed[op.output])]
         if len(op.inputs) > 1:
@@ -328,7 +336,7 @@ class _Refiner:
         return bias + np.mean(pre_fp - pre_q, axis=tuple(range(pre_fp.ndim - 1)))
 
     def _output_candidates(self, op: Any) -> list[int]:
-        amax = self.amax(op.output)
+        amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
         cands = list(window(amax, self.opt.fix_window))
         if op.output in self.outputs and self.opt.peak_output is not None:
             cap = no_clip_fix(max(float(self.opt.peak_output), amax))

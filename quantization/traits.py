@@ -141,6 +141,7 @@ DPU_POT = QuantTraits(
     io_dtype="int8",
     bias_bits=8,
     requant_shift_range=(0, 16),
+    float_layers=True,  # the layers reading the graph input run in FP32 on the board's CPU (backends/dpu/partition.py)
 )
 
 PRESETS: dict[str, QuantTraits] = {t.name: t for t in (GENERIC_INT8, TFLITE_INT8, TENSORRT_INT8, EIQ_PER_TENSOR, DPU_POT)}

@@ -6,12 +6,15 @@ Vitis AI tool and writes into the bundle:
 
 * ``quantized.xmodel`` - XIR protobuf (``xir.proto`` -> ``xir_pb2``) with float ops and
   ``fix`` ops: the input of ``vai_c_xir`` ("quantized xmodel — compile with vai_c_xir");
+* ``cpu_pre.onnx`` / ``cpu_post.onnx`` - the FP32 CPU stages around the DPU subgraph
+  (:mod:`nilmc.backends.dpu.partition`): by default the layers reading the graph input run there
+  (precise input: the input is never quantized), and trailing ops the DPU has no operator for;
 * ``arch.json``, ``compile.sh`` (the exact ``vai_c_xir`` line), ``run_on_board.py`` (VART);
 * ``inspector.json`` - per-layer DPU/CPU placement under the target's limits, and why;
 * ``dpu_params.json`` - fix points, shift_cut / shift_bias, repairs, accumulator peaks.
 
 The runner is the bit-accurate numpy emulator running the xmodel read back from the
-bundle (:attr:`Verification.EMULATED`): the accuracy the gate sees is what the DPU
+bundle, between the CPU stages on onnxruntime in FP32 (:attr:`Verification.EMULATED`): the accuracy the gate sees is what the DPU
 computes for that file, on this machine, without a board. ``vai_c_xir`` (in AMD's
 Vitis AI docker image) and a board are needed for the compiled xmodel, latency and
 power; none is claimed here. ``xir`` / ``vart`` are imported only by the board script.
@@ -31,8 +34,9 @@ from nilmc.backends.dpu import handoff
 from nilmc.backends.dpu.emulator import DpuEmulator, EmulationError
 from nilmc.backends.dpu.inspector import InspectionReport, inspect_graph
 from nilmc.backends.dpu.ir import DpuGraph, from_onnx
+from nilmc.backends.dpu.partition import CPU_LAYERS, CPU_POST, CPU_PRE, CpuStage, Deployment, Partition
 from nilmc.backends.dpu.quant import DpuParams, DpuQuantOptions, accumulator_peaks, calibrate, check_shifts, to_quant_params
-from nilmc.backends.dpu.xmodel import LABEL, build_xmodel, read_xmodel, serialize
+from nilmc.backends.dpu.xmodel import LABEL, build_xmodel, graph_attributes, read_xmodel, serialize
 from nilmc.bitstreams import DPUTarget, available_targets, boards_for, boards_source, load_target, target_from_arch_json
 from nilmc.compiler.errors import BadInputError, InternalError
 from nilmc.compiler.io import atomic_write_bytes, atomic_write_json
@@ -56,28 +60,38 @@ class DPUUnsupportedError(BadInputError):
 
 
 class DPUEmulatorRunner:
-    """Runs ``quantized.xmodel`` of a bundle in the bit-accurate DPU emulator (no board)."""
+    """Runs a bundle's deployment: the CPU stages the xmodel names (FP32, onnxruntime) around ``quantized.xmodel``
+    in the bit-accurate DPU emulator (no board)."""
 
     verification = Verification.EMULATED
 
     def __init__(self, xmodel: Path) -> None:
         self.path = Path(xmodel)
-        self._emulator: DpuEmulator | None = None
+        self._deployment: Deployment | None = None
 
     def __enter__(self) -> DPUEmulatorRunner:
         if not self.path.is_file():
             raise BadInputError(f"{str(self.path)!r} does not exist", "point at a dpu bundle written by nilmc compile")
-        graph, params = read_xmodel(self.path.read_bytes())
-        self._emulator = DpuEmulator(graph, params)
+        data = self.path.read_bytes()
+        graph, params = read_xmodel(data)
+        files = graph_attributes(data).get("nilmc_cpu_stages") or {}
+        stage = {}
+        for key in ("pre", "post"):
+            if key in files:
+                path = self.path.parent / files[key]
+                if not path.is_file():
+                    raise BadInputError(f"the xmodel's CPU {key} stage {str(path)!r} is missing", "point at a complete dpu bundle")
+                stage[key] = CpuStage(path.read_bytes())
+        self._deployment = Deployment(DpuEmulator(graph, params), stage.get("pre"), stage.get("post"))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._emulator = None
+        self._deployment = None
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._emulator is None:
+        if self._deployment is None:
             raise InternalError("DPUEmulatorRunner.infer called outside its context", "use `with backend.runner(artifact) as r:`")
-        return self._emulator.infer(feeds)
+        return self._deployment.infer(feeds)
 
 
 def _target(precision: str, options: Mapping[str, Any]) -> DPUTarget:
@@ -101,8 +115,39 @@ def _shared(graph: DpuGraph, ctx: Any, options: Mapping[str, Any]) -> dict[str, 
     stats = ctx.statistics  # the one FP32 pass (and the normalization check), shared by every target
     ranges = {op.output: max(abs(stats[op.output].minimum), abs(stats[op.output].maximum))
               for op in graph.ops if op.output in stats}
-    start = options.get("params") or ctx.params(DPU_POT, estimator="minmax")
-    return {"ranges": ranges, "start": shared_fix_positions(start)}
+    return {"ranges": ranges, "start": shared_fix_positions(_start_params(ctx, options))}
+
+
+def _start_params(ctx: Any, options: Mapping[str, Any]) -> Any:
+    """The shared DPU_POT parameters: the driver's (``options["params"]``), else derived here as the driver does
+    (min-max, then precise input: the layers reading the graph input kept float)."""
+    from nilmc.quantization.api import with_precise_input
+
+    if options.get("params") is not None:
+        return options["params"]
+    return with_precise_input(ctx.params(DPU_POT, estimator="minmax"), ctx.model.graph, getattr(ctx, "techniques", None))
+
+
+def _graph_partition(model: Model, full: DpuGraph, mode: str = "auto") -> Partition:
+    """The split as the graph alone gives it (precise input's layers read off the graph, as the shared parameters
+    keep them): what decides, in milliseconds and before any calibration, whether the DPU can take the model."""
+    from nilmc.backends.dpu.partition import plan_partition
+    from nilmc.quantization.graph import analyze, input_layers
+
+    m = onnx_copy(model.graph)
+    floats = [layer.name for layer in input_layers(m, analyze(m)) or ()] if DPU_POT.float_layers else []
+    return plan_partition(full, floats, mode=mode if mode in CPU_LAYERS else "auto")
+
+
+def _partition(full: DpuGraph, ctx: Any, options: Mapping[str, Any]) -> Partition:
+    """The CPU/DPU split: the layers the shared parameters keep float (precise input) unless ``cpu_layers`` is none."""
+    from nilmc.backends.dpu.partition import plan_partition
+
+    mode = str(options.get("cpu_layers", "auto"))
+    if mode not in CPU_LAYERS:
+        raise BadInputError(f"dpu.cpu_layers={mode!r} is not one of {', '.join(CPU_LAYERS)}", "use --option dpu.cpu_layers=auto|none")
+    floats = _start_params(ctx, options).keep_float if mode == "auto" else ()
+    return plan_partition(full, floats, mode=mode)
 
 
 def _watts_error(model: Model) -> Any:
@@ -145,11 +190,14 @@ class DpuOptions:
     """Typed options of the DPU backend (``--option dpu.NAME=VALUE``).
 
     ``arch_json``: a board overlay's arch.json instead of the shipped target (default none);
+    ``cpu_layers``: ``auto`` (default: the layers reading the graph input run in FP32 on the CPU, as the shared
+    parameters' precise input keeps them float) or ``none`` (every layer on the DPU, the graph input quantized);
     ``qat_*``: the power-of-two QAT of the ``*_qat`` precisions (epochs 3, learning rate 1e-5,
     batch 64, seed 0, last 20 % of the calibration windows held out).
     """
 
     arch_json: str | None = None
+    cpu_layers: str = "auto"
     qat_epochs: int = 3
     qat_learning_rate: float = 1e-5
     qat_batch_size: int = 64
@@ -159,6 +207,8 @@ class DpuOptions:
     def __post_init__(self) -> None:
         if self.qat_epochs < 1 or not 0.0 <= self.qat_holdout < 1.0 or self.qat_learning_rate <= 0 or self.qat_batch_size < 1:
             raise ValueError("qat_epochs >= 1, qat_batch_size >= 1, qat_learning_rate > 0 and 0 <= qat_holdout < 1")
+        if self.cpu_layers not in CPU_LAYERS:
+            raise ValueError(f"cpu_layers must be one of {', '.join(CPU_LAYERS)}")
 
 
 class DPUBackend:
@@ -180,6 +230,9 @@ class DPUBackend:
             "compile": "vai_c_xir (Vitis AI docker image) compiles quantized.xmodel; it is not run here",
             "verification": "emulated: bit-accurate numpy model of the DPU arithmetic, no board latency or power",
             "ops": "conv2d, dense, max/avg pooling, element-wise add, ReLU, LeakyReLU; other ops are reported, not lowered",
+            "cpu_stages": "by default (dpu.cpu_layers=auto) the layers reading the graph input, leading layout ops and trailing "
+                          "view/Clip ops run in FP32 on the board's CPU (cpu_pre.onnx / cpu_post.onnx, onnxruntime); "
+                          "other ops the DPU cannot take in the middle of the graph are refused",
             "needs_keras_source": "the *_qat precisions fine-tune the tf_keras (Keras 2) model (.keras/.h5); PTQ precisions lower "
                                   "from ONNX alone",
             "qat": "b2304_qat / b4096_qat: power-of-two QAT on the calibration windows (FP32 outputs as targets, last 20 % "
@@ -191,11 +244,16 @@ class DPUBackend:
         """What makes the model unlowerable to the DPU, found from the graph alone in milliseconds (None: nothing)."""
         if precision not in PRECISIONS:
             return None
-        graph = from_onnx(model.graph)
-        if not graph.unsupported:
+        from nilmc.backends.dpu.partition import dpu_graph
+
+        full = from_onnx(model.graph)
+        if not full.unsupported:
             return None
-        report = inspect_graph(graph, load_target(precision.removesuffix(QAT_SUFFIX)))
-        return f"the model cannot be lowered to the DPU: {report.summary()}; {UNSUPPORTED_REMEDY}"
+        part = _graph_partition(model, full)
+        if not dpu_graph(full, part).unsupported and not part.problems:
+            return None
+        report = inspect_graph(full, load_target(precision.removesuffix(QAT_SUFFIX)), part)
+        return f"the model cannot be lowered to the DPU: {_refusal(report, part)}; {UNSUPPORTED_REMEDY}"
 
     def lower(self, model: Model, out_dir: Path, *, precision: str = "b2304", options: Mapping[str, Any] | None = None) -> Artifact:
         """Quantize for the DPU and write the xmodel + hand-off into ``out_dir``.
@@ -219,19 +277,30 @@ class DPUBackend:
                                 f"compile the .keras/.h5 file, or use dpu:{precision.removesuffix(QAT_SUFFIX)} (PTQ, ONNX is enough)")
         ctx = require_quant(options, f"{self.name}:{precision}")
         out_dir = Path(out_dir)
-        graph = from_onnx(model.graph)
-        report = inspect_graph(graph, target)
+        from nilmc.backends.dpu.partition import cpu_post_model, cpu_pre_model, dpu_graph
+
+        full = from_onnx(model.graph)
+        early = _graph_partition(model, full, str(options.get("cpu_layers", "auto")))
+        if dpu_graph(full, early).unsupported or early.problems:  # refused before any parameters are derived
+            report = inspect_graph(full, target, early)
+            atomic_write_json(out_dir / INSPECTOR, report.to_json())
+            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, early)}", UNSUPPORTED_REMEDY)
+        part = _partition(full, ctx, options)
+        graph = dpu_graph(full, part)
+        report = inspect_graph(full, target, part)
         atomic_write_json(out_dir / INSPECTOR, report.to_json())
-        if graph.unsupported:
-            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {report.summary()}", UNSUPPORTED_REMEDY)
+        if graph.unsupported or part.problems:
+            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, part)}", UNSUPPORTED_REMEDY)
+        pre_model, post_model = cpu_pre_model(model.graph, part), cpu_post_model(model.graph, full, part)
+        pre, post = (None if pre_model is None else CpuStage(pre_model)), (None if post_model is None else CpuStage(post_model))
         feeds = {model.input_name: ctx.calib_x}
-        qopts = options.get("dpu_quant") or DpuQuantOptions(peak_output=_peak_output(model), output_error=_watts_error(model),
-                                                            input_floor=_input_floor(model))
+        qopts = options.get("dpu_quant") or _quant_options(model, full, part, post)
         shared = _shared(graph, ctx, options)
         qat = precision.endswith(QAT_SUFFIX)
         # b2304 and b4096 share the DPUCZDX8G arithmetic: with equal limits and options the refinement (and QAT) is the
         # same computation, done once per compile (measured: the two PTQ and the two QAT targets were identical anyway).
-        key = (repr(target.limits), _stable_repr(qopts), repr(shared), qat, repr(sorted((k, repr(v)) for k, v in options.items() if k.startswith("qat_"))))
+        key = (repr(target.limits), _stable_repr(qopts), repr(shared), qat, repr(part.to_json()),
+               repr(sorted((k, repr(v)) for k, v in options.items() if k.startswith("qat_"))))
         memo = ctx.memo.setdefault(self.name, {}) if hasattr(ctx, "memo") else {}
         if key not in memo:
             params = calibrate(model.graph, graph, feeds, target.limits, options=qopts, **shared)
@@ -239,29 +308,43 @@ class DPUBackend:
             if qat:
                 from nilmc.backends.dpu.qat import qat_lower
 
-                graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared)
+                graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared, pre=pre)
             memo[key] = (graph, params, qat_info, reference)
         graph, params, qat_info, reference = memo[key]
         violations = check_shifts(graph, params, target.limits)
         if violations:
             raise InternalError(f"DPU shift repair left {len(violations)} violation(s): {violations[0]}", "report this as a nilmc bug")
-        xmodel = build_xmodel(graph, params, name=f"nilmc_{model.contract.appliance}",
-                              graph_attrs={"target": target.name, "fingerprint": target.fingerprint})
+        stage_files = {k: f for k, f, m in (("pre", CPU_PRE, pre_model), ("post", CPU_POST, post_model)) if m is not None}
+        attrs: dict[str, Any] = {"target": target.name, "fingerprint": target.fingerprint}
+        if stage_files:
+            attrs["nilmc_cpu_stages"] = stage_files
+        xmodel = build_xmodel(graph, params, name=f"nilmc_{model.contract.appliance}", graph_attrs=attrs)
         atomic_write_bytes(out_dir / handoff.XMODEL, serialize(xmodel))
-        files = [handoff.XMODEL, *handoff.write_handoff(out_dir, target, model.contract), INSPECTOR, PARAMS]
-        peaks = accumulator_peaks(graph, params, feeds)
-        atomic_write_json(out_dir / PARAMS, {**params.to_json(graph), "accumulator_peaks": peaks, "target": target.to_json()})
-        info = self._info(model, graph, params, target, report, ctx, peaks, time.perf_counter() - t0, reference)
+        for f, m in ((CPU_PRE, pre_model), (CPU_POST, post_model)):
+            if m is not None:
+                atomic_write_bytes(out_dir / f, m.SerializeToString(deterministic=True))
+        files = [handoff.XMODEL, *stage_files.values(), *handoff.write_handoff(out_dir, target, model.contract, stages=stage_files),
+                 INSPECTOR, PARAMS]
+        deployment = Deployment(DpuEmulator(graph, params), pre, post)
+        peaks = accumulator_peaks(graph, params, deployment.dpu_feeds(feeds))
+        atomic_write_json(out_dir / PARAMS, {**params.to_json(graph), "accumulator_peaks": peaks, "target": target.to_json(),
+                                             "partition": part.to_json()})
+        info = self._info(model, graph, params, target, report, ctx, peaks, time.perf_counter() - t0, deployment, full, part)
         if qat_info is not None:
             info["qat"] = qat_info
             info["tools"] += ["tensorflow", "tensorflow-model-optimization"]
         return Artifact(self.name, precision, out_dir, handoff.XMODEL, files, kind=f"{LABEL} ({target.name}, {'QAT' if qat_info else 'PTQ'})", info=info)
 
     def _info(self, model: Model, graph: DpuGraph, params: DpuParams, target: DPUTarget, report: InspectionReport,
-              ctx: Any, peaks: Mapping[str, int], lower_s: float, reference: DpuGraph | None = None) -> dict[str, Any]:
-        _, qparams = to_quant_params(model.graph, graph, params)
-        calib = _calibration_eacc(model, graph, params, ctx, reference or graph)
+              ctx: Any, peaks: Mapping[str, int], lower_s: float, deployment: Deployment, full: DpuGraph, part: Partition
+              ) -> dict[str, Any]:
+        cpu_layers = [op.name for op in full.ops if op.weighted and part.device(op.name) == "CPU"]
+        cpu_tensors = {op.output for op in full.ops if part.device(op.name) == "CPU"} - set(part.inputs)
+        provenance = {"precise_input": {"float_layers": [n for n in cpu_layers if n in part.pre], "deployment_headroom": 1.0}} if cpu_layers else {}
+        _, qparams = to_quant_params(model.graph, graph, params, cpu_layers=cpu_layers, cpu_tensors=cpu_tensors, provenance=provenance)
+        calib = _calibration_eacc(model, deployment, ctx)
         return {
+            "placement": _placement(full, report, part),
             "label": LABEL,
             "quantization": qparams.to_json(),
             "tools": ["protobuf"],
@@ -271,7 +354,8 @@ class DPUBackend:
                 "compile_script": handoff.COMPILE,
                 "compiled_xmodel": f"{handoff.COMPILED_DIR}/{handoff.NET}.xmodel",
                 "run": f"python3 {handoff.RUN} --windows windows.npy --out watts.npy",
-                "needs": "vai_c_xir from AMD's Vitis AI 3.x docker image; a board image with the Vitis AI runtime (xir, vart)",
+                "needs": "vai_c_xir from AMD's Vitis AI 3.x docker image; a board image with the Vitis AI runtime (xir, vart)"
+                         + ("; onnxruntime on the board for the FP32 CPU stages" if part.has_pre or part.has_post else ""),
             },
             "verification_note": "emulated: the bit-accurate numpy DPU emulator runs the quantized xmodel read back from this "
                                  "bundle; vai_c_xir and a DPU board were not run, so no DPU latency or power is claimed",
@@ -287,6 +371,60 @@ class DPUBackend:
         return DPUEmulatorRunner(artifact.directory / artifact.primary)
 
 
+def onnx_copy(model: Any) -> Any:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _refusal(report: InspectionReport, part: Partition) -> str:
+    return "; ".join([report.summary(), *part.problems])
+
+
+def _quant_options(model: Model, full: DpuGraph, part: Partition, post: CpuStage | None) -> DpuQuantOptions:
+    """The refinement's options: watts error on the head (through the CPU post stage when there is one), the
+    contract's peak covered; the graph input's floor only when the DPU reads the graph input itself (a CPU layer's
+    output is an activation like any other: no-clipping position and one coarser, as every inner tensor)."""
+    error = _watts_error(model)
+    if post is not None and len(part.outputs) == 1:
+        error = _through(post, part.outputs[0], error)
+    reads_input = all(t in full.inputs for t in part.inputs)
+    if reads_input:
+        return DpuQuantOptions(peak_output=_peak_output(model), output_error=error, input_floor=_input_floor(model))
+    base_opts = DpuQuantOptions()
+    return DpuQuantOptions(peak_output=_peak_output(model), output_error=error, input_fix_window=base_opts.fix_window)
+
+
+def _through(post: CpuStage, tensor: str, error: Any) -> Any:
+    """``error`` measured after the CPU post stage (its outputs are what the metrics see)."""
+    from nilmc.backends.dpu.partition import NHWC_SUFFIX
+
+    def through(ref: np.ndarray, out: np.ndarray) -> float:
+        a, b = post.run({tensor + NHWC_SUFFIX: ref}), post.run({tensor + NHWC_SUFFIX: out})
+        return error(next(iter(a.values())), next(iter(b.values())))
+
+    through.__qualname__ = f"{getattr(error, '__qualname__', 'error')} after the CPU post stage"
+    return through
+
+
+def _placement(full: DpuGraph, report: InspectionReport, part: Partition) -> dict[str, Any]:
+    """The manifest's ``placement``: which ops run INT8 on the DPU and which in FP32 on the CPU, and why."""
+    from nilmc.backends.dpu.ops import OpKind
+
+    weighted = [op for op in full.ops if op.weighted]
+    int8 = [op.name for op in weighted if part.device(op.name) == "DPU"]
+    floats = [{"name": op.name, "op": str(op.kind) if op.kind != OpKind.UNSUPPORTED else str(op.attrs.get("op_type")),
+               "why": (part.pre.get(op.name) or part.post.get(op.name, ""))}
+              for op in full.ops if op.kind != OpKind.INPUT and part.device(op.name) == "CPU"]
+    devices = [{"op": p.op, "kind": p.kind, "device": p.device, **({"why": p.reasons[0]} if p.reasons else {}),
+                **({"stage": p.details["stage"]} if "stage" in p.details else {})} for p in report.placements]
+    summary = (f"{len(int8)} weighted layer(s) in INT8 on the DPU; "
+               + (f"FP32 on the CPU: {len(floats)} op(s) ({', '.join(f['name'] for f in floats)})" if floats else "nothing on the CPU"))
+    return {"int8": int8, "float": floats, "devices": devices, "summary": summary}
+
+
 def _stable_repr(options: Any) -> str:
     """A repr of a dataclass of options in which callables (built per call, e.g. the watts error closure) appear by name."""
     import dataclasses
@@ -297,7 +435,7 @@ def _stable_repr(options: Any) -> str:
                  for f in dataclasses.fields(options) for v in [getattr(options, f.name)]])
 
 
-def _calibration_eacc(model: Model, graph: DpuGraph, params: DpuParams, ctx: Any, reference: DpuGraph) -> dict[str, Any]:
+def _calibration_eacc(model: Model, deployment: Deployment, ctx: Any) -> dict[str, Any]:
     """FP32 (the ONNX model on onnxruntime) and emulated-DPU EACC on the calibration windows (they carry ground truth)."""
     from nilmc.backends.dpu.quant import fp32_outputs
     from nilmc.compiler.metrics import nilm_metrics
@@ -309,7 +447,7 @@ def _calibration_eacc(model: Model, graph: DpuGraph, params: DpuParams, ctx: Any
         return {}
     x = ctx.calib_x
     fp32 = model.contract.to_watts(fp32_outputs(model.graph, x).astype(np.float32))
-    dpu = model.contract.to_watts(next(iter(DpuEmulator(graph, params).infer({model.input_name: x}).values())))
+    dpu = model.contract.to_watts(next(iter(deployment.infer({model.input_name: x}).values())))
     thr = model.contract.on_threshold_w
     e_ref, e_dpu = nilm_metrics(truth, fp32, on_threshold_w=thr).eacc, nilm_metrics(truth, dpu, on_threshold_w=thr).eacc
     return {"windows": int(len(x)), "eacc_fp32_pct": round(100 * e_ref, 3), "eacc_dpu_pct": round(100 * e_dpu, 3),

@@ -4,14 +4,18 @@
 ``quantized.xmodel`` into the compiled ``out/net.xmodel`` holding the DPU subgraph.
 ``run_on_board.py`` runs that on the board through VART (``xir`` and ``vart``, present
 on the board image, imported only there): it normalizes raw feature windows with the
-model's contract, quantizes them with DPU rounding at the input tensor's
-``fix_point``, runs the DPU subgraph, and dequantizes with the output tensor's
-``fix_point`` into watts. It needs only numpy besides the Vitis AI runtime.
+model's contract (and puts them in the model's layout), runs the CPU pre stage
+(``cpu_pre.onnx``, FP32, when the partition has one), quantizes its output with DPU rounding
+at the DPU input tensor's ``fix_point``, runs the DPU subgraph, dequantizes with the output
+tensor's ``fix_point``, runs the CPU post stage (``cpu_post.onnx``) when there is one, selects
+the contract's output step and scales to watts. It needs numpy besides the Vitis AI runtime,
+and onnxruntime for the CPU stages (``pip install onnxruntime`` on the board).
 """
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,8 @@ def _contract_constants(contract: ModelContract) -> dict[str, Any]:
     aff = None if contract.folded else contract.normalization.affine()
     return {
         "input_shape": list(contract.input_shape),
+        "layout": contract.layout,
+        "output_select": contract.output_select,
         "normalization": contract.normalization.kind.value,
         "scale": None if aff is None else [float(v) for v in aff[0]],
         "offset": None if aff is None else [float(v) for v in aff[1]],
@@ -72,18 +78,22 @@ Then on the board (the Vitis AI runtime image provides ``xir`` and ``vart``)::
 
 ``windows.npy`` holds raw feature windows ``(N, {shape})`` as nilmc's data sets store them;
 pass ``--normalized`` when they are already normalized the way the model expects.
-Inputs are quantized with DPU rounding (round half up) at the input tensor's fix_point;
+CPU stages (FP32, onnxruntime; {stages_note}) run before / after the DPU subgraph.
+The DPU input is quantized with DPU rounding (round half up) at the input tensor's fix_point;
 outputs are dequantized with the output tensor's fix_point, then scaled to watts.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
 CONTRACT = json.loads({contract!r})
+STAGES = json.loads({stages!r})  # CPU stage -> ONNX file beside this script
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def normalize(raw):
@@ -96,14 +106,50 @@ def normalize(raw):
     return x * np.asarray(CONTRACT["scale"]).reshape(shape) + np.asarray(CONTRACT["offset"]).reshape(shape)
 
 
+def to_layout(x):
+    """Canonical windows (N, T, F, 1) -> the model's input layout."""
+    layout = CONTRACT["layout"]
+    if layout in ("", "NTF1"):
+        return x
+    core = x[..., 0]
+    if layout == "NWC":
+        return core
+    if layout == "NCW":
+        return np.ascontiguousarray(core.transpose(0, 2, 1))
+    return core[:, :, 0]
+
+
 def quantize(x, fix_point):
     """DPU_ROUND (round half up) at fix_point, saturated to int8."""
     return np.clip(np.floor(np.asarray(x, np.float64) * 2.0 ** fix_point + 0.5), -128, 127).astype(np.int8)
 
 
-def to_watts(q, fix_point):
-    y = np.asarray(q, np.float64).reshape(len(q), -1)[:, 0] * 2.0 ** -fix_point
+def dequantize(q, fix_point):
+    return np.asarray(q, np.float64) * 2.0 ** -fix_point
+
+
+def select(y):
+    """Per-window model output -> the prediction (the contract's output step)."""
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    sel, n = CONTRACT["output_select"] or "", y.shape[1]
+    k = n // 2 if sel == "midpoint" else n - 1 if sel == "last" else int(sel.split(":", 1)[1]) if sel else 0
+    return y[:, k % n]
+
+
+def to_watts(y):
+    y = select(y)
     return y if CONTRACT["folded"] else y * CONTRACT["target_std"] + CONTRACT["target_mean"]
+
+
+def cpu_stage(key, x):
+    """Run a CPU stage (FP32 ONNX sub-graph of the model) on onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise SystemExit(f"the CPU {{key}} stage needs onnxruntime ({{exc}}); pip install onnxruntime on the board")
+    sess = ort.InferenceSession(os.path.join(HERE, STAGES[key]), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {{name: np.asarray(x[i:i + 1024], np.float32)}})[0] for i in range(0, len(x), 1024)])
 
 
 def dpu_subgraph(graph):
@@ -123,6 +169,8 @@ def run(xmodel, x):
     runner = vart.Runner.create_runner(dpu_subgraph(xir.Graph.deserialize(xmodel)), "run")
     tin, tout = runner.get_input_tensors()[0], runner.get_output_tensors()[0]
     fi, fo = tin.get_attr("fix_point"), tout.get_attr("fix_point")
+    if "pre" in STAGES:
+        x = cpu_stage("pre", x)  # FP32 on the CPU: the DPU input, NHWC
     q = quantize(x, fi)
     batch = tuple(tin.dims)[0]
     outs = []
@@ -134,7 +182,10 @@ def run(xmodel, x):
         job = runner.execute_async([inp], [out])
         runner.wait(job)
         outs.append(out[:len(chunk)].copy())
-    return to_watts(np.concatenate(outs), fo)
+    y = dequantize(np.concatenate(outs), fo)
+    if "post" in STAGES:
+        y = cpu_stage("post", y)
+    return to_watts(y)
 
 
 def main(argv=None):
@@ -147,7 +198,7 @@ def main(argv=None):
     raw = np.load(a.windows)
     if tuple(raw.shape[1:]) != tuple(CONTRACT["input_shape"]):
         raise SystemExit(f"windows have shape {{raw.shape[1:]}}, the model takes {{tuple(CONTRACT['input_shape'])}}")
-    x = raw if a.normalized else normalize(raw)
+    x = to_layout(raw if a.normalized else normalize(raw))
     watts = run(a.xmodel, x)
     np.save(a.out, watts.astype(np.float32))
     print(f"{{len(watts)}} predictions -> {{a.out}}")
@@ -158,17 +209,21 @@ if __name__ == "__main__":
 '''
 
 
-def run_script(target: DPUTarget, contract: ModelContract) -> str:
+def run_script(target: DPUTarget, contract: ModelContract, stages: Mapping[str, str] | None = None) -> str:
     shape = ", ".join(str(d) for d in contract.input_shape)
+    stages = dict(stages or {})
+    note = ", ".join(f"{k}: {v}" for k, v in sorted(stages.items())) or "none in this partition"
     return _RUN_TEMPLATE.format(appliance=contract.appliance, target=target.name, compiled=f"{COMPILED_DIR}/{NET}.xmodel",
-                                shape=shape, contract=json.dumps(_contract_constants(contract), sort_keys=True))
+                                shape=shape, contract=json.dumps(_contract_constants(contract), sort_keys=True),
+                                stages=json.dumps(stages, sort_keys=True), stages_note=note)
 
 
-def write_handoff(out_dir: Path, target: DPUTarget, contract: ModelContract) -> list[str]:
-    """Write ``arch.json``, ``compile.sh`` and ``run_on_board.py`` into ``out_dir``; returns the file names."""
+def write_handoff(out_dir: Path, target: DPUTarget, contract: ModelContract, *, stages: Mapping[str, str] | None = None) -> list[str]:
+    """Write ``arch.json``, ``compile.sh`` and ``run_on_board.py`` into ``out_dir``; returns the file names.
+    ``stages`` (default none): the CPU stages' ONNX files (``{"pre": "cpu_pre.onnx", "post": ...}``) the script runs."""
     write_arch(target, out_dir / ARCH)
     atomic_write_text(out_dir / COMPILE, compile_script(target))
-    atomic_write_text(out_dir / RUN, run_script(target, contract))
+    atomic_write_text(out_dir / RUN, run_script(target, contract, stages))
     for name in (COMPILE, RUN):
         (out_dir / name).chmod(0o755)
     return [ARCH, COMPILE, RUN]

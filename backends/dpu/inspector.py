@@ -14,15 +14,21 @@ cores between DPU subgraphs. The report counts those subgraphs.
 The fully connected rule (``in_features <= 256 * cp``) treats an inner product as
 a 1x1 convolution over the flattened features; that reading of the conv rules is
 nilmc's, not a documented DPUCZDX8G limit.
+
+With a :class:`~nilmc.backends.dpu.partition.Partition`, the ops of its CPU stages are placed on the CPU with the
+partition's reason (``stage`` ``cpu_pre`` / ``cpu_post``): planned FP32 pre-/post-processing, not fallbacks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nilmc.backends.dpu.ir import DpuGraph, DpuOp
 from nilmc.backends.dpu.ops import DPU_LEAKY_ALPHA, OpKind, record
 from nilmc.bitstreams import DPUTarget
+
+if TYPE_CHECKING:
+    from nilmc.backends.dpu.partition import Partition
 
 DPU, CPU = "DPU", "CPU"
 __all__ = ["CPU", "DPU", "DPU_LEAKY_ALPHA", "InspectionReport", "Placement", "inspect_graph"]
@@ -54,6 +60,11 @@ class InspectionReport:
     def all_on_dpu(self) -> bool:
         return not self.cpu_ops
 
+    @property
+    def fallbacks(self) -> list[Placement]:
+        """CPU ops that are not a planned CPU stage: the DPU cannot take them where they are."""
+        return [p for p in self.cpu_ops if "stage" not in p.details]
+
     def placement(self, op: str) -> Placement:
         for p in self.placements:
             if p.op == op:
@@ -64,12 +75,16 @@ class InspectionReport:
         n = len(self.placements)
         if self.all_on_dpu:
             return f"all {n} ops run on the {self.target} DPU ({self.dpu_subgraphs} DPU subgraph)"
-        worst = "; ".join(f"{p.op}: {p.reasons[0]}" for p in self.cpu_ops[:3])
-        return f"{len(self.cpu_ops)} of {n} ops fall back to the CPU ({self.dpu_subgraphs} DPU subgraphs): {worst}"
+        if not self.fallbacks:
+            cpu = ", ".join(p.op for p in self.cpu_ops)
+            return (f"{n - len(self.cpu_ops)} of {n} ops run on the {self.target} DPU ({self.dpu_subgraphs} DPU subgraph); "
+                    f"{len(self.cpu_ops)} in FP32 on the CPU as pre-/post-processing ({cpu})")
+        worst = "; ".join(f"{p.op}: {p.reasons[0]}" for p in self.fallbacks[:3])
+        return f"{len(self.fallbacks)} of {n} ops fall back to the CPU ({self.dpu_subgraphs} DPU subgraphs): {worst}"
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "all_on_dpu": self.all_on_dpu, "dpu_subgraphs": self.dpu_subgraphs,
-                "cpu_ops": [p.op for p in self.cpu_ops], "summary": self.summary(),
+                "cpu_ops": [p.op for p in self.cpu_ops], "fallbacks": [p.op for p in self.fallbacks], "summary": self.summary(),
                 "layers": [p.to_json() for p in self.placements]}
 
 
@@ -102,7 +117,11 @@ def _count_dpu_subgraphs(graph: DpuGraph, placements: dict[str, Placement]) -> i
     return len({find(op.name) for op in dpu_ops})
 
 
-def inspect_graph(graph: DpuGraph, target: DPUTarget) -> InspectionReport:
-    """Place every op of ``graph`` on the DPU or the CPU under ``target``'s limits."""
+def inspect_graph(graph: DpuGraph, target: DPUTarget, partition: Partition | None = None) -> InspectionReport:
+    """Place every op of ``graph`` on the DPU or the CPU under ``target``'s limits (and ``partition``'s CPU stages)."""
     placements = {op.name: _place(op, target) for op in graph.ops}
+    for stage, ops in (("cpu_pre", partition.pre if partition else {}), ("cpu_post", partition.post if partition else {})):
+        for name, why in ops.items():
+            p = placements[name]
+            placements[name] = Placement(p.op, p.kind, CPU, (why,), {**p.details, "stage": stage})
     return InspectionReport(target.name, [placements[op.name] for op in graph.ops], _count_dpu_subgraphs(graph, placements))

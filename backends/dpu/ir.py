@@ -7,6 +7,8 @@ NHWC tensor it views and in which layout, so that layout-only nodes disappear:
 
 * ``Transpose(perm=[0,3,1,2])`` / ``[0,2,3,1]`` and a ``Reshape`` that only moves a
   size-1 axis switch the *view* (NHWC <-> NCHW) of the same tensor;
+* a rank-3 ``(N, C, W)`` graph input read by a 1-D ``Conv`` (a PyTorch Conv1d export) is an NCW view of the
+  NHWC tensor ``(N, 1, W, C)``; 1-D convs become ``conv2d`` ops with a ``1 x k`` kernel;
 * ``Conv``/``MatMul``/``Gemm`` fused with bias ``Add`` and ``Relu``/``LeakyRelu``
   (the layers of :func:`nilmc.quantization.graph.analyze`) become ``conv2d`` /
   ``dense`` ops with OHWI / ``[in, out]`` float weights;
@@ -34,6 +36,7 @@ from nilmc.backends.dpu.ops import OPS, OpKind
 from nilmc.quantization.graph import Layer, analyze
 
 NHWC, NCHW, FLAT = "nhwc", "nchw", "flat"
+NCW = "ncw"  # an ONNX (N, C, W) tensor (a PyTorch Conv1d's) viewing the NHWC tensor (N, 1, W, C)
 KINDS = tuple(OpKind)
 
 
@@ -170,6 +173,8 @@ class _Builder:
                 continue
             shape = _static_shape(inp)[1:]
             layout = NHWC if len(shape) == 3 else FLAT
+            if len(shape) == 2 and self._read_by_conv1d(inp.name):
+                shape, layout = (1, shape[1], shape[0]), NCW
             self.add(DpuOp(inp.name, OpKind.INPUT, (), inp.name, shape, onnx_nodes=()), layout)
             inputs.append(inp.name)
         for node in self.model.graph.node:
@@ -181,6 +186,10 @@ class _Builder:
             self.plain(node)
         outputs = {o.name: self.view(o.name).tensor for o in self.model.graph.output}
         return DpuGraph(self.ops, inputs, list(outputs.values()), outputs, {i: self.view(i).shape for i in inputs})
+
+    def _read_by_conv1d(self, name: str) -> bool:
+        return any(n.op_type == "Conv" and n.input[0] == name and len(self.consts.get(n.input[1], np.zeros((0, 0, 0, 0))).shape) == 3
+                   for n in self.consumers.get(name, []))
 
     # ------------------------------------------------------------------ layers
     def _skip_activation_nodes(self, layer: Layer) -> None:
@@ -210,10 +219,12 @@ class _Builder:
     def conv(self, node: onnx.NodeProto, layer: Layer, act: str | None, alpha: float) -> None:
         src = self.view(layer.input)
         a = _attrs(node)
-        w = np.asarray(self.consts[layer.weight], np.float32)  # OIHW
+        w = np.asarray(self.consts[layer.weight], np.float32)  # OIHW (OIW for a 1-D conv)
         group = int(a.get("group", 1))
         reason = ""
-        if src.layout != NCHW or len(src.shape) != 3:
+        if w.ndim == 3 and src.layout == NCW:  # Conv1d over (N, C, W): a 1 x k conv2d over (N, 1, W, C)
+            w, a = w[:, :, None, :], _as_2d(a)
+        if src.layout not in (NCHW, NCW) or len(src.shape) != 3 or w.ndim != 4:
             reason = f"Conv input {layer.input!r} is not an NCHW view of an NHWC tensor (layout {src.layout or 'unknown'})"
         elif group != 1:
             reason = f"grouped/depthwise convolution (group={group}) is not handled by nilmc's DPU lowering"
@@ -239,7 +250,7 @@ class _Builder:
         op = DpuOp(layer.name, OpKind.CONV2D, (src.tensor,), layer.output, (oh, ow, int(w.shape[0])), attrs,
                    np.ascontiguousarray(w.transpose(0, 2, 3, 1)), bias, act, layer.weight, layer.bias,
                    tuple(n for n in (layer.name, layer.bias_node) if n))
-        self.add(op, NCHW)
+        self.add(op, src.layout)
 
     def dense(self, node: onnx.NodeProto, layer: Layer, act: str | None, alpha: float) -> None:
         src = self.view(layer.input)
@@ -384,6 +395,18 @@ class _Builder:
         alpha = float(_attrs(node).get("alpha", 0.01)) if kind == OpKind.LEAKY_RELU else 0.0
         self.add(DpuOp(node.name, kind, (src.tensor,), node.output[0], src.shape, {"alpha": alpha}, onnx_nodes=(node.name,)),
                  src.layout)
+
+
+def _as_2d(a: dict[str, Any]) -> dict[str, Any]:
+    """1-D Conv attributes as those of the equivalent 1 x k 2-D conv."""
+    out = dict(a)
+    if "kernel_shape" in a:
+        out["kernel_shape"] = (1, int(a["kernel_shape"][0]))
+    out["strides"] = (1, int(a.get("strides", (1,))[0]))
+    out["dilations"] = (1, int(a.get("dilations", (1,))[0]))
+    p = tuple(int(v) for v in a.get("pads", (0, 0)))
+    out["pads"] = (0, p[0], 0, p[1])
+    return out
 
 
 def from_onnx(model: onnx.ModelProto) -> DpuGraph:

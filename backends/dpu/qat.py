@@ -16,6 +16,10 @@ the tf_keras source with :func:`nilmc.quantization.qat.qat_finetune` (``power_of
    the trained fake-quant ranges as exact powers of two); only biases (8-bit), shifts and
    the bounds repair are chosen there, aimed at the original FP32 tensors.
 
+With a CPU/DPU partition (:mod:`nilmc.backends.dpu.partition`) only the DPU part is fine-tuned: the Keras
+sub-model from the tensor the DPU reads (the output of the CPU layers, checked against the CPU pre stage on the
+calibration windows) to the output, trained on the CPU pre stage's FP32 outputs; the CPU layers stay as they are.
+
 Options (``options`` of ``lower``, the same names as ``tflite:qat_int8``): ``qat_epochs`` (3),
 ``qat_learning_rate`` (1e-5), ``qat_batch_size`` (64), ``qat_seed`` (0), ``qat_holdout`` (0.2).
 Deterministic for a seed on one machine / TensorFlow build (op determinism on).
@@ -119,19 +123,55 @@ def _data(model: Model, graph: DpuGraph, ctx: Any, holdout: float) -> dict[str, 
     return {"x": x[:split], "y": y[:split], "val": (x[split:], y[split:])}
 
 
+def dpu_submodel(keras_model: Any, graph: DpuGraph, pre: Any, x: np.ndarray) -> Any:
+    """The Keras model from the tensor the DPU subgraph reads to the output (the CPU layers left out).
+
+    The DPU's first weighted layers are the Keras model's last ones; the cut is the output of the last CPU
+    weighted layer (after a separate activation layer, if one follows it), checked against the CPU pre stage
+    (``pre``, FP32 onnxruntime) on windows ``x``."""
+    from nilmc.compiler.tfcompat import import_tf_keras
+    from nilmc.quantization.qat import weighted_layers
+
+    keras = import_tf_keras("QAT of the DPU part")
+    layers = weighted_layers(keras_model)
+    n_cpu = len(layers) - sum(1 for op in graph.ops if op.weighted)
+    if n_cpu < 1 or len(graph.inputs) != 1:
+        raise QuantizationError(f"the DPU part starts after {n_cpu} Keras layer(s) with {len(graph.inputs)} input(s)",
+                                "use --option dpu.cpu_layers=none for QAT of this model")
+    last = layers[n_cpu - 1]
+    tensor = last.output
+    order = list(keras_model.layers)
+    nxt = order[order.index(last) + 1] if order.index(last) + 1 < len(order) else None
+    if nxt is not None and type(nxt).__name__ in ("ReLU", "Activation", "LeakyReLU") and nxt.input is tensor:
+        tensor = nxt.output
+    head = keras.Model(keras_model.input, tensor)
+    want = next(iter(pre.run({pre.inputs[0]: x[:64]}).values()))
+    got = np.asarray(head(np.asarray(x[:64], np.float32)), np.float32).reshape(want.shape)
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise QuantizationError("the Keras model's CPU layers do not compute the CPU pre stage's output "
+                                f"(max difference {float(np.max(np.abs(got - want))):.3g})",
+                                "convert the .keras file again, or use --option dpu.cpu_layers=none")
+    return keras.Model(tensor, keras_model.output)
+
+
 def qat_lower(model: Model, graph: DpuGraph, ptq: DpuParams, ctx: Any, limits: Mapping[str, Any],
-              qopts: DpuQuantOptions, options: Mapping[str, Any], *, shared: Mapping[str, Any] | None = None
-              ) -> tuple[DpuGraph, DpuParams, dict[str, Any]]:
+              qopts: DpuQuantOptions, options: Mapping[str, Any], *, shared: Mapping[str, Any] | None = None,
+              pre: Any = None) -> tuple[DpuGraph, DpuParams, dict[str, Any]]:
     """``(graph, params, info)`` after power-of-two QAT; ``graph``/``ptq`` back unchanged when epoch 0 wins.
-    ``shared`` (default none): the shared ranges / start fix positions the PTQ refinement used."""
+    ``shared`` (default none): the shared ranges / start fix positions the PTQ refinement used; ``pre`` (default
+    none): the CPU pre stage (:class:`~nilmc.backends.dpu.partition.CpuStage`) when the DPU reads its output."""
     from nilmc.backends.tflite_backend import load_keras
     from nilmc.compiler.tfcompat import kernel_and_bias
     from nilmc.quantization.qat import layer_kind, qat_finetune, qat_ranges, strip_qat
 
     opts = DpuQatOptions.parse(options)
     keras_model = load_keras(model)
-    pairs = pair_layers(keras_model, graph)
     data = _data(model, graph, ctx, opts.holdout)
+    if pre is not None and graph.inputs[0] != model.input_name:
+        keras_model = dpu_submodel(keras_model, graph, pre, np.asarray(ctx.calib_x, np.float32))
+        dpu_x = {k: next(iter(pre.run({pre.inputs[0]: v}).values())) for k, v in (("x", data["x"]), ("val", data["val"][0]))}
+        data = {"x": dpu_x["x"], "y": data["y"], "val": (dpu_x["val"], data["val"][1])}
+    pairs = pair_layers(keras_model, graph)
     t0 = time.perf_counter()
     history: dict[str, Any] = {}
     qat = qat_finetune(keras_model, _keras_quant(pairs, graph, ptq), data["x"], data["y"], epochs=opts.epochs,
@@ -142,6 +182,7 @@ def qat_lower(model: Model, graph: DpuGraph, ptq: DpuParams, ctx: Any, limits: M
         "held_out_windows": int(len(data["val"][0])), "epochs": opts.epochs, "learning_rate": opts.learning_rate,
         "batch_size": opts.batch_size, "seed": opts.seed, "seconds": round(time.perf_counter() - t0, 2),
         "held_out_mse_per_epoch": [round(v, 6) for v in history.get("val_loss", [])], "kept_epoch": history.get("best_epoch"),
+        "trained_part": f"DPU part from {graph.inputs[0]!r} (the CPU layers stay FP32)" if graph.inputs[0] != model.input_name else "whole model",
         "note": "power-of-two fake quant from the DPU PTQ fix points (activations frozen, weights follow the weights); "
                 "the epoch with the lowest held-out MSE is kept, 0 = the PTQ starting point"}
     if history.get("best_epoch") == 0:

@@ -12,7 +12,7 @@ bounds, measures accumulator peaks, and writes the shared-format parameters (the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from nilmc.backends.dpu import emulator as emu
-from nilmc.backends.dpu.ir import NCHW, DpuGraph, DpuOp
+from nilmc.backends.dpu.ir import NCHW, NCW, DpuGraph, DpuOp
 from nilmc.backends.dpu.ops import OpKind, accumulate, record
 from nilmc.compiler.errors import QuantizationError
 from nilmc.quantization import intops
@@ -141,6 +141,8 @@ def _nhwc(value: np.ndarray, op: DpuOp) -> np.ndarray:
     v = np.asarray(value, np.float64)
     if op.onnx_layout == NCHW and v.ndim == 4:
         v = v.transpose(0, 2, 3, 1)
+    elif op.onnx_layout == NCW and v.ndim == 3:  # (N, C, W) -> (N, W, C), i.e. (N, 1, W, C)
+        v = v.transpose(0, 2, 1)
     return v.reshape(len(v), *op.shape)
 
 
@@ -266,10 +268,12 @@ def _onnx_weight(op: DpuOp, layer_axis: int, values: np.ndarray) -> np.ndarray:
     return values.T if layer_axis == 0 else values  # Gemm transB stores [out, in]
 
 
-def to_quant_params(onnx_model: onnx.ModelProto, graph: DpuGraph, params: DpuParams) -> tuple[onnx.ModelProto, Any]:
+def to_quant_params(onnx_model: onnx.ModelProto, graph: DpuGraph, params: DpuParams, *, cpu_layers: Collection[str] = (),
+                    cpu_tensors: Collection[str] = (), provenance: Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, Any]:
     """``(model, QuantParams)``: the model with its weights and biases replaced by the exact quantized
     values the DPU uses, and shared-format parameters (traits DPU_POT) describing every fix point,
-    from which :func:`nilmc.quantization.qdq.build_qdq_model` writes the power-of-two QDQ graph."""
+    from which :func:`nilmc.quantization.qdq.build_qdq_model` writes the power-of-two QDQ graph.
+    ``cpu_layers`` / ``cpu_tensors`` (default none): layers and tensors of the CPU stages (FP32, ``keep_float``)."""
     from nilmc.quantization.graph import analyze
     from nilmc.quantization.params import QuantParams, TensorQuant
     from nilmc.quantization.statistics import model_digest
@@ -280,7 +284,7 @@ def to_quant_params(onnx_model: onnx.ModelProto, graph: DpuGraph, params: DpuPar
     axis = {l.name: l.weight_axis for l in g.layers}
     tensors: dict[str, TensorQuant] = {}
     for op in graph.ops:
-        if not op.weighted:
+        if not op.weighted or op.name in cpu_layers:  # a CPU layer keeps its float weights
             continue
         wq = params.weights[op.name]
         _replace_constant(model, op.weight_name, _onnx_weight(op, axis[op.name], wq.weight_float()))  # type: ignore[arg-type]
@@ -289,10 +293,13 @@ def to_quant_params(onnx_model: onnx.ModelProto, graph: DpuGraph, params: DpuPar
             _replace_constant(model, op.bias_name, wq.bias_float())  # type: ignore[arg-type]
             tensors[op.bias_name] = _tq(TensorQuant, op.bias_name, "bias", wq.fb)
     for name in g.quant_points:
+        if name not in params.fix and name in cpu_tensors:
+            continue
         if name not in params.fix:
             raise QuantizationError(f"quantization point {name!r} has no DPU fix point", "the DPU graph and the ONNX model disagree")
         tensors[name] = _tq(TensorQuant, name, "activation", params.fix[name])
-    out = QuantParams(DPU_POT, tensors, dict(g.shared), list(g.layers), "dpu", model_digest(model))
+    out = QuantParams(DPU_POT, tensors, dict(g.shared), list(g.layers), "dpu", model_digest(model), keep_float=tuple(cpu_layers),
+                      provenance=dict(provenance or {}))
     return model, out
 
 

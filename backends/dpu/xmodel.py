@@ -11,6 +11,10 @@ topological order (inputs first, as XIR loads them):
   (``transpose_b`` true); the fused ``relu`` / ``leaky-relu`` (alpha 26/256); ``fix``;
 * ``flatten``, ``maxpool2d``, ``avgpool2d``, ``add``, ``relu``, ``leaky-relu``, each followed by ``fix``.
 
+With a CPU/DPU partition (:mod:`nilmc.backends.dpu.partition`) the xmodel holds the DPU subgraph only: its ``data``
+ops are the CPU pre stage's outputs (named after the ONNX tensors they are, NHWC), and the graph attribute
+``nilmc_cpu_stages`` names the ONNX files of the CPU stages beside it (``{"pre": "cpu_pre.onnx", "post": ...}``).
+
 Every ``fix`` carries ``fix_point``, ``bit_width`` 8, ``round_mode`` "DPU_ROUND" and
 ``if_signed`` true; const data are float32 values that are exact multiples of
 ``2**-fix_point``, so the integers are recovered exactly. The graph holds the op
@@ -353,6 +357,12 @@ def read_xmodel(data: bytes | pb.Graph) -> tuple[DpuGraph, DpuParams]:
     """The DPU graph and parameters stored in a quantized xmodel written by :func:`build_xmodel`."""
     g = data if isinstance(data, pb.Graph) else parse(data)
     return _Reader(g).read()
+
+
+def graph_attributes(data: bytes | pb.Graph) -> dict[str, Any]:
+    """The graph attributes of an xmodel (``nilmc_outputs``, ``nilmc_cpu_stages``, ``target``, ...)."""
+    g = data if isinstance(data, pb.Graph) else parse(data)
+    return {k: _value(v) for k, v in g.graph_attr.items()}
 
 
 def fix_points(g: pb.Graph) -> dict[str, int]:

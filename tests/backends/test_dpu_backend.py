@@ -33,13 +33,15 @@ def test_capabilities_and_availability() -> None:
 def test_lower_writes_xmodel_and_handoff(lowered) -> None:
     d = lowered.directory
     assert lowered.primary == "quantized.xmodel"
-    assert set(lowered.files) == {"quantized.xmodel", "arch.json", "compile.sh", "run_on_board.py", "inspector.json", "dpu_params.json"}
+    assert set(lowered.files) == {"quantized.xmodel", "cpu_pre.onnx", "arch.json", "compile.sh", "run_on_board.py", "inspector.json",
+                                  "dpu_params.json"}
     assert all((d / f).is_file() for f in lowered.files)
     assert lowered.info["label"] == "quantized xmodel — compile with vai_c_xir"
     assert "vai_c_xir -x quantized.xmodel -a arch.json -o out -n net" in (d / "compile.sh").read_text()
     assert lowered.info["handoff"]["compile"] == "vai_c_xir -x quantized.xmodel -a arch.json -o out -n net"
     assert json.loads((d / "arch.json").read_text()) == {"fingerprint": "0x0101000056010405"}
-    assert json.loads((d / "inspector.json").read_text())["all_on_dpu"]
+    inspector = json.loads((d / "inspector.json").read_text())
+    assert inspector["fallbacks"] == [] and inspector["cpu_ops"] == ["input", "Reshape_0", "MatMul_1"]  # precise input: the first layer on the CPU
     params = json.loads((d / "dpu_params.json").read_text())
     assert all(0 <= l["shift_cut"] <= 16 for l in params["layers"] if "shift_cut" in l)
     q = lowered.info["quantization"]
@@ -87,7 +89,8 @@ def test_board_script_quantizes_with_dpu_rounding_and_the_contract(lowered, tiny
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     np.testing.assert_array_equal(mod.quantize(np.array([-2.5, -0.5, 0.5, 2.5, 300.0]), 0), [-2, 0, 1, 3, 127])
     np.testing.assert_allclose(mod.normalize(tiny_eval.raw_x()), tiny.contract.prepare(tiny_eval.raw_x()), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(mod.to_watts(np.array([[64]]), 6), tiny.contract.to_watts(np.array([[1.0]])), rtol=1e-6)
+    np.testing.assert_allclose(mod.to_watts(mod.dequantize(np.array([[64]]), 6)), tiny.contract.to_watts(np.array([[1.0]])), rtol=1e-6)
+    assert mod.STAGES == {"pre": "cpu_pre.onnx"}
     windows = lowered.directory / "w.npy"
     np.save(windows, tiny_eval.raw_x()[:4])
     if importlib.util.find_spec("vart") is None:  # not a board: the script says what it needs

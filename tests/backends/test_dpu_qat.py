@@ -49,6 +49,7 @@ def test_qat_precision_lowers_and_runs(lowered, keras_model, tiny_eval) -> None:
     qat = art.info["qat"]
     assert len(qat["held_out_mse_per_epoch"]) == 3 and qat["kept_epoch"] in (0, 1, 2)
     assert "tensorflow-model-optimization" in art.info["tools"]
+    assert qat["trained_part"].startswith("DPU part from") and art.info["placement"]["float"][-1]["why"].startswith("precise input")
     y = _emulated(art, keras_model, keras_model.contract.prepare(tiny_eval.raw_x()))
     assert y.shape == (len(tiny_eval.x),) and np.isfinite(y).all()
 

@@ -19,7 +19,8 @@ from nilmc.quantization.traits import DPU_POT
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory, tiny, tiny_ds):
     ctx = QuantContext(tiny, tiny_ds)
-    art = DPUBackend().lower(tiny, tmp_path_factory.mktemp("pot"), precision="b2304", options={"quant": ctx})
+    # every layer on the DPU (no CPU pre stage), so every tensor of the model has a refined fix position
+    art = DPUBackend().lower(tiny, tmp_path_factory.mktemp("pot"), precision="b2304", options={"quant": ctx, "cpu_layers": "none"})
     return art, ctx
 
 

@@ -1,0 +1,327 @@
+"""Where each op of a DPU deployment runs: in FP32 on the board's CPU, or in INT8 on the DPU.
+
+A deployment is up to three stages, and every part of nilmc's DPU lowering (refinement, QAT, emulator, xmodel,
+inspector, board script) reads the same :class:`Partition`:
+
+1. **CPU pre-processing** (``cpu_pre.onnx``, an ONNX sub-graph of the model run in FP32): the layers the shared
+   parameters keep float because they read the graph input (precise input, ``QuantTraits.float_layers`` of
+   DPU_POT), and layout-only ops before them. The graph input is then never quantized: its 8-bit power-of-two
+   grid capped the shipped model near 25 dB (``benchmarks/bench_dpu_fidelity.py``). A graph input that is not
+   in NHWC order (the ``(N, C, W)`` input of a PyTorch Conv1d export) is put in NHWC order here as well (exact).
+2. **DPU** (``quantized.xmodel``): everything else; its inputs are the CPU stage's outputs in NHWC order, each
+   quantized at its own fix point.
+3. **CPU post-processing** (``cpu_post.onnx``): trailing data-movement ops the DPU has no operator for
+   (``Shape``/``Gather``/``Concat``/``Reshape`` of a PyTorch ``view``, a final ``Clip``), fed the DPU's
+   dequantized outputs.
+
+Any other op the DPU cannot take still refuses the model (the inspector says which and why); ``cpu_layers="none"``
+keeps every layer on the DPU (the graph input quantized, as before).
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nilmc.backends.dpu.ir import FLAT, NCHW, NCW, NHWC, DpuGraph, DpuOp
+from nilmc.backends.dpu.ops import OpKind
+from nilmc.quantization.graph import prune_dead
+
+CPU_PRE, CPU_POST = "cpu_pre.onnx", "cpu_post.onnx"
+NHWC_SUFFIX = ":nhwc"  # a CPU stage's tensor in the DPU's NHWC order (pre outputs, post inputs)
+CPU_LAYERS = ("auto", "none")
+# Ops that only move data: before the first DPU layer they run on the CPU with the float layers.
+LEADING_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+# After the last DPU op: data movement, shape arithmetic, and a final clamp.
+TRAILING_OPS = LEADING_OPS | frozenset({"Shape", "Gather", "Concat", "Slice", "Cast", "Clip", "Relu"})
+PRECISE_INPUT = "precise input: reads the float graph input, runs in FP32 on the CPU (the input is never quantized)"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """``pre`` / ``post``: IR op name -> why it runs on the CPU before / after the DPU; ``inputs``: the IR tensors
+    the DPU subgraph reads (the CPU stage's outputs, or the graph inputs when there is none); ``outputs``: the IR
+    tensors it hands to the CPU post stage (empty without one); ``problems``: why the split cannot be made."""
+
+    pre: dict[str, str] = field(default_factory=dict)
+    post: dict[str, str] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    layouts: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # cut tensor -> (ONNX layout, NHWC shape)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def has_pre(self) -> bool:
+        return bool(self.pre)
+
+    @property
+    def has_post(self) -> bool:
+        return bool(self.post)
+
+    def device(self, op: str) -> str:
+        return "CPU" if op in self.pre or op in self.post else "DPU"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cpu_pre": [{"op": k, "why": v} for k, v in self.pre.items()],
+                "cpu_post": [{"op": k, "why": v} for k, v in self.post.items()],
+                "dpu_inputs": list(self.inputs), "dpu_outputs": list(self.outputs)}
+
+
+def _producers(graph: DpuGraph) -> dict[str, DpuOp]:
+    return {op.output: op for op in graph.ops}
+
+
+def _consumers(graph: DpuGraph) -> dict[str, list[DpuOp]]:
+    out: dict[str, list[DpuOp]] = {}
+    for op in graph.ops:
+        for t in op.inputs:
+            out.setdefault(t, []).append(op)
+    return out
+
+
+def _op_type(op: DpuOp) -> str:
+    return str(op.attrs.get("op_type", "")) if op.kind == OpKind.UNSUPPORTED else ""
+
+
+def _layout_only(op: DpuOp) -> bool:
+    """Data movement only: an IR flatten, or an op the DPU has no operator for among :data:`LEADING_OPS`."""
+    return op.kind == OpKind.FLATTEN or (op.kind == OpKind.UNSUPPORTED and _op_type(op) in LEADING_OPS)
+
+
+def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode: str = "auto") -> Partition:
+    """The CPU/DPU split of ``graph`` (module docstring). ``float_layers``: layers the shared parameters keep float
+    (only those reading the graph input, through CPU ops, move to the CPU); ``mode`` ``"auto"`` (default) or
+    ``"none"`` (no CPU layers; layout conversion of the graph input and trailing ops still run on the CPU)."""
+    producers, consumers = _producers(graph), _consumers(graph)
+    on_cpu = {op.name for op in graph.ops if op.kind == OpKind.INPUT}
+    pre: dict[str, str] = {}
+    for op in graph.ops:
+        if op.kind == OpKind.INPUT or not op.inputs or not all(producers[t].name in on_cpu for t in op.inputs if t in producers):
+            continue
+        if mode == "auto" and op.name in float_layers:
+            pre[op.name] = PRECISE_INPUT
+        elif _layout_only(op) and _leads_to(op, float_layers, consumers, mode):
+            pre[op.name] = f"{_op_type(op) or op.kind} before a CPU layer: data movement, runs on the CPU with it"
+        else:
+            continue
+        on_cpu.add(op.name)
+    post: dict[str, str] = {}
+    outs = set(graph.outputs)
+    for op in reversed(graph.ops):
+        if op.kind != OpKind.UNSUPPORTED or _op_type(op) not in TRAILING_OPS or op.name in pre:
+            continue
+        users = consumers.get(op.output, [])
+        if (users or op.output in outs) and all(u.name in post for u in users):
+            post[op.name] = f"{_op_type(op)} after the last DPU op: no DPU operator, runs in FP32 on the CPU after the DPU"
+    post = {op.name: post[op.name] for op in graph.ops if op.name in post}  # graph order
+    return _cut(graph, pre, post, producers)
+
+
+def _leads_to(op: DpuOp, float_layers: Collection[str], consumers: Mapping[str, list[DpuOp]], mode: str) -> bool:
+    """Whether a leading layout op feeds (through other layout ops) a float layer that will run on the CPU."""
+    if mode != "auto":
+        return False
+    todo, seen = [op], set()
+    while todo:
+        cur = todo.pop()
+        for u in consumers.get(cur.output, []):
+            if u.name in float_layers:
+                return True
+            if _layout_only(u) and u.name not in seen:
+                seen.add(u.name)
+                todo.append(u)
+    return False
+
+
+def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: Mapping[str, DpuOp]) -> Partition:
+    inputs: list[str] = []
+    outputs: list[str] = []
+    problems: list[str] = []
+    layouts: dict[str, tuple[str, tuple[int, ...]]] = {}
+    dpu_ops = [op for op in graph.ops if op.kind != OpKind.INPUT and op.name not in pre and op.name not in post]
+    for op in dpu_ops:
+        for t in op.inputs:
+            src = producers.get(t)
+            if src is not None and (src.kind == OpKind.INPUT or src.name in pre) and t not in inputs:
+                inputs.append(t)
+    for op in graph.ops:
+        if op.name in post:
+            for t in op.inputs:
+                src = producers.get(t)
+                if src is not None and src.name not in post and src.kind != OpKind.INPUT and src.name not in pre and t not in outputs:
+                    outputs.append(t)
+    if post and any(producers[t].name not in post for t in graph.outputs if t in producers):
+        problems.append("a graph output comes straight from the DPU while others pass through CPU post-processing")
+    for t in (*inputs, *outputs):
+        src = producers[t]
+        layout = src.onnx_layout if src.kind != OpKind.INPUT else _input_layout(src)
+        if layout not in (NHWC, NCHW, NCW, FLAT) or any(d < 1 for d in src.shape) or not src.shape:
+            problems.append(f"tensor {t!r} between the CPU and the DPU has no known layout or shape ({layout or 'unknown'}, {src.shape})")
+        layouts[t] = (layout, tuple(src.shape))
+    if not dpu_ops:
+        problems.append("no op is left for the DPU")
+    if pre:  # graph inputs only the CPU stage reads stay float
+        first = {op.name: "graph input: read in FP32 by the CPU pre stage" for op in graph.ops
+                 if op.kind == OpKind.INPUT and op.output not in inputs}
+        pre = {**first, **pre}
+    conversion = any(layouts[t][0] not in (NHWC, FLAT) for t in inputs if producers[t].kind == OpKind.INPUT)
+    if conversion:  # the graph input in NHWC order for the DPU: a CPU stage of layout ops only
+        for op in graph.ops:
+            if op.kind == OpKind.INPUT and op.output in inputs:
+                pre.setdefault(op.name, f"graph input in {layouts[op.output][0].upper()} order: put in the DPU's NHWC order on the CPU (exact)")
+    return Partition(pre, post, tuple(inputs), tuple(outputs), layouts, tuple(problems))
+
+
+def _input_layout(op: DpuOp) -> str:
+    return op.onnx_layout or (NHWC if len(op.shape) == 3 else FLAT)
+
+
+def dpu_graph(graph: DpuGraph, part: Partition) -> DpuGraph:
+    """The DPU subgraph: an ``input`` op per cut tensor (named after it, its NHWC shape), then every DPU op."""
+    if not part.has_pre and not part.has_post:
+        return graph
+    producers = _producers(graph)
+    ops: list[DpuOp] = []
+    for t in part.inputs:
+        src = producers[t]
+        ops.append(DpuOp(t, OpKind.INPUT, (), t, tuple(src.shape), onnx_layout=part.layouts[t][0]))
+    ops += [op for op in graph.ops if op.kind != OpKind.INPUT and op.name not in part.pre and op.name not in part.post]
+    if part.has_post:
+        names = {t: t for t in part.outputs}
+    else:
+        names = dict(graph.output_names)
+    return DpuGraph(ops, list(part.inputs), list(names.values()), names, {t: tuple(producers[t].shape) for t in part.inputs})
+
+
+# --------------------------------------------------------------------------- the CPU stages as ONNX sub-graphs
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _to_nhwc(t: str, layout: str, shape: tuple[int, ...], out: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes taking ONNX tensor ``t`` (``layout``) to ``out`` in NHWC order ``(N, *shape)``."""
+    target = numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{out}/shape")
+    if layout == NCHW:
+        return [helper.make_node("Transpose", [t], [out], name=f"{out}/transpose", perm=[0, 2, 3, 1])], []
+    if layout == NCW:
+        return [helper.make_node("Transpose", [t], [f"{out}/nwc"], name=f"{out}/transpose", perm=[0, 2, 1]),
+                helper.make_node("Reshape", [f"{out}/nwc", target.name], [out], name=f"{out}/reshape")], [target]
+    return [helper.make_node("Reshape", [t, target.name], [out], name=f"{out}/reshape")], [target]
+
+
+def _from_nhwc(inp: str, layout: str, shape: tuple[int, ...], t: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes taking ``inp`` in NHWC order ``(N, *shape)`` back to ONNX tensor ``t`` in ``layout``."""
+    if layout == NCHW:
+        return [helper.make_node("Transpose", [inp], [t], name=f"{t}/from_nhwc", perm=[0, 3, 1, 2])], []
+    if layout == NCW:
+        _, w, c = shape
+        s = numpy_helper.from_array(np.array([-1, w, c], np.int64), f"{t}/nwc_shape")
+        return [helper.make_node("Reshape", [inp, s.name], [f"{t}/nwc"], name=f"{t}/to_nwc"),
+                helper.make_node("Transpose", [f"{t}/nwc"], [t], name=f"{t}/from_nhwc", perm=[0, 2, 1])], [s]
+    s = numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{t}/onnx_shape")
+    return [helper.make_node("Reshape", [inp, s.name], [t], name=f"{t}/from_nhwc")], [s]
+
+
+def _value(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+
+
+def cpu_pre_model(onnx_model: onnx.ModelProto, part: Partition) -> onnx.ModelProto | None:
+    """The CPU pre-processing stage: the model from its input to the cut tensors, each returned in NHWC order as
+    ``<tensor>:nhwc`` (None without a pre stage)."""
+    if not part.has_pre:
+        return None
+    m = _copy(onnx_model)
+    g = m.graph
+    del g.output[:]
+    del g.value_info[:]
+    for t in part.inputs:
+        layout, shape = part.layouts[t]
+        nodes, inits = _to_nhwc(t, layout, shape, t + NHWC_SUFFIX)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        g.output.append(_value(t + NHWC_SUFFIX, shape))
+    prune_dead(g)
+    onnx.checker.check_model(m)
+    return m
+
+
+def cpu_post_model(onnx_model: onnx.ModelProto, graph: DpuGraph, part: Partition) -> onnx.ModelProto | None:
+    """The CPU post-processing stage: inputs ``<tensor>:nhwc`` (the DPU's outputs, NHWC order), the trailing ops,
+    the model's outputs (None without a post stage)."""
+    if not part.has_post:
+        return None
+    nodes_of = {n for op in graph.ops if op.name in part.post for n in (op.onnx_nodes or (op.name,))}
+    m = _copy(onnx_model)
+    g = m.graph
+    kept = [n for n in g.node if n.name in nodes_of or n.op_type == "Constant"]
+    del g.node[:]
+    del g.input[:]
+    del g.value_info[:]
+    for t in part.outputs:
+        layout, shape = part.layouts[t]
+        nodes, inits = _from_nhwc(t + NHWC_SUFFIX, layout, shape, t)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        g.input.append(_value(t + NHWC_SUFFIX, shape))
+    g.node.extend(kept)
+    prune_dead(g)
+    onnx.checker.check_model(m)
+    return m
+
+
+# --------------------------------------------------------------------------- running the stages
+class CpuStage:
+    """An ONNX CPU stage on onnxruntime (FP32), ``batch`` windows per call (default 1024)."""
+
+    def __init__(self, model: onnx.ModelProto | bytes, *, batch: int = 1024) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.batch = batch
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = {k: np.asarray(feeds[k], np.float32) for k in self.inputs}
+        n = len(next(iter(x.values())))
+        parts = [self.session.run(None, {k: v[i:i + self.batch] for k, v in x.items()}) for i in range(0, max(n, 1), self.batch)]
+        return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.outputs)}
+
+
+class Deployment:
+    """The whole deployment on this machine: CPU pre stage (FP32, onnxruntime) -> DPU emulator -> CPU post stage."""
+
+    def __init__(self, emulator: Any, pre: CpuStage | None = None, post: CpuStage | None = None) -> None:
+        self.emulator, self.pre, self.post = emulator, pre, post
+
+    def dpu_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the DPU subgraph reads: the pre stage's outputs (``<tensor>:nhwc`` -> ``<tensor>``) or ``feeds``."""
+        if self.pre is None:
+            return dict(feeds)
+        return {k.removesuffix(NHWC_SUFFIX): v for k, v in self.pre.run(feeds).items()}
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.emulator.infer(self.dpu_feeds(feeds))
+        if self.post is None:
+            return outs
+        return self.post.run({k + NHWC_SUFFIX: v for k, v in outs.items()})
+
+
+def stages(onnx_model: onnx.ModelProto, graph: DpuGraph, part: Partition) -> tuple[CpuStage | None, CpuStage | None]:
+    """The two CPU stages of ``part`` ready to run (None where there is none)."""
+    pre, post = cpu_pre_model(onnx_model, part), cpu_post_model(onnx_model, graph, part)
+    return (None if pre is None else CpuStage(pre)), (None if post is None else CpuStage(post))
+
+
+__all__ = ["CPU_LAYERS", "CPU_POST", "CPU_PRE", "CpuStage", "Deployment", "Partition", "cpu_post_model", "cpu_pre_model", "dpu_graph",
+           "plan_partition", "stages"]
