@@ -251,10 +251,10 @@ def coverage(observation: EvaluationObservation, params: QuantParams, *, thresho
 def _unquantized(params: QuantParams) -> set[str]:
     """Activation tensors the deployed graph leaves float: those named in ``keep_float`` and the input of a layer
     named there (the precise-input first layer reads the float graph input)."""
-    root = lambda t: params.shared.get(t, t)  # noqa: E731
+    shared = params.shared
     kept = set(params.keep_float)
-    kept |= {root(layer.input) for layer in params.layers if layer.name in kept}
-    return kept | {t for t in params.shared if root(t) in kept}
+    kept |= {shared.get(layer.input, layer.input) for layer in params.layers if layer.name in kept}
+    return kept | {t for t, r in shared.items() if r in kept}
 
 
 def clip_bounds(tq: TensorQuant) -> tuple[float, float]:
