@@ -22,6 +22,11 @@ Verification: the runner is the ai_edge_litert CPU interpreter on the very artif
 is *emulated* (:func:`emulate_int8`, numpy integer model of the flatbuffer with 32-bit and with 16-bit
 normalized multipliers) and the predicted drift is stored in ``Artifact.info["npu_emulation"]``.
 
+A Keras source that nilmc's Keras mapping cannot place (Conv1D, BatchNormalization, LSTM kept float32) lowers as
+``tflite:int8`` does (:func:`~nilmc.backends.onnx_to_tf.build_int8_from_keras`); its ops outside the allow-list or in
+float go to the CPU, as the VX delegate partitions a graph, and ``info["partition"]`` (:func:`npu_partition`) lists
+where each op runs. The NPU drift emulation is then not run (label ``not verified``): it has no CPU ops.
+
 The allow-list is an assumption: a conservative subset of the TFLite ops the VX delegate lists as
 NPU-supported in NXP's i.MX Machine Learning User's Guide (IMXMLUG, "TensorFlow Lite" / VX delegate
 operator table); ops outside it would fall back to the Cortex-A53 or fail, so they are refused here.
@@ -44,10 +49,13 @@ from nilmc.backends.tflite_int8 import (  # noqa: F401  (graph_ops, UnsupportedO
     check_graph,
     graph_ops,
     integer_params,
+    invoke_windows,
     io_quantization,
+    keras_placeable,
     load_flatbuffer,
     op_code,
     op_name,
+    recurrent_layers,
     type_name,
 )
 from nilmc.compiler.errors import BadInputError
@@ -122,6 +130,26 @@ def check_vx_graph(fb: bytes, *, per_tensor: bool | None = None, integer_only: b
 def scan_keras_ops(keras_model: Any) -> list[str]:
     """Ops of the FP32 TFLite conversion of ``keras_model`` outside :data:`VX_ALLOWED_OPS`; [] when none."""
     return tflite_int8.scan_keras_ops(keras_model, VX_ALLOWED_OPS)
+
+
+def npu_partition(fb: bytes) -> dict[str, Any]:
+    """Where each op of ``fb`` runs under the VX delegate: on the NPU when it is in :data:`VX_ALLOWED_OPS` and all its
+    tensors are integer, else on the CPU (the delegate partitions the graph so; the allow-list is an assumption, see
+    :data:`ALLOW_LIST_SOURCE`). ``{"npu": [op names], "cpu": [{"op", "index", "why"}], "npu_partitions": count, "summary"}``."""
+    ops = graph_ops(fb)
+    npu, cpu, where = [], [], []
+    for i, o in enumerate(ops):
+        floats = set(o["dtypes"]) - set(ALLOWED_TENSOR_TYPES)
+        if o["op"] in VX_ALLOWED_OPS and not floats:
+            npu.append(o["op"])
+            where.append("npu")
+        else:
+            why = (f"float tensors ({', '.join(sorted(floats))})" if floats else "not in the NPU allow-list")
+            cpu.append({"op": o["op"], "index": i, "why": why})
+            where.append("cpu")
+    partitions = sum(1 for i, w in enumerate(where) if w == "npu" and (i == 0 or where[i - 1] != "npu"))
+    summary = f"{len(npu)} op(s) on the NPU in {partitions} partition(s); {len(cpu)} on the CPU ({', '.join(sorted({c['op'] for c in cpu}))})"
+    return {"npu": npu, "cpu": cpu, "npu_partitions": partitions, "summary": summary, "allow_list_source": ALLOW_LIST_SOURCE}
 
 
 # --------------------------------------------------------------------------- integer emulation
@@ -431,12 +459,8 @@ def _cpu_codes(fb: bytes, x_codes: np.ndarray, *, default_delegates: bool) -> np
 
     kw = {} if default_delegates else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     it = Interpreter(model_content=fb, num_threads=1, **kw)
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    it.resize_tensor_input(inp["index"], [len(x_codes), *[int(d) for d in inp["shape_signature"][1:]]], strict=False)
     it.allocate_tensors()
-    it.set_tensor(inp["index"], x_codes.astype(inp["dtype"]))
-    it.invoke()
-    return np.asarray(it.get_tensor(out["index"])).copy()
+    return invoke_windows(it, x_codes.astype(it.get_input_details()[0]["dtype"]))
 
 
 def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = None) -> dict[str, Any]:
@@ -570,6 +594,8 @@ class EIQBackend:
         limitations={
             "needs_keras_source": "not needed: an ONNX model (a PyTorch export) lowers through onnx2tf; Conv/Gemm/MatMul layers with Relu/Clip and data "
                            "movement only (the pre-check refuses other ops)",
+            "cpu_fallback": "a Keras model with Conv1D / BatchNormalization / LSTM: ops outside the NPU allow-list or in float32 (the LSTM cells) "
+                            "run on the CPU; info['partition'] lists where each op runs, and the NPU drift is then not emulated",
             "npu": NPU_NOTE,
             "ops": f"only {', '.join(VX_ALLOWED_OPS)} (allow-list assumed from NXP IMXMLUG); other ops raise UnsupportedOpError",
             "emulation": f"the NPU drift emulation covers {', '.join(EMULATED_OPS)} with a 16-bit multiplier hypothesis",
@@ -588,10 +614,18 @@ class EIQBackend:
         out_dir = Path(out_dir)
         spec = EIQ_SPECS[precision]
         where = f"model {model.source or '?'!r}"
-        if model.keras_path:
-            keras_model = load_keras(model)
+        partition = None
+        if model.keras_path and keras_placeable(keras_model := load_keras(model)):
             derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
             result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where)
+        elif model.keras_path:  # Conv1D / BatchNormalization / recurrent layers: planned from the ONNX graph
+            from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params
+
+            derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
+            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec)
+            # float recurrent cells, BatchNormalization's MUL: the VX delegate leaves what the NPU cannot run to the CPU
+            check = check_graph(result.flatbuffer, replace(spec, allowed_ops=None, integer_only=False), where=where)
+            partition = check["partition"] = npu_partition(result.flatbuffer)
         else:  # an ONNX source: onnx2tf, then the same parameters written into the converter's graph
             from nilmc.backends.onnx_to_tf import build_int8_from_onnx, onnx_integer_params
 
@@ -610,16 +644,32 @@ class EIQBackend:
 
             info["tools"] = ["onnx2tf", *info["tools"]]
             info["route"] = f"ONNX -> {ONNX2TF} (tf_keras) -> TFLiteConverter (full integer) -> nilmc's parameters written into every tensor"
-        if options.get("npu_emulation", True):
+        if model.keras_path and not keras_placeable(keras_model):
+            info["route"] = "Keras -> TFLiteConverter (full integer" + (", batch-1 signature" if recurrent_layers(keras_model) else "") + \
+                            ") -> nilmc's parameters (keyed by the model's ONNX graph) written into every int8 tensor"
+            info["tflite_placement"] = tflite_int8.tflite_placement(fb)
+        if partition is not None:
+            info["partition"] = partition
+            info["verification_note"] = NPU_NOTE + "; ops outside the NPU partitions run on the Cortex-A53 (CPU), listed in 'partition'"
+        if options.get("npu_emulation", True) and partition is not None and partition["cpu"]:
+            info["npu_emulation"] = {"label": "not verified",
+                                     "why": f"the integer emulation covers {', '.join(EMULATED_OPS)}; the graph also runs "
+                                            f"{', '.join(sorted({c['op'] for c in partition['cpu']}))} on the CPU, so the NPU drift is not emulated"}
+        elif options.get("npu_emulation", True):
             info["npu_emulation"] = npu_emulation(fb, calib_x, model, options.get("calibration", derived.calibration))
+        emulated = "NPU emulated" if partition is None or not partition["cpu"] else f"{len(partition['cpu'])} op(s) on the CPU, NPU drift not emulated"
         kind = (f"eIQ full-integer TFLite for the i.MX 8M Plus NPU ({'per-tensor' if spec.per_tensor else 'per-channel'} int8 weights, "
-                f"{spec.io_dtype} I/O; CPU reference run, NPU emulated)")
+                f"{spec.io_dtype} I/O; CPU reference run, {emulated})")
         return Artifact(self.name, precision, out_dir, PRIMARY, [PRIMARY], kind=kind, info=info)
 
     def precheck(self, model: Model, precision: str) -> str | None:
-        """What keeps an ONNX ``model`` from ``eiq:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
-        if model.keras_path or precision not in PRECISIONS:
+        """What keeps ``model`` from ``eiq:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
+        if precision not in PRECISIONS:
             return None
+        if model.keras_path:
+            from nilmc.backends.onnx_to_tf import keras_int8_precheck
+
+            return keras_int8_precheck(model.graph, f"eiq:{precision}")
         from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available
 
         if not onnx2tf_available():

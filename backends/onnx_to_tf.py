@@ -20,6 +20,10 @@ The route
        ReLU that the ONNX graph has as a separate Clip/Relu after a Reshape takes that activation's parameters.
        Data-movement ops share their input's grid. Any quantized tensor left unmatched is an error.
 
+The same planner serves Keras sources nilmc's Keras mapping cannot place (:func:`build_int8_from_keras`: Conv1D,
+BatchNormalization as MUL + ADD whose constants nilmc requantizes, LSTM kept float32): the converter's graph of the Keras
+model against the tf2onnx graph the parameters were derived on; a bias tf2onnx splits off a Conv1D is fused back.
+
 Why onnx2tf 1.28.8: onnx2tf 2.x needs Python >= 3.12 (nilmc runs on 3.11); 1.29.x pins tensorflow==2.19,
 numpy==1.26.4 and onnx==1.19, which pip cannot resolve beside nilmc's pins; 1.28.8 declares no pins and works
 with TensorFlow 2.21 / tf-keras 2.21 (checked). It runs without onnxsim (``not_use_onnxsim``): step 1 folds
@@ -45,6 +49,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from nilmc.backends.tflite_int8 import (
+    CONCATENATION,
     CONV_2D,
     DEPTHWISE_CONV_2D,
     FULLY_CONNECTED,
@@ -55,6 +60,7 @@ from nilmc.backends.tflite_int8 import (
     apply_plan,
     check_params,
     check_plan_complete,
+    clear_orphan_buffers,
     convert_keras,
     load_flatbuffer,
     op_code,
@@ -67,7 +73,7 @@ from nilmc.backends.tflite_int8 import (
 from nilmc.compiler.errors import BadInputError, InternalError, MissingDependencyError, QuantizationError
 from nilmc.quantization.graph import ACTIVATION_OPS, PASSTHROUGH_OPS, prune_dead
 from nilmc.quantization.graph import constants as onnx_constants
-from nilmc.quantization.params import QuantParams, TensorQuant, bias_quant
+from nilmc.quantization.params import QuantParams, TensorQuant, bias_quant, weight_quant
 
 if TYPE_CHECKING:
     from nilmc.compiler.model import Model
@@ -77,6 +83,7 @@ STRUCTURE_WINDOWS = 32  # representative windows for the structural conversion (
 _CHECK_BATCH, _CHECK_SEED, _CHECK_RTOL = 4, 0, 1e-4
 # TFLite fused activation codes (schema.fbs ActivationFunctionType) and the ONNX activations they stand for.
 _FUSED = {1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}
+INT8_TENSOR_TYPES = (9, 3)  # TensorType int8, uint8
 
 # ONNX ops the INT8 route places: weighted layers, their fused activations, data movement, and the shape math
 # of a Reshape (never on the data path). Anything else on the data path is refused by the pre-check.
@@ -247,24 +254,36 @@ class _OnnxLayer:
     trans_b: bool
     bias_q: TensorQuant | None
     bias: np.ndarray | None
+    bias_output: TensorQuant | None = None  # the separate bias Add (tf2onnx's Conv1D: Conv -> Squeeze -> Add), which TFLite fuses
 
 
-def _following_activation(graph: onnx.GraphProto, tensor: str) -> str | None:
-    """The output of the first Relu/Clip reached from ``tensor`` through data-movement ops only (None: none)."""
+def _data_consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor -> the nodes that read its values (shape math reads only its shape)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
-        if n.op_type != "Shape":  # shape math reads the tensor's shape, not its values
-            for i in n.input[:1]:
+        if n.op_type != "Shape":
+            for i in dict.fromkeys(n.input):
                 consumers.setdefault(i, []).append(n)
+    return consumers
+
+
+def _epilogue(graph: onnx.GraphProto, tensor: str, consts: set[str], *, want_bias: bool) -> tuple[str | None, str | None, str | None]:
+    """What follows a weighted layer's output ``tensor`` through data movement: ``(bias constant, bias Add output,
+    Relu/Clip output)``. The bias is looked for only when the layer has none (``want_bias``): tf2onnx writes a Keras
+    Conv1D as Conv -> Squeeze -> Add(bias), which TFLite fuses into one CONV_2D."""
+    consumers = _data_consumers(graph)
+    bias = bias_out = None
     while True:
         nxt = consumers.get(tensor, [])
         if len(nxt) != 1:
-            return None
+            return bias, bias_out, None
         node = nxt[0]
         if node.op_type in ("Relu", "Clip"):
-            return node.output[0]
-        if node.op_type not in PASSTHROUGH_OPS:
-            return None
+            return bias, bias_out, node.output[0]
+        if want_bias and bias is None and node.op_type == "Add" and sum(i in consts for i in node.input) == 1 and len(node.input) == 2:
+            bias, bias_out = next(i for i in node.input if i in consts), node.output[0]
+        elif node.op_type not in PASSTHROUGH_OPS:
+            return bias, bias_out, None
         tensor = node.output[0]
 
 
@@ -274,12 +293,16 @@ def _onnx_layers(graph: onnx.ModelProto, params: QuantParams) -> list[_OnnxLayer
     for layer in params.layers:
         node = next(n for n in graph.graph.node if n.name == layer.name or layer.output in n.output or layer.internal[:1] == tuple(n.output[:1]))
         trans_b = bool(next((a.i for a in node.attribute if a.name == "transB"), 0)) if node.op_type == "Gemm" else False
-        act = None if layer.activation else _following_activation(graph.graph, layer.output)
-        bias = None if layer.bias is None else np.asarray(params.constant(layer.bias, consts), np.float32).ravel()
+        bias_name, bias_out, act = _epilogue(graph.graph, layer.output, set(consts), want_bias=layer.bias is None)
+        if layer.activation:
+            act = None
+        bias_name = layer.bias or bias_name
+        bias = None if bias_name is None else np.asarray(params.constant(bias_name, consts), np.float32).ravel()
         out.append(_OnnxLayer(layer.name, layer.kind, layer.op_type, params[layer.input], params[layer.output],
                               params[act] if act is not None and act in params else None, params.tensors[layer.weight],
                               np.asarray(consts[layer.weight], np.float32), trans_b,
-                              params.tensors.get(layer.bias) if layer.bias else None, bias))
+                              params.tensors.get(layer.bias) if layer.bias else None, bias,
+                              params[bias_out] if bias_out is not None and bias_out in params else None))
     return out
 
 
@@ -303,7 +326,10 @@ def _converter_weights(t: Any, buf: Any) -> np.ndarray | None:
         return None
     codes = np.frombuffer(np.asarray(buf, np.uint8).tobytes(), np.int8).reshape([int(d) for d in t.shape]).astype(np.float64)
     s = np.asarray(t.quantization.scale, np.float64)
-    return codes * (s.reshape(-1, *([1] * (codes.ndim - 1))) if len(s) > 1 else s[0])
+    z = np.asarray(t.quantization.zeroPoint if t.quantization.zeroPoint is not None else [0], np.float64)
+    z = z if len(z) == len(s) else np.zeros_like(s)  # weights are symmetric; an element-wise op's constant may not be
+    per = (lambda v: v.reshape(-1, *([1] * (codes.ndim - 1)))) if len(s) > 1 else (lambda v: v[0])  # noqa: E731
+    return (codes - per(z)) * per(s)
 
 
 def _tflite_weight(m: Any, t: Any, layer: _OnnxLayer) -> np.ndarray:
@@ -335,9 +361,100 @@ def plan_onnx_tensors(m: Any, graph: onnx.ModelProto, params: QuantParams) -> Te
     plan = TensorPlan()
     for i, layer in zip(ops, layers):
         _plan_onnx_layer(m, i, layer, params, plan)
-    propagate_plan(m, plan)
+    consts = onnx_constants(graph)
+    while True:  # element-wise ops, same-grid ops and data movement, to a fixed point
+        before = (len(plan.activations), len(plan.layer_of_op))
+        _place_elementwise(m, graph.graph, params, consts, plan)
+        _place_same_grid(m, plan)
+        propagate_plan(m, plan)
+        if (len(plan.activations), len(plan.layer_of_op)) == before:
+            break
     check_plan_complete(m, plan)
     return plan
+
+
+# TFLite ops placed from the ONNX op they stand for, found from tensors already placed: a BatchNormalization after a
+# ReLU (TFLite keeps it as MUL + ADD), a residual Add, a Concat. A constant operand is requantized by nilmc.
+_ELEMENTWISE = {"ADD": "Add", "MUL": "Mul", "SUB": "Sub", "LOGISTIC": "Sigmoid", "TANH": "Tanh", "CONCATENATION": "Concat"}
+
+
+def _reached(consumers: Mapping[str, list[onnx.NodeProto]], tensor: str) -> list[onnx.NodeProto]:
+    """ONNX nodes reading ``tensor``, looking through data movement (the nodes TFLite's op after it can stand for)."""
+    out, todo, seen = [], [tensor], set()
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in PASSTHROUGH_OPS:
+                todo.append(node.output[0])
+            else:
+                out.append(node)
+    return out
+
+
+def _const_data(m: Any, t: Any) -> bool:
+    buf = m.buffers[t.buffer].data if 0 < t.buffer < len(m.buffers) else None
+    return buf is not None and len(buf) > 0
+
+
+def _place_elementwise(m: Any, graph: onnx.GraphProto, params: QuantParams, consts: Mapping[str, np.ndarray], plan: TensorPlan) -> None:
+    """Give each int8 element-wise TFLite op whose data inputs are placed the grid of the one ONNX op of its kind that
+    reads the same tensors; its constant operand gets nilmc's symmetric per-tensor grid (checked against the converter's)."""
+    sg = m.subgraphs[0]
+    consumers = _data_consumers(graph)
+    for i, op in enumerate(sg.operators):
+        onnx_type = _ELEMENTWISE.get(op_name(op_code(m, op)))
+        out = op.outputs[0]
+        if onnx_type is None or out in plan.activations or sg.tensors[out].type not in INT8_TENSOR_TYPES:
+            continue
+        data = [t for t in op.inputs if t >= 0 and not _const_data(m, sg.tensors[t])]
+        if not data or any(t not in plan.activations for t in data):
+            continue
+        found: dict[int, onnx.NodeProto] | None = None
+        for t in data:
+            hits = {id(n): n for n in _reached(consumers, plan.activations[t].name) if n.op_type == onnx_type}
+            found = hits if found is None else {k: v for k, v in found.items() if k in hits}
+        if found is None or len(found) != 1:
+            continue  # not found or ambiguous: check_plan_complete names the tensor
+        node = next(iter(found.values()))
+        if node.output[0] not in params:
+            continue
+        for t in op.inputs:
+            if t >= 0 and _const_data(m, sg.tensors[t]) and t not in plan.weights:
+                _plan_constant(m, t, node, params, consts, plan)
+        plan.activations[out] = params[node.output[0]]
+        plan.layer_of_op[i] = node.name or node.output[0]
+
+
+def _plan_constant(m: Any, index: int, node: onnx.NodeProto, params: QuantParams, consts: Mapping[str, np.ndarray], plan: TensorPlan) -> None:
+    t = m.subgraphs[0].tensors[index]
+    shape = tuple(int(d) for d in t.shape)
+    names = [n for n in node.input if n in consts]
+    size = int(np.prod(shape, dtype=np.int64))
+    cands = [np.asarray(params.constant(n, consts), np.float32) for n in names]
+    deq = _converter_weights(t, m.buffers[t.buffer].data)
+    for values in cands:
+        if values.size != size:
+            continue
+        v = values.reshape(shape)
+        q = t.quantization
+        step = float(np.max(np.asarray(q.scale, np.float64))) if q is not None and q.scale is not None and len(q.scale) else 0.0
+        if deq is None or np.all(np.abs(v - deq) <= 0.5 * step * 1.001 + 1e-12):
+            plan.weights[index] = (weight_quant(f"{node.name or node.output[0]}/constant", v, None, params.traits), v)
+            return
+    raise QuantizationError(f"the constant operand {tensor_name(t)!r} {shape} of TFLite's {node.op_type} does not match ONNX node "
+                            f"{node.name!r}", "lower it with an ONNX target (onnxruntime:int8, openvino:int8)")
+
+
+def _place_same_grid(m: Any, plan: TensorPlan) -> None:
+    """TFLite's int8 CONCATENATION needs every input on the output's grid (as the converter writes it): they get it."""
+    sg = m.subgraphs[0]
+    for op in sg.operators:
+        if op_code(m, op) == CONCATENATION and op.outputs[0] in plan.activations:
+            for t in op.inputs:
+                if t >= 0 and t not in plan.weights:
+                    plan.activations[t] = plan.activations[op.outputs[0]]
 
 
 def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantParams, plan: TensorPlan) -> None:
@@ -349,33 +466,61 @@ def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantPara
                                 "onnx2tf reordered the layers; lower it with an ONNX target (onnxruntime:int8)")
     w = _tflite_weight(m, sg.tensors[op.inputs[1]], layer)
     fused = int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0)
+    has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
     output = layer.output
+    if has_bias and layer.bias_output is not None:
+        output = layer.bias_output  # TFLite's op adds the bias tf2onnx wrote as a separate Add
     if fused and layer.after_activation is not None:
         output = layer.after_activation  # the converter fused the Relu/Clip that follows a Reshape into this op
     plan.layer_of_op[op_index] = layer.name
     plan.activations[op.inputs[0]] = layer.input
     plan.activations[op.outputs[0]] = output
     plan.weights[op.inputs[1]] = (layer.weight_q, w)
-    has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
     bias = layer.bias
     if has_bias:
         values = np.zeros(w.shape[0], np.float32) if bias is None else bias
         bq = layer.bias_q if layer.bias_q is not None else bias_quant(f"{layer.name}/bias", values, layer.input, layer.weight_q, params.traits)
         plan.biases[op.inputs[2]] = (bq, values)
-    elif bias is not None and np.any(bias != 0):
+    elif bias is not None and np.any(bias != 0) and layer.bias_output is None:  # a separate bias Add is placed on its own
         raise InternalError(f"the converter dropped the non-zero bias of layer {layer.name!r}", "report this model")
 
 
 def build_int8_from_onnx(model: Model, params: QuantParams, representative: np.ndarray, spec: FullIntegerSpec) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer of ``model`` (an ONNX source) carrying exactly nilmc's ``params``."""
+    _check_weight_traits(params, spec)
+    return _write_params(structural_onnx_tflite(model, representative, io_dtype=spec.io_dtype), tf_ready_graph(model.graph), params, spec)
+
+
+def build_int8_from_keras(keras_model: Any, model: Model, params: QuantParams, representative: np.ndarray,
+                          spec: FullIntegerSpec) -> FullIntegerTFLite:
+    """A full-integer TFLite flatbuffer of a Keras source that nilmc's Keras mapping cannot place (Conv1D,
+    BatchNormalization, TensorFlowOpLayers, recurrent layers), carrying nilmc's ``params`` keyed by the model's ONNX graph.
+
+    The converter's graph of the Keras model (from a batch-1 signature when it has recurrent layers, whose cells stay
+    float32: :data:`~nilmc.backends.tflite_int8.FLOAT_KEPT_OPS`) is planned as an onnx2tf graph is: the k-th
+    CONV_2D / FULLY_CONNECTED is the k-th weighted layer of the ONNX graph the parameters were derived on."""
+    from nilmc.backends.tflite_int8 import FLOAT_KEPT_OPS, recurrent_layers, structural_tflite
+
+    _check_weight_traits(params, spec)
+    float_ops = FLOAT_KEPT_OPS if recurrent_layers(keras_model) else ()
+    rep = np.asarray(representative, np.float32)[:STRUCTURE_WINDOWS]
+    return _write_params(structural_tflite(keras_model, rep, io_dtype=spec.io_dtype, float_ops=float_ops), model.graph, params, spec)
+
+
+def _check_weight_traits(params: QuantParams, spec: FullIntegerSpec) -> None:
     if spec.per_tensor and any(t.per_channel for t in params.by_role("weight")):
         raise InternalError(f"{spec.label}: per-tensor weights asked for but the parameters are per channel", "derive them with per-tensor traits")
     for t in params.by_role("weight"):
         if any(z != 0 for z in t.zero_point):
             raise QuantizationError(f"weight {t.name!r} has a non-zero zero point, but TFLite's int8 kernels need symmetric weights",
                                     "derive the parameters with symmetric_weights=True")
-    m = load_flatbuffer(structural_onnx_tflite(model, representative, io_dtype=spec.io_dtype))
-    plan = plan_onnx_tensors(m, tf_ready_graph(model.graph), params)
+
+
+def _write_params(structure: bytes, graph: onnx.ModelProto, params: QuantParams, spec: FullIntegerSpec) -> FullIntegerTFLite:
+    """nilmc's ``params`` (keyed by ``graph``) written into every quantized tensor of the converter's ``structure``."""
+    m = load_flatbuffer(structure)
+    clear_orphan_buffers(m)  # same inputs, same bytes
+    plan = plan_onnx_tensors(m, graph, params)
     apply_plan(m, plan, params.traits)
     fb = pack_flatbuffer(m)
     result = FullIntegerTFLite(fb, plan, spec.io_dtype, spec.per_tensor)
@@ -429,6 +574,32 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     depthwise = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     if depthwise:
         return f"{target} does not place grouped/depthwise Conv {depthwise[0]!r}; lower it with onnxruntime:int8 or openvino:int8"
+    return None
+
+
+# ONNX ops (tf2onnx's form of a Keras model) on the data path that the Keras full-integer route places or keeps float:
+# weighted layers, BatchNormalization as Mul/Add, Sigmoid/Tanh, data movement around recurrent layers, the LSTM (kept float).
+KERAS_INT8_DATA_OPS = INT8_DATA_OPS | frozenset({"Mul", "Sub", "Sigmoid", "Tanh", "Concat", "Slice", "Squeeze", "Unsqueeze", "LSTM"})
+# Recurrent ONNX ops the TFLite converter turns into a WHILE loop: its full-integer quantizer crashes the process on them
+# (a segmentation fault, TensorFlow 2.21, with or without the loop deny-listed; measured on a Keras BiGRU).
+LOOP_RECURRENT_OPS = frozenset({"GRU", "RNN"})
+
+
+def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = False) -> str | None:
+    """Why the full-integer route cannot take a Keras source whose ONNX form is ``graph`` (one line, remedy after
+    ``; ``), or None. From the graph alone, in milliseconds, before any calibration."""
+    ops = {n.op_type for n in data_path_ops(graph)}
+    backend = target.split(":")[0]
+    loops = sorted(ops & LOOP_RECURRENT_OPS)
+    if loops:
+        return (f"{target} cannot take {', '.join(loops)}: the TFLite converter lowers it to a WHILE loop and its full-integer "
+                f"quantizer crashes on that loop (TensorFlow 2.21); lower it with onnxruntime:int8 or openvino:int8, or {backend}:fp32")
+    if qat and ops & {"LSTM"}:
+        return f"{target} fine-tunes Conv2D/Dense Keras models and the model has LSTM; use {backend}:int8 (PTQ, the LSTM kept float32)"
+    bad = sorted(ops - KERAS_INT8_DATA_OPS)
+    if bad:
+        return (f"{target} from a Keras model places Conv1D/Conv2D, Dense, BatchNormalization, element-wise ops and LSTM (kept float); "
+                f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8")
     return None
 
 

@@ -262,6 +262,28 @@ class OpenVINOBackend:
     def runner(self, artifact: Artifact) -> OpenVINORunner:
         return OpenVINORunner(artifact.path)
 
+    def precheck(self, model: Model, precision: str) -> str | None:
+        """What keeps ``model`` from ``openvino:<precision>``, found before any calibration (about a second): the FP32
+        graph converted with ``openvino.convert_model`` and asked of the CPU plugin (``Core.query_model``). None: nothing found."""
+        if precision not in self.capabilities.precisions:
+            return None
+        try:
+            ov = _openvino("checking a model for OpenVINO")
+        except MissingDependencyError:
+            return f"openvino:{precision} needs OpenVINO, which is not installed; pip install 'nilmc[openvino]'"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                ov_model = ov.convert_model(str(model.save_onnx(Path(tmp) / "model.onnx")))
+            except Exception as exc:  # OpenVINO's frontend names the op it has no conversion for
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                return f"OpenVINO cannot convert {model.source or 'the model'} ({first}); lower it with onnxruntime:{precision}"
+        supported = ov.Core().query_model(ov_model, "CPU")
+        missing = sorted({op.get_type_name() for op in ov_model.get_ops()
+                          if op.get_friendly_name() not in supported and op.get_type_name() not in ("Parameter", "Result", "Constant")})
+        if missing:
+            return f"the OpenVINO CPU plugin does not run {', '.join(missing)}; lower it with onnxruntime:{precision}"
+        return None
+
 
 _KINDS = {
     "fp32": "OpenVINO IR FP32 (CPU plugin)",

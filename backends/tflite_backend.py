@@ -35,9 +35,16 @@ without fake quantization (1000 windows from other days overfit in 3 epochs), wh
 QAT is only to make the integer model follow the float one. With ``qat_train`` (e.g. the training
 split) the labels are used, as in the usual QAT recipe. A held-out block guards both.
 
+Keras sources nilmc's Keras mapping cannot place (Conv1D, BatchNormalization, TensorFlowOpLayers, LSTM): the
+converter's full-integer graph of the Keras model is planned from the model's ONNX graph, as an onnx2tf graph is
+(:func:`nilmc.backends.onnx_to_tf.build_int8_from_keras`). With recurrent layers the conversion starts from a
+batch-1 signature (a dynamic batch fails with ``tf.TensorListReserve``) and the LSTM cells stay float32 between
+DEQUANTIZE / QUANTIZE (``info["tflite_placement"]`` lists them; nilmc derives no gate or cell-state ranges).
+
 Runner: ``ai_edge_litert.interpreter.Interpreter`` (the TFLite runtime itself, default CPU kernels
 incl. the XNNPACK delegate, 1 thread) -> MEASURED. A batch is run in one invoke by resizing the
-input tensor to the batch (re-allocated only when the batch size changes). Integer I/O: the
+input tensor to the batch (re-allocated only when the batch size changes); a batch-1 model (recurrent
+layers: its Reshapes carry the batch, resizing fails) runs window by window. Integer I/O: the
 runner quantizes inputs with the input tensor's scale / zero point (round half away from zero, as
 TFLite's QUANTIZE op) and dequantizes outputs with the output tensor's, so it takes and returns
 float model units like every other runner.
@@ -62,7 +69,11 @@ from nilmc.backends.tflite_int8 import (
     check_io_dtype,
     convert_keras,
     integer_params,
+    invoke_windows,
     io_quantization,
+    keras_placeable,
+    recurrent_layers,
+    tflite_placement,
     tflite_traits,
 )
 from nilmc.compiler.errors import BadInputError, DataError, MissingDependencyError
@@ -143,23 +154,17 @@ class TFLiteRunner:
     def __exit__(self, *exc: object) -> None:
         self._it = None
 
-    def _resize(self, batch: int) -> None:
-        if batch == self._batch:
-            return
-        inp = self._it.get_input_details()[0]
-        self._it.resize_tensor_input(inp["index"], [batch, *[int(d) for d in inp["shape_signature"][1:]]], strict=False)
-        self._it.allocate_tensors()
-        self._batch = batch
-
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(feeds) != 1:
             raise BadInputError(f"the TFLite model takes one input, got {len(feeds)} feeds", "pass {'input': windows}")
         x = np.asarray(next(iter(feeds.values())), np.float32)
-        self._resize(len(x))
         inp, out = self._it.get_input_details()[0], self._it.get_output_details()[0]
-        self._it.set_tensor(inp["index"], _to_tensor(x, inp))
-        self._it.invoke()
-        return {self.output_name: _from_tensor(self._it.get_tensor(out["index"]), out)}
+        if self._batch is None:
+            self._it.allocate_tensors()
+            self._batch = 0
+        # one invoke per batch (re-allocated when its size changes), or per window for a batch-1 model (recurrent layers)
+        y = invoke_windows(self._it, _to_tensor(x, inp))
+        return {self.output_name: _from_tensor(y, out)}
 
 
 def _to_tensor(x: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
@@ -224,8 +229,10 @@ class TFLiteBackend:
         limitations={
             "needs_keras_source": "qat_int8 fine-tunes the tf_keras (Keras 2) model (.keras/.h5); the other precisions also lower an ONNX "
                                   "model (a PyTorch export) through onnx2tf",
-            "layers": "full-integer mapping covers Conv2D, Dense, Flatten/Reshape, MaxPool (Keras source) and Conv (1-D/2-D), Gemm, MatMul "
-                      "with Relu/Clip and data movement (ONNX source); other ops are refused by the pre-check",
+            "layers": "full-integer mapping covers Conv1D/Conv2D, Dense, BatchNormalization (MUL/ADD), TensorFlowOpLayers that move data, "
+                      "Flatten/Reshape, MaxPool and LSTM/BiLSTM kept float32 (Keras source; recurrent models from a batch-1 signature, run "
+                      "window by window) and Conv (1-D/2-D), Gemm, MatMul with Relu/Clip and data movement (ONNX source); GRU/SimpleRNN "
+                      "(a WHILE loop the converter's quantizer crashes on) and other ops are refused by the pre-check",
             "qat_int8": "fine-tunes on the calibration windows (FP32 outputs as targets) or options['qat_train'] (labels) for qat_epochs epochs",
             "tflm": "TFLite Micro Flash / arena / cycle figures are estimates from the flatbuffer, not measured on a microcontroller",
         },
@@ -248,8 +255,12 @@ class TFLiteBackend:
 
     def precheck(self, model: Model, precision: str) -> str | None:
         """What keeps ``model`` from ``tflite:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
-        if model.keras_path or precision not in self.capabilities.precisions:
+        if precision not in self.capabilities.precisions:
             return None
+        if model.keras_path:
+            from nilmc.backends.onnx_to_tf import keras_int8_precheck
+
+            return keras_int8_precheck(model.graph, f"tflite:{precision}", qat=precision == "qat_int8") if precision in INT_PRECISIONS else None
         from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available
 
         if not onnx2tf_available():
@@ -312,6 +323,11 @@ class TFLiteBackend:
     def _lower_int(self, model: Model, keras_model: Any, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
         opts = TFLiteOptions.parse(options)
         spec = tflite_spec(precision, opts)
+        if not keras_placeable(keras_model):
+            if precision == "qat_int8":
+                raise BadInputError(f"tflite:qat_int8 fine-tunes Conv2D/Dense Keras models; {model.source or 'the model'} has other weighted "
+                                    "or recurrent layers", "use tflite:int8 (PTQ from nilmc's ranges)")
+            return self._lower_keras_graph(model, keras_model, out_dir, precision, opts, spec, options)
         derived = integer_params(model, keras_model, spec, options, estimator=opts.estimator)
         params, kq = derived.params, derived.kq
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(),
@@ -336,6 +352,35 @@ class TFLiteBackend:
         label = "QAT" if precision == "qat_int8" else "PTQ"
         kind = f"TFLite full-integer INT8 ({label}, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, {opts.io_dtype} I/O)"
         info["extra_files"] = extra  # beside the deployable model; not counted in its size
+        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+
+    def _lower_keras_graph(self, model: Model, keras_model: Any, out_dir: Path, precision: str, opts: TFLiteOptions,
+                           spec: FullIntegerSpec, options: dict[str, Any]) -> Artifact:
+        """A Keras source with Conv1D / BatchNormalization / TensorFlowOpLayers / recurrent layers: the converter's graph of
+        the Keras model (batch 1 and recurrent cells float32 when it has any), nilmc's parameters keyed by the ONNX graph."""
+        from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params, output_cover_watts
+
+        derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
+        result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec)
+        name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
+        info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"],
+                                "route": "Keras -> TFLiteConverter (full integer" + (", batch-1 signature" if recurrent_layers(keras_model) else "")
+                                         + ") -> nilmc's parameters (keyed by the model's ONNX graph) written into every int8 tensor",
+                                "quantization": derived.params.to_json(), "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype,
+                                "per_tensor": opts.per_tensor, "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)",
+                                "param_check": {k: v for k, v in result.check.items() if k != "mismatches"},
+                                "io": io_quantization(result.flatbuffer), "output_covers_w": output_cover_watts(derived.params, model),
+                                "layers": dict(sorted((str(k), v) for k, v in result.plan.layer_of_op.items())),
+                                "tflite_placement": tflite_placement(result.flatbuffer)}
+        if derived.params.keep_float:
+            info["keep_float_ignored"] = {"layers": list(derived.params.keep_float),
+                                          "why": "this lowering keeps only the recurrent cells float; these layers are quantized like the rest"}
+        info["extra_files"] = self._tflm(result.flatbuffer, out_dir, opts, info) if not info["tflite_placement"]["float"] else []
+        if info["tflite_placement"]["float"] and opts.tflm:
+            info["tflm"] = {"skipped": "float32 recurrent cells: the TFLite Micro estimate covers integer graphs only"}
+        float_note = "; recurrent cells float32" if info["tflite_placement"]["float"] else ""
+        kind = (f"TFLite full-integer INT8 (PTQ, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, "
+                f"{opts.io_dtype} I/O{float_note})")
         return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
 
     def _qat(self, model: Model, keras_model: Any, kq: Any, opts: TFLiteOptions, options: Mapping[str, Any],

@@ -66,14 +66,21 @@ if TYPE_CHECKING:
 IO_DTYPES = ("int8", "uint8", "float")
 CONVERT_MODES = ("fp32", "fp16", "dynamic_int8", "full_int8", "vendor_ptq")
 STRUCTURE_WINDOWS = 32  # representative windows for the structural conversion (ranges are overwritten)
+RECURRENT_LAYERS = frozenset({"LSTM", "GRU", "SimpleRNN", "RNN", "ConvLSTM1D", "ConvLSTM2D"})
+# TFLite ops the full-integer lowering keeps in float32 between its int8 neighbours: the recurrent cells nilmc has no
+# parameters for (its analysis leaves ONNX LSTM/GRU float too). TFLite's own int8 LSTM needs the converter's ranges for
+# every gate and a 16-bit cell state, which nilmc does not derive.
+FLOAT_KEPT_OPS = ("UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN")
 _ALIGN = 16
 
 # TFLite builtin operator codes (schema.fbs) used here.
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, RESHAPE, QUANTIZE = 3, 4, 6, 9, 17, 22, 114
 SQUEEZE, TRANSPOSE, EXPAND_DIMS, PAD = 43, 39, 70, 34
+STRIDED_SLICE, SLICE, REVERSE_V2, CONCATENATION = 45, 65, 105, 2
 # Data movement: TFLite's int8 kernels of these keep the input's scale and zero point on the output (PAD fills with the
-# zero point, i.e. 0.0: the explicit padding onnx2tf writes before a VALID conv).
-PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, TRANSPOSE, PAD})
+# zero point, i.e. 0.0: the explicit padding onnx2tf writes before a VALID conv; the slices and the reversal are what a
+# Bidirectional recurrent layer becomes around its cells).
+PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, TRANSPOSE, PAD, STRIDED_SLICE, SLICE, REVERSE_V2})
 WEIGHTED = frozenset({CONV_2D, FULLY_CONNECTED})
 # TensorType codes -> (name, lowest code) for the integer types we place.
 INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0)}
@@ -97,6 +104,37 @@ def check_io_dtype(io_dtype: str) -> str:
 
 
 # --------------------------------------------------------------------------- the converter
+def recurrent_layers(keras_model: Any) -> list[str]:
+    """``"name (Class)"`` of every recurrent layer of ``keras_model`` (inside Bidirectional wrappers and nested models too)."""
+    found: list[str] = []
+
+    def walk(layer: Any) -> None:
+        kind = type(layer).__name__
+        if kind in RECURRENT_LAYERS:
+            found.append(f"{layer.name} ({kind})")
+        for inner in (getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)):
+            if inner is not None:
+                walk(inner)
+        for sub in getattr(layer, "layers", ()) or ():
+            walk(sub)
+
+    for layer in keras_model.layers:
+        walk(layer)
+    return found
+
+
+def _batch1_converter(tf: Any, keras_model: Any) -> Any:
+    """The converter on a batch-1 concrete function of ``keras_model``: with a dynamic batch the converter cannot
+    lower Keras LSTM/GRU (``tf.TensorListReserve`` needs a static element shape); with batch 1 it can."""
+    shape = [int(d) if d is not None else None for d in keras_model.inputs[0].shape[1:]]
+    if any(d is None for d in shape):
+        raise BadInputError(f"the model's input {shape} has an open dimension besides the batch, which a batch-1 TFLite conversion needs fixed",
+                            "save the model with a fixed window length (Input(shape=(T, ...)))")
+    fn = tf.function(lambda x: keras_model(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, *shape], keras_model.inputs[0].dtype))
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], keras_model)
+
+
 def convert_keras(
     keras_model: Any,
     mode: str,
@@ -104,6 +142,7 @@ def convert_keras(
     representative: np.ndarray | None = None,
     per_tensor: bool = False,
     io_dtype: str = "float",
+    float_ops: tuple[str, ...] = (),
 ) -> bytes:
     """Run the TFLite converter on a tf_keras model.
 
@@ -111,13 +150,17 @@ def convert_keras(
     activations); ``full_int8`` (integer-only builtins, ``io_dtype`` I/O, per-tensor weights
     when ``per_tensor``; needs ``representative``); ``vendor_ptq`` (the converter's default
     full-integer PTQ: ``optimizations=[DEFAULT]`` + ``representative``, float I/O, nothing else set).
+    A model with recurrent layers (:func:`recurrent_layers`) is converted from a batch-1 signature: the
+    flatbuffer's input is ``[1, ...]`` and its runners loop over windows (:func:`invoke_windows`).
+    ``float_ops`` (default none; ``full_int8`` only): TFLite ops kept in float32 between int8 neighbours, with
+    DEQUANTIZE / QUANTIZE at their edges (the converter's quantizer with these ops deny-listed).
     """
     from nilmc.compiler.tfcompat import import_tf
 
     if mode not in CONVERT_MODES:
         raise BadInputError(f"unknown TFLite conversion mode {mode!r}", f"use one of {', '.join(CONVERT_MODES)}")
     tf = import_tf("converting to TFLite")
-    conv = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    conv = _batch1_converter(tf, keras_model) if recurrent_layers(keras_model) else tf.lite.TFLiteConverter.from_keras_model(keras_model)
     if mode != "fp32":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "fp16":
@@ -134,15 +177,27 @@ def convert_keras(
             conv.inference_output_type = getattr(tf, io_dtype)
         if per_tensor:
             conv._experimental_disable_per_channel = True  # the documented switch for per-tensor weights
+        if float_ops:
+            return _run_converter(conv, mode, float_ops=float_ops, representative=rep)
     return _run_converter(conv, mode)
 
 
-def _run_converter(conv: Any, mode: str) -> bytes:
-    from nilmc.compiler.tfcompat import stderr_silenced  # the converter prints MLIR notes on fd 2
+def _run_converter(conv: Any, mode: str, *, float_ops: tuple[str, ...] = (), representative: np.ndarray | None = None) -> bytes:
+    from nilmc.compiler.tfcompat import import_tf, stderr_silenced  # the converter prints MLIR notes on fd 2
 
     try:
         with stderr_silenced():
-            return bytes(conv.convert())
+            if not float_ops:
+                return bytes(conv.convert())
+            # The documented way to keep chosen ops float in a full-integer model: the quantization debugger's
+            # deny-list (its non-debug model is the plain quantized one); float builtins must then be allowed.
+            tf = import_tf("converting to TFLite")
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+            rep = np.asarray(representative, np.float32)
+            options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops), fully_quantize=True)
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=conv, debug_dataset=lambda: ([rep[i : i + 1]] for i in range(len(rep))), debug_options=options)
+            return bytes(debugger.get_nondebug_quantized_model())
     except Exception as exc:  # ConverterError, ValueError, ...
         text = str(exc).strip().splitlines()
         raise BadInputError(f"the TFLite converter failed ({mode}): {text[0][:300] if text else type(exc).__name__}",
@@ -172,19 +227,19 @@ def keras_fingerprint(keras_model: Any) -> str:
     return h.hexdigest()
 
 
-def structural_tflite(keras_model: Any, representative: np.ndarray, *, io_dtype: str = "int8") -> bytes:
-    """The converter's full-integer graph for ``keras_model`` (per-channel weights, ``io_dtype`` I/O), whose
-    parameters :func:`build_int8_tflite` overwrites. Converted once per process for the same model content,
-    ``representative`` windows and ``io_dtype`` (see the note above); byte-identical to a fresh conversion."""
+def structural_tflite(keras_model: Any, representative: np.ndarray, *, io_dtype: str = "int8", float_ops: tuple[str, ...] = ()) -> bytes:
+    """The converter's full-integer graph for ``keras_model`` (per-channel weights, ``io_dtype`` I/O, ``float_ops``
+    kept float), whose parameters :func:`build_int8_tflite` overwrites. Converted once per process for the same model
+    content, ``representative`` windows, ``io_dtype`` and ``float_ops`` (see the note above); byte-identical to a fresh conversion."""
     check_io_dtype(io_dtype)
     rep = np.ascontiguousarray(representative, np.float32)
-    key = (keras_fingerprint(keras_model), hashlib.sha256(repr(rep.shape).encode() + rep.tobytes()).hexdigest(), io_dtype)
+    key = (keras_fingerprint(keras_model), hashlib.sha256(repr(rep.shape).encode() + rep.tobytes()).hexdigest(), io_dtype + "|" + ",".join(float_ops))
     if key in _CONVERSIONS:
         _CONVERSION_COUNTS["hits"] += 1
         _CONVERSIONS.move_to_end(key)
         return _CONVERSIONS[key]
     _CONVERSION_COUNTS["misses"] += 1
-    fb = convert_keras(keras_model, "full_int8", representative=rep, io_dtype=io_dtype)
+    fb = convert_keras(keras_model, "full_int8", representative=rep, io_dtype=io_dtype, float_ops=float_ops)
     _CONVERSIONS[key] = fb
     while len(_CONVERSIONS) > _CONVERSION_SLOTS:
         _CONVERSIONS.popitem(last=False)
@@ -257,6 +312,18 @@ def _aligned_buffer_class() -> type:
             return schema.BufferEnd(builder)
 
     return AlignedBufferT
+
+
+def clear_orphan_buffers(model: Any) -> int:
+    """Empty the buffers no tensor and no metadata entry refers to, in place; returns how many. The quantization
+    debugger's conversion (:data:`FLOAT_KEPT_OPS`) leaves such buffers, whose bytes change from run to run."""
+    used = {int(t.buffer) for sg in model.subgraphs for t in sg.tensors} | {int(m.buffer) for m in (model.metadata or [])}
+    cleared = 0
+    for i, b in enumerate(model.buffers):
+        if i not in used and b.data is not None and len(b.data):
+            b.data = None
+            cleared += 1
+    return cleared
 
 
 def pack_flatbuffer(model: Any) -> bytes:
@@ -371,14 +438,25 @@ def _propagate(model: Any, plan: TensorPlan) -> None:
                     changed = True
 
 
+def _float_intermediates(model: Any) -> set[int]:
+    """Intermediate tensors of float-kept recurrent cells: the quantizer leaves scales on them, no float kernel reads them."""
+    sg = model.subgraphs[0]
+    out: set[int] = set()
+    for op in sg.operators:
+        if op_name(op_code(model, op)) in FLOAT_KEPT_OPS and sg.tensors[op.inputs[0]].type == 0 and op.intermediates is not None:
+            out.update(int(i) for i in op.intermediates)
+    return out
+
+
 def _check_complete(model: Any, plan: TensorPlan) -> None:
     sg = model.subgraphs[0]
-    placed = set(plan.activations) | set(plan.weights) | set(plan.biases)
+    placed = set(plan.activations) | set(plan.weights) | set(plan.biases) | _float_intermediates(model)
     left = [f"{i}:{tensor_name(t)}" for i, t in enumerate(sg.tensors)
             if t.quantization is not None and t.quantization.scale is not None and len(t.quantization.scale) and i not in placed]
     if left:
         raise QuantizationError(f"{len(left)} quantized TFLite tensors have no nilmc parameters: {left[:6]}",
-                                "the graph has ops nilmc's TFLite lowering does not map (supported: Conv2D, Dense, Flatten/Reshape, MaxPool)")
+                                "the graph has ops nilmc's TFLite lowering does not map (supported: Conv1D/Conv2D, Dense, BatchNormalization, "
+                                "Flatten/Reshape, MaxPool, LSTM kept float); lower it with onnxruntime:int8 or openvino:int8")
 
 
 def propagate_plan(model: Any, plan: TensorPlan) -> None:
@@ -519,6 +597,33 @@ def build_int8_tflite(
     if not result.check["ok"]:
         raise InternalError(f"the written TFLite file does not carry nilmc's parameters: {result.check['mismatches'][:3]}", "report this")
     return result
+
+
+# --------------------------------------------------------------------------- running
+def invoke_windows(it: Any, x: np.ndarray) -> np.ndarray:
+    """Run an allocated ``ai_edge_litert`` Interpreter ``it`` on the windows ``x`` (already in the input's dtype).
+
+    A dynamic batch (``shape_signature[0] == -1``) runs in one invoke, the input resized to ``len(x)``; a model
+    converted from a batch-1 signature (recurrent layers: its Reshapes carry the batch of 1, so resizing fails)
+    runs window by window (measured on a Conv1D+BiLSTM over 495 samples: 0.6 ms per window in int8)."""
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    per_window = int(inp["shape_signature"][0]) != -1
+    if not per_window:
+        if int(inp["shape"][0]) != len(x):
+            it.resize_tensor_input(inp["index"], [len(x), *[int(d) for d in inp["shape_signature"][1:]]], strict=False)
+            it.allocate_tensors()
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        return np.asarray(it.get_tensor(out["index"])).copy()
+    if int(inp["shape"][0]) != 1:
+        it.resize_tensor_input(inp["index"], [1, *[int(d) for d in inp["shape"][1:]]], strict=True)
+        it.allocate_tensors()
+    ys = []
+    for i in range(len(x)):
+        it.set_tensor(inp["index"], x[i : i + 1])
+        it.invoke()
+        ys.append(np.asarray(it.get_tensor(out["index"])).copy())
+    return np.concatenate(ys) if ys else np.zeros((0, *out["shape"][1:]), out["dtype"])
 
 
 # --------------------------------------------------------------------------- reading back
@@ -663,6 +768,26 @@ def _weight_report(sg: Any, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return weights
 
 
+def tflite_placement(fb: bytes) -> dict[str, Any]:
+    """Which ops of the flatbuffer's main graph compute in int8 and which in float32 (QUANTIZE / DEQUANTIZE and data
+    movement aside): ``{"int8": [op names], "float": [{"op", "index", "why"}], "summary"}``."""
+    ops = graph_ops(fb)
+    moves = {"QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "PAD", "STRIDED_SLICE", "SLICE", "REVERSE_V2",
+             "CONCATENATION"}
+    int8, floats = [], []
+    for i, o in enumerate(ops):
+        if o["op"] in moves:
+            continue
+        if "float32" in o["dtypes"] or "float16" in o["dtypes"]:
+            why = ("recurrent cell kept float32: nilmc derives no parameters for its gates and cell state" if o["op"] in FLOAT_KEPT_OPS
+                   else "float32 in the flatbuffer")
+            floats.append({"op": o["op"], "index": i, "why": why})
+        else:
+            int8.append(o["op"])
+    summary = f"{len(int8)} op(s) in int8" + (f"; float32: {', '.join(sorted({f['op'] for f in floats}))}" if floats else "; nothing float")
+    return {"int8": int8, "float": floats, "summary": summary}
+
+
 def check_graph(fb: bytes, spec: FullIntegerSpec, *, where: str = "the TFLite graph") -> dict[str, Any]:
     """Check ``fb`` against ``spec``: ops in ``spec.allowed_ops`` (else :class:`UnsupportedOpError` naming them),
     no tensor outside ``INTEGER_TENSOR_TYPES`` when ``spec.integer_only``, one weight scale per tensor when
@@ -689,6 +814,19 @@ def check_graph(fb: bytes, spec: FullIntegerSpec, *, where: str = "the TFLite gr
         report["allowed_ops"] = list(spec.allowed_ops)
         report["allow_list_source"] = spec.allow_list_source
     return report
+
+
+def keras_placeable(keras_model: Any) -> bool:
+    """Whether nilmc's Keras mapping (Conv2D / Dense layers, :func:`nilmc.quantization.qat.keras_quant_from_params`)
+    places ``keras_model``; else its full-integer TFLite is planned from the ONNX graph
+    (:func:`nilmc.backends.onnx_to_tf.build_int8_from_keras`)."""
+    from nilmc.quantization.qat import weighted_layers
+
+    try:
+        weighted_layers(keras_model)
+    except QuantizationError:
+        return False
+    return not recurrent_layers(keras_model)
 
 
 def scan_keras_ops(keras_model: Any, allowed: tuple[str, ...]) -> list[str]:
