@@ -419,15 +419,51 @@ def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out
 @click.option("--targets", default="all", show_default=True, help="Targets to compile (default: every available one).")
 @jobs_option
 @force_option
+@click.option("--all-models", is_flag=True, help="Also train (small, seeded; cached in OUT/models) and compile the CtRNN, the cloud "
+              "Transformer and the XGBoost tree model, each for the targets that take it: one table per model, OUT/<model>/.")
 @json_option
 @handle_errors
-def example_cmd(out: str, targets: str, jobs: int | None, force: bool, as_json: bool) -> None:
+def example_cmd(out: str, targets: str, jobs: int | None, force: bool, as_json: bool, all_models: bool = False) -> None:
     """Compile the shipped reference T-P model with the shipped calibration/evaluation sets."""
     from nilmc.calibration_data.shipped import shipped_paths
 
     p = shipped_paths()
+    if all_models:
+        _example_all_models(out, targets, jobs, force, as_json)
+        return
     # The Keras source (not the .onnx) so that Keras-based targets (TFLite, QAT) can lower too.
     run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json, force=force, jobs=jobs)
+
+
+def _example_all_models(out: str, targets: str, jobs: int | None, force: bool, as_json: bool) -> None:
+    """``example --all-models``: the shipped CNN into OUT/cnn, then each zoo model into OUT/<model>; exit with the worst code."""
+    from nilmc.backends.registry import default_registry
+    from nilmc.calibration_data.shipped import shipped_paths
+    from nilmc.training.zoo import EXAMPLE_MODELS, example_model
+
+    available = {f"{r['name']}:{p}" for r in default_registry().status() if r["available"] for p in r["precisions"]}
+    p, codes = shipped_paths(), []
+
+    def one(name: str, *args: Any) -> None:
+        if not as_json:
+            click.echo(f"\n== {name} ==")
+        try:
+            run_compile(*args, None, None, as_json, force=force, jobs=jobs)
+            codes.append(EXIT_OK)
+        except SystemExit as exc:  # a failed gate of one model does not stop the others
+            codes.append(int(exc.code or 0))
+
+    one("cnn (shipped seq2point, seed 003)", str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, str(Path(out) / "cnn"))
+    for kind, spec in EXAMPLE_MODELS.items():
+        m = example_model(kind, Path(out) / "models")
+        tl = targets if targets != "all" else ",".join(t for t in spec["targets"] if t in available)
+        if not as_json:
+            info = m["info"]
+            ops = (f"{info['macs']:,} MACs/prediction" if "macs" in info else f"{info.get('comparisons_per_prediction', 0):,} comparisons/prediction")
+            click.echo(f"\n{kind}: {info.get('parameters', 0):,} parameters, {ops}" + (" (cached)" if m["cached"] else ""))
+        one(kind, str(m["onnx"]), str(m["calib"]), str(m["eval"]), tl, str(Path(out) / kind))
+    if max(codes) != EXIT_OK:
+        sys.exit(max(codes))
 
 
 # ------------------------------------------------------------------ verify
@@ -513,9 +549,10 @@ def keygen_cmd(out: str, as_json: bool) -> None:
 @click.option("--appliance", default=None, help="Appliance to disaggregate (a target column of the data); --model seq2point/xgboost.")
 @click.option("--normalization", default="C", show_default=True, help="Input normalization A-E (Table 1 of seed 003).")
 @click.option("--architecture", type=click.Choice(["seq2point", "classic"]), default="seq2point", show_default=True)
-@click.option("--model", "model_kind", type=click.Choice(["seq2point", "xgboost", "ctrnn"]), default="seq2point", show_default=True,
+@click.option("--model", "model_kind", type=click.Choice(["seq2point", "xgboost", "ctrnn", "cloud"]), default="seq2point", show_default=True,
               help="seq2point CNN (seed 003); xgboost edge regressor (seed 000, needs the [tree] extra); ctrnn multi-label ON/OFF classifier "
-                   "(seed 002). The last two train on synthetic low-frequency data unless --data is given.")
+                   "(seed 002); cloud conv-encoder + Transformer regressor (seed 000). The last three train on synthetic "
+                   "low-frequency data unless --data is given.")
 @click.option("--appliances", "appliance_list", default=None, metavar="A,B,..", help="--model ctrnn: the appliances it labels ON/OFF.")
 @click.option("--epochs", type=click.IntRange(1, 10000), default=None, help="Training epochs (default 30; ctrnn: its own default).")
 @click.option("--seed", type=int, default=0, show_default=True)

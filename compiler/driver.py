@@ -689,6 +689,9 @@ class _Job:
         from nilmc.compiler.hardware import manifest_section
 
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on
+        from nilmc.compiler.cost import manifest_cost
+
+        sections["cost"] = manifest_cost(self.model.graph)  # MACs/FLOPs and seed 002's energy per prediction
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)

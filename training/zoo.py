@@ -3,6 +3,8 @@
 ``xgboost``  seed 000's edge model: XGBoost on window features, ONNX-ML trees (:mod:`nilmc.training.tree`).
 ``ctrnn``    seed 002's multi-label ON/OFF classifier: conv blocks + transposed conv + GRU + sigmoids
              (:mod:`nilmc.training.ctrnn`).
+``cloud``    seed 000's cloud regressor: convolutional encoder + Transformer encoder layers, watts
+             (:mod:`nilmc.training.cloud`).
 
 Each writes ``OUT.onnx`` (contract embedded) and ``OUT.info.json`` (sizes, parameter count, MACs/FLOPs,
 checks); data default to the synthetic low-frequency household at 8 s (:mod:`nilmc.training.lowfreq_data`),
@@ -21,11 +23,12 @@ from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import BadInputError
 
-MODEL_KINDS = ("xgboost", "ctrnn")
+MODEL_KINDS = ("xgboost", "ctrnn", "cloud")
 # window (8 s samples) and split sizes each model trains on by default (sized for this machine)
 DEFAULT_DATA: dict[str, dict[str, Any]] = {
     "xgboost": {"window": 99, "sizes": {"train": 4000, "val": 800, "calib": 300, "eval": 1500}, "on_fraction": 0.5},
     "ctrnn": {"window": 128, "sizes": {"train": 3000, "val": 600, "calib": 300, "eval": 1500}, "on_fraction": 0.5},
+    "cloud": {"window": 128, "sizes": {"train": 3000, "val": 600, "calib": 300, "eval": 1500}, "on_fraction": 0.5},
 }
 
 
@@ -64,6 +67,12 @@ def train_model(kind: str, train: NilmDataset, val: NilmDataset | None = None, *
 
         proto, contract, info = train_xgboost(train, val, appliance=appliances[0], config=TreeConfig(seed=seed))
         return Trained(kind, proto, contract, info)
+    if kind == "cloud":
+        from nilmc.training.cloud import CloudConfig, train_cloud
+
+        ccfg = CloudConfig(seed=seed, **({"epochs": epochs} if epochs else {}), **kw)
+        proto, contract, info = train_cloud(train, val, appliance=appliances[0], config=ccfg)
+        return Trained(kind, proto, contract, info)
     from nilmc.training.ctrnn import CtrnnConfig, train_ctrnn
 
     cfg = CtrnnConfig(seed=seed, **({"epochs": epochs} if epochs else {}), **kw)
@@ -80,3 +89,42 @@ def save_model(trained: Trained, out: str | Path) -> dict[str, Path]:
     onnx_path = Model(trained.graph, trained.contract, source=str(out)).save_onnx(out.with_suffix(".onnx"))
     info_path = atomic_write_json(out.with_suffix(".info.json"), {"model": trained.kind, **trained.info})
     return {"onnx": onnx_path, "info": info_path}
+
+
+# ``nilmc example --all-models``: each reference model trained small and seeded, cached under OUT/models, with the
+# targets that can take it (the rest refuse in their pre-check; these lists only keep the example short).
+EXAMPLE_MODELS: dict[str, dict[str, Any]] = {
+    "ctrnn": {"appliances": ("kettle", "microwave", "fridge", "washing_machine"), "epochs": 8,
+              "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16")},
+    "cloud": {"appliances": ("fridge",), "epochs": 8,
+              "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16", "tensorrt:int8", "tensorrt:fp16")},
+    "xgboost": {"appliances": ("fridge",), "epochs": None, "targets": ("onnxruntime:fp32",)},
+}
+EXAMPLE_SIZES = {"train": 2000, "val": 400, "calib": 300, "eval": 1000}
+
+
+def example_model(kind: str, cache: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """Train ``kind`` for the example (or reuse ``cache/<kind>.*`` written by an earlier run with the same settings).
+
+    Returns ``{"onnx", "calib", "eval"}`` paths, ``"targets"`` (the example's list) and ``"info"`` (training's)."""
+    import json
+
+    spec = EXAMPLE_MODELS[check_kind(kind)]
+    cache = Path(cache)
+    stem = cache / kind
+    key = {"kind": kind, "seed": seed, "sizes": EXAMPLE_SIZES, "appliances": list(spec["appliances"]), "epochs": spec["epochs"],
+           "window": DEFAULT_DATA[kind]["window"]}
+    paths = {"onnx": stem.with_suffix(".onnx"), "calib": cache / f"{kind}.calib.npz", "eval": cache / f"{kind}.eval.npz"}
+    info_path = stem.with_suffix(".info.json")
+    if info_path.is_file() and all(p.is_file() for p in paths.values()):
+        info = json.loads(info_path.read_text())
+        if info.get("example_key") == key:  # same settings -> same model (training is seeded): reuse it
+            return {**paths, "targets": spec["targets"], "info": info, "cached": True}
+    cache.mkdir(parents=True, exist_ok=True)
+    splits = default_splits(kind, spec["appliances"], seed=seed, sizes=EXAMPLE_SIZES)
+    trained = train_model(kind, splits["train"], splits["val"], appliances=spec["appliances"], epochs=spec["epochs"], seed=seed)
+    trained.info["example_key"] = key
+    splits["calib"].save(paths["calib"])
+    splits["eval"].save(paths["eval"])
+    save_model(trained, stem)
+    return {**paths, "targets": spec["targets"], "info": trained.info, "cached": False}

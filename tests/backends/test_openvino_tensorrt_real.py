@@ -76,14 +76,16 @@ def test_fp32_and_fp16_are_lossless(compiled):
 
 
 def test_openvino_int8_runs_every_conv_and_dense_layer_in_int8(compiled):
+    """Every conv and dense layer runs INT8 but conv1, which reads the float input (precise input) and says so."""
     import json
 
     manifest = json.loads((_bundle(compiled, "openvino:int8") / "manifest.json").read_text())
     counts = manifest["artifact_info"]["runtime_precisions"]
     assert set(counts) == {"Convolution", "FullyConnected"}
-    assert sum(counts["Convolution"].values()) == 5
-    for per_precision in counts.values():
-        assert set(per_precision) <= {"u8", "i8"}
+    assert sum(counts["Convolution"].values()) == 5 and counts["Convolution"].get("f32") == 1
+    assert set(counts["Convolution"]) <= {"u8", "i8", "f32"} and set(counts["FullyConnected"]) <= {"u8", "i8"}
+    floats = manifest["placement"]["float"]
+    assert [f["op"] for f in floats] == ["Conv"] and floats[0]["why"].startswith("precise input"), floats
 
 
 def test_openvino_int8_matches_the_ideal_int8_reference(compiled):
@@ -112,7 +114,8 @@ def test_tensorrt_onnx_files(compiled):
     conv_weights = [n for n in int8.graph.node if n.op_type == "Conv"]
     assert len(conv_weights) == 5
     producers = {o: n for n in int8.graph.node for o in n.output}
-    for conv in conv_weights:
+    assert conv_weights[0].input[1] in inits  # conv1 reads the float input (precise input): float weights, no Q/DQ
+    for conv in conv_weights[1:]:
         dq = producers[conv.input[1]]
         assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 0
         out_channels = inits[dq.input[0]].dims[0]

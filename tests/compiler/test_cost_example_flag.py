@@ -1,0 +1,52 @@
+"""``nilmc example --all-models`` plumbing (no training, no compiling: both are replaced by recorders)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from nilmc.compiler import cli as cli_mod
+
+
+def _record(monkeypatch, fail_for: str = ""):
+    calls: list[tuple] = []
+
+    def fake_run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, **kw):
+        calls.append((model, targets, out))
+        if fail_for and fail_for in str(model):
+            raise SystemExit(1)  # a failed gate, as run_compile exits
+
+    monkeypatch.setattr(cli_mod, "run_compile", fake_run_compile)
+    return calls
+
+
+def test_without_the_flag_the_example_is_unchanged(monkeypatch, tmp_path):
+    calls = _record(monkeypatch)
+    res = CliRunner().invoke(cli_mod.cli, ["example", "--out", str(tmp_path / "o")], catch_exceptions=False)
+    assert res.exit_code == 0
+    from nilmc.calibration_data.shipped import shipped_paths
+
+    assert calls == [(str(shipped_paths()["keras"]), "all", str(tmp_path / "o"))]
+
+
+def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_path):
+    import nilmc.training.zoo as zoo
+
+    calls = _record(monkeypatch, fail_for="ctrnn")
+    trained: list[str] = []
+
+    def fake_example_model(kind, cache, *, seed=0):
+        trained.append(kind)
+        return {"onnx": Path(cache) / f"{kind}.onnx", "calib": Path(cache) / "c.npz", "eval": Path(cache) / "e.npz",
+                "targets": zoo.EXAMPLE_MODELS[kind]["targets"], "info": {"parameters": 10, "macs": 20}, "cached": False}
+
+    monkeypatch.setattr(zoo, "example_model", fake_example_model)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli_mod.cli, ["example", "--all-models", "--out", str(out)], catch_exceptions=False)
+    assert trained == ["ctrnn", "cloud", "xgboost"]
+    assert [c[2] for c in calls] == [str(out / d) for d in ("cnn", "ctrnn", "cloud", "xgboost")]
+    assert calls[0][1] == "all"  # the CNN as today
+    assert calls[3][1] == "onnxruntime:fp32"  # the tree model: onnxruntime only
+    assert set(calls[2][1].split(",")) <= set(zoo.EXAMPLE_MODELS["cloud"]["targets"])  # available server targets only
+    assert res.exit_code == 1  # the CtRNN's failed gate did not stop the others, and sets the exit code
+    assert "20 MACs/prediction" in res.output
