@@ -43,22 +43,35 @@ def summary_table(summary: CompileSummary) -> str:
             "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"),
             _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate,
         ))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
-    for i, cells in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    for r in summary.results:
-        if r.error:
-            lines.append(f"  {r.target}: {r.error}")
-        elif not r.passed and r.report is not None:
-            lines.append(f"  {r.target}: " + r.report.failure_line())
+    lines += _grid(rows) + _failures(summary)
     from nilmc.compiler.hardware import hardware_table, summary_rows
 
     boards = [row for row in summary_rows(summary) if row.get("target")]
     if boards:  # seed 003 Table 12 for the boards this compile's targets run on
         lines += ["", hardware_table(boards)]
     return "\n".join(lines)
+
+
+def _grid(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as left-aligned columns, the first one (the head) underlined."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for i, cells in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _failures(summary: CompileSummary) -> list[str]:
+    """One line per target that errored or failed its gate."""
+    out = []
+    for r in summary.results:
+        if r.error:
+            out.append(f"  {r.target}: {r.error}")
+        elif not r.passed and r.report is not None:
+            out.append(f"  {r.target}: " + r.report.failure_line())
+    return out
 
 
 def classification_table(summary: CompileSummary) -> str:
@@ -77,14 +90,5 @@ def classification_table(summary: CompileSummary) -> str:
                      _fmt(None if r.report is None else r.report.deltas.get("f1w"), "+.3f"),
                      "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"),
                      _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
-    for i, cells in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    for r in summary.results:
-        if r.error:
-            lines.append(f"  {r.target}: {r.error}")
-        elif not r.passed and r.report is not None:
-            lines.append(f"  {r.target}: " + r.report.failure_line())
+    lines += _grid(rows) + _failures(summary)
     return "\n".join(lines)
