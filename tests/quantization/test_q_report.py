@@ -15,7 +15,7 @@ from nilmc.quantization.context import QuantContext
 from nilmc.quantization.overflow import Check, check_overflow
 from nilmc.quantization.params import QuantParams, derive_params
 from nilmc.quantization.report import format_report, layer_table, quantize_report
-from nilmc.quantization.traits import GENERIC_INT8, TFLITE_INT8
+from nilmc.quantization.traits import GENERIC_INT8, TENSORRT_INT8, TFLITE_INT8
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,11 @@ def test_precise_input_keeps_the_first_layer_float_and_widens_the_rest(tiny, tin
     assert on.provenance["precise_input"] == {"float_layers": [first], "deployment_headroom": 1.5}
     assert on["r1"].hi[0] == pytest.approx(1.5 * off["r1"].hi[0])  # the headroom, on every range but the output's
     assert on["output"].lo[0] == pytest.approx(off["output"].lo[0]) and on["output"].hi[0] == pytest.approx(off["output"].hi[0])
+    # symmetric grids (TensorRT) get the smaller symmetric headroom
+    trt_off = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(precise_input=False, **plain)).params
+    trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(**plain)).params
+    assert trt.provenance["precise_input"]["deployment_headroom"] == 1.25
+    assert trt["r1"].hi[0] == pytest.approx(1.25 * trt_off["r1"].hi[0])
     # traits without float layers (full-integer targets) are left as they were
     tfl = quantize(tiny, tiny_ds, traits=TFLITE_INT8, advanced=Techniques(**plain)).params
     assert not tfl.keep_float and "precise_input" not in tfl.provenance
