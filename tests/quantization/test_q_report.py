@@ -32,10 +32,11 @@ def test_precise_input_keeps_the_first_layer_float_and_widens_the_rest(tiny, tin
     assert on.provenance["precise_input"] == {"float_layers": [first], "deployment_headroom": 1.5}
     assert on["r1"].hi[0] == pytest.approx(1.5 * off["r1"].hi[0])  # the headroom, on every range but the output's
     assert on["output"].lo[0] == pytest.approx(off["output"].lo[0]) and on["output"].hi[0] == pytest.approx(off["output"].hi[0])
-    # symmetric grids (TensorRT) get the smaller symmetric headroom
+    # symmetric grids (TensorRT) take their own headroom (default 1.0: none)
     trt_off = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(precise_input=False, **plain)).params
     trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(**plain)).params
-    assert trt.provenance["precise_input"]["deployment_headroom"] == 1.25
+    assert trt.provenance["precise_input"]["deployment_headroom"] == 1.0 and trt["r1"].hi[0] == pytest.approx(trt_off["r1"].hi[0])
+    trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(symmetric_headroom=1.25, **plain)).params
     assert trt["r1"].hi[0] == pytest.approx(1.25 * trt_off["r1"].hi[0])
     # traits without float layers (full-integer targets) are left as they were
     tfl = quantize(tiny, tiny_ds, traits=TFLITE_INT8, advanced=Techniques(**plain)).params
