@@ -41,26 +41,11 @@ def raw_onnx(zmodel: Model, dst: Path) -> Path:
     import json
 
     import onnx
-    from onnx import helper, numpy_helper
+
+    from nilmc.quantization.fold import fold_normalization
 
     c = zmodel.contract
-    m = onnx.ModelProto()
-    m.ParseFromString(zmodel.serialize())
-    scale, offset = c.normalization.affine()
-    f = len(scale)
-    g = m.graph
-    g.initializer.extend([numpy_helper.from_array(scale.reshape(1, 1, f, 1).astype(np.float32), "zs/scale"),
-                          numpy_helper.from_array(offset.reshape(1, 1, f, 1).astype(np.float32), "zs/offset"),
-                          numpy_helper.from_array(np.array(c.target.std, np.float32), "dn/std"),
-                          numpy_helper.from_array(np.array(c.target.mean, np.float32), "dn/mean")])
-    inp, out = g.input[0].name, g.output[0].name
-    for node in g.node:
-        node.input[:] = ["zs/y" if n == inp else n for n in node.input]
-        node.output[:] = ["model_units" if o == out else o for o in node.output]
-    g.node.insert(0, helper.make_node("Add", ["zs/m", "zs/offset"], ["zs/y"], name="zscore_add"))
-    g.node.insert(0, helper.make_node("Mul", [inp, "zs/scale"], ["zs/m"], name="zscore_mul"))
-    g.node.extend([helper.make_node("Mul", ["model_units", "dn/std"], ["dn/w"], name="denorm_mul"),
-                   helper.make_node("Add", ["dn/w", "dn/mean"], [out], name="denorm_add")])
+    m = fold_normalization(zmodel, input_mode="ops", output_mode="ops").model.graph  # explicit Mul/Add on both sides
     del m.metadata_props[:]
     onnx.checker.check_model(m)
     onnx.save(m, str(dst))

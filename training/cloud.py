@@ -24,10 +24,11 @@ import onnx
 from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import BadInputError
+from nilmc.training.fitting import TrainConfig, fit_deterministic
 
 
 @dataclass(frozen=True)
-class CloudConfig:
+class CloudConfig(TrainConfig):
     """Cloud model sizes and training. Defaults: d_model 32, 2 heads, 2 layers, feed-forward 64, conv kernel 5;
     12 epochs, batch 64, Adam 2e-3, early stopping on validation loss (patience 4, best weights restored), seed 0."""
 
@@ -36,11 +37,6 @@ class CloudConfig:
     layers: int = 2
     ffn: int = 64
     kernel: int = 5
-    epochs: int = 12
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    patience: int = 4
-    seed: int = 0
 
 
 def build_cloud(window: int, config: CloudConfig = CloudConfig()) -> Any:
@@ -92,18 +88,10 @@ def train_cloud(train: NilmDataset, val: NilmDataset | None = None, *, appliance
                 contract.target.from_watts(ds.y[:, k])[:, None].astype(np.float32))
 
     x, y = xy(train)
-    tf.keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    model = build_cloud(int(x.shape[1]), config)
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate), loss="mse")
-    callbacks, val_data = [], None
-    if val is not None:
-        val_data = xy(val)
-        callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True))
-    hist = model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, validation_data=val_data, shuffle=True,
-                     callbacks=callbacks, verbose=0)
+    model, hist = fit_deterministic(tf, lambda: build_cloud(int(x.shape[1]), config), x, y, None if val is None else xy(val), config,
+                                    loss="mse")
     converted = keras_to_onnx(model, contract, source="cloud Transformer")
     cost = graph_cost(converted.graph)
     info = {"model": "cloud", "appliance": appliance, "window": int(x.shape[1]), "parameters": int(model.count_params()),
-            "epochs_run": len(hist.history["loss"]), "config": {f: getattr(config, f) for f in config.__dataclass_fields__}, **cost}
+            "epochs_run": len(hist.history["loss"]), "config": config.to_json(), **cost}
     return converted.graph, converted.contract, info

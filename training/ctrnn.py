@@ -24,10 +24,11 @@ from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.calibration_data.normalization import TargetScaling
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import BadInputError
+from nilmc.training.fitting import TrainConfig, fit_deterministic
 
 
 @dataclass(frozen=True)
-class CtrnnConfig:
+class CtrnnConfig(TrainConfig):
     """CtRNN sizes and training. Defaults: base 8 filters (8/16/32/64), kernel 3, GRU 32, dense 64; 12 epochs, batch 64,
     Adam 2e-3, early stopping on validation loss (patience 4, best weights restored), seed 0."""
 
@@ -35,11 +36,6 @@ class CtrnnConfig:
     kernel: int = 3
     gru_units: int = 32
     dense_units: int = 64
-    epochs: int = 12
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    patience: int = 4
-    seed: int = 0
 
 
 def build_ctrnn(window: int, n_appliances: int, config: CtrnnConfig = CtrnnConfig()) -> Any:
@@ -96,18 +92,10 @@ def train_ctrnn(train: NilmDataset, val: NilmDataset | None = None, *, appliance
         return contract.normalization.apply(ds.raw_x()).astype(np.float32), on.astype(np.float32)
 
     x, y = xy(train)
-    tf.keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    model = build_ctrnn(int(x.shape[1]), len(appliances), config)
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate), loss="binary_crossentropy")
-    callbacks, val_data = [], None
-    if val is not None:
-        val_data = xy(val)
-        callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True))
-    hist = model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, validation_data=val_data, shuffle=True,
-                     callbacks=callbacks, verbose=0)
+    model, hist = fit_deterministic(tf, lambda: build_ctrnn(int(x.shape[1]), len(appliances), config), x, y, None if val is None else xy(val), config,
+                                    loss="binary_crossentropy")
     converted = keras_to_onnx(model, contract, source="CtRNN")
     cost = graph_cost(converted.graph)
     info = {"model": "ctrnn", "appliances": list(appliances), "window": int(x.shape[1]), "parameters": int(model.count_params()),
-            "epochs_run": len(hist.history["loss"]), "config": {k: getattr(config, k) for k in config.__dataclass_fields__}, **cost}
+            "epochs_run": len(hist.history["loss"]), "config": config.to_json(), **cost}
     return converted.graph, converted.contract, info

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
 
 from nilmc.calibration_data.normalization import Normalization, NormalizationSpec, TargetScaling
 from nilmc.compiler.cli import cli
@@ -36,24 +34,13 @@ def _raw_contract(c: ModelContract, *, denorm: bool) -> ModelContract:
 
 
 def raw_onnx(dst: Path) -> Path:
-    """The shipped ONNX with Mul/Add z-score in front and y * std + mean behind (raw features in, watts out)."""
+    """The shipped ONNX with Mul/Add z-score in front and y * std + mean behind (raw features in, watts out):
+    nilmc's own fold (quantization/fold.py, explicit ops on both sides), saved without the folded contract."""
+    from nilmc.compiler.frontend import load_model
+    from nilmc.quantization.fold import fold_normalization
+
     c = _contract()
-    m = onnx.load(str(SHIPPED / "tp_kettle_zscore.onnx"))
-    scale, offset = c.normalization.affine()
-    f = len(scale)
-    g = m.graph
-    g.initializer.extend([numpy_helper.from_array(scale.reshape(1, 1, f, 1).astype(np.float32), "zs/scale"),
-                          numpy_helper.from_array(offset.reshape(1, 1, f, 1).astype(np.float32), "zs/offset"),
-                          numpy_helper.from_array(np.array(c.target.std, np.float32), "dn/std"),
-                          numpy_helper.from_array(np.array(c.target.mean, np.float32), "dn/mean")])
-    inp, out = g.input[0].name, g.output[0].name
-    for node in g.node:
-        node.input[:] = ["zs/y" if n == inp else n for n in node.input]
-        node.output[:] = ["model_units" if o == out else o for o in node.output]
-    g.node.insert(0, helper.make_node("Add", ["zs/m", "zs/offset"], ["zs/y"], name="zscore_add"))
-    g.node.insert(0, helper.make_node("Mul", [inp, "zs/scale"], ["zs/m"], name="zscore_mul"))
-    g.node.extend([helper.make_node("Mul", ["model_units", "dn/std"], ["dn/w"], name="denorm_mul"),
-                   helper.make_node("Add", ["dn/w", "dn/mean"], [out], name="denorm_add")])
+    m = fold_normalization(load_model(SHIPPED / "tp_kettle_zscore.onnx"), input_mode="ops", output_mode="ops").model.graph
     del m.metadata_props[:]
     onnx.save(m, str(dst))
     (dst.parent / (dst.name + ".contract.json")).write_text(json.dumps(_raw_contract(c, denorm=True).to_json()))
