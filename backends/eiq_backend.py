@@ -6,6 +6,14 @@ What it produces (``lower``), per precision:
 * ``int8_pt``  per-tensor symmetric int8 weights (what the i.MX 8M Plus NPU runs fastest), int8 I/O;
 * ``uint8_io`` as ``int8_pt`` but uint8 input/output tensors (QUANTIZE ops inside convert to int8).
 
+Precise input (``eiq.cpu_layers=auto``, the default for ``int8`` and ``int8_pt``): the layers reading the graph input
+run as float32 TFLite ops on the application CPU (Cortex-A53) — the VX delegate leaves float ops to the CPU — and a
+QUANTIZE after each hands nilmc's int8 grid of its output to the NPU partition, which runs everything else in INT8.
+The input is then never on an 8-bit grid (that grid capped the shipped model at 22 dB mean / 13 dB worst output SQNR
+over calibration draws). The input tensor is float32, the output int8. ``info["partition"]`` and the manifest's
+``placement`` say which ops run where and why; the NPU drift is emulated on the NPU partition, fed the CPU stage's
+codes. ``eiq.cpu_layers=none`` (and ``uint8_io``, whose point is integer I/O) keeps the full-integer graph.
+
 eIQ lowers through tflite's full-integer routine: each precision is a
 :class:`~nilmc.backends.tflite_int8.FullIntegerSpec` in :data:`EIQ_SPECS` (eIQ traits, per-tensor option,
 I/O dtype, op allow-list :data:`VX_ALLOWED_OPS`, integer-only), and
@@ -46,15 +54,19 @@ from nilmc.backends.tflite_int8 import (  # noqa: F401  (graph_ops, UnsupportedO
     FullIntegerSpec,
     UnsupportedOpError,
     build_full_integer,
+    check_cpu_layers,
     check_graph,
     graph_ops,
     integer_params,
     invoke_windows,
     io_quantization,
+    kept_float_ignored,
     keras_placeable,
     load_flatbuffer,
+    manifest_placement,
     op_code,
     op_name,
+    precise_why,
     recurrent_layers,
     type_name,
 )
@@ -96,22 +108,30 @@ ALLOW_LIST_SOURCE = ("assumption: conservative subset of the VX delegate operato
 NPU_PATH = "the i.MX 8M Plus NPU path"
 
 
-def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8") -> QuantTraits:
+def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8", float_layers: bool = False) -> QuantTraits:
     """eIQ traits: symmetric narrow int8 weights (per channel, or per tensor when ``per_tensor``), asymmetric int8
-    activations, C-round, ``io_dtype`` (default int8) I/O, 16-bit NPU requantization multiplier (emulation only).
+    activations, C-round, ``io_dtype`` (default int8) I/O, 16-bit NPU requantization multiplier (emulation only);
+    ``float_layers`` (default False): precise input, the layers reading the graph input run in FP32 on the CPU.
 
     Not :data:`~nilmc.quantization.traits.EIQ_PER_TENSOR`: its asymmetric weights are refused by TFLite's int8 kernels."""
-    return QuantTraits(name="eiq_int8" + ("_per_tensor" if per_tensor else ""), per_channel_weights=not per_tensor,
-                       symmetric_weights=True, narrow_range_weights=True, rounding=Rounding.HALF_AWAY, io_dtype=io_dtype,
-                       requant_multiplier_bits=16)
+    return QuantTraits(name="eiq_int8" + ("_per_tensor" if per_tensor else "") + ("_float_input" if float_layers else ""),
+                       per_channel_weights=not per_tensor, symmetric_weights=True, narrow_range_weights=True, rounding=Rounding.HALF_AWAY,
+                       io_dtype=io_dtype, requant_multiplier_bits=16, float_layers=float_layers)
 
 
-def eiq_spec(precision: str) -> FullIntegerSpec:
-    """The eIQ constraints for ``precision`` as data: tflite's full-integer routine lowers every eIQ precision."""
+PRECISE_PRECISIONS = ("int8", "int8_pt")  # uint8_io exists for integer I/O: it stays full integer
+CPU_STAGE = " on the application CPU (Cortex-A53), before the NPU partition"
+
+
+def eiq_spec(precision: str, cpu_layers: str = "auto") -> FullIntegerSpec:
+    """The eIQ constraints for ``precision`` as data (tflite's INT8 routine lowers every eIQ precision): precise input
+    (``cpu_layers`` ``"auto"``, the default, for :data:`PRECISE_PRECISIONS`; the float ops then run on the CPU) or the
+    full-integer, integer-only graph (``"none"``, and ``uint8_io``)."""
     per_tensor, io_dtype = PRECISIONS[precision]
-    return FullIntegerSpec(label=f"eiq:{precision}", traits=eiq_traits(per_tensor=per_tensor), per_tensor=per_tensor,
-                           io_dtype=io_dtype, allowed_ops=VX_ALLOWED_OPS, integer_only=True, target=NPU_PATH,
-                           allow_list_source=ALLOW_LIST_SOURCE)
+    float_input = check_cpu_layers(cpu_layers, "eiq") == "auto" and precision in PRECISE_PRECISIONS
+    return FullIntegerSpec(label=f"eiq:{precision}", traits=eiq_traits(per_tensor=per_tensor, float_layers=float_input), per_tensor=per_tensor,
+                           io_dtype=io_dtype, allowed_ops=VX_ALLOWED_OPS, integer_only=not float_input, target=NPU_PATH,
+                           allow_list_source=ALLOW_LIST_SOURCE, float_input=float_input)
 
 
 EIQ_SPECS = {p: eiq_spec(p) for p in PRECISIONS}
@@ -132,10 +152,12 @@ def scan_keras_ops(keras_model: Any) -> list[str]:
     return tflite_int8.scan_keras_ops(keras_model, VX_ALLOWED_OPS)
 
 
-def npu_partition(fb: bytes) -> dict[str, Any]:
+def npu_partition(fb: bytes, reasons: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Where each op of ``fb`` runs under the VX delegate: on the NPU when it is in :data:`VX_ALLOWED_OPS` and all its
     tensors are integer, else on the CPU (the delegate partitions the graph so; the allow-list is an assumption, see
-    :data:`ALLOW_LIST_SOURCE`). ``{"npu": [op names], "cpu": [{"op", "index", "why"}], "npu_partitions": count, "summary"}``."""
+    :data:`ALLOW_LIST_SOURCE`). ``reasons``: op index -> why it runs on the CPU (precise input), else the tensor types
+    or the allow-list say. ``{"npu": [op names], "cpu": [{"op", "index", "why"}], "npu_partitions": count, "summary"}``."""
+    reasons = reasons or {}
     ops = graph_ops(fb)
     npu, cpu, where = [], [], []
     for i, o in enumerate(ops):
@@ -144,7 +166,7 @@ def npu_partition(fb: bytes) -> dict[str, Any]:
             npu.append(o["op"])
             where.append("npu")
         else:
-            why = (f"float tensors ({', '.join(sorted(floats))})" if floats else "not in the NPU allow-list")
+            why = reasons.get(i) or (f"float tensors ({', '.join(sorted(floats))})" if floats else "not in the NPU allow-list")
             cpu.append({"op": o["op"], "index": i, "why": why})
             where.append("cpu")
     partitions = sum(1 for i, w in enumerate(where) if w == "npu" and (i == 0 or where[i - 1] != "npu"))
@@ -363,13 +385,14 @@ class _IntegerGraph:
     layer's, for one) accumulates once, and where inputs differ only the windows that differ are accumulated
     again, stacked under the first run's in one GEMM. Requantization is per width."""
 
-    def __init__(self, fb: bytes) -> None:
+    def __init__(self, fb: bytes, start: tuple[int, int] | None = None) -> None:
         m = load_flatbuffer(fb)
         sg = m.subgraphs[0]
         self.t = _read_tensors(m)
-        self.input, self.output = int(sg.inputs[0]), int(sg.outputs[0])
+        # start: (tensor, first op) of the NPU partition when a CPU stage comes first (precise input)
+        self.input, self.output = (int(sg.inputs[0]) if start is None else start[0]), int(sg.outputs[0])
         self.steps: list[tuple[str, Any, Any]] = []
-        for op in sg.operators:
+        for op in sg.operators[0 if start is None else start[1]:]:
             name = op_name(op_code(m, op))
             if name not in EMULATED_OPS:
                 raise NotEmulatedError(f"op {name} has no integer emulation", f"emulated: {', '.join(EMULATED_OPS)}")
@@ -419,14 +442,16 @@ class _IntegerGraph:
         return x.reshape((len(x), *self.t[op.outputs[0]].shape[1:]))
 
 
-def emulate_int8_widths(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: tuple[int, ...] = (32, 16)) -> dict[int, np.ndarray]:
+def emulate_int8_widths(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: tuple[int, ...] = (32, 16),
+                        start: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
     """Run the integer graph of ``fb`` on input codes ``x_codes`` once for each requantization multiplier width in
-    ``multiplier_bits`` (default (32, 16)); returns ``{bits: output codes}``.
+    ``multiplier_bits`` (default (32, 16)); returns ``{bits: output codes}``. ``start`` (default None: the graph input):
+    ``(tensor, first op)`` where the integer graph begins, ``x_codes`` being that tensor's codes (:func:`npu_start`).
 
     Bit-exact with nilmc's :mod:`~nilmc.quantization.intops` reference ops (int64 accumulation, :func:`requantize`)
     but computed with exact integer GEMMs (:class:`IntegerMatmul`) on :data:`_WINDOWS_PER_PASS` windows at a time,
     the widths side by side. Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`."""
-    graph = _IntegerGraph(fb)
+    graph = _IntegerGraph(fb, start)
     widths = tuple(int(b) for b in multiplier_bits)
     x_codes = np.asarray(x_codes)
     parts: dict[int, list[np.ndarray]] = {b: [] for b in widths}
@@ -436,15 +461,50 @@ def emulate_int8_widths(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: tupl
     return {bits: np.concatenate(ys) for bits, ys in parts.items()}
 
 
-def emulate_int8(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: int = 32) -> np.ndarray:
+def emulate_int8(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: int = 32, start: tuple[int, int] | None = None) -> np.ndarray:
     """Run the integer graph of ``fb`` (nilmc's :mod:`~nilmc.quantization.intops` integer semantics) on input
     codes ``x_codes``; returns the output codes. ``multiplier_bits``: 32 (default) = TFLite's requantization, 16 = the
     NPU hypothesis (16-bit normalized multiplier). Covers :data:`EMULATED_OPS`; others raise :class:`NotEmulatedError`.
     For both widths at once (sharing the work) use :func:`emulate_int8_widths`."""
-    return emulate_int8_widths(fb, x_codes, multiplier_bits=(multiplier_bits,))[multiplier_bits]
+    return emulate_int8_widths(fb, x_codes, multiplier_bits=(multiplier_bits,), start=start)[multiplier_bits]
+
+
+def npu_start(fb: bytes, partition: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(tensor, first op)`` where the NPU partition of a precise-input graph begins: the CPU ops are the first ops and
+    end in a QUANTIZE whose int8 output is the one tensor the NPU reads; None when the graph is not so (no CPU stage,
+    or CPU ops elsewhere)."""
+    cpu = sorted(c["index"] for c in partition["cpu"])
+    if not cpu or cpu != list(range(len(cpu))):
+        return None
+    m = load_flatbuffer(fb)
+    ops = m.subgraphs[0].operators
+    last = ops[cpu[-1]]
+    if op_name(op_code(m, last)) != "QUANTIZE" or len(cpu) >= len(ops):
+        return None
+    cut = int(last.outputs[0])
+    later = {int(i) for op in ops[len(cpu):] for i in op.inputs if i >= 0}
+    earlier = {int(o) for op in ops[: len(cpu)] for o in op.outputs}
+    return (cut, len(cpu)) if later & earlier == {cut} else None
+
+
+def stage_codes(fb: bytes, x: np.ndarray, tensor: int) -> np.ndarray:
+    """Codes of ``tensor`` when the TFLite interpreter (builtin reference kernels) runs ``fb`` on model inputs ``x``:
+    what the CPU stage hands the NPU partition."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=fb, num_threads=1, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], [len(x), *[int(d) for d in inp["shape_signature"][1:]]], strict=False)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], np.asarray(x, inp["dtype"]))
+    it.invoke()
+    return np.asarray(it.get_tensor(tensor)).copy()
 
 
 def _input_codes(x: np.ndarray, io: Mapping[str, Any]) -> np.ndarray:
+    if io["dtype"] == "float32":  # precise input: the model takes the float windows themselves
+        return np.asarray(x, np.float32)
     rng = INT_RANGES[io["dtype"]]
     return quantize(np.asarray(x, np.float32), io["scale"], io["zero_point"], rng, rounding=Rounding.HALF_AWAY)
 
@@ -463,12 +523,13 @@ def _cpu_codes(fb: bytes, x_codes: np.ndarray, *, default_delegates: bool) -> np
     return invoke_windows(it, x_codes.astype(it.get_input_details()[0]["dtype"]))
 
 
-def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = None) -> dict[str, Any]:
+def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = None, *, start: tuple[int, int] | None = None) -> dict[str, Any]:
     """Emulated NPU drift on windows ``x`` (normalized): 32-bit emulation vs the TFLite CPU interpreter (sanity),
-    16-bit vs 32-bit emulation in output codes and watts, and EACC on ``calibration`` labels when given."""
+    16-bit vs 32-bit emulation in output codes and watts, and EACC on ``calibration`` labels when given. ``start``
+    (:func:`npu_start`): the NPU partition of a precise-input graph, fed the CPU stage's codes (:func:`stage_codes`)."""
     io = io_quantization(fb)
     xq = _input_codes(x, io["input"])
-    e32, e16 = emulate_int8_widths(fb, xq, multiplier_bits=(32, 16)).values()
+    e32, e16 = emulate_int8_widths(fb, xq if start is None else stage_codes(fb, xq, start[0]), multiplier_bits=(32, 16), start=start).values()
     cpu = _cpu_codes(fb, xq, default_delegates=True)
     ref = _cpu_codes(fb, xq, default_delegates=False)
     d = lambda a, b: np.abs(a.astype(np.int64) - b.astype(np.int64)).ravel()  # noqa: E731
@@ -480,6 +541,8 @@ def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = Non
         "hypothesis": "NPU requantizes with a 16-bit normalized multiplier (gemmlowp-style high-mul + rounding shift); "
                       "accumulation, zero points, clamping as TFLite. Not measured on an i.MX 8M Plus.",
         "emulated_ops": list(EMULATED_OPS),
+        "npu_input": ("the graph input's codes" if start is None else
+                      "the CPU stage's int8 codes (float32 layers + QUANTIZE, TFLite builtin kernels): the NPU partition alone is emulated"),
         "check_32bit_vs_cpu_interpreter": {"max_lsb": int(d(e32, cpu).max()), "frac_differing": float(np.mean(d(e32, cpu) > 0)),
                                            "runtime": "ai_edge_litert default (XNNPACK) kernels"},
         "check_32bit_vs_cpu_builtin_kernels": {"max_lsb": int(d(e32, ref).max()), "frac_differing": float(np.mean(d(e32, ref) > 0)),
@@ -573,10 +636,16 @@ def write_handoff(out_dir: Path, fb: bytes, x: np.ndarray) -> list[str]:
 @dataclass(frozen=True)
 class EiqOptions:
     """Typed options of the eIQ backend (``--option eiq.NAME=VALUE``): ``npu_emulation`` (default True: emulate the
-    NPU's 16-bit requantization drift on the calibration windows), ``estimator`` (default: the shared pipeline's)."""
+    NPU's 16-bit requantization drift on the calibration windows), ``estimator`` (default: the shared pipeline's),
+    ``cpu_layers`` (default ``auto``: precise input for int8 / int8_pt, the layers reading the graph input in FP32 on the
+    CPU; ``none``: the full-integer graph, all on the NPU)."""
 
     npu_emulation: bool = True
     estimator: str | None = None
+    cpu_layers: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_cpu_layers(self.cpu_layers, "eiq")
 
 
 class EIQBackend:
@@ -587,7 +656,7 @@ class EIQBackend:
         precisions=tuple(PRECISIONS),
         description="NXP eIQ (i.MX 8M Plus NPU via the VX delegate): full-integer TFLite from nilmc's ranges, "
                     "per-channel (int8) or per-tensor (int8_pt, uint8_io) weights; CPU interpreter reference + emulated NPU drift",
-        traits={"int8": eiq_traits(), "int8_pt": eiq_traits(per_tensor=True), "uint8_io": eiq_traits(per_tensor=True, io_dtype="uint8")},
+        traits={p: spec.traits.with_(io_dtype=spec.io_dtype) for p, spec in EIQ_SPECS.items()},
         options=EiqOptions,
         requires=("tensorflow", "ai_edge_litert"),
         extra="eiq",
@@ -599,6 +668,8 @@ class EIQBackend:
             "npu": NPU_NOTE,
             "ops": f"only {', '.join(VX_ALLOWED_OPS)} (allow-list assumed from NXP IMXMLUG); other ops raise UnsupportedOpError",
             "emulation": f"the NPU drift emulation covers {', '.join(EMULATED_OPS)} with a 16-bit multiplier hypothesis",
+            "precise_input": "int8 / int8_pt run the layers reading the graph input in FP32 on the application CPU (float32 input "
+                             "tensor, int8 output) unless eiq.cpu_layers=none; uint8_io is full integer",
         },
     )
 
@@ -606,32 +677,35 @@ class EIQBackend:
         """Write ``model_eiq.tflite``, ``eiq_check.json`` and the board hand-off into ``out_dir``.
 
         Options: ``quant`` (QuantContext, required), ``calibration`` (its labels give the emulated EACC),
-        ``npu_emulation`` (default True), ``estimator`` (default: the context's)."""
+        ``npu_emulation`` (default True), ``estimator`` (default: the context's), ``cpu_layers`` (default ``auto``: precise
+        input for int8 / int8_pt; ``none``: full integer)."""
         if precision not in PRECISIONS:
             raise BadInputError(f"eiq has no precision {precision!r}", f"available: {', '.join(PRECISIONS)}")
         require_tflite(extra="eiq")
         options = dict(options or {})
         out_dir = Path(out_dir)
-        spec = EIQ_SPECS[precision]
+        spec = eiq_spec(precision, str(options.get("cpu_layers", "auto")))
         where = f"model {model.source or '?'!r}"
         partition = None
         if model.keras_path and keras_placeable(keras_model := load_keras(model)):
             derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
-            result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where)
+            result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where, float_input=len(derived.precise))
         elif model.keras_path:  # Conv1D / BatchNormalization / recurrent layers: planned from the ONNX graph
             from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params
 
             derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
-            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec)
+            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
             # float recurrent cells, BatchNormalization's MUL: the VX delegate leaves what the NPU cannot run to the CPU
             check = check_graph(result.flatbuffer, replace(spec, allowed_ops=None, integer_only=False), where=where)
-            partition = check["partition"] = npu_partition(result.flatbuffer)
+            partition = check["partition"] = npu_partition(result.flatbuffer, _cpu_reasons(result))
         else:  # an ONNX source: onnx2tf, then the same parameters written into the converter's graph
             from nilmc.backends.onnx_to_tf import build_int8_from_onnx, onnx_integer_params
 
             derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
-            result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec)
+            result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
             check = check_graph(result.flatbuffer, spec, where=where)
+        if result.float_layers and partition is None:  # precise input: the float layers run on the CPU before the NPU
+            partition = check["partition"] = npu_partition(result.flatbuffer, _cpu_reasons(result))
         calib_x = derived.calib_x
         fb = result.flatbuffer
         check["precision"], check["io"] = precision, io_quantization(fb)
@@ -639,6 +713,12 @@ class EIQBackend:
         atomic_write_json(out_dir / "eiq_check.json", check)
         extra = ["eiq_check.json"] + write_handoff(out_dir, fb, calib_x[:HANDOFF_WINDOWS])
         info = _info(spec, derived, result, check, extra)
+        info["cpu_layers"] = "auto" if spec.float_input else "none"
+        info["placement"] = {**manifest_placement(model.graph, derived.params, result, derived.precise, where=CPU_STAGE),
+                             **({"devices": _devices(fb, partition)} if partition is not None else {})}
+        ignored = kept_float_ignored(derived.params, derived.precise)
+        if ignored:
+            info["keep_float_ignored"] = ignored
         if not model.keras_path:
             from nilmc.backends.onnx_to_tf import ONNX2TF
 
@@ -647,19 +727,24 @@ class EIQBackend:
         if model.keras_path and not keras_placeable(keras_model):
             info["route"] = "Keras -> TFLiteConverter (full integer" + (", batch-1 signature" if recurrent_layers(keras_model) else "") + \
                             ") -> nilmc's parameters (keyed by the model's ONNX graph) written into every int8 tensor"
-            info["tflite_placement"] = tflite_int8.tflite_placement(fb)
+            info["tflite_placement"] = tflite_int8.tflite_placement(fb, {f["index"]: f["why"] for f in result.float_layers})
+        start = npu_start(fb, partition) if partition is not None and partition["cpu"] else None
         if partition is not None:
             info["partition"] = partition
             info["verification_note"] = NPU_NOTE + "; ops outside the NPU partitions run on the Cortex-A53 (CPU), listed in 'partition'"
-        if options.get("npu_emulation", True) and partition is not None and partition["cpu"]:
+        if options.get("npu_emulation", True) and partition is not None and partition["cpu"] and start is None:
             info["npu_emulation"] = {"label": "not verified",
                                      "why": f"the integer emulation covers {', '.join(EMULATED_OPS)}; the graph also runs "
                                             f"{', '.join(sorted({c['op'] for c in partition['cpu']}))} on the CPU, so the NPU drift is not emulated"}
         elif options.get("npu_emulation", True):
-            info["npu_emulation"] = npu_emulation(fb, calib_x, model, options.get("calibration", derived.calibration))
-        emulated = "NPU emulated" if partition is None or not partition["cpu"] else f"{len(partition['cpu'])} op(s) on the CPU, NPU drift not emulated"
-        kind = (f"eIQ full-integer TFLite for the i.MX 8M Plus NPU ({'per-tensor' if spec.per_tensor else 'per-channel'} int8 weights, "
-                f"{spec.io_dtype} I/O; CPU reference run, {emulated})")
+            info["npu_emulation"] = npu_emulation(fb, calib_x, model, options.get("calibration", derived.calibration), start=start)
+        weights = "per-tensor" if spec.per_tensor else "per-channel"
+        io = (f"precise input: {len(result.float_layers)} layer(s) reading the float32 input in FP32 on the CPU, int8 output"
+              if result.float_layers else f"{spec.io_dtype} I/O")
+        emulated = (f"{len(partition['cpu'])} op(s) on the CPU, NPU drift not emulated" if partition is not None and partition["cpu"] and start is None
+                    else "NPU emulated")
+        kind = (f"eIQ {'' if result.float_layers else 'full-integer '}TFLite for the i.MX 8M Plus NPU ({weights} int8 weights, {io}; "
+                f"CPU reference run, {emulated})")
         return Artifact(self.name, precision, out_dir, PRIMARY, [PRIMARY], kind=kind, info=info)
 
     def precheck(self, model: Model, precision: str) -> str | None:
@@ -681,6 +766,22 @@ class EIQBackend:
         from nilmc.backends.tflite_backend import TFLiteRunner
 
         return TFLiteRunner(artifact.path)
+
+
+def _cpu_reasons(result: Any) -> dict[int, str]:
+    """Op index -> why it runs on the CPU, for precise input's float layers and the QUANTIZE after each."""
+    reasons = {i: why + CPU_STAGE for i, why in result.plan.float_moves.items()}
+    for f in result.float_layers:
+        reasons[f["index"]] = precise_why(CPU_STAGE)
+        reasons[f["index"] + 1] = f"QUANTIZE of the FP32 layer's output onto nilmc's int8 grid{CPU_STAGE}: the NPU partition's input"
+    return reasons
+
+
+def _devices(fb: bytes, partition: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every op of ``fb`` with the device it runs on (NPU or CPU) and, for the CPU ones, why (the DPU's vocabulary)."""
+    cpu = {c["index"]: c["why"] for c in partition["cpu"]}
+    return [{"op": f"{o['op']}:{i}", "kind": o["op"], "device": "CPU" if i in cpu else "NPU", **({"why": cpu[i]} if i in cpu else {})}
+            for i, o in enumerate(graph_ops(fb))]
 
 
 def _info(spec: FullIntegerSpec, derived: Any, result: Any, check: dict[str, Any], extra: list[str]) -> dict[str, Any]:

@@ -62,6 +62,7 @@ from nilmc.backends.tflite_int8 import (
     check_plan_complete,
     clear_orphan_buffers,
     convert_keras,
+    float_input_layers,
     load_flatbuffer,
     op_code,
     op_name,
@@ -109,9 +110,97 @@ def onnx2tf_available() -> bool:
 
 
 # --------------------------------------------------------------------------- 1. the graph onnx2tf gets
+NHWC_INPUT = "nilmc_onnx2tf_input_layout"  # metadata key: the graph's input was channel-last (see _channel_first_input)
+
+
 def tf_ready_graph(graph: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``graph`` whose run-time Reshape shapes are constant ``[-1, ...]`` where the per-sample shape is
-    fixed (measured with onnxruntime at batch 2 and 3), with the shape ops no output needs any more pruned."""
+    """A copy of ``graph`` onnx2tf converts faithfully: run-time Reshape shapes constant ``[-1, ...]`` where the
+    per-sample shape is fixed (measured with onnxruntime at batch 2 and 3), shape ops no output needs any more pruned,
+    and a channel-last export (tf2onnx's form of a Keras model) made channel-first (:func:`_channel_first_input`,
+    :func:`_channel_first_flatten`). Exact in FP32; every tensor nilmc's parameters name keeps its name."""
+    proto = _constant_reshapes(graph)
+    if _channel_first_input(proto):
+        proto.metadata_props.add(key=NHWC_INPUT, value="channel-last")
+        _channel_first_flatten(proto)
+    return proto
+
+
+def _permutation(node: onnx.NodeProto) -> list[int]:
+    return [int(v) for a in node.attribute if a.name == "perm" for v in a.ints]
+
+
+def _channel_first_input(proto: onnx.ModelProto) -> bool:
+    """Take the layout change off a channel-last input, in place: when the graph input ``(N, ..., C)`` (rank 3 or 4)
+    is read by one Transpose to ``(N, C, ...)``, or by a Reshape that equals it (``C == 1``), that node goes and the input
+    is declared channel-first. onnx2tf then turns the channel-first input back into the channel-last one TensorFlow
+    takes, i.e. the model's own input layout; given the original graph it put the Reshape's output in the wrong layout
+    (the shipped tf2onnx export failed in onnx2tf's Conv: "Depth of output (32) is not a multiple of the number of groups (9)")."""
+    g = proto.graph
+    if len(g.input) != 1:
+        return False
+    inp = g.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inp.type.tensor_type.shape.dim]
+    rank = len(dims)
+    if rank not in (3, 4) or not all(dims[1:]):
+        return False
+    perm = [0, rank - 1, *range(1, rank - 1)]
+    readers = [n for n in g.node if inp.name in n.input]
+    if len(readers) != 1 or readers[0].input[0] != inp.name:
+        return False
+    node = readers[0]
+    consts = onnx_constants(proto)
+    if node.op_type == "Transpose":
+        ok = _permutation(node) == perm
+    elif node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in consts:
+        ok = dims[-1] == 1 and np.asarray(consts[node.input[1]]).ravel()[1:].tolist() == [dims[p] for p in perm[1:]]
+    else:
+        ok = False
+    if not ok:
+        return False
+    out = node.output[0]
+    g.node.remove(node)
+    for n in g.node:
+        n.input[:] = [inp.name if i == out else i for i in n.input]
+    for k, p in enumerate(perm[1:], 1):
+        inp.type.tensor_type.shape.dim[k].dim_value = dims[p]
+    prune_dead(g)
+    return True
+
+
+def _channel_first_flatten(proto: onnx.ModelProto) -> None:
+    """Flatten channel-first, in place: a Transpose to channel-last (``[0, 2, 3, 1]`` / ``[0, 2, 1]``) read only by a
+    Reshape to ``[-1, K]`` read only by a MatMul with a constant weight goes, and the weight's rows are permuted to the
+    channel-first order. onnx2tf turned the channel-last flatten of tf2onnx's Keras export into a channel-first one
+    (its Reshape transposes what it takes for an NHWC tensor back first): the shipped model's output differed by 0.23."""
+    g = proto.graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for node in list(g.node):
+        shape = shapes.get(node.input[0] if node.input else "", [])
+        if node.op_type != "Transpose" or len(shape) not in (3, 4) or not all(shape[1:]) or _permutation(node) != [0, *range(2, len(shape)), 1]:
+            continue
+        nxt = readers.get(node.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "Reshape" or nxt[0].input[0] != node.output[0]:
+            continue
+        mm = readers.get(nxt[0].output[0], [])
+        w = inits.get(mm[0].input[1]) if len(mm) == 1 and mm[0].op_type == "MatMul" and mm[0].input[0] == nxt[0].output[0] else None
+        if w is None or len(readers.get(w.name, [])) != 1 or shapes.get(nxt[0].output[0], [0, 0])[1:] != [int(np.prod(shape[1:]))]:
+            continue
+        channels, spatial = shape[1], shape[2:]
+        # row r of the channel-first flatten (c, *s) is row (*s, c) of the channel-last one
+        rows = np.arange(int(np.prod(shape[1:]))).reshape(*spatial, channels).transpose(len(spatial), *range(len(spatial))).ravel()
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w)[rows], w.name))
+        nxt[0].input[0] = node.input[0]
+        g.node.remove(node)
+    prune_dead(g)
+
+
+def _constant_reshapes(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``graph`` whose run-time Reshape shapes are constant where the per-sample shape is fixed."""
     import onnxruntime as ort
 
     proto = onnx.ModelProto()
@@ -162,7 +251,7 @@ def onnx_keras(model: Model) -> Any:
         _KERAS.move_to_end(key)
         return _KERAS[key]
     keras_model = _run_onnx2tf(proto, model)
-    _check_float_conversion(keras_model, proto, model)
+    _check_float_conversion(keras_model, model)
     _KERAS[key] = keras_model
     while len(_KERAS) > _KERAS_SLOTS:
         _KERAS.popitem(last=False)
@@ -176,11 +265,14 @@ def _run_onnx2tf(proto: onnx.ModelProto, model: Model) -> Any:
 
     onnx2tf = require_onnx2tf()
     import_tf_keras().backend.reset_uids()  # layer-name counters end up in tensor names: same graph, same bytes
-    keep = [proto.graph.input[0].name]
+    # A channel-first input keeps its layout (a PyTorch export stays a drop-in); one made channel-first from a
+    # channel-last export (tf_ready_graph) is turned back into channel-last by onnx2tf, its original layout.
+    channel_last = any(p.key == NHWC_INPUT for p in proto.metadata_props)
+    keep = {} if channel_last else {"keep_ncw_or_nchw_or_ncdhw_input_names": [proto.graph.input[0].name]}
     try:
         with tempfile.TemporaryDirectory() as tmp, stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
             return onnx2tf.convert(onnx_graph=proto, output_folder_path=tmp, not_use_onnxsim=True, non_verbose=True,
-                                   keep_ncw_or_nchw_or_ncdhw_input_names=keep, disable_model_save=True)
+                                   disable_model_save=True, **keep)
     except (SystemExit, Exception) as exc:  # onnx2tf reports unsupported ops by sys.exit or by raising
         text = str(exc).strip().splitlines()
         raise BadInputError(f"onnx2tf could not convert {model.source or 'the ONNX model'} "
@@ -188,15 +280,16 @@ def _run_onnx2tf(proto: onnx.ModelProto, model: Model) -> Any:
                             "lower it with an ONNX target (onnxruntime:int8, openvino:int8), or export it with plainer ops") from None
 
 
-def _check_float_conversion(keras_model: Any, proto: onnx.ModelProto, model: Model) -> None:
-    """The float TFLite conversion must give onnxruntime's outputs, in the ONNX output's shape, on random windows."""
+def _check_float_conversion(keras_model: Any, model: Model) -> None:
+    """The float TFLite conversion must give onnxruntime's outputs of the model's own graph (before
+    :func:`tf_ready_graph`), in the ONNX output's shape, on random windows."""
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
 
     fb = convert_keras(keras_model, "fp32")
     shape = model.contract.model_input_shape()
     x = np.random.default_rng(_CHECK_SEED).normal(size=(_CHECK_BATCH, *shape)).astype(np.float32)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.graph.SerializeToString(), providers=["CPUExecutionProvider"])
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     it = Interpreter(model_content=fb, num_threads=1)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
@@ -485,14 +578,17 @@ def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantPara
         raise InternalError(f"the converter dropped the non-zero bias of layer {layer.name!r}", "report this model")
 
 
-def build_int8_from_onnx(model: Model, params: QuantParams, representative: np.ndarray, spec: FullIntegerSpec) -> FullIntegerTFLite:
-    """A full-integer TFLite flatbuffer of ``model`` (an ONNX source) carrying exactly nilmc's ``params``."""
+def build_int8_from_onnx(model: Model, params: QuantParams, representative: np.ndarray, spec: FullIntegerSpec, *,
+                         float_input: int = 0) -> FullIntegerTFLite:
+    """A full-integer TFLite flatbuffer of ``model`` (an ONNX source) carrying exactly nilmc's ``params``; ``float_input``
+    (default 0): layers reading the input kept float by precise input (:func:`~nilmc.backends.tflite_int8.float_input_layers`)."""
     _check_weight_traits(params, spec)
-    return _write_params(structural_onnx_tflite(model, representative, io_dtype=spec.io_dtype), tf_ready_graph(model.graph), params, spec)
+    return _write_params(structural_onnx_tflite(model, representative, io_dtype=spec.io_dtype), tf_ready_graph(model.graph), params, spec,
+                         float_input=float_input)
 
 
 def build_int8_from_keras(keras_model: Any, model: Model, params: QuantParams, representative: np.ndarray,
-                          spec: FullIntegerSpec) -> FullIntegerTFLite:
+                          spec: FullIntegerSpec, *, float_input: int = 0) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer of a Keras source that nilmc's Keras mapping cannot place (Conv1D,
     BatchNormalization, TensorFlowOpLayers, recurrent layers), carrying nilmc's ``params`` keyed by the model's ONNX graph.
 
@@ -504,7 +600,8 @@ def build_int8_from_keras(keras_model: Any, model: Model, params: QuantParams, r
     _check_weight_traits(params, spec)
     float_ops = FLOAT_KEPT_OPS if recurrent_layers(keras_model) else ()
     rep = np.asarray(representative, np.float32)[:STRUCTURE_WINDOWS]
-    return _write_params(structural_tflite(keras_model, rep, io_dtype=spec.io_dtype, float_ops=float_ops), model.graph, params, spec)
+    return _write_params(structural_tflite(keras_model, rep, io_dtype=spec.io_dtype, float_ops=float_ops), model.graph, params, spec,
+                         float_input=float_input)
 
 
 def _check_weight_traits(params: QuantParams, spec: FullIntegerSpec) -> None:
@@ -516,14 +613,17 @@ def _check_weight_traits(params: QuantParams, spec: FullIntegerSpec) -> None:
                                     "derive the parameters with symmetric_weights=True")
 
 
-def _write_params(structure: bytes, graph: onnx.ModelProto, params: QuantParams, spec: FullIntegerSpec) -> FullIntegerTFLite:
-    """nilmc's ``params`` (keyed by ``graph``) written into every quantized tensor of the converter's ``structure``."""
+def _write_params(structure: bytes, graph: onnx.ModelProto, params: QuantParams, spec: FullIntegerSpec, *,
+                  float_input: int = 0) -> FullIntegerTFLite:
+    """nilmc's ``params`` (keyed by ``graph``) written into every quantized tensor of the converter's ``structure``;
+    with ``float_input`` (and ``spec.float_input``) the layers reading the input then run in float32."""
     m = load_flatbuffer(structure)
     clear_orphan_buffers(m)  # same inputs, same bytes
     plan = plan_onnx_tensors(m, graph, params)
     apply_plan(m, plan, params.traits)
+    floats = float_input_layers(m, plan, expected=float_input) if float_input and spec.float_input else []
     fb = pack_flatbuffer(m)
-    result = FullIntegerTFLite(fb, plan, spec.io_dtype, spec.per_tensor)
+    result = FullIntegerTFLite(fb, plan, spec.io_dtype, spec.per_tensor, float_layers=floats)
     result.check = check_params(fb, plan)
     if not result.check["ok"]:
         raise InternalError(f"the written TFLite file does not carry nilmc's parameters: {result.check['mismatches'][:3]}", "report this")

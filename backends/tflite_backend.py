@@ -4,17 +4,26 @@ Precisions
     ``fp32``          TFLiteConverter, no optimization.
     ``fp16``          float16 weights (``optimizations=[DEFAULT]``, ``supported_types=[float16]``).
     ``dynamic_int8``  int8 weights, float activations (``optimizations=[DEFAULT]``, no data).
-    ``int8``          full integer, **every parameter nilmc's** (``QuantContext.params`` under
+    ``int8``          INT8 with **every parameter nilmc's** (``QuantContext.params`` under
                       TFLite traits, output range widened to the contract's peak power), built by
                       :func:`nilmc.backends.tflite_int8.build_int8_tflite`; the read-back check
                       (runtime-visible scales / zero points == nilmc's) is in ``info["param_check"]``.
-    ``qat_int8``      the same after quantization-aware fine-tuning (:func:`nilmc.quantization.qat.qat_finetune`)
-                      started from those ranges.
+                      By default with **precise input** (``cpu_layers="auto"``, traits TFLITE_INT8_FLOAT_INPUT): the
+                      layers reading the graph input run as float32 TFLite ops on the float input, a QUANTIZE after
+                      each puts its output on nilmc's grid, every other op is int8 (the input's 8-bit grid capped the
+                      shipped model near 22 dB mean / 13 dB worst over calibration draws); the input tensor is then
+                      float32 and the output keeps ``io_dtype``. ``cpu_layers="none"``: the full-integer graph
+                      (TFLITE_INT8 parameters, as ``tflm`` deploys).
+    ``qat_int8``      full integer after quantization-aware fine-tuning (:func:`nilmc.quantization.qat.qat_finetune`)
+                      started from the TFLITE_INT8 ranges (``cpu_layers`` does not apply: QAT fake-quantizes the input).
 
 Options (``lower(..., options=...)``; the compile driver passes ``quant`` and ``calibration``):
     ``quant``          the shared :class:`QuantContext` (int8, qat_int8).
     ``calibration``    the calibration :class:`NilmDataset`; QAT fine-tunes on its labelled windows.
-    ``io_dtype``       ``"int8"`` (default), ``"uint8"`` or ``"float"``: I/O tensors of the integer models.
+    ``io_dtype``       ``"int8"`` (default), ``"uint8"`` or ``"float"``: I/O tensors of the integer models (with precise
+                       input the input tensor is float32 whatever this says).
+    ``cpu_layers``     ``"auto"`` (default: precise input for ``int8``) or ``"none"`` (full integer); other values raise
+                       :class:`BadInputError` (``--option tflite.cpu_layers=auto|none``).
     ``per_tensor``     False (default): per-channel weights; True: per-tensor weights.
     ``estimator``      activation range estimator (default: the context's, min-max).
     ``qat_epochs`` (3), ``qat_learning_rate`` (2e-6; 1e-4 raised the held-out error from the first epoch on the
@@ -64,14 +73,18 @@ import numpy as np
 
 from nilmc.backends.base import Artifact, Capabilities, Verification
 from nilmc.backends.tflite_int8 import (
+    FLOAT_KEPT_OPS,
     FullIntegerSpec,
     build_full_integer,
+    check_cpu_layers,
     check_io_dtype,
     convert_keras,
     integer_params,
     invoke_windows,
     io_quantization,
+    kept_float_ignored,
     keras_placeable,
+    manifest_placement,
     recurrent_layers,
     tflite_placement,
     tflite_traits,
@@ -80,7 +93,7 @@ from nilmc.compiler.errors import BadInputError, DataError, MissingDependencyErr
 from nilmc.compiler.io import atomic_write_bytes
 from nilmc.compiler.tfcompat import NO_KERAS, load_keras, require_tflite  # noqa: F401  (load_keras: used by dpu QAT, benchmarks)
 from nilmc.quantization.intops import Rounding, int_range, quantize
-from nilmc.quantization.traits import TFLITE_INT8
+from nilmc.quantization.traits import TFLITE_INT8, TFLITE_INT8_FLOAT_INPUT
 
 if TYPE_CHECKING:
     from nilmc.compiler.model import Model
@@ -96,6 +109,7 @@ class TFLiteOptions:
     io_dtype: str = "int8"
     per_tensor: bool = False
     estimator: str | None = None
+    cpu_layers: str = "auto"
     qat_epochs: int = 3
     qat_learning_rate: float = 2e-6
     qat_batch_size: int = 64
@@ -103,6 +117,9 @@ class TFLiteOptions:
     qat_targets: str = "auto"
     qat_holdout: float = 0.2
     tflm: bool = True
+
+    def __post_init__(self) -> None:
+        check_cpu_layers(self.cpu_layers, "tflite")  # a typed error naming the flag, from the CLI too
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> TFLiteOptions:
@@ -112,6 +129,7 @@ class TFLiteOptions:
                 io_dtype=check_io_dtype(str(o.get("io_dtype", "int8"))),
                 per_tensor=bool(o.get("per_tensor", False)),
                 estimator=o.get("estimator"),
+                cpu_layers=str(o.get("cpu_layers", "auto")),
                 qat_epochs=int(o.get("qat_epochs", 3)),
                 qat_learning_rate=float(o.get("qat_learning_rate", 2e-6)),
                 qat_batch_size=int(o.get("qat_batch_size", 64)),
@@ -221,7 +239,7 @@ class TFLiteBackend:
     capabilities = Capabilities(
         precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
         description="TFLite (ai_edge_litert runtime): FP32, FP16, dynamic-range INT8, full-integer INT8 from nilmc's ranges, QAT INT8; TFLite Micro export",
-        traits={"int8": TFLITE_INT8, "qat_int8": TFLITE_INT8},
+        traits={"int8": TFLITE_INT8_FLOAT_INPUT, "qat_int8": TFLITE_INT8},
         keras_precisions=("qat_int8",),  # QAT fine-tunes the Keras model; every other precision also lowers from ONNX
         options=TFLiteOptions,
         requires=("tensorflow", "ai_edge_litert"),
@@ -234,7 +252,10 @@ class TFLiteBackend:
                       "window by window) and Conv (1-D/2-D), Gemm, MatMul with Relu/Clip and data movement (ONNX source); GRU/SimpleRNN "
                       "(a WHILE loop the converter's quantizer crashes on) and other ops are refused by the pre-check",
             "qat_int8": "fine-tunes on the calibration windows (FP32 outputs as targets) or options['qat_train'] (labels) for qat_epochs epochs",
-            "tflm": "TFLite Micro Flash / arena / cycle figures are estimates from the flatbuffer, not measured on a microcontroller",
+            "tflm": "TFLite Micro Flash / arena / cycle figures are estimates from the flatbuffer, not measured on a microcontroller; "
+                    "written for integer graphs only (tflite.cpu_layers=none, or the tflm target)",
+            "precise_input": "int8 runs the layers reading the graph input in FP32 (float32 input tensor) unless tflite.cpu_layers=none; "
+                             "qat_int8 is full integer",
         },
     )
 
@@ -283,7 +304,7 @@ class TFLiteBackend:
         opts = TFLiteOptions.parse(options)
         spec = tflite_spec(precision, opts)
         derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
-        result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec)
+        result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info: dict[str, Any] = {"tools": tools, "route": route + " (full integer) -> nilmc's parameters written into every tensor",
                                 "quantization": derived.params.to_json(), "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype,
@@ -291,13 +312,23 @@ class TFLiteBackend:
                                 "param_check": {k: v for k, v in result.check.items() if k != "mismatches"},
                                 "io": io_quantization(result.flatbuffer), "output_covers_w": output_cover_watts(derived.params, model),
                                 "layers": dict(sorted((str(k), v) for k, v in result.plan.layer_of_op.items()))}
-        if derived.params.keep_float:
-            info["keep_float_ignored"] = {"layers": list(derived.params.keep_float),
-                                          "why": "a full-integer TFLite keeps no layer in float; these are quantized like the rest"}
-        extra = self._tflm(result.flatbuffer, out_dir, opts, info)
-        info["extra_files"] = extra
-        kind = f"TFLite full-integer INT8 (PTQ, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, {opts.io_dtype} I/O; via onnx2tf)"
-        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+        info["extra_files"] = self._finish(model, result, derived, opts, out_dir, info)
+        return Artifact(self.name, precision, out_dir, name, [name], kind=_kind("PTQ", opts, result, "; via onnx2tf"), info=info)
+
+    def _finish(self, model: Model, result: Any, derived: Any, opts: TFLiteOptions, out_dir: Path, info: dict[str, Any]) -> list[str]:
+        """What every INT8 lowering records: the placement (precise input or full integer), the keep_float layers it did not
+        honour, and the TFLite Micro export of an integer graph. Returns the extra files."""
+        info["cpu_layers"] = opts.cpu_layers
+        info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise)
+        ignored = kept_float_ignored(derived.params, derived.precise)
+        if ignored:
+            info["keep_float_ignored"] = ignored
+        if result.float_layers:
+            if opts.tflm:
+                info["tflm"] = {"skipped": "the layers reading the input run in float32 (precise input): the TFLite Micro export is "
+                                           "for integer graphs (tflite.cpu_layers=none, or the tflm:cortex-m4 target)"}
+            return []
+        return self._tflm(result.flatbuffer, out_dir, opts, info)
 
     @staticmethod
     def _tflm(fb: bytes, out_dir: Path, opts: TFLiteOptions, info: dict[str, Any]) -> list[str]:
@@ -333,9 +364,6 @@ class TFLiteBackend:
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(),
                                 "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype, "per_tensor": opts.per_tensor,
                                 "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"}
-        if getattr(params, "keep_float", ()):
-            info["keep_float_ignored"] = {"layers": list(params.keep_float),
-                                          "why": "a full-integer TFLite keeps no layer in float; these are quantized like the rest"}
         extra: list[str] = []
         if precision == "qat_int8":
             tuned = self._qat(model, keras_model, kq, opts, options, info)
@@ -343,16 +371,16 @@ class TFLiteBackend:
                 keras_model, kq = tuned
                 info["quantization"] = kq.to_json()  # what is deployed: the QAT ranges and re-derived weight scales
                 extra.append(_write_keras(keras_model, out_dir / "qat_finetuned_float.h5"))
-        result, _ = build_full_integer(keras_model, kq, derived.calib_x, spec, where=f"model {model.source or '?'!r}")
+        result, _ = build_full_integer(keras_model, kq, derived.calib_x, spec, where=f"model {model.source or '?'!r}",
+                                       float_input=len(derived.precise))
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info["param_check"] = {k: v for k, v in result.check.items() if k != "mismatches"}
         info["io"] = io_quantization(result.flatbuffer)
         info["output_covers_w"] = _output_cover_watts(kq, model)
-        extra += self._tflm(result.flatbuffer, out_dir, opts, info)
-        label = "QAT" if precision == "qat_int8" else "PTQ"
-        kind = f"TFLite full-integer INT8 ({label}, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, {opts.io_dtype} I/O)"
+        extra += self._finish(model, result, derived, opts, out_dir, info)
         info["extra_files"] = extra  # beside the deployable model; not counted in its size
-        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+        return Artifact(self.name, precision, out_dir, name, [name], kind=_kind("QAT" if precision == "qat_int8" else "PTQ", opts, result),
+                        info=info)
 
     def _lower_keras_graph(self, model: Model, keras_model: Any, out_dir: Path, precision: str, opts: TFLiteOptions,
                            spec: FullIntegerSpec, options: dict[str, Any]) -> Artifact:
@@ -361,7 +389,7 @@ class TFLiteBackend:
         from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params, output_cover_watts
 
         derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
-        result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec)
+        result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"],
                                 "route": "Keras -> TFLiteConverter (full integer" + (", batch-1 signature" if recurrent_layers(keras_model) else "")
@@ -371,17 +399,18 @@ class TFLiteBackend:
                                 "param_check": {k: v for k, v in result.check.items() if k != "mismatches"},
                                 "io": io_quantization(result.flatbuffer), "output_covers_w": output_cover_watts(derived.params, model),
                                 "layers": dict(sorted((str(k), v) for k, v in result.plan.layer_of_op.items())),
-                                "tflite_placement": tflite_placement(result.flatbuffer)}
-        if derived.params.keep_float:
-            info["keep_float_ignored"] = {"layers": list(derived.params.keep_float),
-                                          "why": "this lowering keeps only the recurrent cells float; these layers are quantized like the rest"}
-        info["extra_files"] = self._tflm(result.flatbuffer, out_dir, opts, info) if not info["tflite_placement"]["float"] else []
-        if info["tflite_placement"]["float"] and opts.tflm:
-            info["tflm"] = {"skipped": "float32 recurrent cells: the TFLite Micro estimate covers integer graphs only"}
-        float_note = "; recurrent cells float32" if info["tflite_placement"]["float"] else ""
-        kind = (f"TFLite full-integer INT8 (PTQ, nilmc ranges, {'per-tensor' if opts.per_tensor else 'per-channel'} weights, "
-                f"{opts.io_dtype} I/O{float_note})")
-        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
+                                "tflite_placement": tflite_placement(result.flatbuffer, {f["index"]: f["why"] for f in result.float_layers})}
+        cells = any(f["op"] in FLOAT_KEPT_OPS for f in info["tflite_placement"]["float"])
+        info["extra_files"] = self._finish(model, result, derived, opts, out_dir, info) if not cells else []
+        if cells:
+            info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise)
+            ignored = kept_float_ignored(derived.params, derived.precise)
+            if ignored:
+                info["keep_float_ignored"] = ignored
+            if opts.tflm:
+                info["tflm"] = {"skipped": "float32 recurrent cells: the TFLite Micro estimate covers integer graphs only"}
+        return Artifact(self.name, precision, out_dir, name, [name], kind=_kind("PTQ", opts, result, "; recurrent cells float32" if cells else ""),
+                        info=info)
 
     def _qat(self, model: Model, keras_model: Any, kq: Any, opts: TFLiteOptions, options: Mapping[str, Any],
              info: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -411,10 +440,22 @@ class TFLiteBackend:
 
 
 def tflite_spec(precision: str, opts: TFLiteOptions) -> FullIntegerSpec:
-    """The full-integer target ``tflite:<precision>`` as data. I/O dtype changes no parameter: the traits keep int8
-    I/O so every I/O variant shares the context's cached parameters; the flatbuffer gets ``opts.io_dtype``."""
-    return FullIntegerSpec(label=f"tflite:{precision}", traits=tflite_traits(per_tensor=opts.per_tensor),
-                           per_tensor=opts.per_tensor, io_dtype=opts.io_dtype)
+    """The INT8 target ``tflite:<precision>`` as data: precise input for ``int8`` unless ``opts.cpu_layers`` is none
+    (TFLITE_INT8_FLOAT_INPUT traits), else full integer (TFLITE_INT8). I/O dtype changes no parameter: the traits keep
+    int8 I/O so every I/O variant shares the context's cached parameters; the flatbuffer gets ``opts.io_dtype``."""
+    float_input = precision == "int8" and opts.cpu_layers == "auto"
+    base = TFLITE_INT8_FLOAT_INPUT if float_input else TFLITE_INT8
+    return FullIntegerSpec(label=f"tflite:{precision}", traits=tflite_traits(per_tensor=opts.per_tensor, base=base),
+                           per_tensor=opts.per_tensor, io_dtype=opts.io_dtype, float_input=float_input)
+
+
+def _kind(label: str, opts: TFLiteOptions, result: Any, note: str = "") -> str:
+    weights = "per-tensor" if opts.per_tensor else "per-channel"
+    if result.float_layers:
+        out = result.io_dtype if result.io_dtype != "float" else "float32"
+        return (f"TFLite INT8 with precise input ({label}, nilmc ranges, {weights} weights; {len(result.float_layers)} layer(s) reading "
+                f"the input in FP32, float32 input, {out} output{note})")
+    return f"TFLite full-integer INT8 ({label}, nilmc ranges, {weights} weights, {opts.io_dtype} I/O{note})"
 
 
 def _write_keras(keras_model: Any, path: Path) -> str:

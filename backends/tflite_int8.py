@@ -72,6 +72,16 @@ RECURRENT_LAYERS = frozenset({"LSTM", "GRU", "SimpleRNN", "RNN", "ConvLSTM1D", "
 # every gate and a 16-bit cell state, which nilmc does not derive.
 FLOAT_KEPT_OPS = ("UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN")
 _ALIGN = 16
+# Precise input (``cpu_layers``): "auto" runs the layers reading the graph input as float32 TFLite ops (the input is never
+# put on an 8-bit grid; a QUANTIZE after each puts its output on nilmc's grid), "none" keeps the full-integer graph.
+CPU_LAYERS = ("auto", "none")
+PRECISE_INPUT = ("precise input: reads the float graph input, runs in FP32{where} (the input is never quantized; a QUANTIZE after it puts "
+                 "its output on nilmc's int8 grid)")
+
+
+def precise_why(where: str = "") -> str:
+    """Why a layer of a precise-input graph runs in FP32, ``where`` (e.g. " on the application CPU") said."""
+    return PRECISE_INPUT.format(where=where)
 
 # TFLite builtin operator codes (schema.fbs) used here.
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, RESHAPE, QUANTIZE = 3, 4, 6, 9, 17, 22, 114
@@ -101,6 +111,14 @@ def check_io_dtype(io_dtype: str) -> str:
     if io_dtype not in IO_DTYPES:
         raise BadInputError(f"unknown TFLite I/O dtype {io_dtype!r}", f"use one of {', '.join(IO_DTYPES)}")
     return io_dtype
+
+
+def check_cpu_layers(value: Any, backend: str) -> str:
+    """``value`` when it is one of :data:`CPU_LAYERS`, else :class:`BadInputError` naming ``--option <backend>.cpu_layers``."""
+    if value not in CPU_LAYERS:
+        raise BadInputError(f"{backend}.cpu_layers={value!r} is not one of {', '.join(CPU_LAYERS)}",
+                            f"use --option {backend}.cpu_layers=auto|none (auto: the layers reading the input run in FP32)")
+    return str(value)
 
 
 # --------------------------------------------------------------------------- the converter
@@ -351,6 +369,7 @@ class TensorPlan:
     weights: dict[int, tuple[TensorQuant, np.ndarray]] = field(default_factory=dict)  # float values, TFLite layout
     biases: dict[int, tuple[TensorQuant, np.ndarray]] = field(default_factory=dict)
     layer_of_op: dict[int, str] = field(default_factory=dict)  # op index -> Keras layer name
+    float_moves: dict[int, str] = field(default_factory=dict)  # op index -> why: data movement made float by precise input
 
     def expected(self) -> Iterator[tuple[int, TensorQuant]]:
         yield from self.activations.items()
@@ -544,15 +563,150 @@ def apply_plan(model: Any, plan: TensorPlan, traits: QuantTraits) -> None:
         t.quantization = _quant_params(tq.scales(), np.zeros(len(tq.scale), np.int64), 0)
 
 
+# --------------------------------------------------------------------------- precise input
+FLOAT32 = 0  # TensorType
+
+
+def _consumers(sg: Any) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, op in enumerate(sg.operators):
+        for t in dict.fromkeys(int(v) for v in op.inputs if v >= 0):
+            out.setdefault(t, []).append(i)
+    return out
+
+
+def _opcode_index(model: Any, code: int) -> int:
+    """Index of builtin ``code`` in ``model.operatorCodes``, added (version 1) when the graph has none."""
+    for i, oc in enumerate(model.operatorCodes):
+        if max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode)) == code:
+            return i
+    oc = _schema().OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1  # 127: placeholder for codes above it
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def _input_region(model: Any) -> tuple[int, int | None, list[int], list[int]]:
+    """What reads the graph input: ``(input tensor, its QUANTIZE op or None, data-movement ops, weighted ops)``.
+
+    The region is the input (through the converter's QUANTIZE of a float or uint8 input) and what data movement makes of
+    it; it must be read by weighted ops only at their data input. Else :class:`QuantizationError` (then the input cannot
+    stay float without other ops going float too)."""
+    sg = model.subgraphs[0]
+    if len(sg.inputs) != 1:
+        raise QuantizationError(f"precise input needs one graph input, the TFLite graph has {len(sg.inputs)}", _FULL_INTEGER_REMEDY)
+    inp = int(sg.inputs[0])
+    consumers = _consumers(sg)
+    quant_op = None
+    root = inp
+    readers = consumers.get(inp, [])
+    if len(readers) == 1 and op_code(model, sg.operators[readers[0]]) == QUANTIZE:  # float -> int8, or uint8 -> int8 (uint8 I/O)
+        quant_op, root = readers[0], int(sg.operators[readers[0]].outputs[0])
+    elif sg.tensors[inp].type == FLOAT32:
+        raise QuantizationError("the float graph input is not read by one QUANTIZE op", _FULL_INTEGER_REMEDY)
+    moves: list[int] = []
+    weighted: list[int] = []
+    todo, seen = [root], {root}
+    outputs = {int(t) for t in sg.outputs}
+    while todo:
+        t = todo.pop()
+        if t in outputs:
+            raise QuantizationError("the graph input reaches the output through data movement alone", _FULL_INTEGER_REMEDY)
+        for i in consumers.get(t, []):
+            op = sg.operators[i]
+            code = op_code(model, op)
+            if code in WEIGHTED and int(op.inputs[0]) == t:
+                weighted.append(i)
+            elif code in PASSTHROUGH and int(op.inputs[0]) == t:
+                moves.append(i)
+                if int(op.outputs[0]) not in seen:
+                    seen.add(int(op.outputs[0]))
+                    todo.append(int(op.outputs[0]))
+            else:
+                raise QuantizationError(f"the graph input is also read by {op_name(code)} (op {i}), which would have to run in float too",
+                                        _FULL_INTEGER_REMEDY)
+    return inp, quant_op, sorted(set(moves)), sorted(set(weighted))
+
+
+_FULL_INTEGER_REMEDY = "use --option tflite.cpu_layers=none (or eiq.cpu_layers=none): the full-integer graph"
+
+
+def _to_float(tensor: Any) -> None:
+    tensor.type = FLOAT32
+    tensor.quantization = None
+
+
+def float_input_layers(model: Any, plan: TensorPlan, *, expected: int) -> list[dict[str, Any]]:
+    """Precise input written into a converted full-integer ``model`` (``ModelT``, parameters already applied), in place.
+
+    The graph input becomes or stays float32 (the converter's QUANTIZE after a float or uint8 input is removed), the
+    data movement reading it runs in float32, and each weighted op reading it runs as a float32 op on the float
+    Keras/ONNX weights and bias the plan holds, its output going through a new QUANTIZE onto the int8 tensor that keeps
+    nilmc's grid of that layer's output (the grid the next layer reads). ``plan`` loses the entries of the tensors
+    made float. ``expected``: how many layers the parameters keep float (precise input); a graph in which another number
+    of weighted ops reads the input raises :class:`QuantizationError`. Returns ``[{"name", "op", "index", "why"}]``
+    (op indices of the rewritten graph); the data movement made float is added to ``plan.float_moves``."""
+    sg = model.subgraphs[0]
+    inp, quant_op, moves, weighted = _input_region(model)
+    if len(weighted) != expected:
+        raise QuantizationError(f"the parameters keep {expected} layer(s) reading the input in float, but {len(weighted)} weighted TFLite "
+                                "op(s) read it", _FULL_INTEGER_REMEDY)
+    names = {id(sg.operators[i]): name for i, name in plan.layer_of_op.items()}
+    move_ops = [sg.operators[i] for i in moves]
+    refs: dict[int, int] = {}
+    for t in sg.tensors:
+        refs[t.buffer] = refs.get(t.buffer, 0) + 1
+    region = {inp} | {int(sg.operators[i].outputs[0]) for i in moves}
+    if quant_op is not None:
+        root = int(sg.operators[quant_op].outputs[0])
+        for op in sg.operators:  # its readers read the float input itself
+            op.inputs = [inp if int(v) == root else int(v) for v in op.inputs]
+        _to_float(sg.tensors[root])  # left unused
+        plan.activations.pop(root, None)
+    for t in region:
+        _to_float(sg.tensors[t])
+        plan.activations.pop(t, None)
+    floats = []
+    for i in weighted:
+        op = sg.operators[i]
+        w = int(op.inputs[1])
+        _set_buffer(model, sg.tensors[w], np.ascontiguousarray(plan.weights.pop(w)[1], "<f4").tobytes(), refs)
+        _to_float(sg.tensors[w])
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            b = int(op.inputs[2])
+            _set_buffer(model, sg.tensors[b], np.ascontiguousarray(plan.biases.pop(b)[1], "<f4").tobytes(), refs)
+            _to_float(sg.tensors[b])
+        out = sg.tensors[int(op.outputs[0])]
+        flt = _schema().TensorT()
+        flt.shape, flt.shapeSignature, flt.type, flt.buffer = out.shape, out.shapeSignature, FLOAT32, 0
+        flt.name = (tensor_name(out) + "/float32").encode()
+        sg.tensors.append(flt)
+        q = _schema().OperatorT()
+        q.opcodeIndex, q.inputs, q.outputs = _opcode_index(model, QUANTIZE), [len(sg.tensors) - 1], [int(op.outputs[0])]
+        q.builtinOptionsType, q.builtinOptions = _schema().BuiltinOptions.QuantizeOptions, _schema().QuantizeOptionsT()
+        op.outputs = [len(sg.tensors) - 1]
+        floats.append((op, q))
+    ops = [op for j, op in enumerate(sg.operators) if j != quant_op]
+    for op, q in floats:
+        ops.insert(next(j for j, o in enumerate(ops) if o is op) + 1, q)
+    sg.operators = ops
+    plan.layer_of_op = {j: names[id(op)] for j, op in enumerate(ops) if id(op) in names}
+    plan.float_moves = {ops.index(op): f"{op_name(op_code(model, op))} of the float input before a precise-input layer: runs in FP32 with it"
+                        for op in move_ops}
+    return [{"name": names.get(id(op), f"op{ops.index(op)}"), "op": op_name(op_code(model, op)), "index": ops.index(op), "why": precise_why()}
+            for op, _ in floats]
+
+
 @dataclass
 class FullIntegerTFLite:
-    """Result of :func:`build_int8_tflite`."""
+    """Result of :func:`build_int8_tflite`. ``float_layers``: what precise input runs in float32 (empty: full integer)."""
 
     flatbuffer: bytes
     plan: TensorPlan
     io_dtype: str
     per_tensor: bool
     check: dict[str, Any] = field(default_factory=dict)  # read-back comparison (see check_params)
+    float_layers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _check_plan_traits(kq: KerasQuant, per_tensor: bool) -> None:
@@ -573,6 +727,7 @@ def build_int8_tflite(
     *,
     per_tensor: bool = False,
     io_dtype: str = "int8",
+    float_input: int = 0,
 ) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer carrying exactly the parameters in ``kq``.
 
@@ -583,6 +738,8 @@ def build_int8_tflite(
     ``STRUCTURE_WINDOWS`` are used; their ranges are overwritten). ``per_tensor`` (default
     False): per-tensor weights (``kq`` must be per tensor too). ``io_dtype`` (default
     ``int8``): ``int8`` / ``uint8`` I/O tensors, or ``float`` (QUANTIZE / DEQUANTIZE ops inside).
+    ``float_input`` (default 0): the number of layers reading the graph input that the parameters keep float (precise
+    input); when non-zero they run in float32 and the input is float32 (:func:`float_input_layers`).
     The result's ``check`` holds the read-back comparison of :func:`check_params`.
     """
     check_io_dtype(io_dtype)
@@ -591,8 +748,9 @@ def build_int8_tflite(
     model = load_flatbuffer(structural_tflite(keras_model, rep, io_dtype=io_dtype))
     plan = plan_tensors(model, keras_model, kq)
     apply_plan(model, plan, kq.traits)
+    floats = float_input_layers(model, plan, expected=float_input) if float_input else []
     out = pack_flatbuffer(model)
-    result = FullIntegerTFLite(out, plan, io_dtype, per_tensor)
+    result = FullIntegerTFLite(out, plan, io_dtype, per_tensor, float_layers=floats)
     result.check = check_params(out, plan)
     if not result.check["ok"]:
         raise InternalError(f"the written TFLite file does not carry nilmc's parameters: {result.check['mismatches'][:3]}", "report this")
@@ -709,7 +867,9 @@ class FullIntegerSpec:
     ``allowed_ops`` (default None: any builtin): op allow-list, others raise :class:`UnsupportedOpError`;
     ``integer_only`` (default False): refuse tensors outside ``INTEGER_TENSOR_TYPES``; ``target``: how errors
     name the target; ``allow_list_source``: where the allow-list comes from (reported); ``overflow_policy``
-    (default: warn, fix output clipping) for :func:`nilmc.quantization.overflow.check_overflow`.
+    (default: warn, fix output clipping) for :func:`nilmc.quantization.overflow.check_overflow`; ``float_input``
+    (default False): precise input, the layers reading the graph input run in float32 (needs ``traits.float_layers``,
+    under which the parameters keep them float, and no ``integer_only``).
     """
 
     label: str
@@ -721,9 +881,13 @@ class FullIntegerSpec:
     target: str = "TFLite"
     allow_list_source: str = ""
     overflow_policy: tuple[tuple[str, str], ...] = DEFAULT_OVERFLOW_POLICY
+    float_input: bool = False
 
     def __post_init__(self) -> None:
         check_io_dtype(self.io_dtype)
+        if self.float_input and (self.integer_only or not self.traits.float_layers):
+            raise InternalError(f"{self.label}: float_input with integer_only={self.integer_only}, traits.float_layers={self.traits.float_layers}",
+                                "precise input needs traits with float_layers=True and integer_only=False")
         if self.per_tensor and self.traits.per_channel_weights:
             raise InternalError(f"{self.label}: per_tensor=True with per-channel traits {self.traits.name!r}", "derive the traits with per_tensor")
 
@@ -737,6 +901,7 @@ class IntegerParams:
     kq: KerasQuant | None  # None on the ONNX route (no Keras model)
     calib_x: np.ndarray  # the context's prepared calibration windows
     calibration: Any = None  # the context's calibration NilmDataset
+    precise: tuple[str, ...] = ()  # layers the parameters keep float because they read the graph input (spec.float_input)
 
 
 def graph_ops(fb: bytes) -> list[dict[str, Any]]:
@@ -764,13 +929,16 @@ def _weight_report(sg: Any, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
             q = sg.tensors[o["inputs"][1]].quantization
             n = len(q.scale) if q is not None and q.scale is not None else 0
             zeros = bool(q is None or q.zeroPoint is None or not np.any(np.asarray(q.zeroPoint)))
-            weights.append({"op": o["op"], "tensor": tensor_name(sg.tensors[o["inputs"][1]]), "scales": n, "zero_points_all_zero": zeros})
+            weights.append({"op": o["op"], "tensor": tensor_name(sg.tensors[o["inputs"][1]]), "dtype": type_name(sg.tensors[o["inputs"][1]].type),
+                            "scales": n, "zero_points_all_zero": zeros})
     return weights
 
 
-def tflite_placement(fb: bytes) -> dict[str, Any]:
+def tflite_placement(fb: bytes, reasons: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Which ops of the flatbuffer's main graph compute in int8 and which in float32 (QUANTIZE / DEQUANTIZE and data
-    movement aside): ``{"int8": [op names], "float": [{"op", "index", "why"}], "summary"}``."""
+    movement aside): ``{"int8": [op names], "float": [{"op", "index", "why"}], "summary"}``. ``reasons``: op index ->
+    why it is float (precise input's layers), else the recurrent-cell reason or "float32 in the flatbuffer"."""
+    reasons = reasons or {}
     ops = graph_ops(fb)
     moves = {"QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "PAD", "STRIDED_SLICE", "SLICE", "REVERSE_V2",
              "CONCATENATION"}
@@ -779,13 +947,35 @@ def tflite_placement(fb: bytes) -> dict[str, Any]:
         if o["op"] in moves:
             continue
         if "float32" in o["dtypes"] or "float16" in o["dtypes"]:
-            why = ("recurrent cell kept float32: nilmc derives no parameters for its gates and cell state" if o["op"] in FLOAT_KEPT_OPS
-                   else "float32 in the flatbuffer")
+            why = reasons.get(i) or ("recurrent cell kept float32: nilmc derives no parameters for its gates and cell state"
+                                     if o["op"] in FLOAT_KEPT_OPS else "float32 in the flatbuffer")
             floats.append({"op": o["op"], "index": i, "why": why})
         else:
             int8.append(o["op"])
     summary = f"{len(int8)} op(s) in int8" + (f"; float32: {', '.join(sorted({f['op'] for f in floats}))}" if floats else "; nothing float")
     return {"int8": int8, "float": floats, "summary": summary}
+
+
+def manifest_placement(graph: Any, params: Any, result: FullIntegerTFLite, precise: tuple[str, ...] = (), *, where: str = "") -> dict[str, Any]:
+    """The manifest's ``placement`` of a TFLite artifact, in the driver's vocabulary (:func:`nilmc.quantization.placement.op_placement`
+    of the ONNX ``graph``): ``{"int8": [layers], "float": [{"name", "op", "why"}], "summary"}``, computed from the
+    parameters this artifact deploys (``params``), where a layer is float only when the flatbuffer runs it in float32
+    (precise input's ``precise`` layers, their reason saying ``where``, e.g. " on the application CPU"), and the ops nilmc
+    never quantizes (a recurrent cell) are float as they are in the flatbuffer."""
+    from dataclasses import replace
+
+    from nilmc.quantization.placement import op_placement
+
+    kept = tuple(precise) if result.float_layers else ()
+    # a mixed-precision fallback is not honoured here (kept_float_ignored): its units are placed as the INT8 they are
+    deployed = replace(params, keep_float=kept, provenance={k: v for k, v in params.provenance.items() if k != "mixed_precision"})
+    placed = op_placement(graph, deployed)
+    for f in placed["float"]:
+        if f["name"] in kept:
+            f["why"] = precise_why(where)
+    if not placed["float"]:
+        placed["summary"] += " (full integer)"
+    return placed
 
 
 def check_graph(fb: bytes, spec: FullIntegerSpec, *, where: str = "the TFLite graph") -> dict[str, Any]:
@@ -802,9 +992,10 @@ def check_graph(fb: bytes, spec: FullIntegerSpec, *, where: str = "the TFLite gr
         raise QuantizationError(f"{where} is not integer-only: {float_ops[:5]}", "lower with int8/uint8 I/O (precisions int8, int8_pt, uint8_io)")
     sg = load_flatbuffer(fb).subgraphs[0]
     weights = _weight_report(sg, ops)
-    per_tensor = all(w["scales"] == 1 for w in weights)
+    quantized = [w for w in weights if w["dtype"] != "float32"]  # precise input's float layers have no scales
+    per_tensor = all(w["scales"] == 1 for w in quantized)
     if spec.per_tensor and not per_tensor:
-        raise QuantizationError(f"per-tensor weights were asked for but {[w['tensor'] for w in weights if w['scales'] != 1]} have per-channel scales",
+        raise QuantizationError(f"per-tensor weights were asked for but {[w['tensor'] for w in quantized if w['scales'] != 1]} have per-channel scales",
                                 "derive the parameters with per-tensor traits")
     report: dict[str, Any] = {
         "ops": [o["op"] for o in ops], "op_counts": {k: sum(o["op"] == k for o in ops) for k in sorted({o["op"] for o in ops})},
@@ -857,9 +1048,29 @@ def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[
     params = _given_params(options, spec.traits)
     if params is None:
         params = ctx.params(spec.traits, estimator=estimator)
+        if estimator is not None:  # a fixed estimator gives plain parameters: precise input applied as the driver does
+            from nilmc.quantization.api import with_precise_input
+
+            params = with_precise_input(params, model.graph, getattr(ctx, "techniques", None))
     overflow = check_overflow(model.graph, ctx.statistics, params, spec.traits, peak_output=model.contract,
                               policy=dict(spec.overflow_policy))
-    return IntegerParams(overflow.params, overflow, None, ctx.calib_x, ctx.calibration)
+    precise = precise_layers(overflow.params) if spec.float_input else ()
+    return IntegerParams(overflow.params, overflow, None, ctx.calib_x, ctx.calibration, precise)
+
+
+def precise_layers(params: Any) -> tuple[str, ...]:
+    """The layers ``params`` keep float because they read the graph input (``provenance["precise_input"]``)."""
+    named = (params.provenance.get("precise_input") or {}).get("float_layers", ())
+    return tuple(n for n in named if n in params.keep_float)
+
+
+def kept_float_ignored(params: Any, precise: tuple[str, ...]) -> dict[str, Any] | None:
+    """The manifest note for layers ``params`` keep float that this TFLite lowering quantizes anyway (None: none)."""
+    ignored = [n for n in params.keep_float if n not in precise]
+    if not ignored:
+        return None
+    return {"layers": ignored, "why": "this TFLite lowering runs only the layers reading the graph input in float (precise input); "
+                                      "these are quantized like the rest"}
 
 
 def _given_params(options: Mapping[str, Any], traits: QuantTraits) -> Any:
@@ -871,13 +1082,15 @@ def _given_params(options: Mapping[str, Any], traits: QuantTraits) -> Any:
 
 
 def build_full_integer(keras_model: Any, kq: KerasQuant, representative: np.ndarray, spec: FullIntegerSpec, *,
-                       where: str = "the model") -> tuple[FullIntegerTFLite, dict[str, Any]]:
+                       where: str = "the model", float_input: int = 0) -> tuple[FullIntegerTFLite, dict[str, Any]]:
     """:func:`build_int8_tflite` under ``spec`` and :func:`check_graph` of the result: ``(result, graph report)``.
+    ``float_input`` (default 0): layers kept float by precise input (``IntegerParams.precise``; ``spec.float_input`` only).
 
     When the converter fails and ``spec.allowed_ops`` is set, the ops outside it are named
     (:class:`UnsupportedOpError`) instead of the converter's message."""
     try:
-        result = build_int8_tflite(keras_model, kq, representative, per_tensor=spec.per_tensor, io_dtype=spec.io_dtype)
+        result = build_int8_tflite(keras_model, kq, representative, per_tensor=spec.per_tensor, io_dtype=spec.io_dtype,
+                                   float_input=float_input if spec.float_input else 0)
     except BadInputError:
         bad = scan_keras_ops(keras_model, spec.allowed_ops) if spec.allowed_ops is not None else []
         if bad:

@@ -248,7 +248,8 @@ class TFLMBackend:
         budget = self.budget or BUDGETS[precision]
         forward = {k: v for k, v in options.items() if k not in (*OPTION_NAMES, "backend_options")}
         fit, model, forward = self._fit(model, Path(out_dir), budget, opts, forward)
-        art = TFLiteBackend().lower(model, Path(out_dir), precision="int8", options={**forward, "tflm": True})
+        # the MCU runs integer kernels only: the full-integer graph (no precise input), under this target's TFLITE_INT8 traits
+        art = TFLiteBackend().lower(model, Path(out_dir), precision="int8", options={**forward, "tflm": True, "cpu_layers": "none"})
         fb = art.path.read_bytes()
         arena = measure_arena(fb)
         _, report = write_tflm_export(fb, Path(out_dir), budget=budget)  # again: the estimate against this backend's budget

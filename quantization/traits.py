@@ -114,6 +114,11 @@ GENERIC_INT8 = QuantTraits(name="generic_int8", activation_signed=False, float_l
 # C round() (half away) when quantizing, int8 I/O.
 TFLITE_INT8 = QuantTraits(name="tflite_int8", narrow_range_weights=True, rounding=Rounding.HALF_AWAY, io_dtype="int8")
 
+# TFLite with precise input (tflite:int8, eiq:int8 by default): the same grids, but the layers reading the graph input
+# run as float32 TFLite ops (a QUANTIZE onto nilmc's grid after them), so the input is never on an 8-bit grid
+# (backends/tflite_int8.py, float_input_layers). TFLITE_INT8 stays the full-integer record (tflm, cpu_layers=none).
+TFLITE_INT8_FLOAT_INPUT = TFLITE_INT8.with_(name="tflite_int8_float_input", float_layers=True)
+
 # TensorRT explicit Q/DQ: symmetric everywhere (zero point 0), per-channel weights on the output-channel axis,
 # amax/127 scales, round half to even, float I/O.
 TENSORRT_INT8 = QuantTraits(name="tensorrt_int8", symmetric_activations=True, narrow_range_weights=True, float_layers=True)

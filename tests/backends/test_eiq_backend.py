@@ -26,15 +26,16 @@ def tp(tmp_path_factory, small_tp):
 _LOWERED: dict = {}
 
 
-def lowered(tp, precision):
+def lowered(tp, precision, cpu_layers="auto"):
     from nilmc.backends.eiq_backend import EIQBackend
 
-    if precision not in _LOWERED:
-        out = tp["dir"] / precision
+    key = (precision, cpu_layers)
+    if key not in _LOWERED:
+        out = tp["dir"] / f"{precision}-{cpu_layers}"
         out.mkdir()
-        _LOWERED[precision] = EIQBackend().lower(tp["model"], out, precision=precision,
-                                                 options={"quant": tp["ctx"], "calibration": tp["calib"]})
-    return _LOWERED[precision]
+        _LOWERED[key] = EIQBackend().lower(tp["model"], out, precision=precision,
+                                           options={"quant": tp["ctx"], "calibration": tp["calib"], "cpu_layers": cpu_layers})
+    return _LOWERED[key]
 
 
 # --------------------------------------------------------------------------- fast
@@ -66,7 +67,7 @@ def test_model_without_keras_source_and_bad_precision(tiny, tmp_path):
 def test_lowers_integer_only_allow_listed_and_runs(tp, precision):
     from nilmc.backends.eiq_backend import VX_ALLOWED_OPS, EIQBackend, graph_ops
 
-    art = lowered(tp, precision)
+    art = lowered(tp, precision, "none")  # the full-integer graph (precise input: test_tflite_precise_input.py)
     fb = art.path.read_bytes()
     assert art.primary == "model_eiq.tflite" and fb[4:8] == b"TFL3"
     for f in ("eiq_check.json", "run_on_imx8mp.py", "run_on_imx8mp.sh", "imx8mp_windows.npy", "imx8mp_cpu_reference.npy"):
@@ -88,11 +89,11 @@ def test_lowers_integer_only_allow_listed_and_runs(tp, precision):
 
 @pytest.mark.slow
 @pytest.mark.tf
-@pytest.mark.parametrize("precision", ["int8", "int8_pt"])
-def test_32bit_emulation_matches_the_cpu_interpreter_and_16bit_drift_is_reported(tp, precision):
-    from nilmc.backends.eiq_backend import _cpu_codes, _input_codes, emulate_int8
+@pytest.mark.parametrize("precision, cpu_layers", [("int8", "none"), ("int8_pt", "none"), ("int8", "auto")])
+def test_32bit_emulation_matches_the_cpu_interpreter_and_16bit_drift_is_reported(tp, precision, cpu_layers):
+    from nilmc.backends.eiq_backend import _cpu_codes, _input_codes, emulate_int8, npu_start, stage_codes
 
-    art = lowered(tp, precision)
+    art = lowered(tp, precision, cpu_layers)
     emu = art.info["npu_emulation"]
     assert emu["label"] == "emulated"
     assert emu["check_32bit_vs_cpu_builtin_kernels"]["max_lsb"] <= 1
@@ -104,7 +105,9 @@ def test_32bit_emulation_matches_the_cpu_interpreter_and_16bit_drift_is_reported
     # independent re-check on evaluation windows
     fb = art.path.read_bytes()
     xq = _input_codes(tp["model"].contract.prepare(tp["eval"].raw_x()[:100]), art.info["io"]["input"])
-    e32 = emulate_int8(fb, xq, multiplier_bits=32).astype(int)
+    start = npu_start(fb, art.info["partition"]) if "partition" in art.info else None  # precise input: the NPU partition alone
+    assert (start is None) is (cpu_layers == "none")
+    e32 = emulate_int8(fb, xq if start is None else stage_codes(fb, xq, start[0]), multiplier_bits=32, start=start).astype(int)
     assert np.max(np.abs(e32 - _cpu_codes(fb, xq, default_delegates=False).astype(int))) <= 1
 
 

@@ -136,8 +136,8 @@ def _shipped_paths() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def shipped_eiq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The shipped T-P model lowered for eiq:int8 (per-channel) and eiq:uint8_io (per-tensor, QUANTIZE ops), and its
-    calibration windows as input codes of each."""
+    """The shipped T-P model lowered for eiq:int8 (per-channel; full integer: eiq.cpu_layers=none) and eiq:uint8_io
+    (per-tensor, QUANTIZE ops), and its calibration windows as input codes of each."""
     pytest.importorskip("ai_edge_litert")
     from nilmc.backends.eiq_backend import EIQBackend, _input_codes, io_quantization
     from nilmc.calibration_data.dataset import NilmDataset
@@ -150,7 +150,7 @@ def shipped_eiq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for precision in ("int8", "uint8_io"):
         d = tmp_path_factory.mktemp(precision)
-        art = EIQBackend().lower(model, d, precision=precision, options={"quant": ctx, "npu_emulation": False})
+        art = EIQBackend().lower(model, d, precision=precision, options={"quant": ctx, "npu_emulation": False, "cpu_layers": "none"})
         fb = art.path.read_bytes()
         out[precision] = (fb, _input_codes(ctx.calib_x, io_quantization(fb)["input"]))
     return out

@@ -119,7 +119,7 @@ def test_int8_tensor_params_equal_nilmcs(tp, backend):
     """Read the .tflite back with the runtime and compare every Conv/Dense tensor with nilmc's parameters."""
     from nilmc.quantization.params import QuantParams
 
-    art = lowered(tp, backend, "int8")
+    art = lowered(tp, backend, "int8", cpu_layers="none")  # full integer (precise input: test_tflite_precise_input.py)
     params = QuantParams.from_json(art.info["quantization"])
     assert art.info["param_check"]["ok"] and art.info["param_check"]["tensors_checked"] >= 3 * len(params.layers)
     ops, tensors = _ops_and_tensors(art.path.read_bytes())
@@ -173,7 +173,10 @@ def test_int8_output_range_covers_peak_power(tp, backend):
 def test_int8_io_dtypes_give_the_same_numbers(tp, backend, io_dtype):
     base = run(backend, lowered(tp, backend, "int8"), eval_x(tp, 64))
     art = lowered(tp, backend, "int8", io_dtype=io_dtype)
-    assert art.info["io"]["input"]["dtype"] == ("float32" if io_dtype == "float" else io_dtype)
+    assert art.info["io"]["input"]["dtype"] == "float32"  # precise input: the first layer reads the float input itself
+    assert art.info["io"]["output"]["dtype"] == ("float32" if io_dtype == "float" else io_dtype)
+    full = lowered(tp, backend, "int8", io_dtype=io_dtype, cpu_layers="none")
+    assert full.info["io"]["input"]["dtype"] == ("float32" if io_dtype == "float" else io_dtype)
     got = run(backend, art, eval_x(tp, 64))
     step = lowered(tp, backend, "int8").info["io"]["output"]["scale"]
     assert np.max(np.abs(got - base)) <= step * 1.01
@@ -184,7 +187,9 @@ def test_int8_io_dtypes_give_the_same_numbers(tp, backend, io_dtype):
 def test_int8_per_tensor_weights(tp, backend):
     art = lowered(tp, backend, "int8", per_tensor=True)
     ops, tensors = _ops_and_tensors(art.path.read_bytes())
-    for op in (o for o in ops if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")):
+    weighted = [o for o in ops if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    assert [tensors[o["inputs"][1]]["dtype"] for o in weighted].count(np.float32) == 1  # precise input's first layer
+    for op in (o for o in weighted if tensors[o["inputs"][1]]["dtype"] == np.int8):
         assert len(tensors[op["inputs"][1]]["quantization_parameters"]["scales"]) == 1
     assert art.info["param_check"]["ok"]
     ref = reference(tp["model"], eval_x(tp))
@@ -197,7 +202,7 @@ def test_int8_per_tensor_weights(tp, backend):
 def test_tflm_export_round_trips_and_estimates_are_sane(tp, backend):
     from nilmc.backends.tflite_micro import _graph, parse_c_array
 
-    art = lowered(tp, backend, "int8")
+    art = lowered(tp, backend, "int8", cpu_layers="none")  # the MCU export is written for integer graphs
     assert {"model_data.cc", "model_data.h", "tflm_report.json"} <= set(art.info["extra_files"])
     fb = art.path.read_bytes()
     assert parse_c_array((art.directory / "model_data.cc").read_text()) == fb
@@ -250,8 +255,8 @@ def test_qat_guard_keeps_the_best_held_out_epoch(tp, backend):
     q = art.info["qat"]
     assert len(q["held_out_mse_per_epoch"]) == 2 and q["kept_epoch"] == int(np.argmin(q["held_out_mse_per_epoch"]))
     assert (art.directory / "qat_finetuned_float.h5").is_file() == (q["kept_epoch"] != 0)
-    if q["kept_epoch"] == 0:  # the PTQ model is deployed, byte for byte
-        assert art.path.read_bytes() == lowered(tp, backend, "int8").path.read_bytes()
+    if q["kept_epoch"] == 0:  # the PTQ model is deployed, byte for byte (QAT is full integer: the int8 graph without precise input)
+        assert art.path.read_bytes() == lowered(tp, backend, "int8", cpu_layers="none").path.read_bytes()
 
 
 def test_qat_without_labelled_windows_is_a_clear_error(tiny, tmp_path):

@@ -30,7 +30,8 @@ def test_eiq_constraints_are_frozen_data_for_the_shared_routine():
 
     assert set(EIQ_SPECS) == set(EIQBackend.capabilities.precisions)
     for precision, spec in EIQ_SPECS.items():
-        assert isinstance(spec, FullIntegerSpec) and spec.integer_only and spec.allowed_ops == VX_ALLOWED_OPS
+        assert isinstance(spec, FullIntegerSpec) and spec.allowed_ops == VX_ALLOWED_OPS
+        assert spec.float_input is (precision != "uint8_io") and spec.integer_only is not spec.float_input  # precise input by default
         assert spec.per_tensor is (precision != "int8") and spec.traits.per_channel_weights is (precision == "int8")
         assert EIQBackend.capabilities.traits[precision] == spec.traits.with_(io_dtype=spec.io_dtype)
         with pytest.raises(dataclasses.FrozenInstanceError):

@@ -19,7 +19,7 @@ from outside_models import keras_bigru_tfop, keras_conv1d_bilstm, lf_windows
 from nilmc.compiler.cli import cli
 
 
-def _compile(tmp_path, builder, window, targets, *, n=300, n_eval=150, out="out"):
+def _compile(tmp_path, builder, window, targets, *, n=300, n_eval=150, out="out", options=()):
     ds, ev = lf_windows(n, window, seed=0), lf_windows(n_eval, window, seed=1)
     if not (tmp_path / "m.keras").exists():
         builder(ds, str(tmp_path / "m.keras"))
@@ -28,7 +28,7 @@ def _compile(tmp_path, builder, window, targets, *, n=300, n_eval=150, out="out"
     flags = ["--input-norm", "zscore", "--input-mean", float(ds.x.mean()), "--input-std", float(ds.x.std()),
              "--target-mean", float(ds.y.mean()), "--target-std", float(ds.y.std()), "--appliance", "fridge", "--on-threshold", 50]
     args = ["compile", tmp_path / "m.keras", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / out,
-            "--targets", targets, *flags, "--json"]
+            "--targets", targets, *flags, "--json", *options]
     r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     return r, {t["target"]: t for t in json.loads(r.stdout)["targets"]}
 
@@ -37,7 +37,8 @@ def _compile(tmp_path, builder, window, targets, *, n=300, n_eval=150, out="out"
 @pytest.mark.tf
 @pytest.mark.tflite
 def test_conv1d_bilstm_lowers_to_tflite_and_eiq_int8(tmp_path):
-    r, by = _compile(tmp_path, keras_conv1d_bilstm, 495, "tflite:int8,eiq:int8")
+    full_integer = ("--option", "tflite.cpu_layers=none", "--option", "eiq.cpu_layers=none")  # precise input off: the graphs below
+    r, by = _compile(tmp_path, keras_conv1d_bilstm, 495, "tflite:int8,eiq:int8", options=full_integer)
     assert r.exit_code == 0, {t: v["error"] for t, v in by.items()}
     for t in ("tflite:int8", "eiq:int8"):
         assert by[t]["passed"] and by[t]["verification"] == "measured" and abs(by[t]["delta_eacc_pts"]) <= 0.5, by[t]
@@ -60,7 +61,7 @@ def test_conv1d_bilstm_lowers_to_tflite_and_eiq_int8(tmp_path):
     from nilmc.backends import tflite_int8
 
     tflite_int8.clear_conversion_cache()
-    _compile(tmp_path, keras_conv1d_bilstm, 495, "tflite:int8", out="again")
+    _compile(tmp_path, keras_conv1d_bilstm, 495, "tflite:int8", out="again", options=full_integer[:2])
     assert (tmp_path / "out" / "tflite-int8" / "model_int8.tflite").read_bytes() == (tmp_path / "again" / "tflite-int8" / "model_int8.tflite").read_bytes()
 
 

@@ -66,7 +66,7 @@ def test_ncw_seq2seq_export_reaches_tflite_and_eiq(ncw):
 
     d, stats = ncw
     args = ["--calib", d / "calib.npz", "--eval", d / "eval.npz", "--targets", "tflite:int8,eiq:int8,tflite:fp32", "--output", "midpoint",
-            *_flags(stats), "--json"]
+            *_flags(stats), "--json", "--option", "tflite.cpu_layers=none", "--option", "eiq.cpu_layers=none"]  # the full-integer graphs
     r = run("compile", d / "conv1d.onnx", "--out", d / "tfl", *args)
     doc = json.loads(r.stdout)
     by = {t["target"]: t for t in doc["targets"]}
