@@ -6,8 +6,10 @@
   :func:`raw_keras` instead, the same network behind a Keras ``Normalization`` layer (the de-normalization stays
   in the contract: nilmc strips a Keras input prefix only). Both are the builders of
   ``tests/compiler/test_raw_input_models.py``, built from the loaded z-score model so every flow sees one network.
-* **A** — ``nilmc train --appliance kettle --setup T-P --normalization A --seed 3 --epochs 20`` (the shipped
-  model's recipe with raw inputs), trained once into a cache folder through the same API calls as the CLI.
+* **A** — ``nilmc train --appliance kettle --setup T-P --normalization A --seed 3 --epochs 40`` (the shipped
+  model's network and data with raw inputs, trained by the raw-feature recipe of ``training/seq2point.py``),
+  trained once into a cache folder through the same API calls as the CLI. The cache file is keyed by seed,
+  epochs and ``RAW_RECIPE_VERSION``, so a changed recipe trains a new model instead of reusing an old one.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from nilmc.compiler.model import Model
 
 A_SEED = 3  # the shipped sets' seed: the A model trains on the split the shipped model was trained on
-A_EPOCHS = 20  # as the shipped model (calibration_data/shipped.py)
+A_EPOCHS = 40  # the raw-feature recipe's cosine decay needs the longer run (20 epochs: 56 % EACC, 40: 79 %)
 
 
 def raw_contract(c: ModelContract, *, denorm: bool) -> ModelContract:
@@ -73,7 +75,9 @@ def raw_keras(zmodel: Model, dst: Path) -> Path:
 
 def a_model(cache: Path, *, say=print) -> Path:
     """The A model's ``.keras`` file in ``cache`` (trained there once; deterministic: seed, op determinism)."""
-    stem = cache / f"tp_kettle_A_seed{A_SEED}_e{A_EPOCHS}"
+    from nilmc.training.seq2point import RAW_RECIPE_VERSION
+
+    stem = cache / f"tp_kettle_A_seed{A_SEED}_e{A_EPOCHS}_r{RAW_RECIPE_VERSION}"
     keras_path = stem.with_suffix(".keras")
     if keras_path.is_file() and stem.with_suffix(".onnx").is_file():
         return keras_path

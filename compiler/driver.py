@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +72,12 @@ class CompileOptions:
     (``"random"``, ``"stratified"`` or ``"first"``; random is the default because it gave the best
     worst-draw SQNR in benchmarks/bench_calibration_draws.py) and ``calib_seed=0``, and
     ``coverage_threshold=0.001`` (share of a tensor's evaluation values outside its calibrated range
-    above which the compile warns; see :mod:`quantization.coverage`).
+    above which the compile warns; see :mod:`quantization.coverage`), ``equalize="auto"`` (cross-layer
+    equalization of the model every quantizing target gets, :mod:`quantization.equalize`: ``auto`` applies it
+    when it raises the calibration windows' output SQNR under generic per-tensor INT8, ``on`` always (pairs
+    under the imbalance threshold are still left alone), ``off`` never; the FP32 reference is always the
+    model as given; power-of-two targets (the DPU) always keep the model as given, see
+    :meth:`_Job.uses_equalized`; each quantizing target's manifest records what was done in ``equalization``).
     """
 
     batch_size: int = 512
@@ -88,6 +94,7 @@ class CompileOptions:
     calib_selection: str = "random"
     calib_seed: int = 0
     coverage_threshold: float = 1e-3
+    equalize: str = "auto"
     # Worker processes for independent targets (1 = all in this process). With 2, the targets are split by backend
     # (backends sharing caches or parameters stay together) and one share runs in a spawned process: measured on the
     # shipped model, two concurrent halves of `nilmc example` took 50 s wall against 72 s in one process.
@@ -294,6 +301,10 @@ def plan_targets(model: Model, targets: Sequence[Target], registry: Registry, op
 
     if options.overflow not in OVERFLOW_POLICIES:
         raise BadInputError(f"unknown overflow policy {options.overflow!r}", f"use one of {', '.join(OVERFLOW_POLICIES)}")
+    from nilmc.quantization.equalize import EQUALIZE_MODES
+
+    if options.equalize not in EQUALIZE_MODES:
+        raise BadInputError(f"unknown equalization mode {options.equalize!r}", f"use one of {', '.join(EQUALIZE_MODES)}")
     used = {t.backend for t in targets}
     stray = sorted(set(options.backend_options) - used)
     if stray:
@@ -412,7 +423,9 @@ def compile_model(
         signer = Signer.load(options.sign_key)
 
     entries = [REFERENCE_ENTRY, SUMMARY, *(bundle_name(t) for t in targets)]
-    with OutputDir(out_dir, entries, inputs=options.inputs, force=options.force) as out:
+    # eq_dir: the equalized Keras twin the Keras-route targets lower from (lives as long as the compile)
+    with OutputDir(out_dir, entries, inputs=options.inputs, force=options.force) as out, \
+            tempfile.TemporaryDirectory(prefix="nilmc-equalize-") as eq_dir:
         say("FP32 reference on onnxruntime")
         t_ref = time.perf_counter()
         ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
@@ -422,16 +435,27 @@ def compile_model(
         reference_onnx = model.serialize()
         model.save_onnx(out.staging / REFERENCE_ENTRY / "model.onnx")
         quant = None
+        qmodel, equalization = model, None
         if calib is not None:
             from nilmc.quantization.context import QuantContext
 
+            quant_eq = None
+            if any(p.quantizes and p.problem is None for p in plans):
+                t_eq = time.perf_counter()
+                qmodel, equalization, quant_eq = _equalize(model, calib, Path(eq_dir), options, say)
+                summary.stages_s["equalization"] = round(time.perf_counter() - t_eq, 3)
             # Statistics are collected once, on first use. No mixed-precision budget here: scored on
             # 1000 calibration windows the EACC is too noisy to steer it (measured: it kept conv1 in
             # float for generic INT8 and the eval delta got worse, -0.70 -> +0.83 points).
-            quant = QuantContext(model, calib)
+            if qmodel is model:
+                quant = quant_eq or QuantContext(model, calib)
+            else:  # the model as given too, for the targets equalization does not serve (built lazily, on first use)
+                quant = QuantContext(model, calib)
+                quant_eq = quant_eq or QuantContext(qmodel, calib)
         writer = BundleWriter(model, eval_ds, reference_sha256=sha256_bytes(reference_onnx), signer=signer)
         job = _Job(model, registry, {"calibration": calib, "quant": quant}, eval_ds, eval_truth(model, eval_ds), (ref_metrics, ref_pred),
-                   budget, options, writer, calibration_record)
+                   budget, options, writer, calibration_record, quant_model=qmodel, equalization=equalization,
+                   quant_eq=quant_eq if qmodel is not model else None)
         here, there = _split_plans(plans, registry, options)
         worker = _start_worker([(i, plans[i]) for i in there], job, out.staging, sha256_bytes(reference_onnx), say) if there else None
         results: dict[int, TargetResult] = {}
@@ -467,6 +491,17 @@ def compile_model(
 
         atomic_write_text(options.junit, junit_xml(summary))
     return summary
+
+
+def _equalize(model: Model, calib: NilmDataset, workdir: Path, options: CompileOptions,
+              say: Callable[[str], None]) -> tuple[Model, dict[str, Any], Any]:
+    """The model the quantizing targets get (:func:`quantization.equalize.equalize_for_quantization` on the
+    calibration windows), its manifest record, and the calibration context built deciding (or None)."""
+    from nilmc.quantization.equalize import equalize_for_quantization
+
+    if options.equalize != "off":
+        say("cross-layer equalization")
+    return equalize_for_quantization(model, calib, workdir, mode=options.equalize)
 
 
 # ---------------------------------------------------------------- worker process
@@ -525,7 +560,7 @@ def _start_worker(share: list[tuple[int, TargetPlan]], job: _Job, staging: Path,
         "model": job.model, "eval_ds": job.eval_ds, "calib": job.lower_options.get("calibration"),
         "reference": job.reference, "budget": dict(job.budget), "options": dataclasses.replace(job.options, jobs=1, junit=None),
         "calibration_record": dict(job.calibration_record), "staging": staging, "reference_sha256": reference_sha256,
-        "plans": share, "has_quant": quant is not None,
+        "plans": share, "has_quant": quant is not None, "quant_model": job.quant_model, "equalization": job.equalization,
     }
     for _, plan in share:
         say(f"lowering {plan.target} (worker process)")
@@ -550,15 +585,18 @@ def _worker_run(spec: dict[str, Any]) -> tuple[list[tuple[int, TargetResult]], l
 
     options: CompileOptions = spec["options"]
     model, eval_ds, calib = spec["model"], spec["eval_ds"], spec["calib"]
-    quant = None
+    qmodel = spec["quant_model"] or model
+    quant = quant_eq = None
     if spec["has_quant"]:
         from nilmc.quantization.context import QuantContext
 
         quant = QuantContext(model, calib)
+        quant_eq = QuantContext(qmodel, calib) if qmodel is not model else None
     signer = Signer.load(options.sign_key) if options.sign_key is not None else None
     writer = BundleWriter(model, eval_ds, reference_sha256=spec["reference_sha256"], signer=signer)
     job = _Job(model, default_registry(), {"calibration": calib, "quant": quant}, eval_ds, eval_truth(model, eval_ds), spec["reference"],
-               spec["budget"], options, writer, spec["calibration_record"])
+               spec["budget"], options, writer, spec["calibration_record"], quant_model=qmodel, equalization=spec["equalization"],
+               quant_eq=quant_eq)
     out = [(i, job.run(plan, Path(spec["staging"]) / bundle_name(plan.target))) for i, plan in spec["plans"]]
     return out, job.warnings
 
@@ -580,6 +618,24 @@ class _Job:
     warnings: list[str] = field(default_factory=list)  # per-target warnings for the summary (coverage)
     coverage_s: float = 0.0  # the one FP32 pass over the evaluation windows
     _observation: Any = field(default=None, repr=False)  # coverage.EvaluationObservation, on first use
+    # What the quantizing targets calibrate, quantize and lower: the model as given or its cross-layer equalized
+    # twin (FP32-identical; the reference stays the model as given), and the manifest record of that choice.
+    quant_model: Model | None = None
+    equalization: Mapping[str, Any] | None = None
+    quant_eq: Any = None  # QuantContext of quant_model when it is not the model as given
+    _observations: dict[int, Any] = field(default_factory=dict, repr=False)  # per context: coverage.EvaluationObservation
+
+    def uses_equalized(self, plan: TargetPlan) -> bool:
+        """Power-of-two targets (the DPU) keep the model as given: measured on the shipped model over 5 draws,
+        equalization raised dpu:b2304's SQNR (29.4 -> 31.7 dB mean) but worsened its EACC delta (+0.07 -> +0.34
+        points mean, worst +0.55 -> +0.73), while onnxruntime/openvino/tflite/eiq gained (worst 34.9 -> 38.2 dB)."""
+        return plan.quantizes and self.quant_eq is not None and not plan.traits.power_of_two
+
+    def model_for(self, plan: TargetPlan) -> Model:
+        return self.quant_model if self.uses_equalized(plan) and self.quant_model is not None else self.model
+
+    def quant_for(self, plan: TargetPlan) -> Any:
+        return self.quant_eq if self.uses_equalized(plan) else self.lower_options["quant"]
 
     def run(self, plan: TargetPlan, bundle: Path) -> TargetResult:
         import shutil
@@ -600,59 +656,66 @@ class _Job:
             msg = f"internal error ({type(exc).__name__}: {exc}); rerun with `nilmc --debug ...` and report it"
             return TargetResult(target, None, None, error=msg, error_code=EXIT_INTERNAL, compile_s=time.perf_counter() - t0)
 
-    def _quantize(self, plan: TargetPlan) -> tuple[Any, dict[str, Any], Any]:
+    def _quantize(self, plan: TargetPlan, quant: Any) -> tuple[Any, dict[str, Any], Any]:
         """Parameters from the one calibration pass under the target's traits, then the overflow checks under the policy.
 
         Returns the parameters, the manifest's ``overflow`` section and the overflow report."""
         from nilmc.quantization.overflow import QuantizationOverflowError, check_overflow
 
-        quant = self.lower_options["quant"]
+        graph = quant.model.graph  # the model the statistics were collected on (equalized or as given)
         params = quant.params(plan.traits, estimator=plan.estimator)
         if plan.estimator is not None:  # a target's own estimator (the DPU's start): precise input still applies (traits.float_layers)
             from nilmc.quantization.api import with_precise_input
 
-            params = with_precise_input(params, self.model.graph, getattr(quant, "techniques", None))
+            params = with_precise_input(params, graph, getattr(quant, "techniques", None))
         policy = {"default": self.options.overflow}
         if self.options.overflow != "warn":
             policy["output_clipping"] = "fix"
         try:
-            report = check_overflow(self.model.graph, quant.statistics, params, plan.traits, peak_output=self.model.contract, policy=policy)
+            report = check_overflow(graph, quant.statistics, params, plan.traits, peak_output=self.model.contract, policy=policy)
         except QuantizationOverflowError as exc:
             tensors = sorted({f.tensor for f in exc.report.errors})
             raise QuantizationError(f"--overflow error: {exc.message} (tensors: {', '.join(tensors)})", exc.remedy) from None
         return report.params, {"policy": self.options.overflow, **report.to_json()}, report
 
-    def _coverage(self, params: Any) -> Any:
+    def _coverage(self, params: Any, quant: Any) -> Any:
         """Coverage of ``params`` on the evaluation windows; the FP32 pass over them runs once per compile."""
         from nilmc.quantization.coverage import coverage, observe_evaluation, output_floor
 
-        if self._observation is None:
+        if id(quant) not in self._observations:
             t0 = time.perf_counter()
-            quant = self.lower_options["quant"]
             contract = self.model.contract
-            self._observation = observe_evaluation(self.model.graph, contract.prepare(self.eval_ds.raw_x()), quant.statistics,
-                                                   feature_names=contract.feature_names or self.eval_ds.feature_names)
-            self.coverage_s = time.perf_counter() - t0
+            self._observations[id(quant)] = observe_evaluation(quant.model.graph, contract.prepare(self.eval_ds.raw_x()), quant.statistics,
+                                                               feature_names=contract.feature_names or self.eval_ds.feature_names)
+            self.coverage_s += time.perf_counter() - t0
+        self._observation = self._observations[id(quant)]
         return coverage(self._observation, params, threshold=self.options.coverage_threshold, floors=output_floor(self.model.contract))
 
     def _run(self, plan: TargetPlan, bundle: Path, t0: float) -> TargetResult:
         target = plan.target
         ref_metrics, ref_pred = self.reference
         backend = self.registry.get(target.backend)
+        model = self.model_for(plan)
         bundle.mkdir(parents=True)
         lower_options = dict(self.lower_options)
         sections: dict[str, Any] = {}
         findings: Any = None  # (overflow report, coverage report) of a quantizing target, for the cause of a failed gate
         if plan.quantizes:
-            lower_options["params"], sections["overflow"], overflow = self._quantize(plan)
+            quant = self.quant_for(plan)
+            lower_options["quant"] = quant
+            lower_options["params"], sections["overflow"], overflow = self._quantize(plan, quant)
             from nilmc.quantization.placement import op_placement
 
             # which ops got INT8 parameters and which stay float inside the artifact (never hidden behind "int8")
-            sections["placement"] = op_placement(self.model.graph, lower_options["params"])
-            cover = self._coverage(lower_options["params"])
+            sections["placement"] = op_placement(model.graph, lower_options["params"])
+            cover = self._coverage(lower_options["params"], quant)
             sections["coverage"] = cover.to_json()
             if self.calibration_record:
                 sections["calibration"] = dict(self.calibration_record)
+            if self.equalization is not None:
+                sections["equalization"] = {**self.equalization, "used_by_this_target": self.uses_equalized(plan)}
+                if self.quant_eq is not None and not self.uses_equalized(plan):
+                    sections["equalization"]["why_not"] = "power-of-two target: keeps the model as given (measured, see the driver)"
             if not cover:
                 self.warnings.append(f"{target}: {cover.warning()}")
             findings = (overflow, cover)
@@ -660,7 +723,7 @@ class _Job:
             lower_options["backend_options"] = plan.options
             lower_options.update({k: getattr(plan.options, k) for k in plan.option_values})
             sections["backend_options"] = dataclasses.asdict(plan.options)
-        art = backend.lower(self.model, bundle, precision=target.precision, options=lower_options)
+        art = backend.lower(model, bundle, precision=target.precision, options=lower_options)
         if isinstance(art.info.get("placement"), dict):  # a backend that places ops itself (the DPU's CPU/DPU split) has the last word
             sections["placement"] = art.info.pop("placement")
         compile_s = time.perf_counter() - t0
@@ -691,7 +754,7 @@ class _Job:
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on
         from nilmc.compiler.cost import manifest_cost
 
-        sections["cost"] = manifest_cost(self.model.graph)  # MACs/FLOPs and seed 002's energy per prediction
+        sections["cost"] = manifest_cost(model.graph)  # MACs/FLOPs and seed 002's energy per prediction
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)
