@@ -71,6 +71,8 @@ FP16_OPS = frozenset({
     # Expand (its shape input is int64), LSTM and GRU (every float input is type T, float16 allowed; sequence_lens
     # is int32; activation alpha/beta are float attributes, not tensors): the recurrent models of seeds 000 and 002
     "Expand", "LSTM", "GRU",
+    # Reciprocal (Keras LayerNormalization's rsqrt) and ReduceProd (tf2onnx's shape arithmetic, int64 there): type T, float16 allowed
+    "Reciprocal", "ReduceProd",
 })
 
 

@@ -309,10 +309,9 @@ def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registr
     """
     from nilmc.backends.base import Verification
     from nilmc.backends.registry import default_registry
-    from nilmc.compiler.compare import compare, validate_budget
+    from nilmc.compiler.compare import check_budget_for_task, compare, validate_budget
     from nilmc.compiler.contract import ModelContract
     from nilmc.compiler.driver import predict_watts
-    from nilmc.compiler.metrics import nilm_metrics
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -324,17 +323,19 @@ def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registr
     target = registry.parse_target(manifest["target"])
     backend = registry.get(target.backend)
     contract = ModelContract.from_json(manifest["contract"])
+    if budget is not None:  # an override must name the task's metrics (a classifier has no EACC): refused before any run
+        check_budget_for_task(budget, contract.task)
     files = [f["name"] for f in manifest["files"]]
     art = Artifact(target.backend, target.precision, bundle, manifest["artifact"]["file"], files, manifest["artifact"].get("kind", ""),
                    {"quantization": manifest.get("quantization"), **manifest.get("artifact_info", {})})
     contract.check_input(eval_ds.x, source="the evaluation set")
-    k = eval_ds.appliance_index(contract.appliance)
+    truth = contract.select_truth(eval_ds.y, eval_ds.appliances)  # (N,) W, or (N, M) W of a classifier's appliances
     ref, note = _reference_for_verify(bundle, manifest, contract, eval_ds, registry)
     notes += [note] if note else []
     with backend.runner(art) as runner:
         verification = Verification(getattr(runner, "verification", Verification.NOT_VERIFIED))
         pred = predict_watts(runner, contract, eval_ds.raw_x())
-    cand = nilm_metrics(eval_ds.y[:, k], pred, on_threshold_w=contract.on_threshold_w)
+    cand = contract.score(truth, pred)  # the task's metrics: NILM metrics in W, or ON/OFF scores of a classifier
     budget = validate_budget(manifest["verification"].get("budget", {}) if budget is None else budget)
     report = compare(ref, cand, budget, target=manifest["target"], verification=verification.value)
     return VerifyResult(bundle, [], report, notes)
@@ -343,11 +344,11 @@ def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registr
 def _reference_for_verify(bundle: Path, manifest: dict[str, Any], contract: Any, eval_ds: NilmDataset,
                           registry: Registry) -> tuple[Any, str]:
     """The stored reference when the evaluation set (arrays and normalization metadata) is the same one; else rerun it."""
-    from nilmc.compiler.metrics import Metrics
+    from nilmc.compiler.metrics import metrics_from_json
 
     stored = manifest["reference"]
     if stored.get("eval_set") == eval_identity(eval_ds):
-        return Metrics.from_json(stored["metrics"]), ""
+        return metrics_from_json(stored["metrics"]), ""
     ref_path = bundle.parent / "reference" / "model.onnx"
     if not ref_path.is_file():
         raise DataError("the evaluation set (or its normalization metadata) differs from the one the bundle was verified on and no "

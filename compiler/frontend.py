@@ -50,6 +50,7 @@ from onnx import numpy_helper
 from nilmc.compiler.contract import CONTRACT_KEY, ModelContract, load_contract_file
 from nilmc.compiler.errors import BadInputError, InternalError, ModelLoadError, NilmcError, ShapeMismatchError
 from nilmc.compiler.model import ONNX_IR_VERSION, ONNX_OPSET, Model
+from nilmc.quantization.conv_bias import fold_squeezed_conv_bias
 from nilmc.quantization.graph import prune_dead
 
 SIDECAR_SUFFIX = ".contract.json"
@@ -264,6 +265,7 @@ def _load_onnx_model(path: Path, contract: ModelContract | None) -> Model:
     embedded = _embedded_contract(proto, path)
     found = _resolve_contract(path, contract, embedded)
     _rename_io(proto)
+    fold_squeezed_conv_bias(proto)  # as for converted models: a tf2onnx Conv1D's bias and ReLU back onto its Conv (exact)
     _check_graph_shape(_graph_input_shape(proto), found, str(path))
     proto, found = _strip_io_stages(proto, _with_io_names(found))
     return Model(graph=proto, contract=found, source=str(path))
@@ -419,6 +421,7 @@ def canonicalize_converted(proto: onnx.ModelProto) -> onnx.ModelProto:
     _rename_io(out)
     _symbolic_batch(out)
     _fold_dynamic_reshapes(out)
+    fold_squeezed_conv_bias(out)  # Conv1D's Squeeze -> bias Add -> Relu back onto the Conv (exact; see quantization/conv_bias.py)
     prune_dead(out.graph)
     _renumber_name_counters(out.graph)
     _drop_unused_opsets(out)

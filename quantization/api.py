@@ -61,13 +61,13 @@ from nilmc.quantization.traits import GENERIC_INT8, QuantTraits
 if TYPE_CHECKING:
     from nilmc.calibration_data.dataset import NilmDataset
     from nilmc.compiler.contract import ModelContract
-    from nilmc.compiler.metrics import Metrics
+    from nilmc.compiler.metrics import AnyMetrics
     from nilmc.compiler.model import Model
     from nilmc.quantization.fold import FoldResult
     from nilmc.quantization.normalization_check import FeatureScaleReport, NormalizationReport
     from nilmc.quantization.overflow import OverflowReport
 
-EvalFn = Callable[[onnx.ModelProto], "Metrics"]
+EvalFn = Callable[[onnx.ModelProto], "AnyMetrics"]
 
 
 @dataclass(frozen=True)
@@ -362,21 +362,23 @@ def ptq_params(
 
 # --------------------------------------------------------------------------- evaluation
 def make_eval_fn(model: Model, dataset: NilmDataset, *, batch_size: int = 512) -> EvalFn:
-    """``fn(onnx_model) -> Metrics``: NILM metrics (watts) of a graph of ``model`` on ``dataset``.
+    """``fn(onnx_model) -> Metrics``: the task's metrics of a graph of ``model`` on ``dataset``.
 
     The graph takes what ``model.contract`` prepares and returns model units (a folded
-    contract: raw features and watts). Used for the mixed-precision budget.
+    contract: raw features and watts). Regression: NILM metrics in watts; an ON/OFF
+    classifier (contract task ``binary`` / ``multilabel``): its classification metrics (f1w,
+    per-appliance F1, ...) against the contract's appliances and thresholds. Used for the
+    mixed-precision budget, which must then name the task's metrics (e.g. ``{"f1w": 1.0}``).
     """
-    from nilmc.compiler.metrics import nilm_metrics
     from nilmc.quantization import _ort
 
     contract = model.contract
     x = contract.prepare(dataset.raw_x())
-    truth = dataset.y[:, dataset.appliance_index(contract.appliance)]
+    truth = contract.select_truth(dataset.y, dataset.appliances)  # (N,) W, or (N, M) W of a classifier's appliances
 
-    def fn(graph: onnx.ModelProto) -> Metrics:
+    def fn(graph: onnx.ModelProto) -> AnyMetrics:
         out = _ort.output(graph, x, batch_size=batch_size)
-        return nilm_metrics(truth, contract.to_watts(out), on_threshold_w=contract.on_threshold_w)
+        return contract.score(truth, contract.to_watts(out))
 
     return fn
 

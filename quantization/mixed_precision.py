@@ -1,12 +1,14 @@
-"""Mixed-precision fallback driven by the NILM metric, under a budget.
+"""Mixed-precision fallback driven by the task's metric, under a budget.
 
 When the fully quantized model loses more than the budget allows (e.g. ``{"eacc": 0.5}``
-points, or ``{"mae": 3.0}`` W for a lower-is-better metric; several at once are fine;
-the sign convention is :func:`compiler.metrics.compare_metrics`: a positive delta is a
-loss), :func:`mixed_precision` keeps the most harmful *units* at higher precision until
-the budget holds:
+points, or ``{"mae": 3.0}`` W for a lower-is-better metric; for an ON/OFF classifier
+``{"f1w": 1.0}`` points of weighted F1; several at once are fine; the sign convention is
+:func:`compiler.metrics.compare_metrics`: a positive delta is a loss), :func:`mixed_precision`
+keeps the most harmful *units* at higher precision until the budget holds:
 
-* a unit is a layer (its weights and its input activation) or the graph output tensor;
+* a unit is a layer (its weights and its input activation), the graph output tensor, or an
+  activation that feeds no layer (the input of an op nilmc leaves float, such as a GRU, or of
+  pooling / attention arithmetic: keeping it float leaves that op's input unrounded);
 * higher precision is int16 activations where the traits allow them
   (``traits.allow_int16_activations``; the layer's input or the output goes to int16,
   weights stay int8), otherwise FP32 (``QuantParams.keep_float``; ``build_qdq_model``
@@ -15,8 +17,11 @@ the budget holds:
 Algorithm (NNCF's accuracy control, simplified): score every unit alone at higher
 precision with ``eval_fn`` (the sensitivity), rank units by the loss that remains, then
 add them in that order, re-evaluating, until the budget holds or ``max_units`` is reached.
-``eval_fn(onnx_model) -> Metrics`` computes the NILM metrics in watts on data the caller
-chooses (a validation split, not the evaluation set the result will be reported on).
+``eval_fn(onnx_model) -> Metrics`` computes the task's metrics (NILM metrics in watts, or a
+classifier's :class:`~nilmc.compiler.metrics.ClassificationMetrics`) on data the caller chooses
+(a validation split, not the evaluation set the result will be reported on);
+:func:`nilmc.quantization.api.make_eval_fn` builds one from a contract. The result records, per
+unit kept, the loss it alone removed (``sensitivity``) so a manifest can say why each stayed float.
 """
 from __future__ import annotations
 
@@ -29,14 +34,14 @@ from typing import Any
 import onnx
 
 from nilmc.compiler.errors import QuantizationError
-from nilmc.compiler.metrics import Metrics, compare_metrics
+from nilmc.compiler.metrics import AnyMetrics, compare_metrics
 from nilmc.quantization.graph import QuantGraph, analyze
 from nilmc.quantization.intops import int_range
 from nilmc.quantization.params import QuantParams, activation_from_range, replace_activation
 from nilmc.quantization.qdq import build_qdq_model
 from nilmc.quantization.statistics import Statistics
 
-EvalFn = Callable[[onnx.ModelProto], Metrics]
+EvalFn = Callable[[onnx.ModelProto], AnyMetrics]
 FALLBACKS = ("auto", "int16", "float")
 
 
@@ -46,20 +51,21 @@ def _graph(onnx_model: onnx.ModelProto) -> QuantGraph:
     return analyze(m)
 
 
-def violations(reference: Metrics, candidate: Metrics, budget: Mapping[str, float]) -> dict[str, float]:
+def violations(reference: AnyMetrics, candidate: AnyMetrics, budget: Mapping[str, float]) -> dict[str, float]:
     """Metric -> loss beyond its budget (only the violated ones; NaN counts as violated)."""
     deltas = compare_metrics(reference, candidate)
     out = {}
     for metric, limit in budget.items():
         if metric not in deltas:
-            raise QuantizationError(f"budget names metric {metric!r}, which NILM metrics do not produce", f"use one of {', '.join(sorted(deltas))}")
+            raise QuantizationError(f"budget names metric {metric!r}, which this model's metrics do not produce",
+                                    f"use one of {', '.join(sorted(deltas))}")
         d = deltas[metric]
         if not d <= limit:
             out[metric] = d - limit if math.isfinite(d) else math.inf
     return out
 
 
-def budget_loss(reference: Metrics, candidate: Metrics, budget: Mapping[str, float]) -> float:
+def budget_loss(reference: AnyMetrics, candidate: AnyMetrics, budget: Mapping[str, float]) -> float:
     """One number to rank by: sum over budget metrics of ``delta / max(limit, tiny)`` (lower is better)."""
     deltas = compare_metrics(reference, candidate)
     total = 0.0
@@ -74,21 +80,28 @@ class Unit:
     """A thing that can be kept at higher precision: a layer, or the graph output tensor."""
 
     name: str
-    kind: str  # "layer" | "output"
-    tensor: str  # the activation whose precision changes (layer input root, or the output)
+    kind: str  # "layer" | "output" | "tensor"
+    tensor: str  # the activation whose precision changes (layer input root, the output, or the tensor itself)
 
 
 def units(g: QuantGraph) -> list[Unit]:
-    """Every layer plus every graph output that is a quantization point, in graph order."""
+    """Every layer, every graph output that is a quantization point, and every other quantization point that no
+    layer reads (graph inputs excluded), in that order."""
     out = [Unit(l.name, "layer", g.root(l.input)) for l in g.layers]
     out += [Unit(o, "output", o) for o in g.outputs if o in g.quant_points]
+    read_by_layers = {g.root(l.input) for l in g.layers}
+    out += [Unit(t, "tensor", t) for t in g.quant_points if t not in read_by_layers and t not in g.outputs and t not in g.inputs]
     return out
 
 
 def raise_precision(params: QuantParams, unit: Unit, mode: str, g: QuantGraph, stats: Statistics | None) -> QuantParams:
     """``params`` with ``unit`` at int16 activations (``mode="int16"``) or FP32 (``"float"``)."""
     if mode == "float":
-        return replace(params, keep_float=tuple(dict.fromkeys([*params.keep_float, unit.name])))
+        adjusted = params.adjusted
+        if unit.kind == "layer":  # a float layer has no weight error to correct: its bias-corrected bias would add one
+            bias = g.layer_by_name(unit.name).bias
+            adjusted = {k: v for k, v in params.adjusted.items() if k != bias}
+        return replace(params, keep_float=tuple(dict.fromkeys([*params.keep_float, unit.name])), adjusted=adjusted)
     if stats is None:
         raise QuantizationError("int16 fallback needs the calibration statistics", "pass stats, or use fallback='float'")
     old = params[unit.tensor]  # keep its (possibly widened) range: only the resolution changes
@@ -107,18 +120,23 @@ def _mode(fallback: str, params: QuantParams) -> str:
     return fallback
 
 
+def _round(v: float) -> float | None:
+    return round(v, 4) if math.isfinite(v) else None  # strict JSON: no inf/NaN in the manifest
+
+
 @dataclass
 class MixedPrecisionResult:
     """Outcome of :func:`mixed_precision`; truthy when the budget holds."""
 
     params: QuantParams
-    reference: Metrics
-    initial: Metrics
-    final: Metrics
+    reference: AnyMetrics
+    initial: AnyMetrics
+    final: AnyMetrics
     budget: dict[str, float]
     mode: str
     kept: list[str] = field(default_factory=list)  # units kept at higher precision, in the order added
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> budget loss with it alone at higher precision
+    why: list[dict[str, Any]] = field(default_factory=list)  # per unit kept: its kind and the budget losses around it
     evaluations: int = 0
     seconds: float = 0.0
 
@@ -133,7 +151,8 @@ class MixedPrecisionResult:
         init, fin = compare_metrics(self.reference, self.initial), compare_metrics(self.reference, self.final)
         return {"met": self.met, "budget": dict(self.budget), "mode": self.mode, "kept": list(self.kept),
                 "initial_deltas": {m: init[m] for m in self.budget}, "final_deltas": {m: fin[m] for m in self.budget},
-                "sensitivity": dict(self.sensitivity), "evaluations": self.evaluations, "seconds": round(self.seconds, 3)}
+                "sensitivity": {k: _round(v) for k, v in self.sensitivity.items()}, "why": list(self.why),
+                "evaluations": self.evaluations, "seconds": round(self.seconds, 3)}
 
 
 def mixed_precision(
@@ -145,7 +164,7 @@ def mixed_precision(
     stats: Statistics | None = None,
     fallback: str = "auto",
     max_units: int | None = None,
-    reference: Metrics | None = None,
+    reference: AnyMetrics | None = None,
     candidates: Sequence[str] | None = None,
 ) -> MixedPrecisionResult:
     """Keep the fewest, most harmful units at higher precision until ``budget`` holds (module docstring).
@@ -176,14 +195,18 @@ def mixed_precision(
     result.sensitivity = {n: s[0] for n, s in scored.items()}
     order = sorted(scored.values(), key=lambda s: s[0])
     current, metrics = params, initial
-    for i, (_, unit, alone) in enumerate(order[: max_units if max_units is not None else len(order)]):
+    loss0 = budget_loss(ref, initial, budget)
+    for i, (alone_loss, unit, alone) in enumerate(order[: max_units if max_units is not None else len(order)]):
         current = raise_precision(current, unit, mode, g, stats)
         result.kept.append(unit.name)
         metrics = alone if i == 0 else eval_fn(build_qdq_model(onnx_model, current))
         result.evaluations += i > 0
+        result.why.append({"unit": unit.name, "kind": unit.kind, "tensor": unit.tensor, "budget_loss_all_int8": _round(loss0),
+                    "budget_loss_with_it_alone_kept": _round(alone_loss), "budget_loss_after": _round(budget_loss(ref, metrics, budget))})
         if not violations(ref, metrics, budget):
             break
-    current = replace(current, provenance={**current.provenance, "mixed_precision": {"mode": mode, "kept": list(result.kept)}})
+    current = replace(current, provenance={**current.provenance, "mixed_precision": {
+        "mode": mode, "kept": list(result.kept), "budget": dict(budget), "met": not violations(ref, metrics, budget), "why": list(result.why)}})
     result.params, result.final = current, metrics
     result.seconds = time.perf_counter() - t0
     return result

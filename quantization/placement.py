@@ -3,7 +3,9 @@
 A manifest that says ``int8`` must not hide the ops that stay float inside the artifact (a BiLSTM
 in a QDQ graph runs in float32 while its neighbours run in INT8). :func:`op_placement` lists, from
 nilmc's own graph analysis, the weighted layers that get INT8 parameters, the layers the parameters
-keep at float (mixed-precision fallback), and every other compute op nilmc does not quantize
+keep at float (precise input, or the mixed-precision fallback, with the budget it held and what the unit cost at
+INT8: ``provenance["mixed_precision"]["why"]``), the activations that fallback left unrounded (inputs of float ops,
+the output), and every other compute op nilmc does not quantize
 (recurrent cells, attention, normalization, transposed convolutions, ...). Shape and data-movement
 ops (Reshape, Shape, Gather, Concat, Transpose, ...) and the element-wise ops a QDQ graph runs on
 quantized tensors (Relu, Add, pooling) are not listed. A backend may place ops further (the DPU's
@@ -37,18 +39,40 @@ def op_placement(model: onnx.ModelProto, params: QuantParams) -> dict[str, Any]:
     quantized = [layer for layer in g.layers if layer.name not in keep and layer.weight in params]
     q_names = {layer.name for layer in quantized}
     precise = set((params.provenance.get("precise_input") or {}).get("float_layers", ()))
+    mixed = _mixed_precision_reasons(params)
     floats: list[dict[str, str]] = []
     for layer in g.layers:
         if layer.name not in q_names:
             why = ("precise input: reads the float graph input (no 8-bit input grid)" if layer.name in precise
+                   else mixed[layer.name] if layer.name in mixed
                    else "kept at float by the parameters (keep_float)" if layer.name in keep else "no INT8 parameters for its weights")
             floats.append({"name": layer.name, "op": layer.op_type, "why": why})
+    producers = {o: node for node in m.graph.node for o in node.output}
+    for name, why in mixed.items():  # activations the mixed-precision fallback left unrounded (inputs of float ops, the output)
+        if name not in {layer.name for layer in g.layers}:
+            node = producers.get(name)
+            floats.append({"name": name, "op": f"activation of {node.op_type}" if node is not None else "activation", "why": why})
     for node in m.graph.node:
         if node.name in q_names or node.op_type in NOT_COMPUTE or any(f["name"] == node.name for f in floats):
             continue
         if any(layer.bias_node == node.name for layer in g.layers):
             continue
         floats.append({"name": node.name, "op": node.op_type, "why": "nilmc does not quantize this op: it runs in float32"})
-    ops = sorted({f["op"] for f in floats})
-    summary = (f"{len(quantized)} weighted layer(s) in INT8" + (f"; float: {len(floats)} op(s) ({', '.join(ops)})" if floats else "; nothing float"))
+    ops = sorted({f["op"] for f in floats if not f["op"].startswith("activation")})
+    acts = sum(f["op"].startswith("activation") for f in floats)
+    summary = (f"{len(quantized)} weighted layer(s) in INT8" + (f"; float: {len(floats) - acts} op(s) ({', '.join(ops)})" if floats else "; nothing float")
+               + (f"; {acts} activation(s) left unrounded by the mixed-precision budget" if acts else ""))
     return {"int8": sorted(q_names), "float": floats, "summary": summary}
+
+
+def _mixed_precision_reasons(params: QuantParams) -> dict[str, str]:
+    """Unit name -> why the mixed-precision fallback kept it (``provenance["mixed_precision"]["why"]``)."""
+    mp = params.provenance.get("mixed_precision") or {}
+    budget = ", ".join(f"{k}<={v:g}" for k, v in (mp.get("budget") or {}).items())
+    out: dict[str, str] = {}
+    for w in mp.get("why", ()):
+        alone, before = w.get("budget_loss_with_it_alone_kept"), w.get("budget_loss_all_int8")
+        cost = (f" (all-INT8 loss {before:.2f} x the budget; with it alone kept {alone:.2f} x)"
+                if isinstance(alone, (int, float)) and isinstance(before, (int, float)) else "")
+        out[str(w["unit"])] = f"mixed precision ({mp.get('mode', 'float')}): kept to hold the budget {budget}{cost}"
+    return out

@@ -178,3 +178,28 @@ def test_compile_a_multilabel_classifier(tmp_path):
     assert "weighted F1" in table and "onnxruntime:int8" in table
     with pytest.raises(BadInputError, match="eacc"):
         compile_model(model, _data(50, 1), [Target("onnxruntime", "fp32")], tmp_path / "out2", budget={"eacc": 0.5})
+
+
+def test_verify_a_classifier_bundle(tmp_path):
+    """`nilmc verify` scores a classifier bundle in its own metrics (it used to score regression only and fail)."""
+    from nilmc.compiler.bundle import verify_bundle
+    from nilmc.compiler.frontend import load_model
+
+    path = _classifier(str(tmp_path / "m.onnx"))
+    contract = build_contract(path, ContractFlags(input_norm="none", task="multilabel", appliances=",".join(APPS), thresholds="1000,200,50"))
+    ev = _data(300, 1)
+    s = compile_model(load_model(path, contract=contract), ev, [Target("onnxruntime", "fp32")], tmp_path / "out",
+                      options=CompileOptions(latency_windows=5))
+    bundle = tmp_path / "out" / s.results[0].bundle.name
+    r = verify_bundle(bundle, ev)
+    assert r.passed and r.report.deltas["f1w"] == 0.0 and r.report.budget["f1w"] == 1.0
+    other = _data(300, 7)  # another evaluation set: the FP32 reference is rerun from reference/model.onnx
+    r2 = verify_bundle(bundle, other)
+    assert r2.passed and any("rerun" in n for n in r2.notes)
+    with pytest.raises(BadInputError, match="eacc"):
+        verify_bundle(bundle, ev, budget={"eacc": 0.5})
+    ev.save(tmp_path / "ev.npz")
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--eval", str(tmp_path / "ev.npz"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["passed"] and doc["bundles"][0]["report"]["deltas"]["f1w"] == 0.0

@@ -99,3 +99,123 @@ def test_quantize_and_context_with_budget(setup) -> None:
     assert compare_metrics(cal_fn(model.graph), cal_fn(build_qdq_model(model.graph, params)))["eacc"] <= 0.0
     assert ctx.params(EIQ_PER_TENSOR) is params and ctx.calibration_s > 0
     assert np.isfinite(list(ctx.techniques_s.values())[0])
+
+
+# --------------------------------------------------------------------------- an ON/OFF classifier: an f1w budget
+CT, CAPPS = 8, ("a", "b", "c")
+
+
+def _ml_classifier():
+    """Flatten -> MatMul(24x16) -> Add -> Relu -> MatMul(16x3) -> Add -> Sigmoid, weights seeded; one large weight makes
+    per-tensor INT8 coarse for all the others, so the decisions near 0.5 flip."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nilmc.calibration_data.normalization import Normalization, NormalizationSpec
+    from nilmc.compiler.contract import ModelContract
+    from nilmc.compiler.model import ONNX_IR_VERSION, ONNX_OPSET, Model
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.4, (CT * 3, 16)).astype(np.float32)
+    w1[0, 0] = 12.0
+    w2 = rng.normal(0, 0.6, (16, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "w1"], ["h"]),
+         helper.make_node("Add", ["h", "b1"], ["hb"]), helper.make_node("Relu", ["hb"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Add", ["z", "b2"], ["zb"]),
+         helper.make_node("Sigmoid", ["zb"], ["output"])],
+        "ml", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", CT, 3, 1])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.full(16, 0.1, np.float32), "b1"),
+         numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.full(3, -0.8, np.float32), "b2")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    proto.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(proto)
+    contract = ModelContract(input_shape=(CT, 3, 1), normalization=NormalizationSpec(Normalization.A, None), appliance="a",
+                             peak_power_w=1.0, output_units="probability", task="multilabel", appliances=CAPPS, on_thresholds_w=(50.0,) * 3)
+    return Model(proto, contract, source="tiny multilabel")
+
+
+def _ml_data(model, n: int, seed: int):
+    """Windows at random; the truth is the FP32 model's own decision (50 W when ON), so FP32 scores f1w = 1."""
+    from nilmc.calibration_data.dataset import NilmDataset
+    from nilmc.calibration_data.normalization import FeatureStats
+    from nilmc.quantization import _ort
+
+    x = np.random.default_rng(seed).normal(0, 1, (n, CT, 3, 1)).astype(np.float32)
+    on = _ort.output(model.graph, x) >= 0.5
+    y = np.where(on, 100.0, 0.0).astype(np.float32)
+    return NilmDataset(x=x, y=y, appliances=list(CAPPS), feature_names=["p", "q", "r"], train_stats=FeatureStats.fit(x),
+                       on_thresholds=[50.0] * 3, info={"setup": "tiny-ml"})
+
+
+def test_classification_budget_keeps_float_where_it_must() -> None:
+    """An f1w budget (points of weighted F1) steers the fallback of a classifier, and the placement says per unit why."""
+    from nilmc.compiler.metrics import ClassificationMetrics
+    from nilmc.quantization.placement import op_placement
+
+    model = _ml_classifier()
+    calib, val = _ml_data(model, 300, 1), _ml_data(model, 400, 2)
+    fn = make_eval_fn(model, val)
+    ref = fn(model.graph)
+    assert isinstance(ref, ClassificationMetrics) and ref.f1w == 1.0
+    base = quantize(model, calib, traits=EIQ_PER_TENSOR, advanced=PLAIN)
+    loss = compare_metrics(ref, fn(base.qdq))["f1w"]
+    assert loss > 1.0  # per-tensor INT8 flips decisions near 0.5
+    res = mixed_precision(model.graph, base.params, fn, {"f1w": loss / 4}, stats=base.stats)
+    assert res.met and res.kept and compare_metrics(ref, res.final)["f1w"] <= loss / 4
+    assert res.to_json()["final_deltas"]["f1w"] <= loss / 4 and [w["unit"] for w in res.why] == res.kept
+    placement = op_placement(model.graph, res.params)
+    reasons = {f["name"]: f["why"] for f in placement["float"]}
+    assert all(k in reasons and "mixed precision" in reasons[k] and "f1w<=" in reasons[k] for k in res.kept)
+    with pytest.raises(QuantizationError, match="eacc"):  # a classifier is not scored in EACC
+        mixed_precision(model.graph, base.params, fn, {"eacc": 0.5})
+    # quantize() with a budget scores a classifier on its calibration set by default
+    q = quantize(model, calib, traits=EIQ_PER_TENSOR, budget={"f1w": 0.0}, advanced=PLAIN)
+    assert q.params.provenance["mixed_precision"]["met"] and q.params.provenance["mixed_precision"]["why"]
+
+
+def test_units_include_inputs_of_float_ops() -> None:
+    """An activation no layer reads (the input of a GRU, pooling, attention arithmetic) is a unit of its own."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nilmc.quantization.graph import analyze
+    from nilmc.quantization.mixed_precision import units
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+                           helper.make_node("Sigmoid", ["t"], ["output"])], "u",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])], [w])
+    m = helper.make_model(g)
+    kinds = {u.name: u.kind for u in units(analyze(m))}
+    assert kinds == {"MatMul_0": "layer", "output": "output", "h": "tensor", "t": "tensor"}
+    assert isinstance(m, onnx.ModelProto)
+
+
+def test_float_layers_drop_their_bias_correction(setup) -> None:
+    """A layer kept float has no weight error to correct: its bias-corrected bias must not stay (it used to, and with every
+    unit float the 'FP32' graph was off: the cloud Transformer scored 2.2 dB against FP32 instead of being exact)."""
+    from dataclasses import replace
+
+    from nilmc.quantization import _ort
+    from nilmc.quantization.graph import analyze
+    from nilmc.quantization.mixed_precision import raise_precision, units
+
+    model, ds, fn, ref = setup
+    base = quantize(model, ds, advanced=replace(PLAIN, bias_correction=True, only_if_better=False))
+    assert base.params.adjusted  # bias correction applied unconditionally
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model.graph)  # analyze names nodes in place: the fixture's graph stays as it is
+    g = analyze(copy)
+    p = base.params
+    for u in units(g):
+        p = raise_precision(p, u, "float", g, None)
+    assert not p.adjusted
+    x = model.contract.prepare(ds.raw_x())
+    np.testing.assert_allclose(_ort.output(build_qdq_model(model.graph, p), x), _ort.output(model.graph, x), rtol=1e-5, atol=1e-5)
+    full = mixed_precision(model.graph, base.params, fn, {"eacc": 0.0, "mae": 0.0}, stats=base.stats)
+    assert full.met and compare_metrics(ref, full.final)["mae"] <= 0.0
