@@ -1,8 +1,9 @@
-"""DPU fidelity over calibration draws: dpu:b2304 ΔEACC and output SQNR vs FP32 per draw, mean and worst, with the
-CPU/DPU partition (``dpu.cpu_layers=auto``: the layers reading the graph input run in FP32 on the CPU) and without it
-(``none``: every layer on the DPU, the graph input quantized on an 8-bit power-of-two grid).
+"""DPU fidelity over calibration draws: dpu:b2304 ΔEACC and output SQNR vs FP32 per draw, mean and worst, per CPU/DPU
+partition (``dpu.cpu_layers``): ``auto`` (default: the layers reading the graph input and the dense head run in FP32 on
+the CPU, the DPU runs everything between), ``input`` (only the input layers on the CPU, the head int8 on the DPU),
+``none`` (every layer on the DPU, the graph input quantized on an 8-bit power-of-two grid).
 
-Run: ``python benchmarks/bench_dpu_fidelity.py [--modes none,auto] [--draws 5] [--draw-size 1000] [--target b2304]
+Run: ``python benchmarks/bench_dpu_fidelity.py [--modes auto,input] [--draws 5] [--draw-size 1000] [--target b2304]
 [--pool FILE] [--json out.json] [--no-shipped] [--only K ...]``.
 
 Model and evaluation set: the shipped T-P kettle model (``calibration_data/shipped/tp_kettle_zscore.onnx``) and the
@@ -13,20 +14,41 @@ seed=3)``, cached as ``$TMPDIR/nilmc-bench-calib/calib_T-P_20000_seed3.npz``). E
 ``compile_model(..., [Target("dpu", target)], calib=draw, budget={"eacc": 100}, options=CompileOptions(backend_options=
 {"dpu": {"cpu_layers": mode}}))``, as ``nilmc compile`` runs it: ΔEACC in points (positive = worse) from
 ``report.deltas["eacc"]``, SQNR (dB) from ``report.extra["output_sqnr_db"]``. The vendor line to beat
-(issue 10, same draws): AMD Quark XINT8 mean 27.4 / worst 20.5 dB; target mean >= 28.4 dB, |ΔEACC| <= 0.25 per draw.
+(issue 10, same draws): AMD Quark XINT8 mean 27.4 / worst 20.5 dB; target mean >= 28.4 dB, worst >= 30 dB,
+|ΔEACC| <= 0.25 per draw. The shipped calibration set is the pool's first 1000 windows: "shipped" and draw 0 coincide
+(``--no-shipped`` skips the duplicate).
 
-Measured 2026-12-01 (2 shared cores, ~6 min; the shipped calibration set is the pool's first 1000 windows, so
-"shipped" and draw 0 coincide):
+Measured 2026-12-01 (2 shared cores; ``--modes auto,input --no-shipped``, ~4 min; ``none`` and the "before" line from
+the previous run of this file, which the changes below do not touch):
 
-    cpu_layers  shipped dB / ΔEACC   5 draws SQNR mean / worst   ΔEACC per draw (draws 0..4)
-    none        20.61 / -0.860       22.52 / 20.60                -0.860 -0.644 +0.023 +1.397 -0.391
-    auto        24.39 / -0.250       29.42 / 24.24                -0.250 +0.259 +0.186 -0.409 +0.551
+    cpu_layers           5 draws SQNR mean / worst   ΔEACC per draw (draws 0..4; draw 0 = shipped)
+    none                 22.52 / 20.60               -0.860 -0.644 +0.023 +1.397 -0.391
+    input, before        29.42 / 24.24               -0.250 +0.259 +0.186 -0.409 +0.551   (was "auto")
+    input                32.85 / 31.20               +0.518 +0.259 +0.186 +0.414 +0.551   (draws 34.59 32.14 31.62 31.20 34.70 dB)
+    auto (default)       33.83 / 31.76               +0.195 -0.059 -0.070 +0.045 +0.163   (draws 36.12 32.92 32.30 31.76 36.03 dB)
 
-Reading: with the input layer on the CPU the mean is 2.0 dB above Quark's 27.4 (target 28.4 met); |ΔEACC| <= 0.25 is
-not met on draws 1, 3, 4. What is left on draws 0 and 3 is inner coverage: conv2's evaluation maximum (2.61) runs past
-the draw's grid (1.98; 84 of 5000 windows saturate, kettle-on windows lose up to 870 W). A uniform 1.5x headroom on
-the refinement's ranges (``PotOptions.headroom``) lowered every draw (shipped 24.0, draws 1-4 24.1 / 23.6 / 22.6 /
-23.9 dB), 2x too, so the default stays 1.0.
+``auto`` meets the issue's DPU line: mean 33.83 dB (Quark + 6.4 dB), worst 31.76 dB, |ΔEACC| <= 0.195 on every draw.
+What changed, each measured on all 5 draws (``/tmp`` harness calling ``backends/dpu/quant.calibrate`` as the backend
+does, same numbers as this file to 0.01 dB):
+
+1. **The DPU input's fix position** (the FP32 conv1's output) is chosen by quantization MSE from one coarser to one
+   *finer* than the no-clipping position (``CPU_OUTPUT_FIX_WINDOW``), not only no-clipping or coarser: on draws 0 and 3
+   a few calibration values ran just past the finer grid (2.09 and 3.15 against 1.98), so conv1's output sat one bit
+   coarse (codes up to ~70). Head on the DPU: 24.39 -> 34.59 and 24.24 -> 31.20 dB, other draws unchanged. Head on the
+   CPU but this rule off: draws 0 / 3 at 24.54 / 24.37 dB (ΔEACC -0.673 / -0.702): both changes are needed.
+2. **Precise output** (``cpu_layers=auto``, :mod:`nilmc.backends.dpu.partition`): the linear dense head runs in FP32 on
+   the CPU on the DPU's int8 features (96 MACs per window). On the DPU its 8-bit grid must hold the contract's peak
+   (2766 W = 3.09 model units) on a symmetric range: fix 5, one LSB = 25 W; after the 0 W floor the rounding noise is a
+   one-sided bias on every "off" window (truth 0 W, where ΔEACC is exactly Σ(q - r)): with the head int8 every draw
+   lost +0.19..+0.55 points (draws 0 / 4: 0.24 / 0.31 of them on the 3174 windows FP32 floors to 0 W).
+
+Tried and dropped (head on the DPU): the head's bias moved within one output LSB to the offset with the lowest
+calibration error after the 0 W floor (L1 watts: ΔEACC +0.074 -0.169 -0.326 -0.119 -0.017 but SQNR 34.03 31.88 28.84
+30.63 33.90; |mean| of the floored difference: ΔEACC +0.144 -0.183 -0.277 +0.109 +0.084, SQNR worst 30.38); the
+precise output does better on both without a tuned offset. A uniform 1.5x headroom on the refinement's ranges
+(``PotOptions.headroom``) lowered every draw in the previous measurement (2x too), so the default stays 1.0. Not tried
+yet: a MinMSE/tail-aware fix search for conv2 (its evaluation maximum 2.61 still passes draw 0's grid 1.98, 84 windows
+saturate), AdaRound, QAT with the head on the CPU (the ``*_qat`` precisions keep the head on the DPU).
 """
 from __future__ import annotations
 
@@ -42,7 +64,7 @@ import numpy as np
 
 SHIPPED = Path(__file__).resolve().parents[1] / "calibration_data" / "shipped"
 QUARK_MEAN_DB, QUARK_WORST_DB = 27.4, 20.5
-TARGET_MEAN_DB, TARGET_EACC = QUARK_MEAN_DB + 1.0, 0.25
+TARGET_MEAN_DB, TARGET_WORST_DB, TARGET_EACC = QUARK_MEAN_DB + 1.0, 30.0, 0.25
 
 
 def _pool(path: Path, n: int) -> Any:
@@ -75,7 +97,7 @@ def _one(model: Any, eval_ds: Any, calib: Any, target: str, mode: str) -> dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="none,auto", help="dpu.cpu_layers values to compare (default none,auto)")
+    ap.add_argument("--modes", default="auto,input", help="dpu.cpu_layers values to compare (default auto,input)")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--draw-size", type=int, default=1000)
     ap.add_argument("--pool-windows", type=int, default=20_000)
@@ -104,7 +126,7 @@ def main() -> None:
             print(f"{name:<8} cpu_layers={mode:<5} ΔEACC {r['d_eacc']:+.3f}  SQNR {r['sqnr']:6.2f} dB  CPU: {', '.join(r['cpu_ops']) or '-'}"
                   f"  ({r['s']} s)", flush=True)
     print(f"\ndpu:{args.target}, shipped model, shipped evaluation set ({len(eval_ds.x)} windows); AMD Quark XINT8 {QUARK_MEAN_DB} / "
-          f"{QUARK_WORST_DB} dB; target mean >= {TARGET_MEAN_DB} dB, |ΔEACC| <= {TARGET_EACC}")
+          f"{QUARK_WORST_DB} dB; target mean >= {TARGET_MEAN_DB} dB, worst >= {TARGET_WORST_DB} dB, |ΔEACC| <= {TARGET_EACC}")
     for mode in modes:
         sel = {k: v for k, v in rows[mode].items() if k.startswith("draw")}
         line = [f"cpu_layers={mode:<5}"]
@@ -114,7 +136,7 @@ def main() -> None:
         if sel:
             s_arr = np.array([v["sqnr"] for v in sel.values()])
             e_arr = np.array([v["d_eacc"] for v in sel.values()])
-            ok = s_arr.mean() >= TARGET_MEAN_DB and np.abs(e_arr).max() <= TARGET_EACC
+            ok = s_arr.mean() >= TARGET_MEAN_DB and s_arr.min() >= TARGET_WORST_DB and np.abs(e_arr).max() <= TARGET_EACC
             line.append(f"{len(sel)} draws: SQNR mean {s_arr.mean():.2f} / worst {s_arr.min():.2f} dB; ΔEACC per draw "
                         f"{', '.join(f'{v:+.3f}' for v in e_arr)} (worst |{np.abs(e_arr).max():.3f}|); target {'met' if ok else 'NOT met'}")
         print("  ".join(line))

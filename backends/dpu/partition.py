@@ -12,10 +12,15 @@ inspector, board script) reads the same :class:`Partition`:
    quantized at its own fix point.
 3. **CPU post-processing** (``cpu_post.onnx``): trailing data-movement ops the DPU has no operator for
    (``Shape``/``Gather``/``Concat``/``Reshape`` of a PyTorch ``view``, a final ``Clip``), fed the DPU's
-   dequantized outputs.
+   dequantized outputs; with ``cpu_layers="auto"`` also the **head** (precise output): a dense layer without
+   activation whose output is the graph output, when a weighted layer stays on the DPU. Its 8-bit power-of-two
+   grid must hold the contract's peak power on a symmetric range, so one output LSB was 25 W on the shipped T-P
+   model, and the 0 W floor turned that rounding noise into a one-sided bias on every "off" window
+   (``benchmarks/bench_dpu_fidelity.py``: EACC delta +0.19..+0.55 points with the head on the DPU).
 
-Any other op the DPU cannot take still refuses the model (the inspector says which and why); ``cpu_layers="none"``
-keeps every layer on the DPU (the graph input quantized, as before).
+Any other op the DPU cannot take still refuses the model (the inspector says which and why). ``cpu_layers``:
+``"auto"`` (input layers and head on the CPU), ``"input"`` (only the input layers), ``"none"`` (every layer on the
+DPU, the graph input quantized, as before).
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ from nilmc.quantization.graph import prune_dead
 
 CPU_PRE, CPU_POST = "cpu_pre.onnx", "cpu_post.onnx"
 NHWC_SUFFIX = ":nhwc"  # a CPU stage's tensor in the DPU's NHWC order (pre outputs, post inputs)
-CPU_LAYERS = ("auto", "none")
+CPU_LAYERS = ("auto", "input", "none")
 # Ops that only move data: before the first DPU layer they run on the CPU with the float layers.
 LEADING_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 # After the last DPU op: data movement, shape arithmetic, and a final clamp.
 TRAILING_OPS = LEADING_OPS | frozenset({"Shape", "Gather", "Concat", "Slice", "Cast", "Clip", "Relu"})
 PRECISE_INPUT = "precise input: reads the float graph input, runs in FP32 on the CPU (the input is never quantized)"
+PRECISE_HEAD = ("precise output: the head (dense, no activation) runs in FP32 on the CPU on the DPU's int8 features (an 8-bit "
+                "output grid holding the peak power costs a coarse LSB, biased by the 0 W floor)")
 
 
 @dataclass(frozen=True)
@@ -94,15 +101,16 @@ def _layout_only(op: DpuOp) -> bool:
 
 def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode: str = "auto") -> Partition:
     """The CPU/DPU split of ``graph`` (module docstring). ``float_layers``: layers the shared parameters keep float
-    (only those reading the graph input, through CPU ops, move to the CPU); ``mode`` ``"auto"`` (default) or
-    ``"none"`` (no CPU layers; layout conversion of the graph input and trailing ops still run on the CPU)."""
+    (only those reading the graph input, through CPU ops, move to the CPU); ``mode`` ``"auto"`` (default: those and the
+    head, see the module docstring), ``"input"`` (those only) or ``"none"`` (no CPU layers; layout conversion of the graph
+    input and trailing ops still run on the CPU)."""
     producers, consumers = _producers(graph), _consumers(graph)
     on_cpu = {op.name for op in graph.ops if op.kind == OpKind.INPUT}
     pre: dict[str, str] = {}
     for op in graph.ops:
         if op.kind == OpKind.INPUT or not op.inputs or not all(producers[t].name in on_cpu for t in op.inputs if t in producers):
             continue
-        if mode == "auto" and op.name in float_layers:
+        if mode in ("auto", "input") and op.name in float_layers:
             pre[op.name] = PRECISE_INPUT
         elif _layout_only(op) and _leads_to(op, float_layers, consumers, mode):
             pre[op.name] = f"{_op_type(op) or op.kind} before a CPU layer: data movement, runs on the CPU with it"
@@ -117,13 +125,31 @@ def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode:
         users = consumers.get(op.output, [])
         if (users or op.output in outs) and all(u.name in post for u in users):
             post[op.name] = f"{_op_type(op)} after the last DPU op: no DPU operator, runs in FP32 on the CPU after the DPU"
+    if mode == "auto":
+        head = _head(graph, pre, post, consumers)
+        if head is not None:
+            post[head.name] = PRECISE_HEAD
     post = {op.name: post[op.name] for op in graph.ops if op.name in post}  # graph order
     return _cut(graph, pre, post, producers)
 
 
+def _head(graph: DpuGraph, pre: Mapping[str, str], post: Mapping[str, str], consumers: Mapping[str, list[DpuOp]]) -> DpuOp | None:
+    """The dense layer without activation that makes the graph's only output (directly or through trailing CPU ops),
+    when another weighted layer stays on the DPU (None otherwise)."""
+    if len(graph.outputs) != 1:
+        return None
+    for op in graph.ops:
+        users = consumers.get(op.output, [])
+        feeds_out = op.output in graph.outputs or (users and all(u.name in post for u in users))
+        if op.kind == OpKind.DENSE and op.activation is None and op.name not in pre and feeds_out:
+            if any(o.weighted and o.name not in pre and o is not op for o in graph.ops):
+                return op
+    return None
+
+
 def _leads_to(op: DpuOp, float_layers: Collection[str], consumers: Mapping[str, list[DpuOp]], mode: str) -> bool:
     """Whether a leading layout op feeds (through other layout ops) a float layer that will run on the CPU."""
-    if mode != "auto":
+    if mode not in ("auto", "input"):
         return False
     todo, seen = [op], set()
     while todo:

@@ -37,9 +37,19 @@ def _shipped() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
+    return _compile(tmp_path_factory, "auto")
+
+
+@pytest.fixture(scope="module")
+def shipped_int8_head(tmp_path_factory):
+    """``dpu.cpu_layers=input``: the head on the DPU too, so the whole int8 part ends at the graph output."""
+    return _compile(tmp_path_factory, "input")
+
+
+def _compile(tmp_path_factory, cpu_layers: str):
     from nilmc.backends.registry import Registry, register_builtins
     from nilmc.calibration_data.dataset import NilmDataset
-    from nilmc.compiler.driver import compile_model
+    from nilmc.compiler.driver import CompileOptions, compile_model
     from nilmc.compiler.frontend import load_model
 
     p = _shipped()
@@ -50,7 +60,8 @@ def shipped(tmp_path_factory):
     if "dpu" not in reg:
         reg.register(DPUBackend())
     out = tmp_path_factory.mktemp("tp")
-    summary = compile_model(model, ev, reg.parse_targets("dpu:b2304"), out, calib=calib, registry=reg)
+    summary = compile_model(model, ev, reg.parse_targets("dpu:b2304"), out, calib=calib, registry=reg,
+                            options=CompileOptions(backend_options={"dpu": {"cpu_layers": cpu_layers}}))
     return model, ev, summary, out / "dpu-b2304"
 
 
@@ -61,13 +72,20 @@ def test_ptq_delta_within_half_an_eacc_point(shipped) -> None:
     assert row["delta_eacc_pts"] <= 0.5, row
 
 
-def test_whole_model_against_the_qdq_graph(shipped) -> None:
+def test_precise_output_runs_the_head_on_the_cpu(shipped) -> None:
+    model, _, _, bundle = shipped
+    graph, params = read_xmodel((bundle / "quantized.xmodel").read_bytes())
+    assert graph.outputs == ["seq2point_cnn/dense2/Relu:0"] and "output" not in params.fix
+    assert (bundle / "cpu_post.onnx").is_file()
+
+
+def test_whole_model_against_the_qdq_graph(shipped_int8_head) -> None:
     import onnxruntime as ort
 
     from nilmc.backends.dpu.partition import CpuStage
     from nilmc.quantization.qdq import build_qdq_model
 
-    model, ev, _, bundle = shipped
+    model, ev, _, bundle = shipped_int8_head
     graph, params = read_xmodel((bundle / "quantized.xmodel").read_bytes())
     full = from_onnx(model.graph)
     # the layers the DPU does not run (precise input: conv1 in FP32 on the CPU) stay float in the QDQ graph too
