@@ -61,3 +61,16 @@ def tiny_model(ds: NilmDataset, *, hidden: int = 16, seed: int = 0) -> Model:
         on_threshold_w=1000.0, peak_power_w=float(ds.y.max()), feature_names=tuple(ds.feature_names), setup="tiny",
     )
     return Model(m, contract, source="tiny")
+
+
+def tp_context(tmp_path_factory, small_tp, dirname: str) -> dict:
+    """The small trained T-P model (the ``small_tp`` fixture), its calibration / evaluation sets, the shared
+    QuantContext and a fresh directory: what the TFLite / eIQ backend tests lower from."""
+    import pytest
+
+    pytest.importorskip("ai_edge_litert")
+    from nilmc.quantization.context import QuantContext
+
+    sp, model = small_tp["splits"], small_tp["model"]
+    return {"model": model, "calib": sp["calib"], "eval": sp["eval"], "ctx": QuantContext(model, sp["calib"]),
+            "dir": tmp_path_factory.mktemp(dirname)}

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tp_context
 
 from nilmc.backends.base import Verification
 from nilmc.compiler.errors import BadInputError
@@ -15,12 +16,7 @@ from nilmc.compiler.errors import BadInputError
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory, small_tp):
     """A small trained T-P model (Keras), calibration / evaluation sets and the shared QuantContext."""
-    pytest.importorskip("ai_edge_litert")
-    from nilmc.quantization.context import QuantContext
-
-    sp, model = small_tp["splits"], small_tp["model"]
-    return {"model": model, "calib": sp["calib"], "eval": sp["eval"], "ctx": QuantContext(model, sp["calib"]),
-            "dir": tmp_path_factory.mktemp("bundles")}
+    return tp_context(tmp_path_factory, small_tp, "bundles")
 
 
 _LOWERED: dict = {}

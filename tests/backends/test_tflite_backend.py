@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from helpers import tp_context
 
 from nilmc.backends.base import Verification
 from nilmc.compiler.errors import BadInputError, DataError
@@ -18,12 +19,7 @@ slow_tf = [pytest.mark.slow, pytest.mark.tf]
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory, small_tp):
     """A small trained T-P model (Keras + ONNX), its calibration / evaluation sets and the shared QuantContext."""
-    pytest.importorskip("ai_edge_litert")
-    from nilmc.quantization.context import QuantContext
-
-    sp, model = small_tp["splits"], small_tp["model"]
-    return {"model": model, "calib": sp["calib"], "eval": sp["eval"], "ctx": QuantContext(model, sp["calib"]),
-            "dir": tmp_path_factory.mktemp("bundles")}
+    return tp_context(tmp_path_factory, small_tp, "bundles")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import tp_context
 from onnx import TensorProto, helper, numpy_helper
 
 from nilmc.compiler.errors import BadInputError, InternalError
@@ -118,12 +119,7 @@ def test_channel_first_exports_are_left_alone():
 # --------------------------------------------------------------------------- slow (TensorFlow): the flatbuffer
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory, small_tp):
-    pytest.importorskip("ai_edge_litert")
-    from nilmc.quantization.context import QuantContext
-
-    sp, model = small_tp["splits"], small_tp["model"]
-    return {"model": model, "calib": sp["calib"], "eval": sp["eval"], "ctx": QuantContext(model, sp["calib"]),
-            "dir": tmp_path_factory.mktemp("precise")}
+    return tp_context(tmp_path_factory, small_tp, "precise")
 
 
 _LOWERED: dict = {}

@@ -229,3 +229,15 @@ def test_ray_cluster_gives_the_local_results_cell_by_cell(local_sweep, tmp_path)
     finally:
         ray.shutdown()
     assert _comparable(out / sw.RESULTS_FILE) == _comparable(local_sweep["out"] / sw.RESULTS_FILE)
+
+
+def test_the_shipped_full_grid_file_is_seed003s_200_cells():
+    """examples/grids/seed003_full.toml (the grid the README's measured full-grid time is for) parses into the
+    20 setups x 5 normalizations x 2 appliances of seed 003's Table 6."""
+    from nilmc.training.sweep import grid_cells, load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[2] / "examples" / "grids" / "seed003_full.toml")
+    cells = grid_cells(grid)
+    assert len(cells) == 200
+    assert len({c.setup for c in cells}) == 20 and {c.normalization for c in cells} == {"A", "B", "C", "D", "E"}
+    assert {c.appliance for c in cells} == {"kettle", "fridge"} and grid.targets == ("onnxruntime:int8",)
