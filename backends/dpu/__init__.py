@@ -294,31 +294,44 @@ class DPUBackend:
             report = inspect_graph(full, target, early)
             atomic_write_json(out_dir / INSPECTOR, report.to_json())
             raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, early)}", UNSUPPORTED_REMEDY)
-        part = _partition(full, ctx, options, qat=qat)
-        graph = dpu_graph(full, part)
-        report = inspect_graph(full, target, part)
-        atomic_write_json(out_dir / INSPECTOR, report.to_json())
-        if graph.unsupported or part.problems:
-            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, part)}", UNSUPPORTED_REMEDY)
-        pre_model, post_model = cpu_pre_model(model.graph, part), cpu_post_model(model.graph, full, part)
-        pre, post = (None if pre_model is None else CpuStage(pre_model)), (None if post_model is None else CpuStage(post_model))
-        feeds = {model.input_name: ctx.calib_x}
-        qopts = options.get("dpu_quant") or _quant_options(model, full, part, post)
-        shared = _shared(graph, ctx, options)
-        # b2304 and b4096 share the DPUCZDX8G arithmetic: with equal limits and options the refinement (and QAT) is the
-        # same computation, done once per compile (measured: the two PTQ and the two QAT targets were identical anyway).
-        key = (repr(target.limits), _stable_repr(qopts), repr(shared), qat, repr(part.to_json()),
-               repr(sorted((k, repr(v)) for k, v in options.items() if k.startswith("qat_"))))
-        memo = ctx.memo.setdefault(self.name, {}) if hasattr(ctx, "memo") else {}
-        if key not in memo:
-            params = calibrate(model.graph, graph, feeds, target.limits, options=qopts, **shared)
-            reference, qat_info = graph, None
-            if qat:
-                from nilmc.backends.dpu.qat import qat_lower
+        # A *_qat target trains the DPU part up to the model's output (the head stays on the DPU). When no fine-tuned
+        # epoch beats the PTQ start, nothing was learned: it deploys what the PTQ target deploys (its partition, with the
+        # head on the CPU under cpu_layers=auto), and the manifest's qat section says so.
+        untrained = None
+        for trained in ((True, False) if qat else (False,)):
+            part = _partition(full, ctx, options, qat=trained)
+            graph = dpu_graph(full, part)
+            report = inspect_graph(full, target, part)
+            atomic_write_json(out_dir / INSPECTOR, report.to_json())
+            if graph.unsupported or part.problems:
+                raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, part)}", UNSUPPORTED_REMEDY)
+            pre_model, post_model = cpu_pre_model(model.graph, part), cpu_post_model(model.graph, full, part)
+            pre, post = (None if pre_model is None else CpuStage(pre_model)), (None if post_model is None else CpuStage(post_model))
+            feeds = {model.input_name: ctx.calib_x}
+            qopts = options.get("dpu_quant") or _quant_options(model, full, part, post)
+            shared = _shared(graph, ctx, options)
+            # b2304 and b4096 share the DPUCZDX8G arithmetic: with equal limits and options the refinement (and QAT) is the
+            # same computation, done once per compile (measured: the two PTQ and the two QAT targets were identical anyway).
+            key = (repr(target.limits), _stable_repr(qopts), repr(shared), trained, repr(part.to_json()),
+                   repr(sorted((k, repr(v)) for k, v in options.items() if k.startswith("qat_"))))
+            memo = ctx.memo.setdefault(self.name, {}) if hasattr(ctx, "memo") else {}
+            if key not in memo:
+                params = calibrate(model.graph, graph, feeds, target.limits, options=qopts, **shared)
+                reference, qat_info = graph, None
+                if trained:
+                    from nilmc.backends.dpu.qat import qat_lower
 
-                graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared, pre=pre)
-            memo[key] = (graph, params, qat_info, reference)
-        graph, params, qat_info, reference = memo[key]
+                    graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared, pre=pre)
+                memo[key] = (graph, params, qat_info, reference)
+            graph, params, qat_info, reference = memo[key]
+            if not (trained and qat_info is not None and qat_info.get("kept_epoch") == 0):
+                break
+            if _partition(full, ctx, options, qat=False).to_json() == part.to_json():
+                break
+            untrained = qat_info
+        if untrained is not None:
+            qat_info = {**untrained, "deployed": "the PTQ target's parameters and partition (no fine-tuned epoch lowered the "
+                        "held-out MSE; the QAT partition keeps the head on the DPU, PTQ runs it on the CPU)"}
         violations = check_shifts(graph, params, target.limits)
         if violations:
             raise InternalError(f"DPU shift repair left {len(violations)} violation(s): {violations[0]}", "report this as a nilmc bug")

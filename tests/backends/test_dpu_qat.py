@@ -81,7 +81,7 @@ def test_qat_not_worse_than_ptq_on_held_out_windows(lowered, keras_model, tiny_e
 def test_qat_is_deterministic(lowered, keras_model, tiny_ds, tmp_path) -> None:
     from nilmc.quantization.context import QuantContext
 
-    opts = {"quant": QuantContext(keras_model, tiny_ds), "qat_epochs": 2, "qat_learning_rate": 1e-6}
+    opts = {"quant": QuantContext(keras_model, tiny_ds), "qat_epochs": 2, "qat_learning_rate": 1e-6, "cpu_layers": "input"}
     again = DPUBackend().lower(keras_model, tmp_path, precision="b2304_qat", options=opts)
     first = lowered["b2304_qat"]
     assert (tmp_path / again.primary).read_bytes() == (first.directory / first.primary).read_bytes()
@@ -92,3 +92,19 @@ def test_qat_needs_the_keras_source(tiny, tiny_ds, tmp_path) -> None:
 
     with pytest.raises(BadInputError, match="Keras"):
         DPUBackend().lower(tiny, tmp_path, precision="b2304_qat", options={"quant": QuantContext(tiny, tiny_ds)})
+
+
+def test_qat_that_learned_nothing_deploys_the_ptq_target(keras_model, tiny_ds, tmp_path) -> None:
+    """Under cpu_layers=auto QAT trains with the head on the DPU; when its epoch 0 (the PTQ start) wins, the target
+    deploys exactly what the PTQ target deploys (head on the CPU) and says so; otherwise the head stays on the DPU."""
+    from nilmc.quantization.context import QuantContext
+
+    ctx = QuantContext(keras_model, tiny_ds)
+    arts = {p: DPUBackend().lower(keras_model, tmp_path / p, precision=p, options={"quant": ctx, "qat_epochs": 1, "qat_learning_rate": 1e-6})
+            for p in ("b2304", "b2304_qat")}
+    qat = arts["b2304_qat"].info["qat"]
+    same = (tmp_path / "b2304_qat" / arts["b2304_qat"].primary).read_bytes() == (tmp_path / "b2304" / arts["b2304"].primary).read_bytes()
+    if qat["kept_epoch"] == 0:
+        assert same and "PTQ target's parameters and partition" in qat["deployed"]
+    else:
+        assert not same and qat["deployed"].startswith("fine-tuned weights")
