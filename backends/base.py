@@ -38,7 +38,10 @@ class Capabilities:
     ``extra`` the pip extra providing them; ``keras_precisions`` the precisions that lower from
     the Keras source (they need TensorFlow and a .keras/.h5 model).
     ``options`` is the backend's typed options record: a frozen dataclass whose fields all
-    have defaults, reachable as ``--option BACKEND.FIELD=VALUE`` and from the Python API.
+    have defaults, reachable as ``--option BACKEND.FIELD=VALUE`` and from the Python API. Where an
+    option changes the traits a precision derives its parameters under (e.g. ``cpu_layers=none``:
+    full integer), the record defines ``quant_traits(precision, traits) -> traits`` and the driver
+    derives the shared parameters under what it returns.
     ``limitations`` declares known gaps as data, so tests and reports can read them.
     """
 

@@ -647,6 +647,14 @@ class EiqOptions:
     def __post_init__(self) -> None:
         check_cpu_layers(self.cpu_layers, "eiq")
 
+    def quant_traits(self, precision: str, traits: Any) -> Any:
+        """The traits ``eiq:<precision>`` derives its parameters under with these options (full integer under
+        ``cpu_layers=none``), as :attr:`EIQBackend.capabilities` declares them for the defaults."""
+        if precision not in PRECISIONS:
+            return traits
+        spec = eiq_spec(precision, self.cpu_layers)
+        return spec.traits.with_(io_dtype=spec.io_dtype)
+
 
 class EIQBackend:
     """NXP eIQ: full-integer TFLite for the i.MX 8M Plus NPU, checked for the VX delegate, with an NPU drift emulation."""

@@ -121,6 +121,12 @@ class TFLiteOptions:
     def __post_init__(self) -> None:
         check_cpu_layers(self.cpu_layers, "tflite")  # a typed error naming the flag, from the CLI too
 
+    def quant_traits(self, precision: str, traits: Any) -> Any:
+        """The traits ``tflite:<precision>`` derives its parameters under with these options (the driver's shared
+        derivation, overflow and coverage sections follow them): ``int8``'s spec (full integer under
+        ``cpu_layers=none``, per-tensor weights under ``per_tensor``); other precisions keep ``traits``."""
+        return tflite_spec(precision, self).traits if precision == "int8" else traits
+
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> TFLiteOptions:
         o = dict(options or {})

@@ -319,9 +319,18 @@ def plan_targets(model: Model, targets: Sequence[Target], registry: Registry, op
                                     "pass the .keras/.h5 file instead, or choose a target that lowers from ONNX (e.g. onnxruntime:int8, openvino:int8)")
         else:
             problem = _precheck(registry, t, model)
-        plans.append(TargetPlan(t, caps.traits.get(t.precision), caps.estimators.get(t.precision), typed[t.backend],
+        plans.append(TargetPlan(t, _target_traits(caps, t.precision, typed[t.backend]), caps.estimators.get(t.precision), typed[t.backend],
                                 dict(options.backend_options.get(t.backend, {})), problem))
     return plans
+
+
+def _target_traits(caps: Any, precision: str, typed_options: Any) -> Any:
+    """The traits a target's parameters are derived under: the backend's declared ones, adjusted by its typed options
+    where the options record says how (``quant_traits(precision, traits)``, e.g. ``tflite.cpu_layers=none`` is full
+    integer), so the shared derivation and the manifest's overflow / coverage sections describe what is deployed."""
+    traits = caps.traits.get(precision)
+    adjust = getattr(typed_options, "quant_traits", None)
+    return traits if traits is None or adjust is None else adjust(precision, traits)
 
 
 def _precheck(registry: Registry, target: Target, model: Model) -> NilmcError | None:
