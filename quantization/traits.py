@@ -32,6 +32,9 @@ class QuantTraits:
     * ``activation_signed`` (True): int8 (True) or uint8 (False) activation codes.
     * ``float_layers`` (False): the target runs a layer in float beside INT8 ones (mixed precision; the
       techniques pipeline then keeps the layers reading the graph input float, see ``api.Techniques``).
+    * ``inner_float_layers`` (False): any layer, not only those reading the input, may run in float (a QDQ graph
+      leaves it unquantized): the techniques pipeline may then keep layers float to hold the calibration SQNR floor
+      (``api.Techniques.min_calib_sqnr``).
     * ``bias_bits`` (32): 32 = int32 bias with scale ``s_in * s_w``; smaller = own
       per-tensor scale (the DPU stores an 8-bit bias with its own fix position).
     * ``requant_shift_range`` (None): allowed ``fw + fi - fo`` for power-of-two targets (DPU shift_cut).
@@ -53,6 +56,7 @@ class QuantTraits:
     allow_int16_activations: bool = False
     activation_signed: bool = True
     float_layers: bool = False
+    inner_float_layers: bool = False
     bias_bits: int = 32
     requant_shift_range: tuple[int, int] | None = None
     requant_multiplier_bits: int = 32
@@ -108,7 +112,7 @@ class QuantTraits:
 
 
 # onnxruntime / OpenVINO: per-channel symmetric int8 weights, asymmetric uint8 activations, float I/O (QDQ).
-GENERIC_INT8 = QuantTraits(name="generic_int8", activation_signed=False, float_layers=True)
+GENERIC_INT8 = QuantTraits(name="generic_int8", activation_signed=False, float_layers=True, inner_float_layers=True)
 
 # TFLite full-integer: per-channel narrow int8 weights, asymmetric int8 activations, int32 accumulators,
 # C round() (half away) when quantizing, int8 I/O.
@@ -121,7 +125,8 @@ TFLITE_INT8_FLOAT_INPUT = TFLITE_INT8.with_(name="tflite_int8_float_input", floa
 
 # TensorRT explicit Q/DQ: symmetric everywhere (zero point 0), per-channel weights on the output-channel axis,
 # amax/127 scales, round half to even, float I/O.
-TENSORRT_INT8 = QuantTraits(name="tensorrt_int8", symmetric_activations=True, narrow_range_weights=True, float_layers=True)
+TENSORRT_INT8 = QuantTraits(name="tensorrt_int8", symmetric_activations=True, narrow_range_weights=True, float_layers=True,
+                            inner_float_layers=True)
 
 # NXP eIQ (i.MX 8M Plus NPU) per-tensor path: per-tensor asymmetric weights and activations (the legacy
 # per-tensor layout this NPU runs fastest), 16-bit normalized requantization multiplier.

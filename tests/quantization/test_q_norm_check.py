@@ -2,6 +2,8 @@
 with its tensors named while the same function on normalized input (C) passes."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from helpers import tiny_dataset, tiny_model
@@ -14,7 +16,8 @@ from nilmc.quantization.fold import fold_normalization
 from nilmc.quantization.normalization_check import NormalizationLimits, check_normalization
 from nilmc.quantization.overflow import QuantizationOverflowError
 
-FAST = Techniques(select_estimators=False, headroom=False, bias_correction=False, precise_input=False)  # the INT8-input findings
+FAST = Techniques(select_estimators=False, headroom=False, bias_correction=False, precise_input=False,
+                  min_calib_sqnr=None)  # the INT8-input findings, unrepaired
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,15 @@ def test_policy_fix_rescales_the_input_exactly(tp) -> None:
     assert fixed.params.keep_float == () and "input rescaling applied" in fixed.notes[0]
     starved = quantize(a_model, sp["calib"], advanced=FAST).report()["output_sqnr_db"]
     assert fixed.report()["output_sqnr_db"] > starved + 10
+
+
+def test_unnormalized_model_is_repaired_by_the_calibration_sqnr_floor(tp) -> None:
+    """The same raw-feature model with the SQNR floor on (the default where any layer may run float): units are kept
+    float, greedily, until the calibration output SQNR reaches the floor; the record says which and what each gained."""
+    sp, _, a_model = tp
+    plain = quantize(a_model, sp["calib"], advanced=FAST)
+    fixed = quantize(a_model, sp["calib"], advanced=replace(FAST, min_calib_sqnr=35.0))
+    rec = fixed.params.provenance["sqnr_fallback"]
+    assert rec["kept"] and all(g > 0 for g in rec["gains_db"].values()) and rec["initial_db"] < 35.0
+    assert set(rec["kept"]) <= set(fixed.params.keep_float)
+    assert fixed.report()["output_sqnr_db"] > plain.report()["output_sqnr_db"] + 10

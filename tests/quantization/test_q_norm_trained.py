@@ -29,8 +29,8 @@ def test_trained_unnormalized_flagged_normalized_passes(trained) -> None:
     from nilmc.quantization.api import Techniques, quantize
 
     sp, models = trained
-    fast = Techniques(select_estimators=False, headroom=False, bias_correction=False,
-                      precise_input=False)  # the INT8-input finding (precise input leaves the input float)
+    fast = Techniques(select_estimators=False, headroom=False, bias_correction=False, precise_input=False,
+                      min_calib_sqnr=None)  # the INT8-input finding, unrepaired (precise input / the SQNR floor repair it)
     a = quantize(models["A"], sp["calib"], advanced=fast)
     c = quantize(models["C"], sp["calib"], advanced=fast)
     assert c.feature_scales.ok and not c.overflow.by_check("input_features")
