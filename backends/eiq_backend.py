@@ -455,8 +455,8 @@ def emulate_int8_widths(fb: bytes, x_codes: np.ndarray, *, multiplier_bits: tupl
     widths = tuple(int(b) for b in multiplier_bits)
     x_codes = np.asarray(x_codes)
     parts: dict[int, list[np.ndarray]] = {b: [] for b in widths}
-    for start in range(0, max(len(x_codes), 1), _WINDOWS_PER_PASS):
-        for bits, y in graph.run(x_codes[start:start + _WINDOWS_PER_PASS], widths).items():
+    for i in range(0, max(len(x_codes), 1), _WINDOWS_PER_PASS):
+        for bits, y in graph.run(x_codes[i:i + _WINDOWS_PER_PASS], widths).items():
             parts[bits].append(y)
     return {bits: np.concatenate(ys) for bits, ys in parts.items()}
 
