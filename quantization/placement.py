@@ -39,7 +39,7 @@ def op_placement(model: onnx.ModelProto, params: QuantParams) -> dict[str, Any]:
     quantized = [layer for layer in g.layers if layer.name not in keep and layer.weight in params]
     q_names = {layer.name for layer in quantized}
     precise = set((params.provenance.get("precise_input") or {}).get("float_layers", ()))
-    mixed = _mixed_precision_reasons(params)
+    mixed = _fallback_reasons(params)
     floats: list[dict[str, str]] = []
     for layer in g.layers:
         if layer.name not in q_names:
@@ -48,7 +48,7 @@ def op_placement(model: onnx.ModelProto, params: QuantParams) -> dict[str, Any]:
                    else "kept at float by the parameters (keep_float)" if layer.name in keep else "no INT8 parameters for its weights")
             floats.append({"name": layer.name, "op": layer.op_type, "why": why})
     producers = {o: node for node in m.graph.node for o in node.output}
-    for name, why in mixed.items():  # activations the mixed-precision fallback left unrounded (inputs of float ops, the output)
+    for name, why in mixed.items():  # activations a fallback left unrounded (inputs of float ops, the output)
         if name not in {layer.name for layer in g.layers}:
             node = producers.get(name)
             floats.append({"name": name, "op": f"activation of {node.op_type}" if node is not None else "activation", "why": why})
@@ -61,8 +61,19 @@ def op_placement(model: onnx.ModelProto, params: QuantParams) -> dict[str, Any]:
     ops = sorted({f["op"] for f in floats if not f["op"].startswith("activation")})
     acts = sum(f["op"].startswith("activation") for f in floats)
     summary = (f"{len(quantized)} weighted layer(s) in INT8" + (f"; float: {len(floats) - acts} op(s) ({', '.join(ops)})" if floats else "; nothing float")
-               + (f"; {acts} activation(s) left unrounded by the mixed-precision budget" if acts else ""))
+               + (f"; {acts} activation(s) left unrounded by a precision fallback" if acts else ""))
     return {"int8": sorted(q_names), "float": floats, "summary": summary}
+
+
+def _fallback_reasons(params: QuantParams) -> dict[str, str]:
+    """Unit name -> why a precision fallback kept it: the calibration SQNR floor (``provenance["sqnr_fallback"]``) or
+    the mixed-precision budget (``provenance["mixed_precision"]["why"]``, which wins for a unit both kept)."""
+    sf = params.provenance.get("sqnr_fallback") or {}
+    floor: dict[str, str] = {
+        str(name): (f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the calibration windows, under "
+                    f"{sf.get('target_db'):g} dB; keeping it float added {gain:.1f} dB")
+        for name, gain in (sf.get("gains_db") or {}).items()}
+    return {**floor, **_mixed_precision_reasons(params)}
 
 
 def _mixed_precision_reasons(params: QuantParams) -> dict[str, str]:

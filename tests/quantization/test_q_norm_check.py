@@ -134,3 +134,7 @@ def test_unnormalized_model_is_repaired_by_the_calibration_sqnr_floor(tp) -> Non
     assert rec["kept"] and all(g > 0 for g in rec["gains_db"].values()) and rec["initial_db"] < 35.0
     assert set(rec["kept"]) <= set(fixed.params.keep_float)
     assert fixed.report()["output_sqnr_db"] > plain.report()["output_sqnr_db"] + 10
+    from nilmc.quantization.placement import op_placement
+
+    whys = {f["name"]: f["why"] for f in op_placement(a_model.graph, fixed.params)["float"]}
+    assert all(whys[name].startswith("calibration SQNR floor") for name in rec["kept"])  # the manifest says why
