@@ -141,3 +141,24 @@ def _fit_and_save(model, ds: NilmDataset, path: str, *, layout_axes: tuple[int, 
     model.compile("adam", "mse")
     model.fit(x, (ds.y[:, 0] - ym) / ys, epochs=2, batch_size=64, verbose=0)
     model.save(path)
+
+
+def compile_ncw_from_flags(tmp_path, m: onnx.ModelProto, ds: NilmDataset, ev: NilmDataset, targets: str, *extra: object) -> tuple[object, dict]:
+    """Save ``m``, ``ds`` (calibration) and ``ev`` (evaluation) under ``tmp_path`` and compile them for ``targets``
+    through the CLI alone, the contract from flags as a PyTorch user passes them; ``(click result, {target: row})``."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nilmc.compiler.cli import cli
+
+    onnx.save(m, tmp_path / "m.onnx")
+    ds.save(tmp_path / "calib.npz")
+    ev.save(tmp_path / "eval.npz")
+    s = export_stats(m)
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "compile", tmp_path / "m.onnx", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / "out",
+        "--targets", targets, "--output", "midpoint", "--input-norm", "zscore", "--input-mean", s["input_mean"],
+        "--input-std", s["input_std"], "--target-mean", s["target_mean"], "--target-std", s["target_std"], "--appliance", "fridge",
+        *extra, "--json")], catch_exceptions=False)
+    return r, {t["target"]: t for t in json.loads(r.stdout)["targets"]}

@@ -1,17 +1,13 @@
 """The ONNX route of tflite / eiq (onnx2tf): the graph pass, the pre-check, and a refusal through the CLI in milliseconds."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import onnxruntime as ort
-from click.testing import CliRunner
 from onnx import helper
-from outside_models import export_stats, lf_windows, ncw_conv1d_seq2seq
+from outside_models import compile_ncw_from_flags, lf_windows, ncw_conv1d_seq2seq
 
 from nilmc.backends.onnx_to_tf import data_path_ops, int8_precheck, tf_ready_graph
-from nilmc.compiler.cli import cli
 
 
 def _ncw() -> tuple[onnx.ModelProto, object]:
@@ -48,16 +44,7 @@ def test_unplaceable_onnx_model_is_refused_before_calibration(tmp_path):
     clip = m.graph.node[-1]
     m.graph.node.remove(clip)
     m.graph.node.append(helper.make_node("Sigmoid", [clip.input[0]], ["output"], name="/Sigmoid"))
-    onnx.save(m, tmp_path / "m.onnx")
-    ds.save(tmp_path / "calib.npz")
-    ev.save(tmp_path / "eval.npz")
-    s = export_stats(m)
-    r = CliRunner().invoke(cli, [str(a) for a in (
-        "compile", tmp_path / "m.onnx", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / "out",
-        "--targets", "tflite:int8,eiq:int8_pt", "--output", "midpoint", "--input-norm", "zscore", "--input-mean", s["input_mean"],
-        "--input-std", s["input_std"], "--target-mean", s["target_mean"], "--target-std", s["target_std"], "--appliance", "fridge",
-        "--json")], catch_exceptions=False)
-    by = {t["target"]: t for t in json.loads(r.stdout)["targets"]}
+    r, by = compile_ncw_from_flags(tmp_path, m, ds, ev, "tflite:int8,eiq:int8_pt")
     assert r.exit_code == 2
     for t in ("tflite:int8", "eiq:int8_pt"):
         assert by[t]["status"] == "BAD INPUT" and "Sigmoid" in by[t]["error"] and "\n" not in by[t]["error"].strip(), by[t]

@@ -275,23 +275,11 @@ def test_raw_input_onnx_variant_lowers_and_lands_on_the_zscore_model(tp, tmp_pat
 def test_pytorch_ncw_export_keeps_its_input_layers_float_on_the_onnx2tf_route(tmp_path):
     """A PyTorch-style (N, 1, T) Conv1d export through onnx2tf: the layout ops onnx2tf puts before conv1 and conv1 itself
     run in float32 (eIQ: on the CPU, each with its reason), the three other convs in INT8; within 0.5 EACC points."""
-    from click.testing import CliRunner
-    from outside_models import export_stats, lf_windows, ncw_conv1d_seq2seq
-
-    from nilmc.compiler.cli import cli
+    from outside_models import compile_ncw_from_flags, lf_windows, ncw_conv1d_seq2seq
 
     ds, ev = lf_windows(400, 64, seed=0), lf_windows(200, 64, seed=1)
     m = ncw_conv1d_seq2seq(ds, channels=4, kernel=5)
-    onnx.save(m, tmp_path / "m.onnx")
-    ds.save(tmp_path / "calib.npz")
-    ev.save(tmp_path / "eval.npz")
-    s = export_stats(m)
-    r = CliRunner().invoke(cli, [str(a) for a in (
-        "compile", tmp_path / "m.onnx", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / "out",
-        "--targets", "tflite:int8,eiq:int8", "--output", "midpoint", "--input-norm", "zscore", "--input-mean", s["input_mean"],
-        "--input-std", s["input_std"], "--target-mean", s["target_mean"], "--target-std", s["target_std"], "--appliance", "fridge",
-        "--on-threshold", 50, "--json")], catch_exceptions=False)
-    by = {t["target"]: t for t in json.loads(r.stdout)["targets"]}
+    r, by = compile_ncw_from_flags(tmp_path, m, ds, ev, "tflite:int8,eiq:int8", "--on-threshold", 50)
     assert r.exit_code == 0, by
     for t in ("tflite:int8", "eiq:int8"):
         assert by[t]["passed"] and abs(by[t]["delta_eacc_pts"]) <= 0.5, by[t]
