@@ -225,7 +225,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     registry = default_registry()
     tlist = registry.parse_targets(targets)
     _wire_meter_fitter(registry, tlist)
-    budget = parse_budget(max_delta)
+    # no --max-delta: the driver picks the model's task default (eacc=0.5 for regression, f1w=1 for classifiers)
+    budget = parse_budget(max_delta) if max_delta else None
     min_sqnr_db = parse_min_sqnr(min_sqnr)
     model = load_model_with_flags(model_path, contract_flags)
     eval_ds = _load_data(eval_path)

@@ -203,3 +203,18 @@ def test_verify_a_classifier_bundle(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["passed"] and doc["bundles"][0]["report"]["deltas"]["f1w"] == 0.0
+
+
+def test_cli_compile_of_a_classifier_without_max_delta_uses_the_f1w_default(tmp_path):
+    """`nilmc compile` with no --max-delta gates a classifier on f1w=1 (it used to force eacc=0.5 and refuse it)."""
+    path = _classifier(str(tmp_path / "m.onnx"))
+    _data(300, 1).save(tmp_path / "ev.npz")
+    args = ["compile", path, "--eval", str(tmp_path / "ev.npz"), "--targets", "onnxruntime:fp32", "--out", str(tmp_path / "out"),
+            "--input-norm", "none", "--task", "multilabel", "--appliances", ",".join(APPS), "--thresholds", "1000,200,50", "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["targets"][0]["delta_f1w_pts"] == 0.0
+    budget = json.loads((tmp_path / "out" / "onnxruntime-fp32" / "manifest.json").read_text())["verification"]["budget"]
+    assert budget["f1w"] == 1.0 and "eacc" not in budget
+    res = CliRunner().invoke(cli, [*args[:-1], "--out", str(tmp_path / "out2"), "--max-delta", "eacc=0.5"])
+    assert res.exit_code != 0 and "not scored in" in res.output and "Traceback" not in res.output
