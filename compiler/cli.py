@@ -462,7 +462,7 @@ def _example_all_models(out: str, targets: str, jobs: int | None, force: bool, a
             info = m["info"]
             ops = (f"{info['macs']:,} MACs/prediction" if "macs" in info else f"{info.get('comparisons_per_prediction', 0):,} comparisons/prediction")
             click.echo(f"\n{kind}: {info.get('parameters', 0):,} parameters, {ops}" + (" (cached)" if m["cached"] else ""))
-        one(kind, str(m["onnx"]), str(m["calib"]), str(m["eval"]), tl, str(Path(out) / kind))
+        one(kind, str(m["model"]), str(m["calib"]), str(m["eval"]), tl, str(Path(out) / kind))
     if max(codes) != EXIT_OK:
         sys.exit(max(codes))
 

@@ -72,8 +72,9 @@ def ctrnn_contract(ds: NilmDataset, appliances: tuple[str, ...]) -> ModelContrac
 
 
 def train_ctrnn(train: NilmDataset, val: NilmDataset | None = None, *, appliances: tuple[str, ...],
-                config: CtrnnConfig = CtrnnConfig()) -> tuple[onnx.ModelProto, ModelContract, dict[str, Any]]:
-    """Train the CtRNN; returns ``(onnx_graph, contract, info)`` (info: parameters, MACs/FLOPs, epochs run)."""
+                config: CtrnnConfig = CtrnnConfig()) -> tuple[onnx.ModelProto, ModelContract, dict[str, Any], Any]:
+    """Train the CtRNN; returns ``(onnx_graph, contract, info, keras_model)`` (info: parameters, MACs/FLOPs, epochs
+    run; the Keras model is what the TFLite targets lower from: onnx2tf cannot read its tf2onnx export back)."""
     from nilmc.compiler.frontend import keras_to_onnx
     from nilmc.compiler.tfcompat import import_tf
     from nilmc.training.cost import graph_cost
@@ -98,4 +99,4 @@ def train_ctrnn(train: NilmDataset, val: NilmDataset | None = None, *, appliance
     cost = graph_cost(converted.graph)
     info = {"model": "ctrnn", "appliances": list(appliances), "window": int(x.shape[1]), "parameters": int(model.count_params()),
             "epochs_run": len(hist.history["loss"]), "config": config.to_json(), **cost}
-    return converted.graph, converted.contract, info
+    return converted.graph, converted.contract, info, model

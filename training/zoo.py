@@ -40,6 +40,7 @@ class Trained:
     graph: onnx.ModelProto
     contract: ModelContract
     info: dict[str, Any] = field(default_factory=dict)
+    keras: Any = None  # the tf_keras model when the kind is a Keras model (written as OUT.keras beside OUT.onnx)
 
 
 def default_splits(kind: str, appliances: Sequence[str], *, seed: int = 0, window: int | None = None,
@@ -76,26 +77,33 @@ def train_model(kind: str, train: NilmDataset, val: NilmDataset | None = None, *
     from nilmc.training.ctrnn import CtrnnConfig, train_ctrnn
 
     cfg = CtrnnConfig(seed=seed, **({"epochs": epochs} if epochs else {}), **kw)
-    proto, contract, info = train_ctrnn(train, val, appliances=tuple(appliances), config=cfg)
-    return Trained(kind, proto, contract, info)
+    proto, contract, info, keras = train_ctrnn(train, val, appliances=tuple(appliances), config=cfg)
+    return Trained(kind, proto, contract, info, keras)
 
 
 def save_model(trained: Trained, out: str | Path) -> dict[str, Path]:
-    """Write ``<out>.onnx`` (contract embedded) and ``<out>.info.json``, atomically."""
+    """Write ``<out>.onnx`` (contract embedded) and ``<out>.info.json`` (and, for a Keras model, ``<out>.keras`` with its
+    contract sidecar), atomically."""
     from nilmc.compiler.io import atomic_write_json
     from nilmc.compiler.model import Model
 
     out = Path(out)
-    onnx_path = Model(trained.graph, trained.contract, source=str(out)).save_onnx(out.with_suffix(".onnx"))
-    info_path = atomic_write_json(out.with_suffix(".info.json"), {"model": trained.kind, **trained.info})
-    return {"onnx": onnx_path, "info": info_path}
+    paths: dict[str, Path] = {}
+    if trained.keras is not None:
+        from nilmc.training.seq2point import save_trained
+
+        paths["keras"] = save_trained(trained.keras, trained.contract, out)["keras"]
+    paths["onnx"] = Model(trained.graph, trained.contract, source=str(out)).save_onnx(out.with_suffix(".onnx"))
+    paths["info"] = atomic_write_json(out.with_suffix(".info.json"), {"model": trained.kind, **trained.info})
+    return paths
 
 
 # ``nilmc example --all-models``: each reference model trained small and seeded, cached under OUT/models, with the
 # targets that can take it (the rest refuse in their pre-check; these lists only keep the example short).
 EXAMPLE_MODELS: dict[str, dict[str, Any]] = {
-    "ctrnn": {"appliances": ("kettle", "microwave", "fridge", "washing_machine"), "epochs": 8,
-              "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16")},
+    "ctrnn": {"appliances": ("kettle", "microwave", "fridge", "washing_machine"), "epochs": 8, "source": "keras",
+              "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16", "tensorrt:int8", "tensorrt:fp16",
+                          "tflite:fp32", "tflite:dynamic_int8")},
     "cloud": {"appliances": ("fridge",), "epochs": 8,
               "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16", "tensorrt:int8", "tensorrt:fp16")},
     "xgboost": {"appliances": ("fridge",), "epochs": None, "targets": ("onnxruntime:fp32",)},
@@ -106,15 +114,21 @@ EXAMPLE_SIZES = {"train": 2000, "val": 400, "calib": 300, "eval": 1000}
 def example_model(kind: str, cache: str | Path, *, seed: int = 0) -> dict[str, Any]:
     """Train ``kind`` for the example (or reuse ``cache/<kind>.*`` written by an earlier run with the same settings).
 
-    Returns ``{"onnx", "calib", "eval"}`` paths, ``"targets"`` (the example's list) and ``"info"`` (training's)."""
+    Returns ``{"onnx", "calib", "eval", "model"}`` paths (``model``: the file to compile: the ``.keras`` model when the
+    kind is a Keras model, so the TFLite targets lower from it, else the ONNX), ``"targets"`` (the example's list)
+    and ``"info"`` (training's)."""
     import json
 
     spec = EXAMPLE_MODELS[check_kind(kind)]
     cache = Path(cache)
     stem = cache / kind
+    from nilmc.training.lowfreq_data import CALIB_MIN_DAYS
+
+    # the data's own settings too: a cache written before the calibration split changed is not reused
     key = {"kind": kind, "seed": seed, "sizes": EXAMPLE_SIZES, "appliances": list(spec["appliances"]), "epochs": spec["epochs"],
-           "window": DEFAULT_DATA[kind]["window"]}
+           "window": DEFAULT_DATA[kind]["window"], "calib_min_days": CALIB_MIN_DAYS}
     paths = {"onnx": stem.with_suffix(".onnx"), "calib": cache / f"{kind}.calib.npz", "eval": cache / f"{kind}.eval.npz"}
+    paths["model"] = stem.with_suffix(".keras") if spec.get("source") == "keras" else paths["onnx"]
     info_path = stem.with_suffix(".info.json")
     if info_path.is_file() and all(p.is_file() for p in paths.values()):
         info = json.loads(info_path.read_text())

@@ -37,7 +37,7 @@ def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_
 
     def fake_example_model(kind, cache, *, seed=0):
         trained.append(kind)
-        return {"onnx": Path(cache) / f"{kind}.onnx", "calib": Path(cache) / "c.npz", "eval": Path(cache) / "e.npz",
+        return {"onnx": Path(cache) / f"{kind}.onnx", "model": Path(cache) / f"{kind}.model", "calib": Path(cache) / "c.npz", "eval": Path(cache) / "e.npz",
                 "targets": zoo.EXAMPLE_MODELS[kind]["targets"], "info": {"parameters": 10, "macs": 20}, "cached": False}
 
     monkeypatch.setattr(zoo, "example_model", fake_example_model)
@@ -45,6 +45,7 @@ def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_
     res = CliRunner().invoke(cli_mod.cli, ["example", "--all-models", "--out", str(out)], catch_exceptions=False)
     assert trained == ["ctrnn", "cloud", "xgboost"]
     assert [c[2] for c in calls] == [str(out / d) for d in ("cnn", "ctrnn", "cloud", "xgboost")]
+    assert [c[0] for c in calls[1:]] == [str(out / "models" / f"{k}.model") for k in ("ctrnn", "cloud", "xgboost")]  # the file to compile
     assert calls[0][1] == "all"  # the CNN as today
     assert calls[3][1] == "onnxruntime:fp32"  # the tree model: onnxruntime only
     assert set(calls[2][1].split(",")) <= set(zoo.EXAMPLE_MODELS["cloud"]["targets"])  # available server targets only

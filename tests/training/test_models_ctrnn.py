@@ -53,6 +53,8 @@ def test_ctrnn_trains_converts_and_compiles(tmp_path):
     assert trained.info["config"]["base_filters"] == 4 and isinstance(CtrnnConfig(), CtrnnConfig)
     paths = save_model(trained, tmp_path / "ctrnn")
     model = load_model(paths["onnx"])
+    # the Keras model too (the TFLite targets lower from it), with the same contract
+    assert load_model(paths["keras"]).contract.to_json() == model.contract.to_json()
     # tf2onnx's Conv1D / Conv1DTranspose put the bias after a Squeeze / crop; the front end puts it back on the conv,
     # so no pre-bias tensor is rounded to INT8 on its own (quantization/conv_bias.py)
     from nilmc.quantization.graph import analyze
