@@ -14,6 +14,15 @@ Precisions
                       shipped model near 22 dB mean / 13 dB worst over calibration draws); the input tensor is then
                       float32 and the output keeps ``io_dtype``. ``cpu_layers="none"``: the full-integer graph
                       (TFLITE_INT8 parameters, as ``tflm`` deploys).
+    ``int16x8``       TFLite's 16x8 mode (``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8``): int16 activations
+                      (symmetric, zero point 0, as TFLite's int16 kernels require), int8 per-channel weights, int64 biases,
+                      int64 accumulation, with every parameter nilmc's (traits TFLITE_INT16X8_FLOAT_INPUT: the converter
+                      runs once in 16x8 mode for the structure, nilmc's grids are written into every tensor, read back and
+                      checked). Precise input as for ``int8`` (``cpu_layers=auto``; ``none``: traits TFLITE_INT16X8, int16
+                      input). For models whose activations an 8-bit per-tensor grid cannot hold: raw-scale (normalization A)
+                      inputs, where the imbalance is between feature positions of one channel, which no equalization reaches.
+                      I/O: int16 tensors (``io_dtype`` int8, the default: integer I/O) or float32 (``io_dtype=float``); a
+                      Keras source with Conv2D / Dense layers only (nilmc's Keras mapping; other graphs keep ``int8``).
     ``qat_int8``      full integer after quantization-aware fine-tuning (:func:`nilmc.quantization.qat.qat_finetune`)
                       started from the TFLITE_INT8 ranges (``cpu_layers`` does not apply: QAT fake-quantizes the input).
 
@@ -77,6 +86,7 @@ from nilmc.backends.tflite_int8 import (
     FullIntegerSpec,
     build_full_integer,
     check_cpu_layers,
+    check_int16x8_io,
     check_io_dtype,
     convert_keras,
     integer_params,
@@ -86,6 +96,7 @@ from nilmc.backends.tflite_int8 import (
     keras_placeable,
     manifest_placement,
     recurrent_layers,
+    tensor_precisions,
     tflite_placement,
     tflite_traits,
 )
@@ -93,13 +104,14 @@ from nilmc.compiler.errors import BadInputError, DataError, MissingDependencyErr
 from nilmc.compiler.io import atomic_write_bytes
 from nilmc.compiler.tfcompat import NO_KERAS, load_keras, require_tflite  # noqa: F401  (load_keras: used by dpu QAT, benchmarks)
 from nilmc.quantization.intops import Rounding, int_range, quantize
-from nilmc.quantization.traits import TFLITE_INT8, TFLITE_INT8_FLOAT_INPUT
+from nilmc.quantization.traits import TFLITE_INT8, TFLITE_INT8_FLOAT_INPUT, TFLITE_INT16X8, TFLITE_INT16X8_FLOAT_INPUT
 
 if TYPE_CHECKING:
     from nilmc.compiler.model import Model
 
 FLOAT_PRECISIONS = ("fp32", "fp16", "dynamic_int8")
-INT_PRECISIONS = ("int8", "qat_int8")
+INT_PRECISIONS = ("int8", "int16x8", "qat_int8")
+PTQ_PRECISIONS = ("int8", "int16x8")  # PTQ from nilmc's ranges; precise input applies (cpu_layers)
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ class TFLiteOptions:
         """The traits ``tflite:<precision>`` derives its parameters under with these options (the driver's shared
         derivation, overflow and coverage sections follow them): ``int8``'s spec (full integer under
         ``cpu_layers=none``, per-tensor weights under ``per_tensor``); other precisions keep ``traits``."""
-        return tflite_spec(precision, self).traits if precision == "int8" else traits
+        return tflite_spec(precision, self).traits if precision in PTQ_PRECISIONS else traits
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> TFLiteOptions:
@@ -244,9 +256,11 @@ class TFLiteBackend:
     name = "tflite"
     capabilities = Capabilities(
         precisions=FLOAT_PRECISIONS + INT_PRECISIONS,
-        description="TFLite (ai_edge_litert runtime): FP32, FP16, dynamic-range INT8, full-integer INT8 from nilmc's ranges, QAT INT8; TFLite Micro export",
-        traits={"int8": TFLITE_INT8_FLOAT_INPUT, "qat_int8": TFLITE_INT8},
-        keras_precisions=("qat_int8",),  # QAT fine-tunes the Keras model; every other precision also lowers from ONNX
+        description="TFLite (ai_edge_litert runtime): FP32, FP16, dynamic-range INT8, full-integer INT8 and 16x8 (int16 activations) "
+                    "from nilmc's ranges, QAT INT8; TFLite Micro export",
+        traits={"int8": TFLITE_INT8_FLOAT_INPUT, "int16x8": TFLITE_INT16X8_FLOAT_INPUT, "qat_int8": TFLITE_INT8},
+        # QAT fine-tunes the Keras model; int16x8 is written through nilmc's Keras mapping; the others also lower from ONNX
+        keras_precisions=("int16x8", "qat_int8"),
         options=TFLiteOptions,
         requires=("tensorflow", "ai_edge_litert"),
         extra="tflite",
@@ -260,8 +274,11 @@ class TFLiteBackend:
             "qat_int8": "fine-tunes on the calibration windows (FP32 outputs as targets) or options['qat_train'] (labels) for qat_epochs epochs",
             "tflm": "TFLite Micro Flash / arena / cycle figures are estimates from the flatbuffer, not measured on a microcontroller; "
                     "written for integer graphs only (tflite.cpu_layers=none, or the tflm target)",
-            "precise_input": "int8 runs the layers reading the graph input in FP32 (float32 input tensor) unless tflite.cpu_layers=none; "
-                             "qat_int8 is full integer",
+            "precise_input": "int8 and int16x8 run the layers reading the graph input in FP32 (float32 input tensor) unless "
+                             "tflite.cpu_layers=none; qat_int8 is full integer",
+            "int16x8": "Keras sources whose weighted layers are Conv2D / Dense (nilmc's Keras mapping); no TFLite Micro export; "
+                       "slow on CPU: measured on the T-P model (batch 1, 1 thread) the default op resolver ran the 16x8 graph no "
+                       "faster than the reference one (4.1 ms both; int8 with XNNPACK 0.05 ms)",
         },
     )
 
@@ -269,7 +286,7 @@ class TFLiteBackend:
         """Write ``model_<precision>.tflite`` (and, for integer precisions, the TFLite Micro export) into ``out_dir``."""
         if precision not in self.capabilities.precisions:
             raise BadInputError(f"tflite has no precision {precision!r}", f"available: {', '.join(self.capabilities.precisions)}")
-        if not model.keras_path and precision == "qat_int8":
+        if not model.keras_path and precision in self.capabilities.keras_precisions:
             load_keras(model)  # raises the clear "needs the Keras model" error before anything is imported
         require_tflite()
         out_dir = Path(out_dir)
@@ -321,14 +338,26 @@ class TFLiteBackend:
         info["extra_files"] = self._finish(model, result, derived, opts, out_dir, info)
         return Artifact(self.name, precision, out_dir, name, [name], kind=_kind("PTQ", opts, result, "; via onnx2tf"), info=info)
 
-    def _finish(self, model: Model, result: Any, derived: Any, opts: TFLiteOptions, out_dir: Path, info: dict[str, Any]) -> list[str]:
-        """What every INT8 lowering records: the placement (precise input or full integer), the keep_float layers it did not
-        honour, and the TFLite Micro export of an integer graph. Returns the extra files."""
+    def _finish(self, model: Model, result: Any, derived: Any, opts: TFLiteOptions, out_dir: Path, info: dict[str, Any], *,
+                activations: str = "int8") -> list[str]:
+        """What every integer lowering records: the placement (precise input or full integer), the keep_float layers it did
+        not honour, and the TFLite Micro export of an int8 graph. Returns the extra files."""
         info["cpu_layers"] = opts.cpu_layers
         info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise)
         ignored = kept_float_ignored(derived.params, derived.precise)
         if ignored:
             info["keep_float_ignored"] = ignored
+        if activations == "int16":
+            # the driver's vocabulary lists the quantized layers under "int8" (their weights): say what the activations are
+            placed = info["placement"]
+            placed["activations"] = "int16"
+            placed["summary"] = placed["summary"].replace("in INT8", "in 16x8 (int16 activations, int8 weights, int64 bias)")
+            for f in placed["float"]:
+                f["why"] = f["why"].replace("int8 grid", "int16 grid")
+            if opts.tflm:
+                info["tflm"] = {"skipped": "the TFLite Micro export and its estimates cover int8 graphs only (tflm:cortex-m4, "
+                                           "tflite:int8 with tflite.cpu_layers=none)"}
+            return []
         if result.float_layers:
             if opts.tflm:
                 info["tflm"] = {"skipped": "the layers reading the input run in float32 (precise input): the TFLite Micro export is "
@@ -361,6 +390,10 @@ class TFLiteBackend:
         opts = TFLiteOptions.parse(options)
         spec = tflite_spec(precision, opts)
         if not keras_placeable(keras_model):
+            if precision == "int16x8":
+                raise BadInputError(f"tflite:int16x8 is written through nilmc's Keras mapping (Conv2D / Dense layers); {model.source or 'the model'} "
+                                    "has other weighted or recurrent layers", "use tflite:int8 (its graph is planned from the ONNX form), "
+                                    "or onnxruntime:int8")
             if precision == "qat_int8":
                 raise BadInputError(f"tflite:qat_int8 fine-tunes Conv2D/Dense Keras models; {model.source or 'the model'} has other weighted "
                                     "or recurrent layers", "use tflite:int8 (PTQ from nilmc's ranges)")
@@ -370,6 +403,10 @@ class TFLiteBackend:
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"], "quantization": params.to_json(),
                                 "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype, "per_tensor": opts.per_tensor,
                                 "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"}
+        if precision in PTQ_PRECISIONS:
+            floor = calibration_floor(precision, params, opts, options)
+            if floor is not None:
+                info["calibration_sqnr"] = floor
         extra: list[str] = []
         if precision == "qat_int8":
             tuned = self._qat(model, keras_model, kq, opts, options, info)
@@ -383,10 +420,11 @@ class TFLiteBackend:
         info["param_check"] = {k: v for k, v in result.check.items() if k != "mismatches"}
         info["io"] = io_quantization(result.flatbuffer)
         info["output_covers_w"] = _output_cover_watts(kq, model)
-        extra += self._finish(model, result, derived, opts, out_dir, info)
+        info["tensor_precision"] = tensor_precisions(result.flatbuffer)  # per tensor, read from the written flatbuffer
+        extra += self._finish(model, result, derived, opts, out_dir, info, activations=spec.activations)
         info["extra_files"] = extra  # beside the deployable model; not counted in its size
-        return Artifact(self.name, precision, out_dir, name, [name], kind=_kind("QAT" if precision == "qat_int8" else "PTQ", opts, result),
-                        info=info)
+        return Artifact(self.name, precision, out_dir, name, [name],
+                        kind=_kind("QAT" if precision == "qat_int8" else "PTQ", opts, result, activations=spec.activations), info=info)
 
     def _lower_keras_graph(self, model: Model, keras_model: Any, out_dir: Path, precision: str, opts: TFLiteOptions,
                            spec: FullIntegerSpec, options: dict[str, Any]) -> Artifact:
@@ -446,17 +484,64 @@ class TFLiteBackend:
 
 
 def tflite_spec(precision: str, opts: TFLiteOptions) -> FullIntegerSpec:
-    """The INT8 target ``tflite:<precision>`` as data: precise input for ``int8`` unless ``opts.cpu_layers`` is none
-    (TFLITE_INT8_FLOAT_INPUT traits), else full integer (TFLITE_INT8). I/O dtype changes no parameter: the traits keep
-    int8 I/O so every I/O variant shares the context's cached parameters; the flatbuffer gets ``opts.io_dtype``."""
-    float_input = precision == "int8" and opts.cpu_layers == "auto"
+    """The integer target ``tflite:<precision>`` as data: precise input for ``int8`` / ``int16x8`` unless
+    ``opts.cpu_layers`` is none (TFLITE_INT8_FLOAT_INPUT / TFLITE_INT16X8_FLOAT_INPUT traits), else full integer
+    (TFLITE_INT8 / TFLITE_INT16X8). I/O dtype changes no parameter: the traits keep int8 (16x8: int16) I/O so every I/O
+    variant shares the context's cached parameters; the flatbuffer gets ``opts.io_dtype`` (16x8: int16 for integer I/O)."""
+    float_input = precision in PTQ_PRECISIONS and opts.cpu_layers == "auto"
+    if precision == "int16x8":
+        io = check_int16x8_io("int16" if opts.io_dtype == "int8" else opts.io_dtype)
+        base16 = TFLITE_INT16X8_FLOAT_INPUT if float_input else TFLITE_INT16X8
+        return FullIntegerSpec(label=f"tflite:{precision}", traits=tflite_traits(per_tensor=opts.per_tensor, base=base16, io_dtype="int16"),
+                               per_tensor=opts.per_tensor, io_dtype=io, float_input=float_input, activations="int16")
     base = TFLITE_INT8_FLOAT_INPUT if float_input else TFLITE_INT8
     return FullIntegerSpec(label=f"tflite:{precision}", traits=tflite_traits(per_tensor=opts.per_tensor, base=base),
                            per_tensor=opts.per_tensor, io_dtype=opts.io_dtype, float_input=float_input)
 
 
-def _kind(label: str, opts: TFLiteOptions, result: Any, note: str = "") -> str:
+def calibration_floor(precision: str, params: Any, opts: TFLiteOptions, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The calibration SQNR floor (``Techniques.min_calib_sqnr``) checked on what ``tflite:<precision>`` deploys: the output
+    SQNR vs FP32 of ``params``' QDQ reference on the calibration windows (at most 512). TFLite's integer graph cannot keep an
+    inner layer float, as the QDQ targets do to hold the floor, so an ``int8`` miss is answered with the 16x8 grids: the same
+    check on the parameters ``tflite:int16x8`` derives (with these options) names the target that holds it, with both
+    numbers, in ``hint``. None when the floor is off or no calibration context was given."""
+    from nilmc.quantization.api import Techniques
+    from nilmc.quantization.mixed_precision import raise_until_sqnr
+
+    ctx = options.get("quant")
+    if ctx is None:
+        return None
+    tech = ctx.techniques if ctx.techniques is not None else Techniques()
+    if tech.min_calib_sqnr is None:
+        return None
+    floor = float(tech.min_calib_sqnr)
+    x = ctx.calib_x
+
+    def measured(p: Any) -> float:  # max_units=0: only the measurement, nothing kept float
+        return float(raise_until_sqnr(ctx.model.graph, p, x, floor, max_units=0, max_windows=tech.max_windows)[1].initial_db)
+
+    db = measured(params)
+    out: dict[str, Any] = {"floor_db": floor, "output_sqnr_db": round(db, 2), "met": db >= floor, "windows": int(min(len(x), tech.max_windows)),
+                           "measured_on": "nilmc's QDQ reference of the deployed parameters (onnxruntime), calibration windows"}
+    if precision == "int8" and db < floor:
+        spec16 = tflite_spec("int16x8", opts)
+        db16 = measured(ctx.params(spec16.traits))
+        holds = db16 >= floor
+        out["int16x8_output_sqnr_db"] = round(db16, 2)
+        out["hint"] = (f"the int8 grids give {db:.1f} dB output SQNR vs FP32 on the calibration windows, under the {floor:g} dB floor; "
+                       + (f"tflite:int16x8 (int16 activations) holds it: {db16:.1f} dB; use --targets tflite:int16x8" if holds
+                          else f"tflite:int16x8 reaches {db16:.1f} dB, also under it; use onnxruntime:int8 or openvino:int8 "
+                               "(they keep layers float to hold the floor)"))
+    return out
+
+
+def _kind(label: str, opts: TFLiteOptions, result: Any, note: str = "", *, activations: str = "int8") -> str:
     weights = "per-tensor" if opts.per_tensor else "per-channel"
+    if activations == "int16":
+        io = "float32 input" if result.float_layers else f"{result.io_dtype} input"
+        precise = f"; {len(result.float_layers)} layer(s) reading the input in FP32" if result.float_layers else ""
+        return (f"TFLite 16x8 ({label}, nilmc ranges: int16 activations, int8 {weights} weights, int64 bias{precise}; {io}, "
+                f"{'float32' if result.io_dtype == 'float' else result.io_dtype} output{note})")
     if result.float_layers:
         out = result.io_dtype if result.io_dtype != "float" else "float32"
         return (f"TFLite INT8 with precise input ({label}, nilmc ranges, {weights} weights; {len(result.float_layers)} layer(s) reading "

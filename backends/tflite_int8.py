@@ -64,7 +64,9 @@ if TYPE_CHECKING:
     from nilmc.quantization.qat import KerasLayerQuant, KerasQuant
 
 IO_DTYPES = ("int8", "uint8", "float")
-CONVERT_MODES = ("fp32", "fp16", "dynamic_int8", "full_int8", "vendor_ptq")
+INT16X8_IO_DTYPES = ("int16", "float")  # what the converter's 16x8 mode takes as inference_input/output_type
+ACTIVATIONS = ("int8", "int16")  # the activation type of a full-integer graph: int8, or int16 (TFLite's 16x8 mode)
+CONVERT_MODES = ("fp32", "fp16", "dynamic_int8", "full_int8", "full_int16x8", "vendor_ptq")
 STRUCTURE_WINDOWS = 32  # representative windows for the structural conversion (ranges are overwritten)
 RECURRENT_LAYERS = frozenset({"LSTM", "GRU", "SimpleRNN", "RNN", "ConvLSTM1D", "ConvLSTM2D"})
 # TFLite ops the full-integer lowering keeps in float32 between its int8 neighbours: the recurrent cells nilmc has no
@@ -92,15 +94,16 @@ STRIDED_SLICE, SLICE, REVERSE_V2, CONCATENATION = 45, 65, 105, 2
 # Bidirectional recurrent layer becomes around its cells).
 PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, TRANSPOSE, PAD, STRIDED_SLICE, SLICE, REVERSE_V2})
 WEIGHTED = frozenset({CONV_2D, FULLY_CONNECTED})
-# TensorType codes -> (name, lowest code) for the integer types we place.
-INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0)}
+# TensorType codes -> (name, lowest code) for the integer activation types we place (int16: the 16x8 mode).
+INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0), 7: ("int16", -32768)}
 TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8"}
 
 
 def tflite_traits(*, per_tensor: bool = False, io_dtype: str = "int8", base: QuantTraits = TFLITE_INT8) -> QuantTraits:
     """Traits to derive parameters with for a full-integer TFLite: ``base`` (default TFLITE_INT8)
-    with per-tensor weights when ``per_tensor`` (default False) and ``io_dtype`` (default int8)."""
-    check_io_dtype(io_dtype)
+    with per-tensor weights when ``per_tensor`` (default False) and ``io_dtype`` (default int8; int16 for a 16x8 graph)."""
+    if io_dtype not in IO_DTYPES + INT16X8_IO_DTYPES:
+        check_io_dtype(io_dtype)
     if not per_tensor and base.per_channel_weights is False:
         return base.with_(io_dtype=io_dtype)
     name = base.name + ("_per_tensor" if per_tensor and base.per_channel_weights else "")
@@ -110,6 +113,14 @@ def tflite_traits(*, per_tensor: bool = False, io_dtype: str = "int8", base: Qua
 def check_io_dtype(io_dtype: str) -> str:
     if io_dtype not in IO_DTYPES:
         raise BadInputError(f"unknown TFLite I/O dtype {io_dtype!r}", f"use one of {', '.join(IO_DTYPES)}")
+    return io_dtype
+
+
+def check_int16x8_io(io_dtype: str) -> str:
+    """``io_dtype`` when a 16x8 graph can have it (:data:`INT16X8_IO_DTYPES`), else :class:`BadInputError`."""
+    if io_dtype not in INT16X8_IO_DTYPES:
+        raise BadInputError(f"a TFLite 16x8 graph has int16 or float I/O, not {io_dtype!r}",
+                            "use --option tflite.io_dtype=int8 (integer I/O: int16 tensors) or tflite.io_dtype=float")
     return io_dtype
 
 
@@ -166,7 +177,9 @@ def convert_keras(
 
     ``mode``: ``fp32``; ``fp16`` (float16 weights); ``dynamic_int8`` (int8 weights, float
     activations); ``full_int8`` (integer-only builtins, ``io_dtype`` I/O, per-tensor weights
-    when ``per_tensor``; needs ``representative``); ``vendor_ptq`` (the converter's default
+    when ``per_tensor``; needs ``representative``); ``full_int16x8`` (TFLite's 16x8 mode,
+    ``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8``: int16 activations, int8 weights, int64 bias;
+    ``io_dtype`` ``int16`` or ``float``; needs ``representative``); ``vendor_ptq`` (the converter's default
     full-integer PTQ: ``optimizations=[DEFAULT]`` + ``representative``, float I/O, nothing else set).
     A model with recurrent layers (:func:`recurrent_layers`) is converted from a batch-1 signature: the
     flatbuffer's input is ``[1, ...]`` and its runners loop over windows (:func:`invoke_windows`).
@@ -183,7 +196,7 @@ def convert_keras(
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "fp16":
         conv.target_spec.supported_types = [tf.float16]
-    if mode in ("full_int8", "vendor_ptq"):
+    if mode in ("full_int8", "full_int16x8", "vendor_ptq"):
         if representative is None or len(representative) == 0:
             raise BadInputError(f"TFLite {mode} conversion needs representative windows", "pass calibration windows")
         rep = np.asarray(representative, np.float32)
@@ -197,6 +210,13 @@ def convert_keras(
             conv._experimental_disable_per_channel = True  # the documented switch for per-tensor weights
         if float_ops:
             return _run_converter(conv, mode, float_ops=float_ops, representative=rep)
+    if mode == "full_int16x8":
+        if float_ops:
+            raise InternalError("float_ops are not supported in the 16x8 conversion", "convert without float_ops")
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        if check_int16x8_io(io_dtype) == "int16":
+            conv.inference_input_type = tf.int16
+            conv.inference_output_type = tf.int16
     return _run_converter(conv, mode)
 
 
@@ -245,23 +265,33 @@ def keras_fingerprint(keras_model: Any) -> str:
     return h.hexdigest()
 
 
-def structural_tflite(keras_model: Any, representative: np.ndarray, *, io_dtype: str = "int8", float_ops: tuple[str, ...] = ()) -> bytes:
+def structural_tflite(keras_model: Any, representative: np.ndarray, *, io_dtype: str = "int8", float_ops: tuple[str, ...] = (),
+                      activations: str = "int8") -> bytes:
     """The converter's full-integer graph for ``keras_model`` (per-channel weights, ``io_dtype`` I/O, ``float_ops``
-    kept float), whose parameters :func:`build_int8_tflite` overwrites. Converted once per process for the same model
-    content, ``representative`` windows, ``io_dtype`` and ``float_ops`` (see the note above); byte-identical to a fresh conversion."""
-    check_io_dtype(io_dtype)
+    kept float; ``activations`` ``int8`` (default) or ``int16``: the 16x8 mode), whose parameters :func:`build_int8_tflite`
+    overwrites. Converted once per process for the same model content, ``representative`` windows, ``io_dtype``,
+    ``float_ops`` and ``activations`` (see the note above); byte-identical to a fresh conversion."""
+    mode = _convert_mode(activations)
+    check_int16x8_io(io_dtype) if activations == "int16" else check_io_dtype(io_dtype)
     rep = np.ascontiguousarray(representative, np.float32)
-    key = (keras_fingerprint(keras_model), hashlib.sha256(repr(rep.shape).encode() + rep.tobytes()).hexdigest(), io_dtype + "|" + ",".join(float_ops))
+    key = (keras_fingerprint(keras_model), hashlib.sha256(repr(rep.shape).encode() + rep.tobytes()).hexdigest(),
+           f"{io_dtype}|{','.join(float_ops)}|{activations}")
     if key in _CONVERSIONS:
         _CONVERSION_COUNTS["hits"] += 1
         _CONVERSIONS.move_to_end(key)
         return _CONVERSIONS[key]
     _CONVERSION_COUNTS["misses"] += 1
-    fb = convert_keras(keras_model, "full_int8", representative=rep, io_dtype=io_dtype, float_ops=float_ops)
+    fb = convert_keras(keras_model, mode, representative=rep, io_dtype=io_dtype, float_ops=float_ops)
     _CONVERSIONS[key] = fb
     while len(_CONVERSIONS) > _CONVERSION_SLOTS:
         _CONVERSIONS.popitem(last=False)
     return fb
+
+
+def _convert_mode(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise InternalError(f"unknown activation type {activations!r}", f"use one of {', '.join(ACTIVATIONS)}")
+    return "full_int16x8" if activations == "int16" else "full_int8"
 
 
 def conversion_cache_info() -> dict[str, int]:
@@ -709,8 +739,17 @@ class FullIntegerTFLite:
     float_layers: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _check_plan_traits(kq: KerasQuant, per_tensor: bool) -> None:
+def _check_plan_traits(kq: KerasQuant, per_tensor: bool, activations: str = "int8") -> None:
+    want = "int16" if activations == "int16" else None
     for kl in kq.layers:
+        for tq in (kl.input, kl.output):
+            if want is not None and (tq.range_name != want or any(z != 0 for z in tq.zero_point)):
+                raise QuantizationError(f"layer {kl.name!r}: activation {tq.name!r} is on a {tq.range_name} grid (zero point "
+                                        f"{tq.zero_point[0]}), but TFLite's 16x8 kernels need symmetric int16 (zero point 0)",
+                                        "derive the parameters under the tflite_int16x8 traits")
+            if want is None and tq.range_name == "int16":
+                raise QuantizationError(f"layer {kl.name!r}: activation {tq.name!r} is int16 in an int8 graph",
+                                        "lower it as tflite:int16x8, or derive the parameters under the tflite_int8 traits")
         if any(z != 0 for z in kl.weight.zero_point):
             raise QuantizationError(f"layer {kl.name!r} has asymmetric weights (zero point {kl.weight.zero_point[0]}), "
                                     "but TFLite's int8 kernels need symmetric weights (zero point 0)",
@@ -728,6 +767,7 @@ def build_int8_tflite(
     per_tensor: bool = False,
     io_dtype: str = "int8",
     float_input: int = 0,
+    activations: str = "int8",
 ) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer carrying exactly the parameters in ``kq``.
 
@@ -740,12 +780,15 @@ def build_int8_tflite(
     ``int8``): ``int8`` / ``uint8`` I/O tensors, or ``float`` (QUANTIZE / DEQUANTIZE ops inside).
     ``float_input`` (default 0): the number of layers reading the graph input that the parameters keep float (precise
     input); when non-zero they run in float32 and the input is float32 (:func:`float_input_layers`).
+    ``activations`` (default ``int8``): ``int16`` builds TFLite's 16x8 graph (int16 activations, which ``kq`` must hold
+    on symmetric grids, int8 weights, int64 biases; ``io_dtype`` ``int16`` or ``float``).
     The result's ``check`` holds the read-back comparison of :func:`check_params`.
     """
-    check_io_dtype(io_dtype)
-    _check_plan_traits(kq, per_tensor)
+    check_int16x8_io(io_dtype) if activations == "int16" else check_io_dtype(io_dtype)
+    _check_plan_traits(kq, per_tensor, activations)
     rep = np.asarray(representative, np.float32)[:STRUCTURE_WINDOWS]
-    model = load_flatbuffer(structural_tflite(keras_model, rep, io_dtype=io_dtype))
+    sixteen = {"activations": activations} if activations != "int8" else {}  # the int8 call keeps its old signature
+    model = load_flatbuffer(structural_tflite(keras_model, rep, io_dtype=io_dtype, **sixteen))
     plan = plan_tensors(model, keras_model, kq)
     apply_plan(model, plan, kq.traits)
     floats = float_input_layers(model, plan, expected=float_input) if float_input else []
@@ -825,7 +868,7 @@ def check_params(fb: bytes, plan: TensorPlan) -> dict[str, Any]:
 
 
 def _dtype_code(name: str) -> int:
-    return {"int8": 9, "uint8": 3}.get(name, -1)
+    return {"int8": 9, "uint8": 3, "int16": 7}.get(name, -1)
 
 
 def io_quantization(fb: bytes) -> dict[str, Any]:
@@ -845,6 +888,7 @@ def io_quantization(fb: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- full-integer targets as data
 WEIGHTED_OP_NAMES = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 INTEGER_TENSOR_TYPES = ("int8", "uint8", "int32")
+INT16X8_TENSOR_TYPES = ("int16", "int8", "int64", "int32")  # the 16x8 mode: int16 activations, int8 weights, int64 biases, int32 shapes
 # What a full-integer TFLite target that warns about overflow and fixes output clipping uses (tflite, eiq).
 DEFAULT_OVERFLOW_POLICY = (("default", "warn"), ("output_clipping", "fix"))
 
@@ -869,7 +913,8 @@ class FullIntegerSpec:
     name the target; ``allow_list_source``: where the allow-list comes from (reported); ``overflow_policy``
     (default: warn, fix output clipping) for :func:`nilmc.quantization.overflow.check_overflow`; ``float_input``
     (default False): precise input, the layers reading the graph input run in float32 (needs ``traits.float_layers``,
-    under which the parameters keep them float, and no ``integer_only``).
+    under which the parameters keep them float, and no ``integer_only``); ``activations`` (default ``int8``): ``int16``
+    is TFLite's 16x8 mode (``traits.activation_bits`` 16, symmetric; ``io_dtype`` ``int16`` or ``float``).
     """
 
     label: str
@@ -882,9 +927,15 @@ class FullIntegerSpec:
     allow_list_source: str = ""
     overflow_policy: tuple[tuple[str, str], ...] = DEFAULT_OVERFLOW_POLICY
     float_input: bool = False
+    activations: str = "int8"
 
     def __post_init__(self) -> None:
-        check_io_dtype(self.io_dtype)
+        _convert_mode(self.activations)
+        check_int16x8_io(self.io_dtype) if self.activations == "int16" else check_io_dtype(self.io_dtype)
+        if (self.activations == "int16") != (self.traits.activation_bits == 16 and self.traits.symmetric_activations):
+            raise InternalError(f"{self.label}: activations={self.activations} with traits {self.traits.name!r} "
+                                f"({self.traits.activation_bits}-bit, symmetric={self.traits.symmetric_activations})",
+                                "16x8 needs symmetric 16-bit activation traits (TFLITE_INT16X8), int8 8-bit ones")
         if self.float_input and (self.integer_only or not self.traits.float_layers):
             raise InternalError(f"{self.label}: float_input with integer_only={self.integer_only}, traits.float_layers={self.traits.float_layers}",
                                 "precise input needs traits with float_layers=True and integer_only=False")
@@ -932,6 +983,34 @@ def _weight_report(sg: Any, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
             weights.append({"op": o["op"], "tensor": tensor_name(sg.tensors[o["inputs"][1]]), "dtype": type_name(sg.tensors[o["inputs"][1]].type),
                             "scales": n, "zero_points_all_zero": zeros})
     return weights
+
+
+def tensor_precisions(fb: bytes) -> dict[str, Any]:
+    """Every tensor of the flatbuffer's main graph with its role and stored type, read from the flatbuffer itself:
+    ``{"counts": {role: {dtype: n}}, "tensors": [{"name", "role", "dtype"}]}``. Roles: ``weight`` / ``bias`` (second /
+    third input of a CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED), ``constant`` (other tensors holding data, e.g. shapes),
+    ``activation`` (the rest: graph input, output and every intermediate). Tensors no op reads or writes are left out."""
+    m = load_flatbuffer(fb)
+    sg = m.subgraphs[0]
+    roles: dict[int, str] = {}
+    for op in sg.operators:
+        if op_name(op_code(m, op)) in WEIGHTED_OP_NAMES:
+            for k, role in ((1, "weight"), (2, "bias")):
+                if len(op.inputs) > k and op.inputs[k] >= 0:
+                    roles[int(op.inputs[k])] = role
+    used = {int(v) for op in sg.operators for v in [*op.inputs, *op.outputs] if v >= 0} | {int(v) for v in [*sg.inputs, *sg.outputs]}
+    tensors: list[dict[str, str]] = []
+    counts: dict[str, dict[str, int]] = {}
+    for i, t in enumerate(sg.tensors):
+        if i not in used:  # e.g. the int8 copy of the input precise input leaves behind
+            continue
+        data = m.buffers[t.buffer].data if 0 < t.buffer < len(m.buffers) else None
+        role = roles.get(i) or ("constant" if data is not None and len(data) else "activation")
+        dtype = type_name(t.type)
+        tensors.append({"name": tensor_name(t), "role": role, "dtype": dtype})
+        counts.setdefault(role, {})
+        counts[role][dtype] = counts[role].get(dtype, 0) + 1
+    return {"counts": counts, "tensors": tensors}
 
 
 def tflite_placement(fb: bytes, reasons: Mapping[int, str] | None = None) -> dict[str, Any]:
@@ -987,7 +1066,8 @@ def check_graph(fb: bytes, spec: FullIntegerSpec, *, where: str = "the TFLite gr
         bad = sorted({o["op"] for o in ops if o["op"] not in spec.allowed_ops})
         if bad:
             raise UnsupportedOpError(bad, where, target=spec.target, allowed=spec.allowed_ops)
-    float_ops = [f"{o['op']}({', '.join(o['dtypes'])})" for o in ops if set(o["dtypes"]) - set(INTEGER_TENSOR_TYPES)]
+    integer = INT16X8_TENSOR_TYPES if spec.activations == "int16" else INTEGER_TENSOR_TYPES
+    float_ops = [f"{o['op']}({', '.join(o['dtypes'])})" for o in ops if set(o["dtypes"]) - set(integer)]
     if spec.integer_only and float_ops:
         raise QuantizationError(f"{where} is not integer-only: {float_ops[:5]}", "lower with int8/uint8 I/O (precisions int8, int8_pt, uint8_io)")
     sg = load_flatbuffer(fb).subgraphs[0]
@@ -1090,7 +1170,7 @@ def build_full_integer(keras_model: Any, kq: KerasQuant, representative: np.ndar
     (:class:`UnsupportedOpError`) instead of the converter's message."""
     try:
         result = build_int8_tflite(keras_model, kq, representative, per_tensor=spec.per_tensor, io_dtype=spec.io_dtype,
-                                   float_input=float_input if spec.float_input else 0)
+                                   float_input=float_input if spec.float_input else 0, activations=spec.activations)
     except BadInputError:
         bad = scan_keras_ops(keras_model, spec.allowed_ops) if spec.allowed_ops is not None else []
         if bad:

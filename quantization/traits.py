@@ -12,7 +12,7 @@ from typing import Any
 from nilmc.compiler.errors import QuantizationError
 from nilmc.quantization.intops import IntRange, Rounding, int_range_for
 
-_IO_DTYPES = ("int8", "uint8", "float")
+_IO_DTYPES = ("int8", "uint8", "int16", "float")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,15 @@ TFLITE_INT8 = QuantTraits(name="tflite_int8", narrow_range_weights=True, roundin
 # (backends/tflite_int8.py, float_input_layers). TFLITE_INT8 stays the full-integer record (tflm, cpu_layers=none).
 TFLITE_INT8_FLOAT_INPUT = TFLITE_INT8.with_(name="tflite_int8_float_input", float_layers=True)
 
+# TFLite 16x8 (tflite:int16x8; the converter's EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8 mode): int16
+# activations, symmetric (TFLite's int16 kernels require zero point 0), per-channel narrow int8 weights, bias stored as
+# int64 at s_in * s_w (nilmc derives it on the int32 range the QDQ reference uses) and int64 accumulators. Full integer
+# (cpu_layers=none); the _FLOAT_INPUT record is the default precise input, as for int8: a raw-scale input (normalization
+# A, features 1e6 apart) loses its small features on any per-tensor grid, 16-bit included.
+TFLITE_INT16X8 = TFLITE_INT8.with_(name="tflite_int16x8", activation_bits=16, symmetric_activations=True, allow_int16_activations=True,
+                                   accumulator_bits=64, io_dtype="int16")
+TFLITE_INT16X8_FLOAT_INPUT = TFLITE_INT16X8.with_(name="tflite_int16x8_float_input", float_layers=True)
+
 # TensorRT explicit Q/DQ: symmetric everywhere (zero point 0), per-channel weights on the output-channel axis,
 # amax/127 scales, round half to even, float I/O.
 TENSORRT_INT8 = QuantTraits(name="tensorrt_int8", symmetric_activations=True, narrow_range_weights=True, float_layers=True,
@@ -154,7 +163,7 @@ DPU_POT = QuantTraits(
     float_layers=True,  # the layers reading the graph input run in FP32 on the board's CPU (backends/dpu/partition.py)
 )
 
-PRESETS: dict[str, QuantTraits] = {t.name: t for t in (GENERIC_INT8, TFLITE_INT8, TENSORRT_INT8, EIQ_PER_TENSOR, DPU_POT)}
+PRESETS: dict[str, QuantTraits] = {t.name: t for t in (GENERIC_INT8, TFLITE_INT8, TFLITE_INT16X8, TENSORRT_INT8, EIQ_PER_TENSOR, DPU_POT)}
 
 
 def preset(name: str) -> QuantTraits:

@@ -18,7 +18,7 @@ def test_presets_encode_vendor_rules() -> None:
     assert EIQ_PER_TENSOR.requant_multiplier_bits == 16
     assert DPU_POT.power_of_two and DPU_POT.rounding is Rounding.HALF_UP and not DPU_POT.per_channel_weights
     assert DPU_POT.symmetric_activations and DPU_POT.requant_shift_range == (0, 16) and DPU_POT.bias_bits == 8
-    assert set(PRESETS) == {"generic_int8", "tflite_int8", "tensorrt_int8", "eiq_per_tensor", "dpu_pot"}
+    assert set(PRESETS) == {"generic_int8", "tflite_int8", "tflite_int16x8", "tensorrt_int8", "eiq_per_tensor", "dpu_pot"}
 
 
 def test_traits_are_frozen_and_roundtrip() -> None:
