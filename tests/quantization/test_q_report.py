@@ -38,6 +38,12 @@ def test_precise_input_keeps_the_first_layer_float_and_widens_the_rest(tiny, tin
     assert trt.provenance["precise_input"]["deployment_headroom"] == 1.0 and trt["r1"].hi[0] == pytest.approx(trt_off["r1"].hi[0])
     trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(symmetric_headroom=1.25, **plain)).params
     assert trt["r1"].hi[0] == pytest.approx(1.25 * trt_off["r1"].hi[0])
+    # 16-bit grids (tflite:int16x8): resolution to spare, so the wider headroom (default 2.0) against clipping
+    from nilmc.quantization.traits import TFLITE_INT16X8_FLOAT_INPUT as T16
+
+    w_off = quantize(tiny, tiny_ds, traits=T16, advanced=Techniques(precise_input=False, **plain)).params
+    w = quantize(tiny, tiny_ds, traits=T16, advanced=Techniques(**plain)).params
+    assert w.provenance["precise_input"]["deployment_headroom"] == 2.0 and w["r1"].hi[0] == pytest.approx(2.0 * w_off["r1"].hi[0])
     # traits without float layers (full-integer targets) are left as they were
     tfl = quantize(tiny, tiny_ds, traits=TFLITE_INT8, advanced=Techniques(**plain)).params
     assert not tfl.keep_float and "precise_input" not in tfl.provenance
