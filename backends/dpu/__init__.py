@@ -238,9 +238,11 @@ class DPUBackend:
             "compile": "vai_c_xir (Vitis AI docker image) compiles quantized.xmodel; it is not run here",
             "verification": "emulated: bit-accurate numpy model of the DPU arithmetic, no board latency or power",
             "ops": "conv2d, dense, max/avg pooling, element-wise add, ReLU, LeakyReLU; other ops are reported, not lowered",
-            "cpu_stages": "by default (dpu.cpu_layers=auto) the layers reading the graph input, leading layout ops and trailing "
-                          "view/Clip ops run in FP32 on the board's CPU (cpu_pre.onnx / cpu_post.onnx, onnxruntime); "
-                          "other ops the DPU cannot take in the middle of the graph are refused",
+            "cpu_stages": "by default (dpu.cpu_layers=auto) the layers reading the graph input and leading layout ops run in "
+                          "FP32 on the board's CPU (cpu_pre.onnx), and so does the CPU tail: the first op the DPU has no "
+                          "operator for (GRU, Sigmoid, ConvTranspose, Slice/Pad ...) and every op after it (cpu_post.onnx, "
+                          "onnxruntime; one DPU subgraph); a model with no weighted layer left for the DPU, or whose tail "
+                          "reads the graph input, is refused",
             "needs_keras_source": "the *_qat precisions fine-tune the tf_keras (Keras 2) model (.keras/.h5); PTQ precisions lower "
                                   "from ONNX alone",
             "qat": "b2304_qat / b4096_qat: power-of-two QAT on the calibration windows (FP32 outputs as targets, last 20 % "
@@ -365,7 +367,7 @@ class DPUBackend:
         _, qparams = to_quant_params(model.graph, graph, params, cpu_layers=cpu_layers, cpu_tensors=cpu_tensors, provenance=provenance)
         calib = _calibration_eacc(model, deployment, ctx)
         return {
-            "placement": _placement(full, report, part),
+            "placement": {**_placement(full, report, part), "macs": _device_macs(model, full, part)},
             "label": LABEL,
             "quantization": qparams.to_json(),
             "tools": ["protobuf"],
@@ -454,6 +456,23 @@ def _placement(full: DpuGraph, report: InspectionReport, part: Partition) -> dic
     return {"int8": int8, "float": floats, "devices": devices, "summary": summary}
 
 
+def _device_macs(model: Model, full: DpuGraph, part: Partition) -> dict[str, Any]:
+    """Multiply-accumulates per window on the DPU and in each CPU stage (:func:`nilmc.compiler.cost.node_macs`)."""
+    from nilmc.compiler.cost import node_macs, tensor_shapes
+
+    shapes = tensor_shapes(model.graph)
+    nodes = {n.name: n for n in model.graph.graph.node}
+    out, seen = {"dpu": 0, "cpu_pre": 0, "cpu_post": 0}, set()
+    for op in full.ops:  # an ONNX node with two outputs is two IR ops: count it once
+        stage = "cpu_pre" if op.name in part.pre else "cpu_post" if op.name in part.post else "dpu"
+        names = [n for n in op.onnx_nodes or (op.name,) if n in nodes and n not in seen]
+        seen.update(names)
+        out[stage] += sum(node_macs(nodes[n], shapes) for n in names)
+    total = sum(out.values())
+    return {**out, "dpu_share": round(out["dpu"] / total, 4) if total else None,
+            "counted": "Conv, ConvTranspose, MatMul/Gemm, GRU/LSTM multiply-accumulates per window (compiler.cost)"}
+
+
 def _stable_repr(options: Any) -> str:
     """A repr of a dataclass of options in which callables (built per call, e.g. the watts error closure) appear by name."""
     import dataclasses
@@ -470,6 +489,8 @@ def _calibration_eacc(model: Model, deployment: Deployment, ctx: Any) -> dict[st
     from nilmc.compiler.metrics import nilm_metrics
 
     ds = ctx.calibration
+    if model.contract.is_classification:  # EACC is a power metric; a classifier's gate metrics are in the verification
+        return {"note": "no calibration EACC for a classification contract (the gate's F1 is in the manifest's verification)"}
     try:
         truth = ds.y[:, ds.appliance_index(model.contract.appliance)]
     except (AttributeError, BadInputError, IndexError):

@@ -8,7 +8,8 @@ model's contract (and puts them in the model's layout), runs the CPU pre stage
 (``cpu_pre.onnx``, FP32, when the partition has one), quantizes its output with DPU rounding
 at the DPU input tensor's ``fix_point``, runs the DPU subgraph, dequantizes with the output
 tensor's ``fix_point``, runs the CPU post stage (``cpu_post.onnx``) when there is one, selects
-the contract's output step and scales to watts. It needs numpy besides the Vitis AI runtime,
+the contract's output step and scales to watts (a classifier's contract: the per-appliance probabilities, as the CPU
+post stage returns them). It needs numpy besides the Vitis AI runtime,
 and onnxruntime for the CPU stages (``pip install onnxruntime`` on the board).
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ def _contract_constants(contract: ModelContract) -> dict[str, Any]:
         "target_mean": float(contract.target.mean),
         "target_std": float(contract.target.std),
         "appliance": contract.appliance,
+        "task": contract.task,
+        "appliances": list(contract.appliances),
     }
 
 
@@ -137,6 +140,9 @@ def select(y):
 
 
 def to_watts(y):
+    """Model output -> watts (N,); for a classifier the per-appliance probabilities (N, appliances)."""
+    if CONTRACT.get("task", "regression") != "regression":
+        return np.asarray(y, np.float64).reshape(len(y), -1)
     y = select(y)
     return y if CONTRACT["folded"] else y * CONTRACT["target_std"] + CONTRACT["target_mean"]
 

@@ -6,7 +6,7 @@ UG1414 "Currently Supported Operators"): conv kernel 1-16, stride 1-8, padding
 at most ``(kernel - 1) * dilation``, ``kw * kh * ceil(ic / cp) <= bank_depth``, input
 and output channels at most ``256 * cp``, ``dilation * ic <= 256 * cp``, group 1;
 ReLU / LeakyReLU (slope ~0.1, computed as 26/256) fused; pooling kernel and
-stride 1-8 (average pooling square); two-input element-wise add with ReLU. An op
+stride 1-8 (average pooling rectangular too, PG338 v4.0); two-input element-wise add with ReLU. An op
 that breaks a rule, or that is no DPU operator at all (an LSTM, a Sigmoid), is
 placed on the CPU: ``vai_c_xir`` would cut the graph there and run it on the ARM
 cores between DPU subgraphs. The report counts those subgraphs.

@@ -9,6 +9,13 @@ NHWC tensor it views and in which layout, so that layout-only nodes disappear:
   size-1 axis switch the *view* (NHWC <-> NCHW) of the same tensor;
 * a rank-3 ``(N, C, W)`` graph input read by a 1-D ``Conv`` (a PyTorch Conv1d export) is an NCW view of the
   NHWC tensor ``(N, 1, W, C)``; 1-D convs become ``conv2d`` ops with a ``1 x k`` kernel;
+* a Keras ``Conv1D`` / ``AveragePooling1D`` as tf2onnx writes it (``Unsqueeze``/``ExpandDims`` -> 2-D ``Conv`` or
+  ``AveragePool`` with a 1-sized axis -> ``Squeeze``, Transposes between NWC and NCW/NCHW): every such view is a
+  *layout* (below), so ``Squeeze``/``Unsqueeze``, a ``Reshape`` that only adds or drops 1-sized axes and any
+  ``Transpose`` that keeps the batch axis first only change the view; a conv or pool whose two spatial ONNX axes
+  are the NHWC tensor's (W, H) is the same conv2d with kernel, stride, dilation and pads swapped. A rank-3
+  ``(N, W, C)`` graph input is an NWC view of ``(N, 1, W, C)``, and a ``(N, L, 1, 1)`` one (a sequence declared
+  as an image) is read as ``(N, 1, L, 1)``: 1-D data is NHWC with H = 1;
 * ``Conv``/``MatMul``/``Gemm`` fused with bias ``Add`` and ``Relu``/``LeakyRelu``
   (the layers of :func:`nilmc.quantization.graph.analyze`) become ``conv2d`` /
   ``dense`` ops with OHWI / ``[in, out]`` float weights;
@@ -18,6 +25,11 @@ NHWC tensor it views and in which layout, so that layout-only nodes disappear:
   optionally with a fused ``Relu``), and a standalone ``Relu``/``LeakyRelu``;
 * anything else becomes an ``unsupported`` op with the ONNX op type and the reason;
   the inspector places it on the CPU and the emulator refuses to run it.
+
+A **layout** names, per ONNX axis after the batch, which NHWC axis it holds: ``"n"`` then one of ``h``/``w``/``c``
+per axis, or ``1`` for an axis of size 1 (``"nchw"``, ``"ncw"``, ``"nwc"``, ``"nc1w"`` ...); an NHWC axis of size 1
+may be missing or named. The ONNX tensor is then a transpose of the NHWC data with 1-sized axes added or
+dropped (:func:`to_nhwc`, :func:`nhwc_perm`); ``"flat"`` is a rank-2 ``(N, features)`` tensor.
 
 Every IR tensor is named after the ONNX tensor whose quantization parameters it
 uses (``QuantParams[name]``), so the IR, the parameters, the emulator and the xmodel
@@ -37,7 +49,67 @@ from nilmc.quantization.graph import Layer, analyze
 
 NHWC, NCHW, FLAT = "nhwc", "nchw", "flat"
 NCW = "ncw"  # an ONNX (N, C, W) tensor (a PyTorch Conv1d's) viewing the NHWC tensor (N, 1, W, C)
+NWC = "nwc"  # an ONNX (N, W, C) tensor (a Keras Conv1D's) viewing the NHWC tensor (N, 1, W, C)
 KINDS = tuple(OpKind)
+_AXIS = {"h": 0, "w": 1, "c": 2}  # NHWC axis (without the batch) of each layout letter
+
+
+# --------------------------------------------------------------------------- layouts (module docstring)
+def _labels(layout: str) -> str:
+    return layout[1:] if layout.startswith("n") and layout != FLAT else ""
+
+
+def _unit(label: str, shape: tuple[int, ...]) -> bool:
+    return label == "1" or shape[_AXIS[label]] == 1
+
+
+def valid_layout(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``layout`` names an ONNX view of the NHWC tensor of ``shape`` ((H, W, C), or (features,) for flat)."""
+    if layout == FLAT:
+        return len(shape) == 1 and shape[0] > 0
+    if not layout.startswith("n") or len(shape) != 3 or any(d < 1 for d in shape):
+        return False
+    named = [a for a in layout[1:] if a != "1"]
+    if any(a not in _AXIS for a in named) or len(set(named)) != len(named):
+        return False
+    return all(a in named for a, d in zip("hwc", shape) if d > 1)
+
+
+def onnx_dims(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The ONNX tensor's dimensions after the batch axis."""
+    if layout == FLAT:
+        return tuple(shape)
+    return tuple(1 if a == "1" else shape[_AXIS[a]] for a in _labels(layout))
+
+
+def nhwc_perm(layout: str) -> tuple[int, ...]:
+    """ONNX axes (batch first) in NHWC order: the named axes by h, w, c, then the 1-sized ones (a Transpose perm)."""
+    axes = _labels(layout)
+    order = sorted(range(len(axes)), key=lambda i: (_AXIS.get(axes[i], 3), i))
+    return (0, *(i + 1 for i in order))
+
+
+def same_order(layout: str, shape: tuple[int, ...]) -> bool:
+    """Whether the ONNX tensor holds its values in NHWC order (a Reshape alone converts it)."""
+    if layout == FLAT:
+        return True
+    named = [a for a in _labels(layout) if not _unit(a, shape)]
+    return named == sorted(named, key=_AXIS.__getitem__)
+
+
+def to_nhwc(value: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An ONNX tensor of ``layout`` as the NHWC array ``(N, *shape)`` (unknown layouts are reshaped as they are)."""
+    v = np.asarray(value)
+    if layout and layout != FLAT and v.ndim == len(layout):
+        v = v.transpose(nhwc_perm(layout))
+    return v.reshape(len(v), *shape)
+
+
+def _canon(layout: str, shape: tuple[int, ...]) -> str:
+    """``layout`` with every 1-sized axis written ``1`` (two views of one tensor agree iff these agree)."""
+    if layout in ("", FLAT) or len(shape) != 3:
+        return layout
+    return "n" + "".join("1" if _unit(a, shape) else a for a in _labels(layout))
 
 
 @dataclass
@@ -101,7 +173,7 @@ class DpuGraph:
 @dataclass
 class _View:
     tensor: str  # IR tensor
-    layout: str  # NHWC / NCHW / FLAT / "" (unknown, after an unsupported op)
+    layout: str  # a layout (module docstring): "nhwc", "nchw", "ncw", "nwc", ..., FLAT, or "" (unknown, after an unsupported op)
     shape: tuple[int, ...]  # NHWC shape (or flat / unknown) without batch
 
 
@@ -173,8 +245,12 @@ class _Builder:
                 continue
             shape = _static_shape(inp)[1:]
             layout = NHWC if len(shape) == 3 else FLAT
-            if len(shape) == 2 and self._read_by_conv1d(inp.name):
+            if len(shape) == 3 and shape[0] > 1 and shape[1:] == (1, 1):  # a sequence declared as an image: H = 1
+                shape, layout = (1, shape[0], 1), "nw11"
+            elif len(shape) == 2 and self._read_by_conv1d(inp.name):
                 shape, layout = (1, shape[1], shape[0]), NCW
+            elif len(shape) == 2:  # a Keras sequence (N, W, C)
+                shape, layout = (1, shape[0], shape[1]), NWC
             self.add(DpuOp(inp.name, OpKind.INPUT, (), inp.name, shape, onnx_nodes=()), layout)
             inputs.append(inp.name)
         for node in self.model.graph.node:
@@ -192,19 +268,25 @@ class _Builder:
                    for n in self.consumers.get(name, []))
 
     # ------------------------------------------------------------------ layers
-    def _skip_activation_nodes(self, layer: Layer) -> None:
+    def _skip_activation_nodes(self, layer: Layer) -> list[str]:
+        names = []
         for t in layer.internal:
             for c in self.consumers.get(t, []):
                 self.fused.add(c.name)
+                names.append(c.name)
+        return names
 
     def layer(self, layer: Layer) -> None:
-        self._skip_activation_nodes(layer)
+        fused = self._skip_activation_nodes(layer)
         node = next(n for n in self.model.graph.node if n.name == layer.name)
         act, alpha = self._activation(layer)
+        n_ops = len(self.ops)
         if layer.kind == "conv":
             self.conv(node, layer, act, alpha)
         else:
             self.dense(node, layer, act, alpha)
+        for op in self.ops[n_ops:]:  # every ONNX node the op stands for (a CPU stage copies them)
+            op.onnx_nodes = tuple(dict.fromkeys((*op.onnx_nodes, *fused)))
 
     def _activation(self, layer: Layer) -> tuple[str | None, float]:
         if layer.activation is None:
@@ -221,19 +303,16 @@ class _Builder:
         a = _attrs(node)
         w = np.asarray(self.consts[layer.weight], np.float32)  # OIHW (OIW for a 1-D conv)
         group = int(a.get("group", 1))
-        reason = ""
-        if w.ndim == 3 and src.layout == NCW:  # Conv1d over (N, C, W): a 1 x k conv2d over (N, 1, W, C)
-            w, a = w[:, :, None, :], _as_2d(a)
-        if src.layout not in (NCHW, NCW) or len(src.shape) != 3 or w.ndim != 4:
-            reason = f"Conv input {layer.input!r} is not an NCHW view of an NHWC tensor (layout {src.layout or 'unknown'})"
-        elif group != 1:
+        orient, reason = _orientation(src, w.ndim - 2, f"Conv input {layer.input!r}")
+        if not reason and group != 1:
             reason = f"grouped/depthwise convolution (group={group}) is not handled by nilmc's DPU lowering"
-        elif act == "clip":
+        if not reason and act == "clip":
             reason = "Clip activation (ReLU6) is not handled by nilmc's DPU lowering"
         if reason:
             self.unsupported(node, reason)
             self.views[layer.output] = self.views[node.output[0]]
             return
+        w, a = _hw_weights(w, orient), _hw_attrs(a, orient)  # the conv2d over (H, W) of the NHWC tensor
         kh, kw = (int(v) for v in a.get("kernel_shape", w.shape[2:]))
         sh, sw = (int(v) for v in a.get("strides", (1, 1)))
         dh, dw = (int(v) for v in a.get("dilations", (1, 1)))
@@ -250,7 +329,7 @@ class _Builder:
         op = DpuOp(layer.name, OpKind.CONV2D, (src.tensor,), layer.output, (oh, ow, int(w.shape[0])), attrs,
                    np.ascontiguousarray(w.transpose(0, 2, 3, 1)), bias, act, layer.weight, layer.bias,
                    tuple(n for n in (layer.name, layer.bias_node) if n))
-        self.add(op, src.layout)
+        self.add(op, _OUT_LAYOUT[orient])
 
     def dense(self, node: onnx.NodeProto, layer: Layer, act: str | None, alpha: float) -> None:
         src = self.view(layer.input)
@@ -280,6 +359,7 @@ class _Builder:
             "Transpose": self.transpose, "Reshape": self.reshape, "Flatten": self.flatten, "Identity": self.identity,
             "MaxPool": self.pool, "AveragePool": self.pool, "GlobalAveragePool": self.pool,
             "Add": self.eltwise, "Relu": self.activation, "LeakyRelu": self.activation,
+            "Squeeze": self.squeeze, "Unsqueeze": self.unsqueeze,
         }.get(node.op_type)
         if handler is None:
             self.unsupported(node, f"{node.op_type} is not a DPUCZDX8G operator (it runs on the CPU after vai_c_xir partitions the graph)")
@@ -292,12 +372,46 @@ class _Builder:
     def transpose(self, node: onnx.NodeProto) -> None:
         src = self.view(node.input[0])
         perm = tuple(int(p) for p in _attrs(node).get("perm", ()))
-        if src.layout == NHWC and perm == (0, 3, 1, 2):
-            self.views[node.output[0]] = _View(src.tensor, NCHW, src.shape)
-        elif src.layout == NCHW and perm == (0, 2, 3, 1):
-            self.views[node.output[0]] = _View(src.tensor, NHWC, src.shape)
+        if _labelled(src) and len(perm) == len(src.layout) and perm[:1] == (0,) and sorted(perm) == list(range(len(perm))):
+            self.views[node.output[0]] = _View(src.tensor, "".join(src.layout[p] for p in perm), src.shape)
         else:
             self.unsupported(node, f"Transpose perm={list(perm)} of a {src.layout or 'unknown'} tensor is not a layout change nilmc folds")
+
+    def _axes(self, node: onnx.NodeProto) -> list[int] | None:
+        if len(node.input) > 1 and node.input[1]:
+            v = self.consts.get(node.input[1])
+            return None if v is None else [int(a) for a in np.asarray(v).ravel()]
+        attr = _attrs(node).get("axes")
+        return None if attr is None else [int(a) for a in attr]
+
+    def squeeze(self, node: onnx.NodeProto) -> None:
+        """Dropping 1-sized axes: the same NHWC tensor in a shorter view."""
+        src, axes = self.view(node.input[0]), self._axes(node)
+        if not _labelled(src):
+            self.unsupported(node, f"Squeeze of a {src.layout or 'unknown'} tensor is not a layout change nilmc folds")
+            return
+        labels, rank = src.layout[1:], len(src.layout)
+        axes = [i for i in range(1, rank) if _unit(labels[i - 1], src.shape)] if axes is None else [a % rank for a in axes]
+        if 0 in axes or any(not _unit(labels[a - 1], src.shape) for a in axes):
+            self.unsupported(node, f"Squeeze axes {axes} of a {src.layout} tensor {onnx_dims(src.layout, src.shape)} drop data")
+            return
+        self.views[node.output[0]] = _View(src.tensor, "n" + "".join(l for i, l in enumerate(labels, 1) if i not in axes), src.shape)
+
+    def unsqueeze(self, node: onnx.NodeProto) -> None:
+        """Adding 1-sized axes (a Keras Conv1D's ExpandDims): the same NHWC tensor in a longer view."""
+        src, axes = self.view(node.input[0]), self._axes(node)
+        if not _labelled(src) or axes is None:
+            self.unsupported(node, f"Unsqueeze of a {src.layout or 'unknown'} tensor is not a layout change nilmc folds")
+            return
+        rank = len(src.layout) + len(axes)
+        axes = sorted(a % rank for a in axes)
+        if 0 in axes:
+            self.unsupported(node, "Unsqueeze before the batch axis is not a layout change nilmc folds")
+            return
+        labels = list(src.layout[1:])
+        for a in axes:
+            labels.insert(a - 1, "1")
+        self.views[node.output[0]] = _View(src.tensor, "n" + "".join(labels), src.shape)
 
     def _target_shape(self, node: onnx.NodeProto) -> tuple[int, ...] | None:
         if len(node.input) > 1 and node.input[1] in self.consts:
@@ -312,21 +426,15 @@ class _Builder:
             self.unsupported(node, "Reshape with a run-time shape is not handled")
             return
         rest = tuple(target[1:])
-        if src.layout == NHWC and len(src.shape) == 3:
-            h, w, c = src.shape
-            if c == 1 and rest == (1, h, w):  # tf2onnx writes NHWC->NCHW as a Reshape when C == 1
-                self.views[node.output[0]] = _View(src.tensor, NCHW, src.shape)
-                return
-            if len(rest) == 1 and rest[0] in (-1, h * w * c):
+        if _labelled(src):
+            size = int(np.prod(src.shape))
+            if len(rest) == 1 and rest[0] in (-1, size) and same_order(src.layout, src.shape):  # NHWC order: Keras's flatten
                 self._flatten(node, src)
                 return
-        if src.layout == NCHW and len(src.shape) == 3:
-            h, w, c = src.shape
-            if c == 1 and rest == (h, w, 1):
-                self.views[node.output[0]] = _View(src.tensor, NHWC, src.shape)
-                return
-            if len(rest) == 1 and (c == 1 or h * w == 1):  # NCHW and NHWC orders agree
-                self._flatten(node, src)
+            dims = _reshape_dims(onnx_dims(src.layout, src.shape), target)
+            moved = _move_units(src.layout, src.shape, dims) if dims is not None else None
+            if moved is not None:  # only 1-sized axes added or dropped (tf2onnx writes NHWC->NCHW so when C == 1)
+                self.views[node.output[0]] = _View(src.tensor, moved, src.shape)
                 return
         if src.layout == FLAT and len(rest) == 1:
             self.views[node.output[0]] = src
@@ -335,7 +443,7 @@ class _Builder:
 
     def flatten(self, node: onnx.NodeProto) -> None:
         src = self.view(node.input[0])
-        if int(_attrs(node).get("axis", 1)) == 1 and src.layout == NHWC:
+        if int(_attrs(node).get("axis", 1)) == 1 and _labelled(src) and same_order(src.layout, src.shape):
             self._flatten(node, src)
         else:
             self.unsupported(node, f"Flatten of a {src.layout or 'unknown'} tensor is not handled (needs NHWC, axis 1)")
@@ -346,10 +454,13 @@ class _Builder:
 
     def pool(self, node: onnx.NodeProto) -> None:
         src = self.view(node.input[0])
-        if src.layout != NCHW or len(src.shape) != 3:
-            self.unsupported(node, f"{node.op_type} input is not an NCHW view of an NHWC tensor")
-            return
         a = _attrs(node)
+        spatial = len(a["kernel_shape"]) if "kernel_shape" in a else len(src.layout) - 2
+        orient, reason = _orientation(src, spatial, f"{node.op_type} input")
+        if reason:
+            self.unsupported(node, reason)
+            return
+        a = _hw_attrs(a, orient)
         h, w, c = src.shape
         if node.op_type == "GlobalAveragePool":
             kh, kw, sh, sw, pads = h, w, 1, 1, (0, 0, 0, 0)
@@ -366,7 +477,7 @@ class _Builder:
         kind = OpKind.MAXPOOL if node.op_type == "MaxPool" else OpKind.AVGPOOL
         shape = (_conv_out(h, kh, sh, 1, pads[0], pads[2]), _conv_out(w, kw, sw, 1, pads[1], pads[3]), c)
         self.add(DpuOp(node.name, kind, (src.tensor,), node.output[0], shape,
-                       {"kernel": (kh, kw), "stride": (sh, sw), "pads": pads}, onnx_nodes=(node.name,)), NCHW)
+                       {"kernel": (kh, kw), "stride": (sh, sw), "pads": pads}, onnx_nodes=(node.name,)), _OUT_LAYOUT[orient])
 
     def eltwise(self, node: onnx.NodeProto) -> None:
         ins = [i for i in node.input]
@@ -374,7 +485,7 @@ class _Builder:
             self.unsupported(node, "Add with a constant (not a fused bias) is not handled by nilmc's DPU lowering")
             return
         a, b = self.view(ins[0]), self.view(ins[1])
-        if a.layout != b.layout or a.shape != b.shape or not a.layout:
+        if _canon(a.layout, a.shape) != _canon(b.layout, b.shape) or a.shape != b.shape or not a.layout:
             self.unsupported(node, f"Add of tensors with different layouts/shapes ({a.layout}{a.shape}, {b.layout}{b.shape}) needs broadcasting")
             return
         out, act, nodes = node.output[0], None, [node.name]
@@ -397,16 +508,88 @@ class _Builder:
                  src.layout)
 
 
-def _as_2d(a: dict[str, Any]) -> dict[str, Any]:
-    """1-D Conv attributes as those of the equivalent 1 x k 2-D conv."""
+def _labelled(v: _View) -> bool:
+    return v.layout not in ("", FLAT) and valid_layout(v.layout, v.shape)
+
+
+# How the spatial ONNX axes of a Conv / pool input map to NHWC: "hw" (NCHW), "wh" (NCWH: H and W swapped), and
+# for a 1-D op "w" (NCW: along W, H = 1) or "h" (along H, W = 1).
+_OUT_LAYOUT = {"hw": NCHW, "wh": "ncwh", "w": NCW, "h": "nch"}
+
+
+def _orientation(src: _View, spatial: int, what: str) -> tuple[str, str]:
+    """``(orientation, "")`` of an op reading ``src`` as ``(N, C, *spatial axes)``, or ``("", why not)``."""
+    labels = src.layout[1:] if _labelled(src) else ""
+    if len(labels) != 1 + spatial or spatial not in (1, 2):
+        return "", f"{what} is not an NCHW/NCW view of an NHWC tensor (layout {src.layout or 'unknown'})"
+    if not (labels[0] == "c" or _unit(labels[0], src.shape)) or any(a == "c" and not _unit(a, src.shape) for a in labels[1:]):
+        return "", f"{what} holds the channels on a spatial axis (layout {src.layout}): not a conv/pool over NHWC channels"
+    sp = [a if not _unit(a, src.shape) else "1" for a in labels[1:]]
+    if spatial == 1:
+        return ("h" if sp[0] == "h" else "w"), ""
+    return ("wh" if sp[0] == "w" or sp[1] == "h" else "hw"), ""
+
+
+def _hw_weights(w: np.ndarray, orient: str) -> np.ndarray:
+    """ONNX Conv weights as OIHW of the NHWC conv2d."""
+    if orient == "w":
+        return w[:, :, None, :]
+    if orient == "h":
+        return w[:, :, :, None]
+    return np.ascontiguousarray(w.transpose(0, 1, 3, 2)) if orient == "wh" else w
+
+
+def _hw_attrs(a: dict[str, Any], orient: str) -> dict[str, Any]:
+    """Conv / pool attributes as those of the equivalent 2-D op over (H, W) (pads ``(top, left, bottom, right)``)."""
     out = dict(a)
+    if orient == "hw":
+        return out
+    if orient == "wh":
+        def swap(v: Any) -> tuple[int, ...]:
+            return tuple(int(x) for x in v)[::-1]
+
+        for k in ("kernel_shape", "strides", "dilations"):
+            if k in a:
+                out[k] = swap(a[k])
+        if "pads" in a:
+            b0, b1, e0, e1 = (int(v) for v in a["pads"])
+            out["pads"] = (b1, b0, e1, e0)
+        return out
+    first = orient == "w"  # the unit axis goes first (H = 1) or last (W = 1)
+
+    def two(v: int, unit: int) -> tuple[int, int]:
+        return (unit, v) if first else (v, unit)
+
     if "kernel_shape" in a:
-        out["kernel_shape"] = (1, int(a["kernel_shape"][0]))
-    out["strides"] = (1, int(a.get("strides", (1,))[0]))
-    out["dilations"] = (1, int(a.get("dilations", (1,))[0]))
+        out["kernel_shape"] = two(int(a["kernel_shape"][0]), 1)
+    out["strides"] = two(int(a.get("strides", (1,))[0]), 1)
+    out["dilations"] = two(int(a.get("dilations", (1,))[0]), 1)
     p = tuple(int(v) for v in a.get("pads", (0, 0)))
-    out["pads"] = (0, p[0], 0, p[1])
+    out["pads"] = (0, p[0], 0, p[1]) if first else (p[0], 0, p[1], 0)
     return out
+
+
+def _reshape_dims(src: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The dimensions after the batch of ``Reshape(x, target)`` for ``x`` of ``(N, *src)`` (None: batch not kept)."""
+    size = int(np.prod(src))
+    rest = [src[i - 1] if v == 0 and 0 < i <= len(src) else int(v) for i, v in enumerate(target) if i > 0]
+    if target[0] not in (-1, 0) or rest.count(-1) > 1 or (target[0] == -1 and -1 in rest):
+        return None
+    if -1 in rest:
+        known = int(np.prod([v for v in rest if v != -1]))
+        if known <= 0 or size % known:
+            return None
+        rest[rest.index(-1)] = size // known
+    return tuple(rest) if int(np.prod(rest)) == size else None
+
+
+def _move_units(layout: str, shape: tuple[int, ...], dims: tuple[int, ...]) -> str | None:
+    """The layout after a Reshape to ``dims`` that only adds or drops 1-sized axes (None when it moves data)."""
+    src = [(a, d) for a, d in zip(layout[1:], onnx_dims(layout, shape)) if d != 1]
+    if [d for _, d in src] != [d for d in dims if d != 1]:
+        return None
+    names = iter(a for a, _ in src)
+    return "n" + "".join(next(names) if d != 1 else "1" for d in dims)
 
 
 def from_onnx(model: onnx.ModelProto) -> DpuGraph:

@@ -205,8 +205,9 @@ def _pool_rules(op: DpuOp, t: DPUTarget) -> tuple[list[str], dict[str, Any]]:
     pt, pl, pb, pr = op.attrs["pads"]
     if max(pl, pr) > kw - 1 or max(pt, pb) > kh - 1:
         r.append(f"pool padding {list(op.attrs['pads'])} exceeds kernel - 1")
-    if op.kind == OpKind.AVGPOOL and kh != kw:
-        r.append(f"average pooling needs a square kernel, got {kh}x{kw}")
+    # No square-kernel rule for average pooling: PG338 v4.0 (DPUCZDX8G for Vitis AI 2.x/3.x) says the AveragePool
+    # feature "is always enabled, and supports rectangle sizes" (the 2x2..8x8 square-only rule is the older IP's), so
+    # a Keras AveragePooling1D (a 1 x k pool over H = 1) is a DPU pool; the emulator's 1/(kh*kw) factor is VART's.
     return r, {"kernel": [kh, kw], "stride": [sh, sw]}
 
 

@@ -10,15 +10,20 @@ inspector, board script) reads the same :class:`Partition`:
    in NHWC order (the ``(N, C, W)`` input of a PyTorch Conv1d export) is put in NHWC order here as well (exact).
 2. **DPU** (``quantized.xmodel``): everything else; its inputs are the CPU stage's outputs in NHWC order, each
    quantized at its own fix point.
-3. **CPU post-processing** (``cpu_post.onnx``): trailing data-movement ops the DPU has no operator for
-   (``Shape``/``Gather``/``Concat``/``Reshape`` of a PyTorch ``view``, a final ``Clip``), fed the DPU's
-   dequantized outputs; with ``cpu_layers="auto"`` also the **head** (precise output): a dense layer without
+3. **CPU post-processing** (``cpu_post.onnx``, FP32, fed the DPU's dequantized outputs): the **CPU tail**, the
+   accelerator/CPU partition ``vai_c_xir`` makes with CPU subgraphs, kept to one DPU subgraph: the first op the DPU
+   has no operator for (a GRU, a ``Sigmoid``, a ``ConvTranspose``, tf2onnx's ``Shape``/``Slice``/``Pad``
+   arithmetic, or trailing data movement such as a PyTorch ``view`` or a final ``Clip``) and every op after it,
+   including layers the DPU could run (a dense head after a GRU: a second DPU subgraph is not made). Each op
+   carries its reason. With ``cpu_layers="auto"`` also the **head** (precise output): a dense layer without
    activation whose output is the graph output, when a weighted layer stays on the DPU. Its 8-bit power-of-two
    grid must hold the contract's peak power on a symmetric range, so one output LSB was 25 W on the shipped T-P
    model, and the 0 W floor turned that rounding noise into a one-sided bias on every "off" window
    (``benchmarks/bench_dpu_fidelity.py``: EACC delta +0.19..+0.55 points with the head on the DPU).
 
-Any other op the DPU cannot take still refuses the model (the inspector says which and why). ``cpu_layers``:
+The split is refused (one line, from the graph alone, before any calibration: :attr:`Partition.problems`) when no
+weighted layer is left for the DPU, or when it is not one pre -> DPU -> post chain (a CPU tail op reading the
+graph input or the pre stage, a graph output straight from the DPU beside others from the tail). ``cpu_layers``:
 ``"auto"`` (input layers and head on the CPU), ``"input"`` (only the input layers), ``"none"`` (every layer on the
 DPU, the graph input quantized, as before).
 """
@@ -32,8 +37,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nilmc.backends.dpu.ir import FLAT, NCHW, NCW, NHWC, DpuGraph, DpuOp
+from nilmc.backends.dpu.ir import FLAT, DpuGraph, DpuOp, nhwc_perm, onnx_dims, same_order, valid_layout
 from nilmc.backends.dpu.ops import OpKind
+from nilmc.compiler.errors import InternalError
 from nilmc.quantization.graph import prune_dead
 
 CPU_PRE, CPU_POST = "cpu_pre.onnx", "cpu_post.onnx"
@@ -44,6 +50,7 @@ LEADING_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueez
 # After the last DPU op: data movement, shape arithmetic, and a final clamp.
 TRAILING_OPS = LEADING_OPS | frozenset({"Shape", "Gather", "Concat", "Slice", "Cast", "Clip", "Relu"})
 PRECISE_INPUT = "precise input: reads the float graph input, runs in FP32 on the CPU (the input is never quantized)"
+CPU_TAIL = "runs in FP32 on the board's CPU (CPU post stage)"
 PRECISE_HEAD = ("precise output: the head (dense, no activation) runs in FP32 on the CPU on the DPU's int8 features (an 8-bit "
                 "output grid holding the peak power costs a coarse LSB, biased by the 0 W floor)")
 
@@ -117,20 +124,50 @@ def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode:
         else:
             continue
         on_cpu.add(op.name)
-    post: dict[str, str] = {}
-    outs = set(graph.outputs)
-    for op in reversed(graph.ops):
-        if op.kind != OpKind.UNSUPPORTED or _op_type(op) not in TRAILING_OPS or op.name in pre:
-            continue
-        users = consumers.get(op.output, [])
-        if (users or op.output in outs) and all(u.name in post for u in users):
-            post[op.name] = f"{_op_type(op)} after the last DPU op: no DPU operator, runs in FP32 on the CPU after the DPU"
+    post = _tail(graph, pre, consumers)
     if mode == "auto":
         head = _head(graph, pre, post, consumers)
-        if head is not None:
+        if head is not None and head.name not in post:
             post[head.name] = PRECISE_HEAD
     post = {op.name: post[op.name] for op in graph.ops if op.name in post}  # graph order
     return _cut(graph, pre, post, producers)
+
+
+def _live(graph: DpuGraph, consumers: Mapping[str, list[DpuOp]]) -> set[str]:
+    """Ops with a path to a graph output (shape arithmetic whose consumer was folded away is not live)."""
+    live: set[str] = set()
+    for op in reversed(graph.ops):
+        if op.output in graph.outputs or any(u.name in live for u in consumers.get(op.output, [])):
+            live.add(op.name)
+    return live
+
+
+def _tail_reason(op: DpuOp, first: DpuOp) -> str:
+    if op.kind != OpKind.UNSUPPORTED:
+        return (f"{op.kind} after {first.name} ({_op_type(first)}, a CPU op): the DPU subgraph ends before it (one DPU "
+                f"subgraph), so it {CPU_TAIL}")
+    t = _op_type(op)
+    if t in TRAILING_OPS and op.reason.startswith(f"{t} is not a DPUCZDX8G operator"):
+        return f"{t} after the last DPU op: no DPU operator, {CPU_TAIL}"
+    if op.reason.startswith(f"{t} is not a DPUCZDX8G operator"):
+        return f"{t} is not a DPUCZDX8G operator: {CPU_TAIL}"
+    return f"{op.reason}: {CPU_TAIL}"
+
+
+def _tail(graph: DpuGraph, pre: Mapping[str, str], consumers: Mapping[str, list[DpuOp]]) -> dict[str, str]:
+    """The CPU tail: every live op the DPU has no operator for (outside the pre stage) and every op after one."""
+    live, producers = _live(graph, consumers), _producers(graph)
+    first: dict[str, DpuOp] = {}  # tail op -> the CPU op it follows (itself for a seed)
+    for op in graph.ops:  # topological order: a producer is decided before its consumers
+        if op.name in pre or op.kind == OpKind.INPUT:
+            continue
+        if op.kind == OpKind.UNSUPPORTED and op.name in live:
+            first[op.name] = op
+        for t in op.inputs:
+            src = producers.get(t)
+            if src is not None and src.name in first and op.name not in first:
+                first[op.name] = first[src.name]
+    return {op.name: _tail_reason(op, first[op.name]) for op in graph.ops if op.name in first}
 
 
 def _head(graph: DpuGraph, pre: Mapping[str, str], post: Mapping[str, str], consumers: Mapping[str, list[DpuOp]]) -> DpuOp | None:
@@ -178,23 +215,29 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
         if op.name in post:
             for t in op.inputs:
                 src = producers.get(t)
-                if src is not None and src.name not in post and src.kind != OpKind.INPUT and src.name not in pre and t not in outputs:
+                if src is not None and (src.kind == OpKind.INPUT or src.name in pre):
+                    problems.append(f"the CPU tail op {op.name!r} reads {t!r} from the graph input / CPU pre stage: not one "
+                                    "pre -> DPU -> post chain")
+                elif src is not None and src.name not in post and t not in outputs:
                     outputs.append(t)
     if post and any(producers[t].name not in post for t in graph.outputs if t in producers):
         problems.append("a graph output comes straight from the DPU while others pass through CPU post-processing")
     for t in (*inputs, *outputs):
         src = producers[t]
         layout = src.onnx_layout if src.kind != OpKind.INPUT else _input_layout(src)
-        if layout not in (NHWC, NCHW, NCW, FLAT) or any(d < 1 for d in src.shape) or not src.shape:
+        if not valid_layout(layout, tuple(src.shape)):
             problems.append(f"tensor {t!r} between the CPU and the DPU has no known layout or shape ({layout or 'unknown'}, {src.shape})")
         layouts[t] = (layout, tuple(src.shape))
-    if not dpu_ops:
-        problems.append("no op is left for the DPU")
+    if not any(op.weighted for op in dpu_ops):
+        left = f" (only {', '.join(sorted({str(op.kind) for op in dpu_ops}))})" if dpu_ops else ""
+        cpu = [_op_type(op) for op in graph.ops if op.name in post and op.kind == OpKind.UNSUPPORTED]
+        why = f"; the CPU would run {', '.join(dict.fromkeys(cpu))}" if cpu else ""
+        problems.append(f"no weighted layer is left for the DPU{left}{why}")
     if pre:  # graph inputs only the CPU stage reads stay float
         first = {op.name: "graph input: read in FP32 by the CPU pre stage" for op in graph.ops
                  if op.kind == OpKind.INPUT and op.output not in inputs}
         pre = {**first, **pre}
-    conversion = any(layouts[t][0] not in (NHWC, FLAT) for t in inputs if producers[t].kind == OpKind.INPUT)
+    conversion = any(not same_order(*layouts[t]) for t in inputs if producers[t].kind == OpKind.INPUT)
     if conversion:  # the graph input in NHWC order for the DPU: a CPU stage of layout ops only
         for op in graph.ops:
             if op.kind == OpKind.INPUT and op.output in inputs:
@@ -203,7 +246,7 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
 
 
 def _input_layout(op: DpuOp) -> str:
-    return op.onnx_layout or (NHWC if len(op.shape) == 3 else FLAT)
+    return op.onnx_layout or ("nhwc" if len(op.shape) == 3 else FLAT)
 
 
 def dpu_graph(graph: DpuGraph, part: Partition) -> DpuGraph:
@@ -231,27 +274,28 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _to_nhwc(t: str, layout: str, shape: tuple[int, ...], out: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes taking ONNX tensor ``t`` (``layout``) to ``out`` in NHWC order ``(N, *shape)``."""
+    """Nodes taking ONNX tensor ``t`` (``layout``) to ``out`` in NHWC order ``(N, *shape)``: a Transpose putting its
+    axes in NHWC order (when its values are not in that order already), then a Reshape."""
     target = numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{out}/shape")
-    if layout == NCHW:
-        return [helper.make_node("Transpose", [t], [out], name=f"{out}/transpose", perm=[0, 2, 3, 1])], []
-    if layout == NCW:
-        return [helper.make_node("Transpose", [t], [f"{out}/nwc"], name=f"{out}/transpose", perm=[0, 2, 1]),
-                helper.make_node("Reshape", [f"{out}/nwc", target.name], [out], name=f"{out}/reshape")], [target]
-    return [helper.make_node("Reshape", [t, target.name], [out], name=f"{out}/reshape")], [target]
+    nodes, src = [], t
+    if not same_order(layout, shape):
+        nodes.append(helper.make_node("Transpose", [t], [f"{out}/ordered"], name=f"{out}/transpose", perm=list(nhwc_perm(layout))))
+        src = f"{out}/ordered"
+    return [*nodes, helper.make_node("Reshape", [src, target.name], [out], name=f"{out}/reshape")], [target]
 
 
 def _from_nhwc(inp: str, layout: str, shape: tuple[int, ...], t: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes taking ``inp`` in NHWC order ``(N, *shape)`` back to ONNX tensor ``t`` in ``layout``."""
-    if layout == NCHW:
-        return [helper.make_node("Transpose", [inp], [t], name=f"{t}/from_nhwc", perm=[0, 3, 1, 2])], []
-    if layout == NCW:
-        _, w, c = shape
-        s = numpy_helper.from_array(np.array([-1, w, c], np.int64), f"{t}/nwc_shape")
-        return [helper.make_node("Reshape", [inp, s.name], [f"{t}/nwc"], name=f"{t}/to_nwc"),
-                helper.make_node("Transpose", [f"{t}/nwc"], [t], name=f"{t}/from_nhwc", perm=[0, 2, 1])], [s]
-    s = numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{t}/onnx_shape")
-    return [helper.make_node("Reshape", [inp, s.name], [t], name=f"{t}/from_nhwc")], [s]
+    """Nodes taking ``inp`` in NHWC order ``(N, *shape)`` back to ONNX tensor ``t`` in ``layout`` (the inverse of
+    :func:`_to_nhwc`: a Reshape, then the inverse Transpose when the orders differ)."""
+    dims = onnx_dims(layout, shape)
+    if same_order(layout, shape):
+        s = numpy_helper.from_array(np.array([-1, *dims], np.int64), f"{t}/onnx_shape")
+        return [helper.make_node("Reshape", [inp, s.name], [t], name=f"{t}/from_nhwc")], [s]
+    perm = nhwc_perm(layout)
+    s = numpy_helper.from_array(np.array([-1, *(dims[p - 1] for p in perm[1:])], np.int64), f"{t}/ordered_shape")
+    inverse = [perm.index(i) for i in range(len(perm))]
+    return [helper.make_node("Reshape", [inp, s.name], [f"{t}/ordered"], name=f"{t}/to_ordered"),
+            helper.make_node("Transpose", [f"{t}/ordered"], [t], name=f"{t}/from_nhwc", perm=inverse)], [s]
 
 
 def _value(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
@@ -279,14 +323,24 @@ def cpu_pre_model(onnx_model: onnx.ModelProto, part: Partition) -> onnx.ModelPro
 
 
 def cpu_post_model(onnx_model: onnx.ModelProto, graph: DpuGraph, part: Partition) -> onnx.ModelProto | None:
-    """The CPU post-processing stage: inputs ``<tensor>:nhwc`` (the DPU's outputs, NHWC order), the trailing ops,
-    the model's outputs (None without a post stage)."""
+    """The CPU post-processing stage: inputs ``<tensor>:nhwc`` (the DPU's outputs, NHWC order), the post ops and the
+    view-only ONNX nodes between them (tf2onnx's Squeeze / Transpose around a Conv1D, which have no IR op), the
+    model's outputs (None without a post stage)."""
     if not part.has_post:
         return None
     nodes_of = {n for op in graph.ops if op.name in part.post for n in (op.onnx_nodes or (op.name,))}
     m = _copy(onnx_model)
     g = m.graph
-    kept = [n for n in g.node if n.name in nodes_of or n.op_type == "Constant"]
+    avail = {"", *part.outputs, *(t.name for t in g.initializer)}
+    kept = []
+    for n in g.node:  # every node computable from the DPU's outputs (prune_dead below keeps what the outputs need)
+        if not any(o in part.outputs for o in n.output) and all(i in avail for i in n.input):
+            kept.append(n)
+            avail.update(n.output)
+    missing = sorted((nodes_of & {n.name for n in g.node}) - {n.name for n in kept})
+    if missing:
+        raise InternalError(f"the CPU post stage cannot compute {missing[:3]} from the DPU's outputs {list(part.outputs)}",
+                            "report this as a nilmc bug")
     del g.node[:]
     del g.input[:]
     del g.value_info[:]

@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from nilmc.backends.dpu import emulator as emu
-from nilmc.backends.dpu.ir import NCHW, NCW, DpuGraph, DpuOp
+from nilmc.backends.dpu.ir import DpuGraph, DpuOp, to_nhwc
 from nilmc.backends.dpu.ops import OpKind, accumulate, record
 from nilmc.compiler.errors import QuantizationError
 from nilmc.quantization import intops
@@ -137,13 +137,8 @@ def _subset(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _nhwc(value: np.ndarray, op: DpuOp) -> np.ndarray:
-    """An ONNX tensor in the IR's layout (tf2onnx graphs hold conv outputs as NCHW views of NHWC tensors)."""
-    v = np.asarray(value, np.float64)
-    if op.onnx_layout == NCHW and v.ndim == 4:
-        v = v.transpose(0, 2, 3, 1)
-    elif op.onnx_layout == NCW and v.ndim == 3:  # (N, C, W) -> (N, W, C), i.e. (N, 1, W, C)
-        v = v.transpose(0, 2, 1)
-    return v.reshape(len(v), *op.shape)
+    """An ONNX tensor in the IR's layout (tf2onnx graphs hold conv outputs as NCHW / NCW views of NHWC tensors)."""
+    return to_nhwc(np.asarray(value, np.float64), op.onnx_layout, op.shape)
 
 
 def fp32_tensors(onnx_model: onnx.ModelProto, graph: DpuGraph, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -6,11 +6,15 @@ with random He-initialised weights; the other builders make one-layer graphs.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from nilmc.backends.dpu.ir import DpuGraph
 
 OPSET, IR_VERSION = 17, 10
 SEQ2POINT_CONVS = ((5, 32), (5, 32), (3, 64), (3, 64), (3, 32))
@@ -160,6 +164,46 @@ def seq2point(*, frames: int = 10, features: int = 9, convs: Sequence[tuple[int,
             x = f"dense{i}_relu"
         n = units
     return _model(nodes, inits, (frames, features, 1), (1,))
+
+
+def float_forward(graph: DpuGraph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every tensor of ``graph`` in float64, computed from the IR alone (NHWC, its own kernels, strides, pads and
+    weights): the FP32 route the DPU lowering claims equals the ONNX model. ``feeds``: the graph inputs as ONNX
+    tensors. Average pools count their padding, as the DPU's do."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from nilmc.backends.dpu.ir import to_nhwc
+    from nilmc.backends.dpu.ops import OpKind
+    from nilmc.backends.dpu.quant import float_accumulate
+
+    vals: dict[str, np.ndarray] = {}
+    for op in graph.ops:
+        args = [vals[t] for t in op.inputs]
+        if op.kind == OpKind.INPUT:
+            out = to_nhwc(np.asarray(feeds[op.output], np.float64), op.onnx_layout, op.shape)
+        elif op.weighted:
+            out = float_accumulate(op, args[0], op.weight) + (0.0 if op.bias is None else op.bias)
+        elif op.kind == OpKind.FLATTEN:
+            out = args[0].reshape(len(args[0]), -1)
+        elif op.kind in (OpKind.MAXPOOL, OpKind.AVGPOOL):
+            (pt, pl, pb, pr), (sh, sw) = op.attrs["pads"], op.attrs["stride"]
+            fill = -np.inf if op.kind == OpKind.MAXPOOL else 0.0
+            x = np.pad(args[0], ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+            win = sliding_window_view(x, tuple(op.attrs["kernel"]), axis=(1, 2))[:, ::sh, ::sw]
+            out = win.max(axis=(-1, -2)) if op.kind == OpKind.MAXPOOL else win.mean(axis=(-1, -2))
+        elif op.kind == OpKind.ADD:
+            out = args[0] + args[1]
+        elif op.kind in (OpKind.RELU, OpKind.LEAKY_RELU):
+            out = args[0]
+        else:
+            raise ValueError(f"op {op.name!r} ({op.attrs.get('op_type', op.kind)}) is not a DPU op: {op.reason}")
+        act = str(op.kind) if op.kind in (OpKind.RELU, OpKind.LEAKY_RELU) else op.activation
+        if act == "relu":
+            out = np.maximum(out, 0.0)
+        elif act == "leaky_relu":
+            out = np.where(out < 0, out * float(op.attrs.get("alpha", 0.01)), out)
+        vals[op.output] = out
+    return vals
 
 
 def dpu_round_qdq(qdq: onnx.ModelProto) -> onnx.ModelProto:
