@@ -733,6 +733,10 @@ class _Job:
             lower_options.update({k: getattr(plan.options, k) for k in plan.option_values})
             sections["backend_options"] = dataclasses.asdict(plan.options)
         art = backend.lower(model, bundle, precision=target.precision, options=lower_options)
+        cal_sqnr = art.info.get("calibration_sqnr")
+        hint = cal_sqnr.get("hint") if isinstance(cal_sqnr, dict) else None  # e.g. tflite:int8 under the SQNR floor: which target holds it
+        if hint:
+            self.warnings.append(f"{target}: {hint}")
         if isinstance(art.info.get("placement"), dict):  # a backend that places ops itself (the DPU's CPU/DPU split) has the last word
             sections["placement"] = art.info.pop("placement")
         compile_s = time.perf_counter() - t0
@@ -757,7 +761,8 @@ class _Job:
         if not report:
             from nilmc.quantization.coverage import likely_causes
 
-            report = dataclasses.replace(report, cause=likely_causes(*findings) if findings else "")
+            cause = likely_causes(*findings) if findings else ""
+            report = dataclasses.replace(report, cause="; ".join(c for c in (cause, hint) if c))
         from nilmc.compiler.hardware import manifest_section
 
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on

@@ -226,3 +226,20 @@ def test_16x8_full_integer_and_float_io(raw):
     assert flt.info["io"]["input"]["dtype"] == "float32" and flt.info["io"]["output"]["dtype"] == "float32"
     x = raw["eval"].x[:16]
     np.testing.assert_allclose(_predict(raw, flt, x), _predict(raw, _lower(raw, "int16x8"), x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+@pytest.mark.tflite
+def test_compile_warns_which_target_holds_a_raw_scale_model(raw, tmp_path):
+    """The driver passes tflite:int8's miss of the calibration SQNR floor on as a warning naming tflite:int16x8 (and as
+    the cause of a failed gate), instead of leaving it inside the manifest."""
+    from nilmc.backends.registry import Target
+    from nilmc.compiler.driver import CompileOptions, compile_model
+
+    s = compile_model(raw["model"], raw["eval"], [Target("tflite", "int8")], tmp_path / "out", calib=raw["calib"],
+                      options=CompileOptions(latency_windows=3))
+    (r,) = s.results
+    assert any(w.startswith("tflite:int8: ") and "--targets tflite:int16x8" in w for w in s.warnings), s.warnings
+    if not r.passed:
+        assert "tflite:int16x8" in r.report.cause
