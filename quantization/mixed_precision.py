@@ -22,6 +22,14 @@ classifier's :class:`~nilmc.compiler.metrics.ClassificationMetrics`) on data the
 (a validation split, not the evaluation set the result will be reported on);
 :func:`nilmc.quantization.api.make_eval_fn` builds one from a contract. The result records, per
 unit kept, the loss it alone removed (``sensitivity``) so a manifest can say why each stayed float.
+
+Structural regions (:func:`structural_regions`, used by :func:`raise_until_sqnr`): the activations no weighted layer
+reads, joined through the ops between them into connected regions of non-weighted arithmetic (a transformer's residual
+adds and decomposed LayerNorm, softmax, the bias adds tf2onnx leaves after a reshape). One such region loses little
+alone but cannot be quantized piecewise: LayerNorm's ``x - mean(x)`` cancels only when both sides share one grid, so
+keeping one of its tensors float at a time gains nothing. The SQNR floor therefore first tries them float *as a group*
+(ModelOpt's default for transformers: INT8 only at the inputs of weighted layers, and of activation x activation
+MatMuls where that costs nothing), then goes on one unit at a time.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from nilmc.compiler.errors import QuantizationError
 from nilmc.compiler.metrics import AnyMetrics, compare_metrics
 from nilmc.quantization.graph import QuantGraph, analyze
 from nilmc.quantization.intops import int_range
-from nilmc.quantization.params import QuantParams, activation_from_range, replace_activation
+from nilmc.quantization.params import QuantParams, activation_from_range, bias_quant, replace_activation
 from nilmc.quantization.qdq import build_qdq_model
 from nilmc.quantization.statistics import Statistics
 
@@ -212,11 +220,166 @@ def mixed_precision(
     return result
 
 
+# --------------------------------------------------------------------------- structural regions
+MATMUL_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected region of non-weighted ops: its quantization points (none of them read by a weighted layer), the
+    op types that produce them, those of them that a MatMul/Gemm of two activations reads (``matmul_inputs``), and
+    the outputs of MatMul/Gemm/Conv ops inside it (``matmul_outputs``: float only with their op, :func:`_float_closure`)."""
+
+    tensors: tuple[str, ...]
+    ops: tuple[str, ...]
+    matmul_inputs: tuple[str, ...] = ()
+    matmul_outputs: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensors": list(self.tensors), "ops": list(self.ops), "matmul_inputs": list(self.matmul_inputs),
+                "matmul_outputs": list(self.matmul_outputs)}
+
+
+def _matmul_outputs(g: QuantGraph, onnx_model: onnx.ModelProto) -> dict[str, tuple[str | None, list[str]]]:
+    """Quantization points no layer reads that a weighted layer or an activation x activation MatMul/Gemm/Conv writes
+    -> (the layer's name or None, the activations it reads)."""
+    read_by_layers = {g.root(l.input) for l in g.layers}
+    out: dict[str, tuple[str | None, list[str]]] = {l.output: (l.name, [l.input]) for l in g.layers}
+    weighted = {l.name for l in g.layers}
+    for node in onnx_model.graph.node:
+        if node.op_type in MATMUL_OPS and node.name not in weighted and node.output:
+            out[node.output[0]] = (None, [i for i in node.input[:2] if i not in g.constants])
+    return {t: v for t, v in out.items() if t in g.quant_points and t not in read_by_layers and t not in g.outputs}
+
+
+def structural_regions(onnx_model: onnx.ModelProto) -> list[Region]:
+    """The quantization points that no weighted layer reads (graph inputs and outputs excluded), grouped into
+    connected regions: two such tensors are joined when one op reads the one and writes the other. Found from the
+    graph alone (:func:`graph.analyze`), in topological order; empty for a plain CNN, where every quantization point
+    feeds a layer.
+
+    The output of a MatMul/Gemm/Conv that runs in INT8 keeps its Q/DQ (integer kernels requantize it anyway), so it is
+    listed apart (``matmul_outputs``): measured on the cloud Transformer, OpenVINO ran INT8 Gemms whose output was left
+    float at 3-8 dB output SQNR where onnxruntime ran the same QDQ graph at 10 dB."""
+    m = onnx.ModelProto()
+    m.CopyFrom(onnx_model)
+    g = analyze(m)
+    weighted = {l.name for l in g.layers}
+    read_by_layers = {g.root(l.input) for l in g.layers}
+    members = [t for t in g.quant_points if t not in read_by_layers and t not in g.outputs and t not in g.inputs]
+    if not members:
+        return []
+    mm_out = _matmul_outputs(g, m)
+    parent = {t: t for t in members}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    producer: dict[str, str] = {}
+    bmm_inputs: set[str] = set()
+    for node in m.graph.node:
+        roots = [g.root(t) for t in [*node.input, *node.output] if g.root(t) in parent]
+        for r in roots[1:]:
+            parent[find(r)] = find(roots[0])
+        for o in node.output:
+            if o in parent:
+                producer[o] = node.op_type
+        if node.op_type in MATMUL_OPS and node.name not in weighted:  # activation x activation (attention)
+            bmm_inputs.update(g.root(t) for t in node.input[:2] if g.root(t) in parent)
+    groups: dict[str, list[str]] = {}
+    for t in members:
+        groups.setdefault(find(t), []).append(t)
+    return [Region(tuple(t for t in ts if t not in mm_out), tuple(sorted({producer.get(t, "?") for t in ts})),
+                   tuple(t for t in ts if t in bmm_inputs and t not in mm_out), tuple(t for t in ts if t in mm_out))
+            for ts in groups.values()]
+
+
+def _float_closure(params: QuantParams, g: QuantGraph, onnx_model: onnx.ModelProto) -> QuantParams:
+    """``params`` with the output of every MatMul/Gemm/Conv that already runs wholly in float (activation inputs float,
+    and, for a weighted layer, the layer kept float) left float too; an INT8 one keeps its output's Q/DQ
+    (:func:`structural_regions`)."""
+    from nilmc.quantization.qdq import float_sets
+
+    float_acts, _ = float_sets(g, params.keep_float)
+    keep = set(params.keep_float)
+    extra = [t for t, (layer, acts) in _matmul_outputs(g, onnx_model).items()
+             if t not in float_acts and (layer is None or layer in keep) and acts and all(g.root(i) in float_acts for i in acts)]
+    return _with_float(params, extra) if extra else params
+
+
+def _without_bias_correction(params: QuantParams, g: QuantGraph) -> QuantParams:
+    """``params`` with the graph's own biases again (``adjusted`` emptied, bias parameters re-derived from them)."""
+    if not params.adjusted:
+        return params
+    out = replace(params, adjusted={})
+    for layer in g.layers:
+        if layer.bias in params.adjusted and layer.bias in out.tensors and layer.weight in out.tensors:
+            out = out.with_tensor(bias_quant(layer.bias, g.constants[layer.bias], out[g.root(layer.input)],
+                                             out.tensors[layer.weight], out.traits))
+    return out
+
+
+def _rebias(onnx_model: onnx.ModelProto, params: QuantParams, g: QuantGraph, x: Any, corrected: bool) -> tuple[QuantParams, str]:
+    """Bias correction fitted for another placement is stale once the placement changes (measured on a Transformer:
+    the all-INT8 correction of the head bias, 0.5, cost 10 dB once the residual stream was float). Drop it; where it
+    was on, fit it again for this placement and keep it only when it lowers the held-out output error, as
+    :func:`api.ptq_params` decides it."""
+    from nilmc.quantization.bias_correction import bias_correction_pays, correct_bias
+
+    plain = _without_bias_correction(params, g)
+    if not corrected:
+        return plain, "none"
+    if len(x) < 8 or not bias_correction_pays(onnx_model, plain, x).pays:
+        return plain, "dropped (refitted for the new placement, it did not lower the held-out error)"
+    return correct_bias(onnx_model, plain, x).params, "refitted for the new placement (lowers the held-out error)"
+
+
+def _with_float(params: QuantParams, names: Sequence[str]) -> QuantParams:
+    return replace(params, keep_float=tuple(dict.fromkeys([*params.keep_float, *names])))
+
+
+# The structural group keeps the inputs of activation x activation MatMuls in INT8 (ModelOpt's default) unless that costs
+# more than this against keeping them float too.
+BMM_TOLERANCE_DB = 0.5
+
+
+def _structural_step(onnx_model: onnx.ModelProto, params: QuantParams, g: QuantGraph, x: Any, now: float,
+                     score: Callable[[QuantParams], float]) -> tuple[QuantParams, dict[str, Any] | None, float, int]:
+    """Every structural region float at once (the inputs of attention MatMuls INT8 where that costs at most
+    :data:`BMM_TOLERANCE_DB`), bias correction refitted for that placement; taken when it raises the SQNR.
+    Returns the parameters, the record (None when nothing was taken), the SQNR and the evaluations spent."""
+    regions = [r for r in structural_regions(onnx_model) if not set(r.tensors) <= set(params.keep_float)]
+    if not regions:
+        return params, None, now, 0
+    every = [t for r in regions for t in r.tensors]
+    bmm = {t for r in regions for t in r.matmul_inputs}
+    corrected = bool(params.adjusted)
+    variants = [("all float", every)] + ([("attention MatMul inputs INT8", [t for t in every if t not in bmm])] if bmm else [])
+    scored = []
+    for label, names in variants:
+        cand, bias = _rebias(onnx_model, _float_closure(_with_float(params, names), g, onnx_model), g, x, corrected)
+        names = [t for t in cand.keep_float if t not in params.keep_float]
+        scored.append((score(cand), label, names, cand, bias))
+    best = max(s[0] for s in scored)
+    pick = scored[-1] if scored[-1][0] >= best - BMM_TOLERANCE_DB else scored[0]  # prefer more INT8 when it is as good
+    db, label, names, cand, bias = pick
+    if db <= now:
+        return params, None, now, len(scored)
+    record = {"variant": label, "db_before": _finite_db(now), "db_after": _finite_db(db), "gain_db": round(db - now, 3),
+              "variants_db": {s[1]: _finite_db(s[0]) for s in scored}, "bias_correction": bias,
+              "float_tensors": list(names), "regions": [r.to_json() for r in regions]}
+    return cand, record, db, len(scored)
+
+
 # --------------------------------------------------------------------------- output SQNR floor on the calibration set
 @dataclass
 class SqnrFallback:
-    """What :func:`raise_until_sqnr` did: the output SQNR vs FP32 on the calibration windows before and after, and
-    each unit kept at higher precision with the dB it gained when it was added (in that order)."""
+    """What :func:`raise_until_sqnr` did: the output SQNR vs FP32 on the calibration windows before and after, the
+    structural regions kept float as a group (``structural``, or None), and each unit kept at higher precision with
+    the dB it gained when it was added (in that order)."""
 
     target_db: float
     initial_db: float
@@ -225,6 +388,8 @@ class SqnrFallback:
     kept: list[str] = field(default_factory=list)
     gains_db: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
+    structural: dict[str, Any] | None = None
+    with_their_op: dict[str, str] = field(default_factory=dict)  # MatMul output left float -> the kept unit it runs with
 
     @property
     def met(self) -> bool:
@@ -233,7 +398,8 @@ class SqnrFallback:
     def to_json(self) -> dict[str, Any]:
         return {"target_db": self.target_db, "initial_db": _finite_db(self.initial_db), "final_db": _finite_db(self.final_db),
                 "met": self.met, "mode": self.mode, "kept": list(self.kept),
-                "gains_db": {k: round(v, 3) for k, v in self.gains_db.items()}, "evaluations": self.evaluations}
+                "gains_db": {k: round(v, 3) for k, v in self.gains_db.items()}, "evaluations": self.evaluations,
+                "structural": self.structural, "with_their_op": dict(self.with_their_op)}
 
 
 def _finite_db(v: float) -> float | None:
@@ -250,13 +416,18 @@ def raise_until_sqnr(
     fallback: str = "auto",
     max_units: int = 6,
     max_windows: int = 512,
+    structural: bool = True,
 ) -> tuple[QuantParams, SqnrFallback]:
     """Keep units (see :func:`units`) at higher precision, greedily the one that raises the output SQNR vs FP32 on
     the calibration windows ``x`` most, until it reaches ``min_sqnr_db`` or ``max_units`` (default 6) are kept or no
     unit helps. Scored on at most ``max_windows`` (default 512) windows. Unlike the metric budget of
     :func:`mixed_precision`, the SQNR of 500 calibration windows is a stable signal: it steers models whose INT8 is
     broken outright (raw-scale inputs, whose per-tensor grids give most positions one code) and leaves a model whose
-    INT8 already agrees with FP32 untouched (one evaluation)."""
+    INT8 already agrees with FP32 untouched (one evaluation).
+
+    ``structural`` (default True): below the floor, first keep the :func:`structural_regions` float as one group
+    (module docstring; bias correction refitted for that placement) when that raises the SQNR; the greedy goes on
+    from there. A model without such regions (a plain CNN) is scored exactly as before."""
     from nilmc.quantization import _ort
 
     mode = _mode(fallback, params)
@@ -270,19 +441,31 @@ def raise_until_sqnr(
     now = score(params)
     res = SqnrFallback(min_sqnr_db, now, now, mode, evaluations=1)
     current = params
-    pool = [u for u in units(g) if u.name not in params.keep_float]
+    if structural and now < min_sqnr_db:
+        current, res.structural, now, spent = _structural_step(onnx_model, current, g, xs, now, score)
+        res.evaluations += spent
+    # a MatMul output is float only with its MatMul (_float_closure): never a unit of its own once regions exist
+    skip = set(_matmul_outputs(g, onnx_model)) if res.structural is not None else set()
+    pool = [u for u in units(g) if u.name not in current.keep_float and u.name not in skip]
+
+    def raised(p: QuantParams, u: Unit) -> QuantParams:
+        q = raise_precision(p, u, mode, g, stats)
+        return _float_closure(q, g, onnx_model) if res.structural is not None and mode == "float" else q
+
     while now < min_sqnr_db and pool and len(res.kept) < max_units:
-        scored = [(score(raise_precision(current, u, mode, g, stats)), i) for i, u in enumerate(pool)]
+        scored = [(score(raised(current, u)), i) for i, u in enumerate(pool)]
         res.evaluations += len(scored)
         best_db, i = max(scored)
         if best_db <= now:
             break
         unit = pool.pop(i)
-        current = raise_precision(current, unit, mode, g, stats)
+        before = set(current.keep_float)
+        current = raised(current, unit)
+        res.with_their_op.update({t: unit.name for t in current.keep_float if t not in before and t != unit.name})
         res.kept.append(unit.name)
         res.gains_db[unit.name] = best_db - now
         now = best_db
     res.final_db = now
-    if res.kept:
+    if res.kept or res.structural is not None:
         current = replace(current, provenance={**current.provenance, "sqnr_fallback": res.to_json()})
     return current, res

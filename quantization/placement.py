@@ -73,6 +73,15 @@ def _fallback_reasons(params: QuantParams) -> dict[str, str]:
         str(name): (f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the calibration windows, under "
                     f"{sf.get('target_db'):g} dB; keeping it float added {gain:.1f} dB")
         for name, gain in (sf.get("gains_db") or {}).items()}
+    st = sf.get("structural") or {}  # mixed_precision.structural_regions kept float as one group
+    ops = {t: ", ".join(r["ops"]) for r in st.get("regions", ()) for t in [*r["tensors"], *r.get("matmul_outputs", ())]}
+    for name in st.get("float_tensors", ()):
+        floor[str(name)] = (f"calibration SQNR floor, structural region: kept float as a group with the other non-weighted ops of its "
+                            f"region ({ops.get(name, '?')}; residual/LayerNorm/softmax arithmetic cancels only on one grid), INT8 "
+                            f"only at the inputs of weighted layers ({st.get('variant')}): {st.get('db_before')} -> "
+                            f"{st.get('db_after')} dB on the calibration windows")
+    for name, unit in (sf.get("with_their_op") or {}).items():
+        floor[str(name)] = f"calibration SQNR floor: output of a MatMul/Gemm/Conv that runs in float ({unit} kept float)"
     return {**floor, **_mixed_precision_reasons(params)}
 
 
