@@ -20,6 +20,7 @@ the estimate is the paper's method applied to this model, not a measurement.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -62,17 +63,25 @@ def tensor_shapes(graph: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def graph_cost(graph: onnx.ModelProto) -> dict[str, Any]:
     """``{"macs", "flops", "weights", "macs_by_op", "energy_j_per_prediction_seed002", "energy_formula"}`` for one window."""
+    return _cost(graph)[0]
+
+
+def _cost(graph: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, int]]:
+    """:func:`graph_cost` and the MACs of each node (by node name)."""
     shapes = tensor_shapes(graph)
     by_op: dict[str, int] = {}
-    for node in graph.graph.node:
+    by_node: dict[str, int] = {}
+    for i, node in enumerate(graph.graph.node):
         macs = node_macs(node, shapes)
         if macs:
             by_op[node.op_type] = by_op.get(node.op_type, 0) + macs
+            name = node.name or f"{node.op_type}_{i}"  # an unnamed node as quantization.graph.node_names names it
+            by_node[name] = by_node.get(name, 0) + macs
     macs = int(sum(by_op.values()))
     weights = int(sum(int(np.prod(t.dims)) for t in graph.graph.initializer if numpy_helper.to_array(t).dtype.kind == "f"))
     return {"macs": macs, "flops": 2 * macs, "weights": weights, "macs_by_op": dict(sorted(by_op.items())),
             "energy_j_per_prediction_seed002": 2 * macs * SEED002_J_PER_FLOP,
-            "energy_formula": "E = FLOPs x 4.92 nJ/FLOP (seed 002: 41.8 MJ per 10 M predictions at 0.85 GFLOPs, NVIDIA A100); FLOPs = 2 x MACs"}
+            "energy_formula": "E = FLOPs x 4.92 nJ/FLOP (seed 002: 41.8 MJ per 10 M predictions at 0.85 GFLOPs, NVIDIA A100); FLOPs = 2 x MACs"}, by_node
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -101,12 +110,17 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     return 0
 
 
-def manifest_cost(graph: onnx.ModelProto) -> dict[str, Any]:
+def manifest_cost(graph: onnx.ModelProto, int8_layers: Collection[str] | None = None) -> dict[str, Any]:
     """The manifest's ``cost`` section: :func:`graph_cost` of the FP32 graph (the same operations run on every
-    target, in its precision), or why it could not be counted (never a failed compile over a statistic)."""
+    target, in its precision), or why it could not be counted (never a failed compile over a statistic).
+    ``int8_layers`` (the node names a quantizing target runs in INT8) adds ``int8_macs`` and ``int8_macs_share``:
+    an "int8" artifact whose precision fallbacks kept most layers float must not look like an INT8 model."""
     try:
-        cost = graph_cost(graph)
+        cost, by_node = _cost(graph)
     except Exception as exc:  # noqa: BLE001 - onnxruntime rejects some graphs the backends still take; say so
         return {"macs": None, "flops": None, "counted": False, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    if int8_layers is not None:
+        cost["int8_macs"] = int(sum(by_node.get(n, 0) for n in set(int8_layers)))
+        cost["int8_macs_share"] = round(cost["int8_macs"] / cost["macs"], 4) if cost["macs"] else None
     return {**cost, "energy_j_per_prediction_seed002": float(f"{cost['energy_j_per_prediction_seed002']:.6g}"), "counted": True,
             "counted_on": "the FP32 ONNX graph, one window (batch 1); element-wise ops, pooling, softmax and normalization not counted"}

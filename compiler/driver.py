@@ -610,6 +610,9 @@ def _worker_run(spec: dict[str, Any]) -> tuple[list[tuple[int, TargetResult]], l
     return out, job.warnings
 
 
+MIN_INT8_MACS_SHARE = 0.5  # under this share of the MACs in INT8, an int8 target's compile warns (mostly float)
+
+
 @dataclass
 class _Job:
     """What every target of one compile shares."""
@@ -768,7 +771,14 @@ class _Job:
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on
         from nilmc.compiler.cost import manifest_cost
 
-        sections["cost"] = manifest_cost(model.graph)  # MACs/FLOPs and seed 002's energy per prediction
+        placed = sections.get("placement") if plan.quantizes else None
+        int8_layers = placed.get("int8") if isinstance(placed, dict) and isinstance(placed.get("int8"), list) else None
+        sections["cost"] = manifest_cost(model.graph, int8_layers)  # MACs/FLOPs and seed 002's energy per prediction
+        share = sections["cost"].get("int8_macs_share")
+        if isinstance(share, float) and share < MIN_INT8_MACS_SHARE:
+            self.warnings.append(f"{target}: only {share:.0%} of the MACs run in INT8 ({len(int8_layers or ())} weighted layer(s)); "
+                                 "the rest runs in float (precise input, precision fallbacks for the SQNR floor or the budget: the manifest's "
+                                 "placement says which and why), so its speed and size are closer to a float model's")
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)

@@ -45,3 +45,19 @@ def test_an_uncountable_graph_says_why_instead_of_failing():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     cost = manifest_cost(helper.make_model(g))
     assert cost["counted"] is False and cost["macs"] is None and cost["reason"]
+
+
+def test_int8_macs_share_shows_how_much_of_an_int8_target_runs_in_int8(tmp_path):
+    """The tiny MLP's first layer (90 x 16 of its 1456 MACs) reads the graph input and stays float (precise input):
+    an 'int8' artifact that is 99 % float says so in its cost section and in a warning."""
+    from nilmc.backends.registry import Target
+    from nilmc.compiler.driver import CompileOptions, compile_model
+
+    ds = tiny_dataset(200, frames=10, features=9)
+    model = tiny_model(ds, hidden=16)
+    s = compile_model(model, ds, [Target("onnxruntime", "fp32"), Target("onnxruntime", "int8")], tmp_path / "out", calib=ds,
+                      options=CompileOptions(latency_windows=2))
+    costs = [json.loads((tmp_path / "out" / r.bundle.name / "manifest.json").read_text())["cost"] for r in s.results]
+    assert "int8_macs_share" not in costs[0]  # a float target: no INT8 share
+    assert costs[1]["int8_macs"] == 16 and costs[1]["int8_macs_share"] == round(16 / (10 * 9 * 16 + 16), 4)
+    assert any(w.startswith("onnxruntime:int8: only 1% of the MACs run in INT8") for w in s.warnings), s.warnings
