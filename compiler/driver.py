@@ -742,6 +742,7 @@ class _Job:
             self.warnings.append(f"{target}: {hint}")
         if isinstance(art.info.get("placement"), dict):  # a backend that places ops itself (the DPU's CPU/DPU split) has the last word
             sections["placement"] = art.info.pop("placement")
+        placed_devices = [d for d in (sections.get("placement") or {}).get("devices", ()) if isinstance(d, dict)]
         compile_s = time.perf_counter() - t0
         t_run = time.perf_counter()
         raw_eval = self.eval_ds.raw_x()
@@ -764,7 +765,9 @@ class _Job:
         if not report:
             from nilmc.quantization.coverage import likely_causes
 
-            cause = likely_causes(*findings) if findings else ""
+            cpu_ops = {d.get("op") for d in placed_devices if d.get("device") == "CPU"}  # the DPU's CPU stages run in FP32
+            cpu_tensors = {o for n in model.graph.graph.node if n.name in cpu_ops for o in n.output}
+            cause = likely_causes(*findings, float_tensors=cpu_tensors) if findings else ""
             report = dataclasses.replace(report, cause="; ".join(c for c in (cause, hint) if c))
         from nilmc.compiler.hardware import manifest_section
 

@@ -25,7 +25,7 @@ they do not warn, since a per-tensor input scale does not clip them).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,9 +199,10 @@ class CoverageReport:
         return ("the evaluation data exceed the calibration coverage: " + "; ".join(parts)
                 + "; calibrate on windows covering deployment (e.g. draw them from a larger pool: --calib POOL --calib-windows N)")
 
-    def causes(self) -> list[str]:
-        """Short cause texts for a failing gate, worst first."""
-        out = [f"evaluation activations outside calibrated range on {t.tensor} ({_pct(t.outside)})" for t in self.exceeded()]
+    def causes(self, skip: Collection[str] = ()) -> list[str]:
+        """Short cause texts for a failing gate, worst first (``skip``: tensors the artifact computes in float)."""
+        out = [f"evaluation activations outside calibrated range on {t.tensor} ({_pct(t.outside)})" for t in self.exceeded()
+               if t.tensor not in skip]
         feats = self.features_exceeded()
         if feats:
             n, v = feats[0]
@@ -312,17 +313,19 @@ MAX_CAUSES = 2
 NO_CAUSE = "no cause found by the overflow and coverage analysis"
 
 
-def likely_causes(overflow: Any, cover: CoverageReport | None) -> str:
+def likely_causes(overflow: Any, cover: CoverageReport | None, float_tensors: Collection[str] = ()) -> str:
     """``"likely cause: ..."`` for a target that failed its gate, from its overflow report and its coverage report.
 
     ``overflow`` is an :class:`overflow.OverflowReport` (or None); fixed findings are not causes.
-    Returns ``"likely cause: no cause found ..."`` when neither analysis found anything.
+    ``float_tensors``: tensors the backend computes in float whatever the shared parameters say (the DPU's CPU stages):
+    no finding about their grid is a cause. Returns ``"likely cause: no cause found ..."`` when nothing was found.
     """
-    open_findings = [f for f in (overflow.worst_first() if overflow is not None else []) if not f.fixed]
+    skip = set(float_tensors)
+    open_findings = [f for f in (overflow.worst_first() if overflow is not None else []) if not f.fixed and f.tensor not in skip]
 
     def finding_texts(checks: tuple[str, ...]) -> list[str]:
         return [f"{f.reason.split(';')[0]} ({f.check.value} on {f.tensor!r})"
                 for c in checks for f in open_findings if f.check.value == c]
 
-    causes = finding_texts(_STRUCTURAL) + (cover.causes() if cover is not None else []) + finding_texts(_ON_CALIBRATION)
+    causes = finding_texts(_STRUCTURAL) + (cover.causes(skip) if cover is not None else []) + finding_texts(_ON_CALIBRATION)
     return "likely cause: " + ("; ".join(causes[:MAX_CAUSES]) if causes else NO_CAUSE)

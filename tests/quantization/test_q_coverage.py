@@ -92,3 +92,15 @@ def test_likely_causes_order(setup):
     if not structural:
         assert "outside calibrated range" in text.split(";")[0]
     assert likely_causes(None, coverage(observe_evaluation(model.graph, x, stats), params)) == f"likely cause: {NO_CAUSE}"
+
+
+def test_likely_causes_skip_tensors_the_artifact_computes_in_float(setup):
+    """A DPU's CPU stage runs its ops in FP32: findings about the shared grids of their tensors are not causes."""
+    model, x, stats, params = setup
+    cover = coverage(observe_evaluation(model.graph, x * 3.0, stats), params)
+    overflow = check_overflow(model.graph, stats, params, GENERIC_INT8, peak_output=model.contract)
+    named = {f.tensor for f in overflow.findings} | {t.tensor for t in cover.exceeded()}
+    assert named and likely_causes(overflow, cover) != f"likely cause: {NO_CAUSE}"
+    text = likely_causes(overflow, cover, float_tensors=named)
+    assert text.startswith("likely cause: ")
+    assert not any(f"on {t!r}" in text or f"on {t} (" in text for t in named), text
