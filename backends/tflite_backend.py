@@ -506,7 +506,7 @@ def calibration_floor(precision: str, params: Any, opts: TFLiteOptions, options:
     check on the parameters ``tflite:int16x8`` derives (with these options) names the target that holds it, with both
     numbers, in ``hint``. None when the floor is off or no calibration context was given."""
     from nilmc.quantization.api import Techniques
-    from nilmc.quantization.mixed_precision import raise_until_sqnr
+    from nilmc.quantization.mixed_precision import calibration_sqnr_db
 
     ctx = options.get("quant")
     if ctx is None:
@@ -517,8 +517,8 @@ def calibration_floor(precision: str, params: Any, opts: TFLiteOptions, options:
     floor = float(tech.min_calib_sqnr)
     x = ctx.calib_x
 
-    def measured(p: Any) -> float:  # max_units=0: only the measurement, nothing kept float
-        return float(raise_until_sqnr(ctx.model.graph, p, x, floor, max_units=0, max_windows=tech.max_windows)[1].initial_db)
+    def measured(p: Any) -> float:
+        return calibration_sqnr_db(ctx.model.graph, p, x, max_windows=tech.max_windows)
 
     db = measured(params)
     out: dict[str, Any] = {"floor_db": floor, "output_sqnr_db": round(db, 2), "met": db >= floor, "windows": int(min(len(x), tech.max_windows)),

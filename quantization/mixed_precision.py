@@ -406,6 +406,15 @@ class SqnrFallback:
                 "structural": self.structural, "with_their_op": dict(self.with_their_op)}
 
 
+def calibration_sqnr_db(onnx_model: onnx.ModelProto, params: QuantParams, x: Any, *, max_windows: int = 512) -> float:
+    """Output SQNR vs FP32 of ``params``' QDQ model on at most ``max_windows`` windows of ``x``: what the calibration
+    SQNR floor (:func:`raise_until_sqnr`) measures, for a backend that checks its deployed parameters against it."""
+    from nilmc.quantization import _ort
+
+    xs = x[:max_windows]
+    return float(_ort.sqnr_db(_ort.output(onnx_model, xs), _ort.output(build_qdq_model(onnx_model, params), xs)))
+
+
 def _finite_db(v: float) -> float | None:
     return round(v, 3) if math.isfinite(v) else None
 
