@@ -7,6 +7,12 @@ Pattern (what :func:`equalize_graph` matches -> what it rewrites)::
     =>  W1[c] / s[c], b1[c] / s[c]   (L1's output channel c)
         W2[:, c] * s[c]              (L2's input channel c)
 
+L1 -> L2 may also be joined through a chain of single-reader ops that carry every channel to one channel and
+commute with a positive per-channel scale (:func:`find_pairs`): the Squeeze/Unsqueeze/Reshape/Transpose that
+tf2onnx writes around a Keras Conv1D or a 1-D pooling (axis moves followed on the tensors' shapes), pooling, zero
+padding and slicing off the channel axis, Mul/Div by a constant; L2 may be a ConvTranspose (input channels on axis 0
+of its weight). A reshape that merges the channel axis with another (a Flatten before a Dense) stops the chain.
+
 Exact for ``s > 0`` because the activation between is positively homogeneous (``f(x / s) = f(x) / s``),
 so ``L2(f(L1(x)))`` is unchanged. With ``r1[c]`` the calibration range (max ``|.|``) of L1's output channel
 ``c`` and ``r2[c]`` the range of W2's input-channel ``c`` weights, ``s[c] = sqrt(r1[c] / r2[c])`` leaves both at
@@ -114,17 +120,50 @@ class EqualizationResult:
 
 # ---------------------------------------------------------------- matching
 @dataclass(frozen=True)
+class _Second:
+    """L2 when it is not a :class:`Layer` of :func:`analyze` (a ConvTranspose): what the rewrite needs."""
+
+    name: str
+    weight: str
+    input: str
+
+
+@dataclass(frozen=True)
 class _Pair:
     first: Layer
-    second: Layer
+    second: Layer | _Second
     out_axis: int  # channel axis of L1's output tensor
     in_axis: int  # input-channel axis of W2 as stored
+    path: tuple[str, ...] = ()  # op types between L1's output and L2 (channel-preserving, positively homogeneous)
 
 
-def find_pairs(model: onnx.ModelProto) -> tuple[list[_Pair], list[SkippedPair]]:
-    """Every L1 -> L2 pair of weighted layers, and the layers that cannot be paired with the reason (topological order)."""
+# Ops a pair may be joined through: each maps channel c of its input to one channel of its output, and commutes with
+# a positive per-channel scale (f(x / s) == f(x) / s): elementwise homogeneous ops, pooling over the other axes, moves
+# of the other axes (Squeeze/Unsqueeze/Reshape/Flatten/Transpose, checked on the tensors' shapes), zero padding and
+# slicing of the other axes, and Mul/Div by a constant. This is how tf2onnx writes a Keras Conv1D (Unsqueeze -> Conv ->
+# Squeeze) and a 1-D pooling (Unsqueeze -> Reshape -> AveragePool -> Squeeze).
+_PASS_OPS = frozenset({"Relu", "LeakyRelu", "Identity", "Dropout"})
+_POOL_OPS = frozenset({"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"})
+_SHAPE_OPS = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Flatten"})
+_MAX_PATH = 12
+_SHAPE_READERS = frozenset({"Shape", "Size"})  # read only a tensor's shape, which a per-channel scale does not change
+
+
+def _data_readers(readers: Mapping[str, list[onnx.NodeProto]], tensor: str) -> list[onnx.NodeProto]:
+    return [n for n in readers.get(tensor, []) if n.op_type not in _SHAPE_READERS]
+
+
+def find_pairs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[list[_Pair], list[SkippedPair]]:
+    """Every L1 -> L2 pair of weighted layers, and the layers that cannot be paired with the reason (topological order).
+
+    L1 -> L2 is a direct edge, or a chain of single-reader ops that carry each channel to one channel (``_PASS_OPS``
+    and the like, see above); ``shapes`` (tensor -> shape on the windows, :func:`path_shapes`) is needed to follow the
+    ops that move axes (without it only the elementwise ones are followed). L2 is a Conv/MatMul/Gemm layer or a
+    ConvTranspose whose input channels are the carried channel axis.
+    """
     g = analyze(model)
     inits = {t.name for t in model.graph.initializer}
+    consts = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -136,24 +175,141 @@ def find_pairs(model: onnx.ModelProto) -> tuple[list[_Pair], list[SkippedPair]]:
     outputs = set(g.outputs)
     pairs, skipped = [], []
     for l1 in g.layers:
-        users = readers.get(l1.output, [])
+        users = _data_readers(readers, l1.output)
         if len(users) != 1 or l1.output in outputs:
             if l1.output not in outputs:
                 skipped.append(SkippedPair(l1.name, None, f"its output has {len(users)} readers"))
             continue
-        l2 = by_node.get(users[0].name)
-        if l2 is None or l2.input != l1.output:
-            skipped.append(SkippedPair(l1.name, users[0].name, f"read by {users[0].op_type}, not directly by a weighted layer"))
+        out_axis = 1 if l1.kind == "conv" else -1
+        l2, path, why = _walk(l1.output, out_axis, readers, outputs, by_node, consts, shapes)
+        if l2 is None:
+            skipped.append(SkippedPair(l1.name, users[0].name, why))
             continue
         reason = _unpairable(l1, l2, nodes, inits, uses)
         if reason:
             skipped.append(SkippedPair(l1.name, l2.name, reason))
             continue
-        pairs.append(_Pair(l1, l2, 1 if l1.kind == "conv" else -1, _input_axis(nodes[l2.name])))
+        pairs.append(_Pair(l1, l2, out_axis, _input_axis(nodes[l2.name]), path))
     return pairs, skipped
 
 
+def _walk(tensor: str, axis: int, readers: Mapping[str, list[onnx.NodeProto]], outputs: set[str], by_node: Mapping[str, Layer],
+          consts: Mapping[str, onnx.TensorProto], shapes: Mapping[str, tuple[int, ...]] | None) -> tuple[Layer | _Second | None, tuple[str, ...], str]:
+    """Follow ``tensor``'s channel ``axis`` to the weighted layer reading it: ``(L2, op types between, "")`` or
+    ``(None, ops, why not)``."""
+    path: list[str] = []
+
+    def stop(why: str) -> tuple[None, tuple[str, ...], str]:
+        via = f"through {' -> '.join(path)}: " if path else ""
+        return None, tuple(path), via + why
+
+    for _ in range(_MAX_PATH + 1):
+        users = _data_readers(readers, tensor)
+        if len(users) != 1 or tensor in outputs:
+            return stop(f"{tensor!r} has {len(users)} readers" if tensor not in outputs else f"{tensor!r} is a graph output")
+        node = users[0]
+        rank = len(shapes[tensor]) if shapes is not None and tensor in shapes else None
+        c = axis % rank if rank is not None else axis
+        layer = by_node.get(node.name)
+        if layer is not None:
+            if layer.input != tensor:
+                return stop(f"read by {node.op_type} {node.name!r} as its weight, not its input")
+            want = 1 if node.op_type == "Conv" else -1
+            if not path or (rank is not None and c == want % rank) or (rank is None and axis == want):
+                return layer, tuple(path), ""
+            return stop(f"the channels reach {node.op_type} {node.name!r} on axis {c}, not its input-channel axis")
+        if node.op_type == "ConvTranspose":
+            if node.input[0] == tensor and len(node.input) > 1 and node.input[1] in consts and (c == 1):
+                return _Second(node.name, node.input[1], tensor), tuple(path), ""
+            return stop(f"read by ConvTranspose {node.name!r} off its input-channel axis")
+        nxt = _carry(node, tensor, c, rank, consts, shapes)
+        path.append(node.op_type)
+        if nxt is None:
+            return stop(f"read by {node.op_type} {node.name!r}, which does not carry each channel to one channel" if len(path) == 1
+                        else f"{node.op_type} {node.name!r} does not carry each channel to one channel")
+        tensor, axis = nxt
+    return stop(f"more than {_MAX_PATH} ops between the layers")
+
+
+def _carry(node: onnx.NodeProto, tensor: str, c: int, rank: int | None, consts: Mapping[str, onnx.TensorProto],
+           shapes: Mapping[str, tuple[int, ...]] | None) -> tuple[str, int] | None:
+    """``(output, its channel axis)`` when ``node`` maps channel ``c`` of ``tensor`` to one channel and commutes with a
+    positive per-channel scale; None otherwise."""
+    out = node.output[0] if node.output else ""
+    if len([o for o in node.output if o]) != 1 or node.input[0] != tensor:
+        return None
+    if node.op_type in _PASS_OPS:
+        return out, c
+    if node.op_type in ("Mul", "Div"):
+        return (out, c) if len(node.input) == 2 and node.input[1] in consts else None
+    if shapes is None or rank is None or tensor not in shapes or out not in shapes:
+        return None
+    s_in, s_out = shapes[tensor], shapes[out]
+    if node.op_type in _POOL_OPS:
+        return (out, c) if c == 1 and s_out[1] == s_in[1] else None
+    if node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(rank))[::-1])
+        return out, perm.index(c)
+    if node.op_type in _SHAPE_OPS:
+        k = _reshaped_axis(s_in, s_out, c)
+        return None if k is None else (out, k)
+    if node.op_type == "Pad":
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        value = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        zero = value is None or (value in consts and not np.any(numpy_helper.to_array(consts[value])))
+        return (out, c) if mode == "constant" and zero and len(s_out) == rank and s_out[c] == s_in[c] else None
+    if node.op_type == "Slice":
+        axes_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        if axes_name is None or axes_name not in consts:
+            return None
+        axes = [int(a) % rank for a in numpy_helper.to_array(consts[axes_name]).reshape(-1)]
+        return (out, c) if c not in axes and len(s_out) == rank and s_out[c] == s_in[c] else None
+    return None
+
+
+def path_shapes(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Shapes (on two windows of ``x``) of every tensor a pair's path may cross: from each layer's output through
+    single-reader candidate ops; what :func:`find_pairs` needs to follow axis moves."""
+    g = analyze(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    movable = _PASS_OPS | _POOL_OPS | _SHAPE_OPS | {"Transpose", "Pad", "Slice", "Mul", "Div"}
+    names: list[str] = []
+    for layer in g.layers:
+        tensor = layer.output
+        names.append(tensor)
+        for _ in range(_MAX_PATH):
+            users = _data_readers(readers, tensor)
+            if len(users) != 1 or users[0].op_type not in movable or users[0].input[0] != tensor or not users[0].output:
+                break
+            tensor = users[0].output[0]
+            names.append(tensor)
+    names = list(dict.fromkeys(names))
+    if not names or len(x) == 0:
+        return {}
+    acts = _ort.run(model, x[:2], names)
+    return {n: tuple(int(d) for d in a.shape) for n, a in acts.items()}
+
+
+def _reshaped_axis(s_in: tuple[int, ...], s_out: tuple[int, ...], c: int) -> int | None:
+    """Where a reshape puts channel axis ``c``: the output axis with the same extent and the same element counts
+    before and after it (row-major, so every element keeps its channel); None when the channel axis is merged or split."""
+    before, n = int(np.prod(s_in[:c], dtype=np.int64)), s_in[c]
+    acc = 1
+    for k, d in enumerate(s_out):
+        if acc == before and d == n:
+            return k
+        acc *= int(d)
+        if acc > before:
+            break
+    return None
+
+
 def _input_axis(node: onnx.NodeProto) -> int:
+    if node.op_type == "ConvTranspose":
+        return 0  # (C_in, C_out / group, k...)
     if node.op_type == "Conv":
         return 1  # OIHW
     if node.op_type == "Gemm" and _attr(node, "transB", 0):
@@ -165,13 +321,13 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
-def _unpairable(l1: Layer, l2: Layer, nodes: Mapping[str, onnx.NodeProto], inits: set[str], uses: Mapping[str, int]) -> str:
+def _unpairable(l1: Layer, l2: Layer | _Second, nodes: Mapping[str, onnx.NodeProto], inits: set[str], uses: Mapping[str, int]) -> str:
     """Why ``l1 -> l2`` cannot be equalized exactly ("" when it can)."""
     if l1.activation not in HOMOGENEOUS:
         return f"{l1.activation} between them is not positively homogeneous"
     n1, n2 = nodes[l1.name], nodes[l2.name]
     for node in (n1, n2):
-        if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+        if node.op_type in ("Conv", "ConvTranspose") and _attr(node, "group", 1) != 1:
             return f"{node.name} is a grouped convolution"
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             return f"{node.name} is a Gemm with transA"
@@ -182,7 +338,7 @@ def _unpairable(l1: Layer, l2: Layer, nodes: Mapping[str, onnx.NodeProto], inits
             return f"{name} is not an initializer"
         if uses.get(name, 0) != 1:
             return f"{name} is shared by {uses.get(name, 0)} nodes"
-    if l1.kind == "dense" and l2.kind == "conv":
+    if l1.kind == "dense" and getattr(l2, "kind", "conv") == "conv":
         return "a dense layer feeding a convolution"
     return ""
 
@@ -235,7 +391,7 @@ def equalize_graph(model: onnx.ModelProto, x: np.ndarray, *, min_imbalance: floa
         raise BadInputError("cross-layer equalization needs calibration windows, got none", "pass --calib FILE")
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    pairs, skipped = find_pairs(work)
+    pairs, skipped = find_pairs(work, path_shapes(work, x))
     result = EqualizationResult(model, skipped=list(skipped), windows=len(x))
     if not pairs:
         return result
@@ -350,6 +506,9 @@ def _layouts(keras_shape: Any, onnx_shape: tuple[int, ...]) -> list[Any]:
     fns = []
     if len(ks) == 4 and (ks[3], ks[2], ks[0], ks[1]) == onnx_shape:
         fns.append(lambda a: np.transpose(a, (3, 2, 0, 1)))  # Conv2D HWIO -> OIHW
+    if len(ks) == 3 and (ks[2], ks[1], 1, ks[0]) == onnx_shape:
+        # Conv1D (k, in, out) -> tf2onnx's (out, in, 1, k); Conv1DTranspose (k, out, in) -> ConvTranspose (in, out, 1, k)
+        fns.append(lambda a: np.transpose(a, (2, 1, 0))[:, :, None, :])
     if ks == onnx_shape:
         fns.append(lambda a: a)  # Dense [in, out] == MatMul; biases
     if len(ks) == 2 and ks[::-1] == onnx_shape and ks != onnx_shape:
