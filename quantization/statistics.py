@@ -312,11 +312,14 @@ def model_digest(model: onnx.ModelProto) -> str:
 
 
 def _feature_axis(shape: tuple[int, ...]) -> int | None:
-    """Last non-batch axis of size > 1 (axis 2 of ``(N, 10, F, 1)``)."""
-    for axis in range(len(shape) - 1, 0, -1):
-        if shape[axis] > 1:
-            return axis
-    return None
+    """Last non-batch axis of size > 1 (axis 2 of ``(N, 10, F, 1)``; axis 1 of a feature vector ``(N, F)``); None when
+    a rank-3+ input has only one axis longer than 1: a single-feature sequence (``(N, T, 1, 1)``, ``(N, 1, T)``), whose
+    only long axis is time — per-position minima and maxima of a few hundred windows are not feature ranges (they made
+    a low-frequency model's coverage report "122 features" outside calibration)."""
+    long = [axis for axis in range(1, len(shape)) if shape[axis] > 1]
+    if not long or (len(shape) > 2 and len(long) == 1):
+        return None
+    return long[-1]
 
 
 def _exposed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:

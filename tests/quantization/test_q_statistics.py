@@ -92,3 +92,12 @@ def test_bad_calibration_data(seq2point, calib) -> None:
         collect_statistics(model, bad)
     with pytest.raises(DataError):
         collect_statistics(model, np.zeros((0, 10, 9, 1), np.float32))
+
+
+def test_feature_axis_is_not_the_time_axis_of_a_single_feature_sequence():
+    from nilmc.quantization.statistics import _feature_axis
+
+    assert _feature_axis((8, 10, 9, 1)) == 2  # (N, T, F, 1): the features
+    assert _feature_axis((8, 9)) == 1  # a feature vector
+    assert _feature_axis((8, 128, 1, 1)) is None  # one feature over time: per-position ranges are not features
+    assert _feature_axis((8, 1, 599)) is None
