@@ -24,7 +24,13 @@ Rules (measured on the shipped T-P model and five calibration draws; see the DPU
 
 Candidates for every other fix position are the no-clipping position of the shared range and one
 coarser (never a finer, clipping one): allowing finer positions cost 2 EACC points on a T-P model
-whose calibration windows span a third of the evaluation range, these rules 0.2.
+whose calibration windows span a third of the evaluation range, these rules 0.2. Measured again with the DPU's
+input and head in FP32 on the CPU (``bench_vendors.py`` draws, 2026-12-01): MinMSE over one finer too
+(``fix_window=(-1, 1)``) took the finer grid where one outlier event set a draw's range (draw 3: 31.8 -> 36.3 dB) but
+also where the draw missed the evaluation tail (draw 1: conv5 clipped at 0.50 against 0.85 on evaluation, 32.9 ->
+30.2 dB; draw 4 36.0 -> 33.0): mean 33.8 -> 33.6, worst 31.8 -> 30.2 dB, so the window stays. Every activation's
+range, candidates, choice and grid maximum are recorded in ``params.method["choices"]`` (the DPU's
+``dpu_params.json`` and manifest ``calibration``), to read against the manifest's ``coverage``.
 
 Shift bounds (AMD Quark refine step): ``shift_cut = fi + fw - fo`` in ``[0, 16]`` (if no candidate
 keeps it, ``fw`` moves to the nearest bound), ``shift_bias = fi + fw - fb`` in
@@ -207,6 +213,13 @@ class _Refiner:
         """The range the grid must hold when deployed: the calibration range with the options' headroom."""
         return self.amax(tensor) * float(self.opt.headroom)
 
+    def record(self, tensor: str, amax: float, cands: Sequence[int], fp: int) -> None:
+        """What decided ``tensor``'s fix position (``params.method["choices"]``): the range the candidates were placed
+        on, the candidates and the choice, with the chosen grid's largest value (coverage reads against it)."""
+        self.params.method.setdefault("choices", {})[tensor] = {
+            "range": round(float(amax), 6), "candidates": [int(c) for c in cands], "fix": int(fp),
+            "grid_max": math.ldexp(float(INT8.hi), -int(fp))}
+
     def run(self) -> PotParams:
         steps = {PotRule.INPUT: self.input, PotRule.WEIGHTED: self.weighted, PotRule.PASSTHROUGH: self.passthrough,
                  PotRule.ELEMENTWISE: self.elementwise}
@@ -226,6 +239,7 @@ class _Refiner:
             cands = [int(self.fixed[op.output])]
         fp = best_fix(x, cands)
         self.params.fix[op.output] = fp
+        self.record(op.output, amax, cands, fp)
         self.codes[op.output] = quantize_values(x, fp)
 
     def passthrough(self, op: Any) -> None:
@@ -250,6 +264,7 @@ class _Refiner:
                 best = (err, fo, out)
         assert best is not None
         self.params.fix[op.output], self.codes[op.output] = best[1], best[2]
+        self.record(op.output, self.deployed_amax(op.output), cands, best[1])
 
     def _shift_write(self, op: Any, fis: list[int], cands: list[int]) -> list[int]:
         lo, hi = self.limits.get("shift_write", (-7, 25))
@@ -289,6 +304,8 @@ class _Refiner:
             best = self._search_biases(op, acc, fi, fw, [fo], ref)
             assert best is not None
         self.params.fix[op.output] = best.fo
+        amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
+        self.record(op.output, amax, cands, best.fo)
         self.params.weights[op.name] = WeightFix(fw, best.fb, quantize_values(w, fw), best.bias_q)
         self.codes[op.output] = best.out
         if notes or best.notes:
