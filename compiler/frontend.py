@@ -17,7 +17,8 @@ the canonical form every later stage may rely on:
 * Reshapes whose target shape tf2onnx left as a run-time ``Shape -> Gather -> Concat``
   computation (Keras 3's ``Flatten``) use a constant ``[-1, ...]`` shape instead;
 * tf2onnx's process-global name counters (``Conv2D__6``) are renumbered from 1 in graph
-  order, so converting the same file twice gives byte-identical ONNX;
+  order and the constants it names after its own passes are named after their reader, so
+  converting the same file twice, in any process, gives byte-identical ONNX;
 * the converted graph is checked numerically against the TensorFlow model.
 
 The contract (see :mod:`nilmc.compiler.contract`) comes from, first to last: the
@@ -589,39 +590,47 @@ def _fold_dynamic_reshapes(proto: onnx.ModelProto) -> None:
 
 
 def _renumber_name_counters(graph: onnx.GraphProto) -> None:
-    """Renumber tf2onnx's process-global ``__<n>`` name counters from 1, in graph order.
+    """Give tf2onnx's invented names a form that does not depend on its process state.
 
     tf2onnx numbers the names it invents (``Conv2D__6``) with a counter shared by every
-    conversion in the process, so the same model converted twice got different names.
-    Counters are renumbered in order of first appearance (node order), names without
-    a counter are kept, and initializers are sorted by name so their order cannot
-    depend on the old counters either.
+    conversion in the process, and names some constants after the optimizer pass that
+    made them, which varies with the interpreter's hash seed (the same Unsqueeze axes came
+    out as ``const_fold_opt__5__6`` or ``axes_const__5__6__7``). So: node names and node
+    outputs have their counters renumbered from 1 in order of first appearance (node
+    order); an initializer with a counter in its name is renamed after its first reader,
+    ``<node name>/in<k>``; names without a counter are kept; initializers are sorted by
+    name so their order cannot depend on the old names either.
     """
     numbers: dict[str, str] = {}
+    initializers = {t.name for t in graph.initializer}
 
     def visit(name: str) -> None:
         for match in _TF2ONNX_COUNTER.finditer(name):
             numbers.setdefault(match.group(0), f"__{len(numbers) + 1}")
 
     for node in graph.node:
-        for name in [*node.input, node.name, *node.output]:
+        for name in [*(i for i in node.input if i not in initializers), node.name, *node.output]:
             visit(name)
-    for tensor in graph.initializer:
-        visit(tensor.name)
 
     def renamed(name: str) -> str:
         return _TF2ONNX_COUNTER.sub(lambda m: numbers[m.group(0)], name)
 
     names = _tensor_names(graph)
-    mapping = {n: renamed(n) for n in names if _TF2ONNX_COUNTER.search(n)}
-    if len(set(mapping.values()) | (names - set(mapping))) != len(names):
-        raise InternalError(f"renumbering tf2onnx names made two tensors share a name ({sorted(mapping.items())[:5]}...)")
-    _apply_tensor_mapping(graph, mapping)
+    mapping = {n: renamed(n) for n in names if _TF2ONNX_COUNTER.search(n) and n not in initializers}
     for node in graph.node:
         node.name = renamed(node.name)
-    initializers = sorted(graph.initializer, key=lambda t: t.name)
+        for k, name in enumerate(node.input):
+            if name in initializers and _TF2ONNX_COUNTER.search(name) and name not in mapping:
+                mapping[name] = f"{node.name}/in{k}"
+    unnamed = [t.name for t in graph.initializer if _TF2ONNX_COUNTER.search(t.name) and t.name not in mapping]
+    for k, name in enumerate(sorted(unnamed)):  # read by no node (pruned graphs have none): kept apart, deterministically
+        mapping[name] = f"unused_initializer_{k}"
+    if len(set(mapping.values()) | (names - set(mapping))) != len(names):
+        raise InternalError(f"renaming tf2onnx names made two tensors share a name ({sorted(mapping.items())[:5]}...)")
+    _apply_tensor_mapping(graph, mapping)
+    ordered = sorted(graph.initializer, key=lambda t: t.name)
     del graph.initializer[:]
-    graph.initializer.extend(initializers)
+    graph.initializer.extend(ordered)
 
 
 def _drop_unused_opsets(proto: onnx.ModelProto) -> None:
