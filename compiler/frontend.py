@@ -51,7 +51,7 @@ from onnx import numpy_helper
 from nilmc.compiler.contract import CONTRACT_KEY, ModelContract, load_contract_file
 from nilmc.compiler.errors import BadInputError, InternalError, ModelLoadError, NilmcError, ShapeMismatchError
 from nilmc.compiler.model import ONNX_IR_VERSION, ONNX_OPSET, Model
-from nilmc.quantization.conv_bias import fold_squeezed_conv_bias
+from nilmc.quantization.conv_bias import fold_conv_batchnorm, fold_squeezed_conv_bias
 from nilmc.quantization.graph import prune_dead
 
 SIDECAR_SUFFIX = ".contract.json"
@@ -267,6 +267,7 @@ def _load_onnx_model(path: Path, contract: ModelContract | None) -> Model:
     found = _resolve_contract(path, contract, embedded)
     _rename_io(proto)
     fold_squeezed_conv_bias(proto)  # as for converted models: a tf2onnx Conv1D's bias and ReLU back onto its Conv (exact)
+    fold_conv_batchnorm(proto)  # a PyTorch export's Conv -> BatchNormalization into the Conv's weights (exact, checked)
     _check_graph_shape(_graph_input_shape(proto), found, str(path))
     proto, found = _strip_io_stages(proto, _with_io_names(found))
     return Model(graph=proto, contract=found, source=str(path))
@@ -423,6 +424,7 @@ def canonicalize_converted(proto: onnx.ModelProto) -> onnx.ModelProto:
     _symbolic_batch(out)
     _fold_dynamic_reshapes(out)
     fold_squeezed_conv_bias(out)  # Conv1D's Squeeze -> bias Add -> Relu back onto the Conv (exact; see quantization/conv_bias.py)
+    fold_conv_batchnorm(out)  # a BatchNormalization tf2onnx left after a Conv/Gemm, into its weights (exact, checked)
     prune_dead(out.graph)
     _renumber_name_counters(out.graph)
     _drop_unused_opsets(out)

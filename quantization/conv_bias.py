@@ -241,3 +241,93 @@ def fold_transposed_conv_bias(model: onnx.ModelProto) -> list[str]:
             continue
         done.append(conv.name)
     return done
+
+
+BN_RTOL = 1e-4  # the folded graph must match the original this closely (relative to max |output|) on the probe batch
+
+
+def fold_conv_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Fold an inference ``BatchNormalization`` that directly follows a ``Conv`` (or a ``Gemm`` with a constant
+    weight) into that layer's weight and bias, in place; returns the names of the BatchNormalization nodes removed.
+
+    What ``torch.onnx.export`` writes for ``Conv1d/Conv2d -> BatchNorm`` (and ``Linear -> BatchNorm1d``) in eval mode:
+    the BN is a per-output-channel affine ``y = (x - mean) * g / sqrt(var + eps) + beta``, so with
+    ``k = g / sqrt(var + eps)``: ``W'[c] = W[c] * k[c]``, ``b'[c] = (b[c] - mean[c]) * k[c] + beta[c]``. Left as it is,
+    the BN is a float op between two quantization points that no weighted layer owns (the DPU, TFLite and eIQ
+    refuse it; onnxruntime quantizes the un-normalized conv output on its own grid). The fold is applied only when
+    the layer's output has the BN as its only reader, every BN parameter and the layer's weight (and bias) are
+    constants read by nothing else, and the BN has one output; it is then checked on a random probe batch
+    (:data:`BN_RTOL`): a graph that differs is restored.
+    """
+    g = model.graph
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    uses: dict[str, int] = {}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+            users.setdefault(i, []).append(n)
+    taken = {t for n in g.node for t in (*n.input, *n.output)} | set(consts) | {n.name for n in g.node}
+    folded: list[str] = []
+    drop: set[str] = set()  # BN parameter initializers
+    gone: list[onnx.NodeProto] = []  # the BN nodes
+    for layer in list(g.node):
+        if layer.op_type not in ("Conv", "Gemm") or len(layer.input) < 2 or layer.input[1] not in consts or uses.get(layer.input[1]) != 1:
+            continue
+        if layer.op_type == "Gemm" and any(a.name in ("transA",) and a.i for a in layer.attribute):
+            continue
+        bn = _only_user(layer.output[0], users, outputs)
+        if bn is None or bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1 or bn.input[0] != layer.output[0]:
+            continue
+        if any(p not in consts or uses.get(p) != 1 for p in bn.input[1:5]):
+            continue
+        w = consts[layer.input[1]].astype(np.float64)
+        trans_b = layer.op_type == "Gemm" and any(a.name == "transB" and a.i for a in layer.attribute)
+        axis = 0 if layer.op_type == "Conv" or trans_b else 1  # the output-channel axis of the weight as stored
+        channels = int(w.shape[axis])
+        gamma, beta, mean, var = (consts[p].astype(np.float64).reshape(-1) for p in bn.input[1:5])
+        if not all(a.size == channels for a in (gamma, beta, mean, var)):
+            continue
+        if layer.op_type == "Gemm" and any(a.name in ("alpha", "beta") and abs(a.f - 1.0) > 0 for a in layer.attribute):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        k = gamma / np.sqrt(var + eps)
+        has_bias = len(layer.input) > 2 and layer.input[2] != ""
+        if has_bias and (layer.input[2] not in consts or uses.get(layer.input[2]) != 1):
+            continue
+        b = consts[layer.input[2]].astype(np.float64).reshape(-1) if has_bias else np.zeros(channels)
+        shape = [1] * w.ndim
+        shape[axis] = channels
+        new_w = (w * k.reshape(shape)).astype(np.float32)
+        new_b = ((b - mean) * k + beta).astype(np.float32)
+        bias_name = layer.input[2] if has_bias else _fresh(f"{layer.name}/bias_folded", taken)
+        for t in g.initializer:
+            if t.name == layer.input[1]:
+                t.CopyFrom(numpy_helper.from_array(new_w, t.name))
+            elif has_bias and t.name == bias_name:
+                t.CopyFrom(numpy_helper.from_array(new_b.reshape(consts[bias_name].shape), t.name))
+        if not has_bias:  # Conv's B, or Gemm's C ((channels,) broadcasts over the batch)
+            g.initializer.append(numpy_helper.from_array(new_b, bias_name))
+            layer.input.append(bias_name)
+        layer.output[0] = bn.output[0]  # the layer now writes what the BN wrote; the BN goes
+        gone.append(bn)
+        drop.update(bn.input[1:5])
+        folded.append(bn.name)
+    if not folded:
+        return []
+    kept = [n for n in g.node if not any(n is b for b in gone)]
+    del g.node[:]
+    g.node.extend(kept)
+    inits = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    ref, got = _probe_outputs(before), _probe_outputs(model)
+    if ref is not None and (got is None or any(
+            float(np.max(np.abs(a - b), initial=0.0)) > BN_RTOL * max(float(np.max(np.abs(a), initial=0.0)), 1e-12)
+            for a, b in zip(ref, got))):
+        model.CopyFrom(before)  # not exact on the probe: keep the graph as it was
+        return []
+    return folded

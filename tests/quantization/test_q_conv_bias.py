@@ -138,3 +138,50 @@ def test_transposed_conv_bias_moves_onto_the_conv_only_when_exact():
     padded = _tconv(1)  # pads one step before the bias: moving the bias would change those positions
     before = padded.SerializeToString()
     assert fold_transposed_conv_bias(padded) == [] and padded.SerializeToString() == before
+
+
+def _conv_bn_model(*, bias: bool = True, shared_mean: bool = False) -> onnx.ModelProto:
+    """What torch.onnx.export writes for Conv1d -> BatchNorm1d -> ReLU -> Flatten -> Linear -> BatchNorm1d (eval mode)."""
+    rng = np.random.default_rng(3)
+    c, t, h = 4, 8, 5
+    arrays = {"conv.w": rng.normal(0, 0.5, (c, 1, 3)), "conv.b": rng.normal(0, 0.1, c),
+              "bn.g": rng.uniform(0.5, 2, c), "bn.b": rng.normal(0, 0.3, c), "bn.m": rng.normal(0, 0.5, c), "bn.v": rng.uniform(0.2, 3, c),
+              "fc.w": rng.normal(0, 0.3, (h, c * t)),
+              "bn2.g": rng.uniform(0.5, 2, h), "bn2.b": rng.normal(0, 0.3, h), "bn2.m": rng.normal(0, 0.5, h), "bn2.v": rng.uniform(0.2, 3, h)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items() if bias or k != "conv.b"]
+    bn2_mean = "bn.m" if shared_mean else "bn2.m"
+    if shared_mean:
+        inits = [i for i in inits if i.name != "bn2.m"]
+    nodes = [helper.make_node("Conv", ["input", "conv.w", *(["conv.b"] if bias else [])], ["c1"], name="/conv/Conv", pads=[1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "bn.g", "bn.b", "bn.m", "bn.v"], ["b1"], name="/bn/BatchNormalization", epsilon=1e-3),
+             helper.make_node("Relu", ["b1"], ["r1"], name="/relu/Relu"),
+             helper.make_node("Flatten", ["r1"], ["f1"], name="/Flatten"),
+             helper.make_node("Gemm", ["f1", "fc.w"], ["g1"], name="/fc/Gemm", transB=1),
+             helper.make_node("BatchNormalization", ["g1", "bn2.g", "bn2.b", bn2_mean, "bn2.v"], ["output"], name="/bn2/BatchNormalization")]
+    g = helper.make_graph(nodes, "torch", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 1, t])],
+                          [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [None, h])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_batchnorm_after_conv_and_gemm_is_folded_exactly():
+    from nilmc.quantization import _ort
+    from nilmc.quantization.conv_bias import fold_conv_batchnorm
+
+    for bias in (True, False):
+        m = _conv_bn_model(bias=bias)
+        x = np.random.default_rng(1).normal(0, 1, (16, 1, 8)).astype(np.float32)
+        ref = _ort.output(m, x)
+        folded = fold_conv_batchnorm(m)
+        assert folded == ["/bn/BatchNormalization", "/bn2/BatchNormalization"]
+        assert "BatchNormalization" not in {n.op_type for n in m.graph.node}
+        assert not {"bn.g", "bn.v", "bn2.g"} & {t.name for t in m.graph.initializer}
+        got = _ort.output(m, x)
+        assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_batchnorm_with_a_shared_parameter_is_left_alone():
+    from nilmc.quantization.conv_bias import fold_conv_batchnorm
+
+    m = _conv_bn_model(shared_mean=True)  # bn2 reads bn's running mean too: folding one would change the other
+    assert fold_conv_batchnorm(m) == []
+    assert [n.op_type for n in m.graph.node].count("BatchNormalization") == 2
