@@ -213,7 +213,11 @@ def _classify_plain(
     shared: dict[str, str], internal: set[str], points: list[str],
 ) -> None:
     """A node outside any layer: passthrough (shares its input's parameters), fused into a following
-    activation, or a quantization point of its own."""
+    activation, or a quantization point of its own. Further float outputs that something reads (an LSTM/GRU's
+    ``Y_h``/``Y_c``, what a PyTorch export's head reads) are points of their own."""
+    for extra in node.output[1:]:
+        if extra in floats and (extra in outputs or cons.get(extra)) and node.op_type not in PASSTHROUGH_OPS:
+            points.append(extra)
     out = node.output[0] if node.output else ""
     if out not in floats:
         return
