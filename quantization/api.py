@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from nilmc.quantization.overflow import OverflowReport
 
 EvalFn = Callable[[onnx.ModelProto], "AnyMetrics"]
+SYMMETRIC_RANGE_RULES = ("coverage", "global")  # Techniques.symmetric_ranges
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class Techniques:
     ``normalization_policy`` ``"error"``; ``budget`` None (no mixed precision; e.g.
     ``{"eacc": 0.5}``) with ``fallback`` ``"auto"`` (int16 where the traits allow it,
     else float) and ``max_fallback_units`` None (no limit); ``precise_input`` True with
-    ``deployment_headroom`` 1.5 (``symmetric_headroom`` 1.0 on symmetric activation grids; only where
-    ``traits.float_layers``).
+    ``deployment_headroom`` 1.5 (``symmetric_headroom`` 1.0 on symmetric activation grids, ``classifier_headroom``
+    1.0 for ON/OFF classifiers; only where ``traits.float_layers``).
     """
 
     select_estimators: bool = True
@@ -119,6 +120,14 @@ class Techniques:
     # FP32-identical raw-input variant then landed 1.06 dB away from the z-score model (33.6 vs 32.5 dB: the choice
     # of estimators flips on float rounding), over the 1 dB the raw-input check allows; 1.5 cost 6.9 dB.
     symmetric_headroom: float = 1.0
+    # How symmetric 8-bit grids (TensorRT) get their ranges under precise input (regression models): "coverage"
+    # (default) decides per tensor (symmetric_ranges.deployment_ranges): the calibration min/max times
+    # ``deployment_headroom``, a tensor returned to its estimator's range only while the calibration SQNR is under
+    # ``min_calib_sqnr``; "global": every range times ``symmetric_headroom`` (the rule before). Shipped z-score T-P model,
+    # tensorrt:int8, 5 draws of 1000 windows (benchmarks/bench_vendors.py): see symmetric_ranges.py's docstring.
+    symmetric_ranges: str = "coverage"
+    # ON/OFF classifiers (contract task binary/multilabel) on 8-bit grids: no deployment headroom (see ptq_params).
+    classifier_headroom: float = 1.0
     # On 16-bit activation grids (tflite:int16x8) resolution is plentiful and clipping is what costs: there the headroom
     # is this. Measured on the shipped draw (tflite:int16x8, evaluation SQNR vs FP32): z-score T-P model 34.6 dB at 1.0
     # (dense2's evaluation tail runs to 6.99 over a calibrated 1.24), 44.8 dB at 2.0, 49.6 at 4.0; the raw-feature (A)
@@ -136,6 +145,11 @@ class Techniques:
     min_calib_sqnr: float | None = 30.0
     sqnr_max_units: int = 8
 
+    def __post_init__(self) -> None:
+        if self.symmetric_ranges not in SYMMETRIC_RANGE_RULES:
+            raise QuantizationError(f"unknown symmetric_ranges rule {self.symmetric_ranges!r}",
+                                    f"use one of {', '.join(SYMMETRIC_RANGE_RULES)}")
+
     @classmethod
     def plain(cls) -> Techniques:
         """Nothing but the chosen estimator (the baseline the techniques are measured against)."""
@@ -147,7 +161,8 @@ class Techniques:
         return (self.select_estimators, self.candidates, self.min_gain, self.headroom, self.headroom_grid, self.folds,
                 self.bias_correction, self.only_if_better, self.fit_output_range, self.max_windows,
                 tuple(sorted((self.budget or {}).items())), self.fallback, self.max_fallback_units, self.precise_input,
-                self.deployment_headroom, self.symmetric_headroom, self.min_calib_sqnr, self.sqnr_max_units, self.wide_grid_headroom)
+                self.deployment_headroom, self.symmetric_headroom, self.symmetric_ranges, self.classifier_headroom, self.min_calib_sqnr,
+                self.sqnr_max_units, self.wide_grid_headroom)
 
     def to_json(self) -> dict[str, Any]:
         return {"select_estimators": self.select_estimators, "candidates": list(self.candidates), "min_gain": self.min_gain,
@@ -156,7 +171,8 @@ class Techniques:
                 "fit_output_range": self.fit_output_range, "max_windows": self.max_windows,
                 "budget": None if self.budget is None else dict(self.budget), "fallback": self.fallback,
                 "precise_input": self.precise_input, "deployment_headroom": self.deployment_headroom,
-                "symmetric_headroom": self.symmetric_headroom, "min_calib_sqnr": self.min_calib_sqnr,
+                "symmetric_headroom": self.symmetric_headroom, "symmetric_ranges": self.symmetric_ranges,
+                "classifier_headroom": self.classifier_headroom, "min_calib_sqnr": self.min_calib_sqnr,
                 "sqnr_max_units": self.sqnr_max_units, "wide_grid_headroom": self.wide_grid_headroom}
 
 
@@ -348,15 +364,37 @@ def ptq_params(
         outcome.params = apply_headroom(outcome.params, onnx_model, stats, outcome.headroom.headroom, exclude=kf)
         timings["headroom"] = time.perf_counter() - t0
     if precise:
-        # Symmetric activation grids spend one bit of every ReLU output on negatives nobody sees: there 1.5x cost the
-        # shipped draw 6.9 dB (tensorrt_int8: 35.7 -> 28.8 dB, dEACC -0.01 -> +0.84), so they get their own, smaller one.
+        # Symmetric 8-bit grids (TensorRT) decide per tensor below (Techniques.symmetric_ranges); "global" keeps the
+        # former single, smaller headroom (a ReLU output wastes the grid's negative half).
         h = techniques.symmetric_headroom if traits.symmetric_activations else techniques.deployment_headroom
+        if contract is not None and contract.is_classification:
+            # The headroom buys coverage of the rare high-power windows an energy-weighted regression metric is scored on.
+            # An ON/OFF classifier's F1 is not: a high-power window is ON clipped or not (its sigmoid saturates), while the
+            # resolution the headroom costs is what decides the windows near the threshold. Example CtRNN (onnxruntime:int8,
+            # evaluation set): 1.5x -> 1.0x, f1w loss +2.93 -> -0.69 points, output SQNR 17.0 -> 28.7 dB.
+            h = techniques.classifier_headroom
         if traits.activation_bits >= 16:
             h = techniques.wide_grid_headroom
-        if h != 1.0:
-            g = analyze(_copy(onnx_model))
+        g = analyze(_copy(onnx_model))
+        symmetric = None
+        if (traits.symmetric_activations and traits.activation_bits < 16 and techniques.symmetric_ranges == "coverage"
+                and not (contract is not None and contract.is_classification)):
+            # per tensor (symmetric_ranges.py): the calibration extremes times the deployment headroom asymmetric grids
+            # get, returned to the estimator's range only where the calibration SQNR floor needs the resolution
+            from nilmc.quantization.symmetric_ranges import deployment_ranges, zero_watts_on_code
+
+            h = techniques.deployment_headroom
+            outcome.params, symmetric = deployment_ranges(outcome.params, onnx_model, stats, x, headroom=h, exclude=[*kf, *g.inputs],
+                                                          min_sqnr_db=techniques.min_calib_sqnr, max_windows=techniques.max_windows)
+            need = required_output_range(contract) if techniques.fit_output_range else None
+            if need is not None:
+                outcome.params, symmetric.zero_on_code = zero_watts_on_code(outcome.params, onnx_model, need[0])
+        elif h != 1.0:
             outcome.params = apply_headroom(outcome.params, onnx_model, stats, h, exclude=[*kf, *g.inputs])
-        outcome.precise_input = {"float_layers": list(precise), "deployment_headroom": h}
+        outcome.precise_input = {"float_layers": list(precise), "deployment_headroom": h,
+                                 "task": contract.task if contract is not None else "regression"}
+        if symmetric is not None:
+            outcome.precise_input["symmetric_ranges"] = symmetric.to_json()
     if techniques.bias_correction:
         t0 = time.perf_counter()
         pays = not techniques.only_if_better  # too few windows to measure it: not applied unless asked unconditionally

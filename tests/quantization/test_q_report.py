@@ -29,14 +29,15 @@ def test_precise_input_keeps_the_first_layer_float_and_widens_the_rest(tiny, tin
     on = quantize(tiny, tiny_ds, advanced=Techniques(**plain)).params
     first = "MatMul_1"
     assert first in on.keep_float and first not in off.keep_float
-    assert on.provenance["precise_input"] == {"float_layers": [first], "deployment_headroom": 1.5}
+    assert on.provenance["precise_input"] == {"float_layers": [first], "deployment_headroom": 1.5, "task": "regression"}
     assert on["r1"].hi[0] == pytest.approx(1.5 * off["r1"].hi[0])  # the headroom, on every range but the output's
     assert on["output"].lo[0] == pytest.approx(off["output"].lo[0]) and on["output"].hi[0] == pytest.approx(off["output"].hi[0])
-    # symmetric grids (TensorRT) take their own headroom (default 1.0: none)
+    # symmetric grids (TensorRT) under symmetric_ranges="global" take their own headroom (default 1.0: none); the default
+    # per-tensor rule is tests/quantization/test_q_symmetric_ranges.py's
     trt_off = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(precise_input=False, **plain)).params
-    trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(**plain)).params
+    trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(symmetric_ranges="global", **plain)).params
     assert trt.provenance["precise_input"]["deployment_headroom"] == 1.0 and trt["r1"].hi[0] == pytest.approx(trt_off["r1"].hi[0])
-    trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(symmetric_headroom=1.25, **plain)).params
+    trt = quantize(tiny, tiny_ds, traits=TENSORRT_INT8, advanced=Techniques(symmetric_ranges="global", symmetric_headroom=1.25, **plain)).params
     assert trt["r1"].hi[0] == pytest.approx(1.25 * trt_off["r1"].hi[0])
     # 16-bit grids (tflite:int16x8): resolution to spare, so the wider headroom (default 2.0) against clipping
     from nilmc.quantization.traits import TFLITE_INT16X8_FLOAT_INPUT as T16
@@ -44,6 +45,16 @@ def test_precise_input_keeps_the_first_layer_float_and_widens_the_rest(tiny, tin
     w_off = quantize(tiny, tiny_ds, traits=T16, advanced=Techniques(precise_input=False, **plain)).params
     w = quantize(tiny, tiny_ds, traits=T16, advanced=Techniques(**plain)).params
     assert w.provenance["precise_input"]["deployment_headroom"] == 2.0 and w["r1"].hi[0] == pytest.approx(2.0 * w_off["r1"].hi[0])
+    # an ON/OFF classifier: no headroom on 8-bit grids (clipping a saturating high-power window does not change its class)
+    from dataclasses import replace as dc_replace
+
+    from nilmc.compiler.model import Model
+
+    clf = Model(tiny.graph, dc_replace(tiny.contract, task="binary"), source="tiny as a binary classifier")
+    c_off = quantize(clf, tiny_ds, advanced=Techniques(precise_input=False, **plain)).params
+    c = quantize(clf, tiny_ds, advanced=Techniques(**plain)).params
+    assert c.provenance["precise_input"] == {"float_layers": [first], "deployment_headroom": 1.0, "task": "binary"}
+    assert c["r1"].hi[0] == pytest.approx(c_off["r1"].hi[0])
     # traits without float layers (full-integer targets) are left as they were
     tfl = quantize(tiny, tiny_ds, traits=TFLITE_INT8, advanced=Techniques(**plain)).params
     assert not tfl.keep_float and "precise_input" not in tfl.provenance
