@@ -8,7 +8,8 @@ Vitis AI tool and writes into the bundle:
   ``fix`` ops: the input of ``vai_c_xir`` ("quantized xmodel — compile with vai_c_xir");
 * ``cpu_pre.onnx`` / ``cpu_post.onnx`` - the FP32 CPU stages around the DPU subgraph
   (:mod:`nilmc.backends.dpu.partition`): by default the layers reading the graph input run there
-  (precise input: the input is never quantized), and trailing ops the DPU has no operator for;
+  (precise input: the input is never quantized), and the ops from the first one the DPU cannot run (no operator, or
+  outside the target's limits) onward;
 * ``arch.json``, ``compile.sh`` (the exact ``vai_c_xir`` line), ``run_on_board.py`` (VART);
 * ``inspector.json`` - per-layer DPU/CPU placement under the target's limits, and why;
 * ``dpu_params.json`` - fix points, shift_cut / shift_bias, repairs, accumulator peaks.
@@ -52,7 +53,7 @@ QAT_SUFFIX = "_qat"
 PRECISIONS = ARCHS + tuple(a + QAT_SUFFIX for a in ARCHS)
 
 
-UNSUPPORTED_REMEDY = "replace those ops, or choose a target that takes them (onnxruntime, openvino, tensorrt)"
+UNSUPPORTED_REMEDY = "replace the op(s) named above that the DPU cannot run, or choose a target that takes them (onnxruntime, openvino, tensorrt)"
 
 
 class DPUUnsupportedError(BadInputError):
@@ -128,7 +129,17 @@ def _start_params(ctx: Any, options: Mapping[str, Any]) -> Any:
     return with_precise_input(ctx.params(DPU_POT, estimator="minmax"), ctx.model.graph, getattr(ctx, "techniques", None))
 
 
-def _graph_partition(model: Model, full: DpuGraph, mode: str = "auto", *, qat: bool = False) -> Partition:
+def _rejected(full: DpuGraph, target: DPUTarget) -> dict[str, str]:
+    """DPU ops the target's limits keep off the DPU (the inspector's first reason each): they start the CPU tail.
+    Ops with no DPU operator at all start it anyway (:mod:`nilmc.backends.dpu.partition`)."""
+    from nilmc.backends.dpu.ops import OpKind
+
+    kinds = {op.name: op.kind for op in full.ops}
+    return {p.op: p.reasons[0] for p in inspect_graph(full, target).fallbacks
+            if p.reasons and kinds[p.op] not in (OpKind.INPUT, OpKind.UNSUPPORTED)}
+
+
+def _graph_partition(model: Model, full: DpuGraph, target: DPUTarget, mode: str = "auto", *, qat: bool = False) -> Partition:
     """The split as the graph alone gives it (precise input's layers read off the graph, as the shared parameters
     keep them): what decides, in milliseconds and before any calibration, whether the DPU can take the model."""
     from nilmc.backends.dpu.partition import plan_partition
@@ -136,7 +147,7 @@ def _graph_partition(model: Model, full: DpuGraph, mode: str = "auto", *, qat: b
 
     m = onnx_copy(model.graph)
     floats = [layer.name for layer in input_layers(m, analyze(m)) or ()] if DPU_POT.float_layers else []
-    return plan_partition(full, floats, mode=_mode(mode if mode in CPU_LAYERS else "auto", qat))
+    return plan_partition(full, floats, mode=_mode(mode if mode in CPU_LAYERS else "auto", qat), rejected=_rejected(full, target))
 
 
 def _mode(mode: str, qat: bool) -> str:
@@ -144,7 +155,7 @@ def _mode(mode: str, qat: bool) -> str:
     return "input" if qat and mode == "auto" else mode
 
 
-def _partition(full: DpuGraph, ctx: Any, options: Mapping[str, Any], *, qat: bool = False) -> Partition:
+def _partition(full: DpuGraph, target: DPUTarget, ctx: Any, options: Mapping[str, Any], *, qat: bool = False) -> Partition:
     """The CPU/DPU split: the layers the shared parameters keep float (precise input) unless ``cpu_layers`` is none,
     and the head (precise output) under ``auto`` (not for QAT)."""
     from nilmc.backends.dpu.partition import plan_partition
@@ -153,7 +164,7 @@ def _partition(full: DpuGraph, ctx: Any, options: Mapping[str, Any], *, qat: boo
     if mode not in CPU_LAYERS:
         raise BadInputError(f"dpu.cpu_layers={mode!r} is not one of {', '.join(CPU_LAYERS)}", "use --option dpu.cpu_layers=auto|input|none")
     floats = _start_params(ctx, options).keep_float if mode in ("auto", "input") else ()
-    return plan_partition(full, floats, mode=_mode(mode, qat))
+    return plan_partition(full, floats, mode=_mode(mode, qat), rejected=_rejected(full, target))
 
 
 def _watts_error(model: Model) -> Any:
@@ -240,7 +251,8 @@ class DPUBackend:
             "ops": "conv2d, dense, max/avg pooling, element-wise add, ReLU, LeakyReLU; other ops are reported, not lowered",
             "cpu_stages": "by default (dpu.cpu_layers=auto) the layers reading the graph input and leading layout ops run in "
                           "FP32 on the board's CPU (cpu_pre.onnx), and so does the CPU tail: the first op the DPU has no "
-                          "operator for (GRU, Sigmoid, ConvTranspose, Slice/Pad ...) and every op after it (cpu_post.onnx, "
+                          "operator for (GRU, Sigmoid, ConvTranspose, Slice/Pad ...) or whose operator the target's limits "
+                          "reject there (a pool kernel over 8, ...) and every op after it (cpu_post.onnx, "
                           "onnxruntime; one DPU subgraph); a model with no weighted layer left for the DPU, or whose tail "
                           "reads the graph input, is refused",
             "needs_keras_source": "the *_qat precisions fine-tune the tf_keras (Keras 2) model (.keras/.h5); PTQ precisions lower "
@@ -254,16 +266,18 @@ class DPUBackend:
         """What makes the model unlowerable to the DPU, found from the graph alone in milliseconds (None: nothing)."""
         if precision not in PRECISIONS:
             return None
-        from nilmc.backends.dpu.partition import dpu_graph
-
+        qat = precision.endswith(QAT_SUFFIX)
+        if qat and model.keras_path:
+            reason = _qat_precheck(model, precision)
+            if reason is not None:
+                return reason
         full = from_onnx(model.graph)
-        if not full.unsupported:
-            return None
-        part = _graph_partition(model, full)
-        if not dpu_graph(full, part).unsupported and not part.problems:
-            return None
-        report = inspect_graph(full, load_target(precision.removesuffix(QAT_SUFFIX)), part)
-        return f"the model cannot be lowered to the DPU: {_refusal(report, part)}; {UNSUPPORTED_REMEDY}"
+        target = load_target(precision.removesuffix(QAT_SUFFIX))
+        part = _graph_partition(model, full, target, qat=qat)
+        report = inspect_graph(full, target, part)
+        if _refused(full, part, report):
+            return f"the model cannot be lowered to the DPU: {_refusal(report, part)}; {UNSUPPORTED_REMEDY}"
+        return None
 
     def lower(self, model: Model, out_dir: Path, *, precision: str = "b2304", options: Mapping[str, Any] | None = None) -> Artifact:
         """Quantize for the DPU and write the xmodel + hand-off into ``out_dir``.
@@ -291,9 +305,9 @@ class DPUBackend:
 
         full = from_onnx(model.graph)
         qat = precision.endswith(QAT_SUFFIX)
-        early = _graph_partition(model, full, str(options.get("cpu_layers", "auto")), qat=qat)
-        if dpu_graph(full, early).unsupported or early.problems:  # refused before any parameters are derived
-            report = inspect_graph(full, target, early)
+        early = _graph_partition(model, full, target, str(options.get("cpu_layers", "auto")), qat=qat)
+        report = inspect_graph(full, target, early)
+        if _refused(full, early, report):  # refused before any parameters are derived
             atomic_write_json(out_dir / INSPECTOR, report.to_json())
             raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, early)}", UNSUPPORTED_REMEDY)
         # A *_qat target trains the DPU part up to the model's output (the head stays on the DPU). When no fine-tuned
@@ -301,11 +315,11 @@ class DPUBackend:
         # head on the CPU under cpu_layers=auto), and the manifest's qat section says so.
         untrained = None
         for trained in ((True, False) if qat else (False,)):
-            part = _partition(full, ctx, options, qat=trained)
+            part = _partition(full, target, ctx, options, qat=trained)
             graph = dpu_graph(full, part)
             report = inspect_graph(full, target, part)
             atomic_write_json(out_dir / INSPECTOR, report.to_json())
-            if graph.unsupported or part.problems:
+            if _refused(full, part, report):
                 raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, part)}", UNSUPPORTED_REMEDY)
             pre_model, post_model = cpu_pre_model(model.graph, part), cpu_post_model(model.graph, full, part)
             pre, post = (None if pre_model is None else CpuStage(pre_model)), (None if post_model is None else CpuStage(post_model))
@@ -328,7 +342,7 @@ class DPUBackend:
             graph, params, qat_info, reference = memo[key]
             if not (trained and qat_info is not None and qat_info.get("kept_epoch") == 0):
                 break
-            if _partition(full, ctx, options, qat=False).to_json() == part.to_json():
+            if _partition(full, target, ctx, options, qat=False).to_json() == part.to_json():
                 break
             untrained = qat_info
         if untrained is not None:
@@ -402,8 +416,72 @@ def onnx_copy(model: Any) -> Any:
     return m
 
 
+def _refused(full: DpuGraph, part: Partition, report: InspectionReport) -> bool:
+    """Whether the split cannot be deployed: an op with no DPU operator left in the DPU subgraph, a problem of the
+    split, or an op the target rejects that the CPU tail did not take (a dead one): the xmodel would carry an op the
+    DPU cannot run, so the model is refused rather than lowered with it."""
+    from nilmc.backends.dpu.partition import dpu_graph
+
+    return bool(dpu_graph(full, part).unsupported or part.problems or report.fallbacks)
+
+
 def _refusal(report: InspectionReport, part: Partition) -> str:
     return "; ".join([report.summary(), *part.problems])
+
+
+# Keras layer types with weights that the DPU QAT's Keras lowering (Conv2D / Dense only) cannot pair with a DPU op and
+# that nilmc never strips as an input stage (leading Normalization / Rescaling / BatchNormalization can be): read
+# from the saved config alone, so the refusal comes before calibration and TensorFlow (it came after 7-11 s).
+QAT_UNMAPPED_LAYERS = frozenset({
+    "Conv1D", "Conv1DTranspose", "Conv2DTranspose", "Conv3D", "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D",
+    "SeparableConv1D", "SeparableConv2D", "LocallyConnected1D", "LocallyConnected2D", "LSTM", "GRU", "SimpleRNN",
+    "ConvLSTM1D", "ConvLSTM2D", "Bidirectional", "Embedding", "MultiHeadAttention", "PReLU"})
+
+
+def _qat_precheck(model: Model, precision: str) -> str | None:
+    """Why a ``*_qat`` precision cannot fine-tune ``model.keras_path`` (None: nothing found from its config)."""
+    from nilmc.compiler.frontend import SourceKind, detect_kind
+    from nilmc.quantization.qat import WEIGHTED_LAYERS
+
+    ptq = f"dpu:{precision.removesuffix(QAT_SUFFIX)}"
+    path = Path(str(model.keras_path))
+    try:
+        kind = detect_kind(path)
+        layers = _keras_layers(path)
+    except Exception:  # unreadable here: the lowering reports it with its own message
+        return None
+    if kind is not SourceKind.TF_KERAS:
+        return (f"dpu:{precision} fine-tunes tf_keras (Keras 2) models and {str(path)!r} is a {kind.value} model; "
+                f"use --targets {ptq} (PTQ lowers the ONNX graph), or save the model with tf_keras")
+    for name, cls in layers:
+        if cls in QAT_UNMAPPED_LAYERS:
+            return (f"dpu:{precision} fine-tunes {'/'.join(WEIGHTED_LAYERS)} Keras layers only, and layer {name!r} ({cls}) has "
+                    f"weights it cannot place; use --targets {ptq} (PTQ lowers the same model from its ONNX graph)")
+    return None
+
+
+def _keras_layers(path: Path) -> list[tuple[str, str]]:
+    """``(name, class)`` of the top-level layers in a saved Keras model's config (``.keras`` archive or ``.h5``),
+    a ``TimeDistributed`` wrapper by the class it wraps; no TensorFlow import."""
+    import json
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json"))
+    else:
+        from nilmc.compiler.tfcompat import import_h5py
+
+        with import_h5py().File(path, "r") as fh:
+            raw = fh.attrs.get("model_config", b"{}")
+        config = json.loads(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    out = []
+    for layer in (config.get("config") or {}).get("layers") or ():
+        cls, cfg = str(layer.get("class_name", "")), layer.get("config") or {}
+        if cls == "TimeDistributed":
+            cls = str((cfg.get("layer") or {}).get("class_name", cls))
+        out.append((str(cfg.get("name", "?")), cls))
+    return out
 
 
 # Fix positions tried for a CPU layer's output (the DPU's input): one coarser than the no-clipping position to one

@@ -76,11 +76,14 @@ class InspectionReport:
         if self.all_on_dpu:
             return f"all {n} ops run on the {self.target} DPU ({self.dpu_subgraphs} DPU subgraph)"
         if not self.fallbacks:
-            cpu = ", ".join(p.op for p in self.cpu_ops)
+            from nilmc.backends.dpu.partition import listing
+
+            cpu = listing([p.op for p in self.cpu_ops])
             return (f"{n - len(self.cpu_ops)} of {n} ops run on the {self.target} DPU ({self.dpu_subgraphs} DPU subgraph); "
                     f"{len(self.cpu_ops)} in FP32 on the CPU as pre-/post-processing ({cpu})")
         worst = "; ".join(f"{p.op}: {p.reasons[0]}" for p in self.fallbacks[:3])
-        return f"{len(self.fallbacks)} of {n} ops fall back to the CPU ({self.dpu_subgraphs} DPU subgraphs): {worst}"
+        more = f"; and {len(self.fallbacks) - 3} more" if len(self.fallbacks) > 3 else ""
+        return f"{len(self.fallbacks)} of {n} ops fall back to the CPU ({self.dpu_subgraphs} DPU subgraphs): {worst}{more}"
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "all_on_dpu": self.all_on_dpu, "dpu_subgraphs": self.dpu_subgraphs,

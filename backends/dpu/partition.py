@@ -13,8 +13,10 @@ inspector, board script) reads the same :class:`Partition`:
 3. **CPU post-processing** (``cpu_post.onnx``, FP32, fed the DPU's dequantized outputs): the **CPU tail**, the
    accelerator/CPU partition ``vai_c_xir`` makes with CPU subgraphs, kept to one DPU subgraph: the first op the DPU
    has no operator for (a GRU, a ``Sigmoid``, a ``ConvTranspose``, tf2onnx's ``Shape``/``Slice``/``Pad``
-   arithmetic, or trailing data movement such as a PyTorch ``view`` or a final ``Clip``) and every op after it,
-   including layers the DPU could run (a dense head after a GRU: a second DPU subgraph is not made). Each op
+   arithmetic, or trailing data movement such as a PyTorch ``view`` or a final ``Clip``), or whose operator the
+   target's limits reject there (``rejected``: the inspector's reasons, e.g. a global average pool over 120 steps
+   against a pool kernel of at most 8), and every op after it, including layers the DPU could run (a dense head
+   after a GRU: a second DPU subgraph is not made). Each op
    carries its reason. With ``cpu_layers="auto"`` also the **head** (precise output): a dense layer without
    activation whose output is the graph output, when a weighted layer stays on the DPU. Its 8-bit power-of-two
    grid must hold the contract's peak power on a symmetric range, so one output LSB was 25 W on the shipped T-P
@@ -29,7 +31,7 @@ DPU, the graph input quantized, as before).
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,11 +108,13 @@ def _layout_only(op: DpuOp) -> bool:
     return op.kind == OpKind.FLATTEN or (op.kind == OpKind.UNSUPPORTED and _op_type(op) in LEADING_OPS)
 
 
-def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode: str = "auto") -> Partition:
+def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode: str = "auto",
+                   rejected: Mapping[str, str] | None = None) -> Partition:
     """The CPU/DPU split of ``graph`` (module docstring). ``float_layers``: layers the shared parameters keep float
     (only those reading the graph input, through CPU ops, move to the CPU); ``mode`` ``"auto"`` (default: those and the
     head, see the module docstring), ``"input"`` (those only) or ``"none"`` (no CPU layers; layout conversion of the graph
-    input and trailing ops still run on the CPU)."""
+    input and trailing ops still run on the CPU); ``rejected`` (default none): op name -> why the target's limits keep
+    a DPU op off the DPU (the inspector's reason): such an op starts the CPU tail like an op with no DPU operator."""
     producers, consumers = _producers(graph), _consumers(graph)
     on_cpu = {op.name for op in graph.ops if op.kind == OpKind.INPUT}
     pre: dict[str, str] = {}
@@ -124,7 +128,7 @@ def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode:
         else:
             continue
         on_cpu.add(op.name)
-    post = _tail(graph, pre, consumers)
+    post = _tail(graph, pre, consumers, rejected or {})
     if mode == "auto":
         head = _head(graph, pre, post, consumers)
         if head is not None and head.name not in post:
@@ -142,10 +146,12 @@ def _live(graph: DpuGraph, consumers: Mapping[str, list[DpuOp]]) -> set[str]:
     return live
 
 
-def _tail_reason(op: DpuOp, first: DpuOp) -> str:
+def _tail_reason(op: DpuOp, first: DpuOp, rejected: Mapping[str, str]) -> str:
+    if op is first and op.name in rejected:
+        return f"{op.kind} outside the target's limits ({rejected[op.name]}): {CPU_TAIL}"
     if op.kind != OpKind.UNSUPPORTED:
-        return (f"{op.kind} after {first.name} ({_op_type(first)}, a CPU op): the DPU subgraph ends before it (one DPU "
-                f"subgraph), so it {CPU_TAIL}")
+        return (f"{op.kind} after {first.name} ({_op_type(first) or first.kind}, a CPU op): the DPU subgraph ends before it "
+                f"(one DPU subgraph), so it {CPU_TAIL}")
     t = _op_type(op)
     if t in TRAILING_OPS and op.reason.startswith(f"{t} is not a DPUCZDX8G operator"):
         return f"{t} after the last DPU op: no DPU operator, {CPU_TAIL}"
@@ -154,20 +160,22 @@ def _tail_reason(op: DpuOp, first: DpuOp) -> str:
     return f"{op.reason}: {CPU_TAIL}"
 
 
-def _tail(graph: DpuGraph, pre: Mapping[str, str], consumers: Mapping[str, list[DpuOp]]) -> dict[str, str]:
-    """The CPU tail: every live op the DPU has no operator for (outside the pre stage) and every op after one."""
+def _tail(graph: DpuGraph, pre: Mapping[str, str], consumers: Mapping[str, list[DpuOp]], rejected: Mapping[str, str]
+          ) -> dict[str, str]:
+    """The CPU tail: every live op the DPU has no operator for, or the target rejects (outside the pre stage), and
+    every op after one."""
     live, producers = _live(graph, consumers), _producers(graph)
     first: dict[str, DpuOp] = {}  # tail op -> the CPU op it follows (itself for a seed)
     for op in graph.ops:  # topological order: a producer is decided before its consumers
         if op.name in pre or op.kind == OpKind.INPUT:
             continue
-        if op.kind == OpKind.UNSUPPORTED and op.name in live:
+        if (op.kind == OpKind.UNSUPPORTED or op.name in rejected) and op.name in live:
             first[op.name] = op
         for t in op.inputs:
             src = producers.get(t)
             if src is not None and src.name in first and op.name not in first:
                 first[op.name] = first[src.name]
-    return {op.name: _tail_reason(op, first[op.name]) for op in graph.ops if op.name in first}
+    return {op.name: _tail_reason(op, first[op.name], rejected) for op in graph.ops if op.name in first}
 
 
 def _head(graph: DpuGraph, pre: Mapping[str, str], post: Mapping[str, str], consumers: Mapping[str, list[DpuOp]]) -> DpuOp | None:
@@ -211,15 +219,19 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
             src = producers.get(t)
             if src is not None and (src.kind == OpKind.INPUT or src.name in pre) and t not in inputs:
                 inputs.append(t)
+    early: list[tuple[str, str]] = []  # (tail op, tensor) read from the graph input / pre stage
     for op in graph.ops:
         if op.name in post:
             for t in op.inputs:
                 src = producers.get(t)
                 if src is not None and (src.kind == OpKind.INPUT or src.name in pre):
-                    problems.append(f"the CPU tail op {op.name!r} reads {t!r} from the graph input / CPU pre stage: not one "
-                                    "pre -> DPU -> post chain")
+                    early.append((op.name, t))
                 elif src is not None and src.name not in post and t not in outputs:
                     outputs.append(t)
+    if early:  # one problem, however many ops (tf2onnx's LSTM plumbing reads the input through several)
+        more = f" (and {len(early) - 1} more tail op(s))" if len(early) > 1 else ""
+        problems.append(f"the CPU tail op {early[0][0]!r} reads {early[0][1]!r} from the graph input / CPU pre stage{more}: not one "
+                        "pre -> DPU -> post chain")
     if post and any(producers[t].name not in post for t in graph.outputs if t in producers):
         problems.append("a graph output comes straight from the DPU while others pass through CPU post-processing")
     for t in (*inputs, *outputs):
@@ -230,8 +242,10 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
         layouts[t] = (layout, tuple(src.shape))
     if not any(op.weighted for op in dpu_ops):
         left = f" (only {', '.join(sorted({str(op.kind) for op in dpu_ops}))})" if dpu_ops else ""
-        cpu = [_op_type(op) for op in graph.ops if op.name in post and op.kind == OpKind.UNSUPPORTED]
-        why = f"; the CPU would run {', '.join(dict.fromkeys(cpu))}" if cpu else ""
+        cpu = list(dict.fromkeys(_op_type(op) for op in graph.ops if op.name in post and op.kind == OpKind.UNSUPPORTED))
+        # compute ops first: tf2onnx's Shape/Reshape/Unsqueeze plumbing is what the user would not replace
+        cpu = [t for t in cpu if t not in TRAILING_OPS] + [t for t in cpu if t in TRAILING_OPS]
+        why = f"; the CPU would run {listing(cpu)}" if cpu else ""
         problems.append(f"no weighted layer is left for the DPU{left}{why}")
     if pre:  # graph inputs only the CPU stage reads stay float
         first = {op.name: "graph input: read in FP32 by the CPU pre stage" for op in graph.ops
@@ -243,6 +257,13 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
             if op.kind == OpKind.INPUT and op.output in inputs:
                 pre.setdefault(op.name, f"graph input in {layouts[op.output][0].upper()} order: put in the DPU's NHWC order on the CPU (exact)")
     return Partition(pre, post, tuple(inputs), tuple(outputs), layouts, tuple(problems))
+
+
+def listing(items: Sequence[str], first: int = 3) -> str:
+    """``a, b, c and N more``: a refusal stays one readable line whatever the graph's size."""
+    items = list(items)
+    more = f" and {len(items) - first} more" if len(items) > first else ""
+    return ", ".join(items[:first]) + more
 
 
 def _input_layout(op: DpuOp) -> str:
@@ -403,5 +424,5 @@ def stages(onnx_model: onnx.ModelProto, graph: DpuGraph, part: Partition) -> tup
     return (None if pre is None else CpuStage(pre)), (None if post is None else CpuStage(post))
 
 
-__all__ = ["CPU_LAYERS", "CPU_POST", "CPU_PRE", "CpuStage", "Deployment", "Partition", "cpu_post_model", "cpu_pre_model", "dpu_graph",
+__all__ = ["CPU_LAYERS", "CPU_POST", "CPU_PRE", "CpuStage", "Deployment", "Partition", "cpu_post_model", "cpu_pre_model", "dpu_graph", "listing",
            "plan_partition", "stages"]
