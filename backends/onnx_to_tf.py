@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
 ONNX2TF = "onnx2tf==1.28.8"
 STRUCTURE_WINDOWS = 32  # representative windows for the structural conversion (its ranges are all overwritten)
 _CHECK_BATCH, _CHECK_SEED, _CHECK_RTOL = 4, 0, 1e-4
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # TFLite fused activation codes (schema.fbs ActivationFunctionType) and the ONNX activations they stand for.
 _FUSED = {1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}
 INT8_TENSOR_TYPES = (9, 3)  # TensorType int8, uint8
@@ -268,13 +270,15 @@ def _run_onnx2tf(proto: onnx.ModelProto, model: Model) -> Any:
     # A channel-first input keeps its layout (a PyTorch export stays a drop-in); one made channel-first from a
     # channel-last export (tf_ready_graph) is turned back into channel-last by onnx2tf, its original layout.
     channel_last = any(p.key == NHWC_INPUT for p in proto.metadata_props)
-    keep = {} if channel_last else {"keep_ncw_or_nchw_or_ncdhw_input_names": [proto.graph.input[0].name]}
+    # onnx2tf asserts on keep_ncw... for any input that is not 3D/4D/5D; a rank-2 (N, T) input has no layout to keep
+    rank = len(proto.graph.input[0].type.tensor_type.shape.dim)
+    keep = {} if channel_last or not 3 <= rank <= 5 else {"keep_ncw_or_nchw_or_ncdhw_input_names": [proto.graph.input[0].name]}
     try:
         with tempfile.TemporaryDirectory() as tmp, stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
             return onnx2tf.convert(onnx_graph=proto, output_folder_path=tmp, not_use_onnxsim=True, non_verbose=True,
                                    disable_model_save=True, **keep)
     except (SystemExit, Exception) as exc:  # onnx2tf reports unsupported ops by sys.exit or by raising
-        text = str(exc).strip().splitlines()
+        text = ANSI_ESCAPE.sub("", str(exc)).strip().splitlines()  # onnx2tf colours its messages
         raise BadInputError(f"onnx2tf could not convert {model.source or 'the ONNX model'} "
                             f"({type(exc).__name__}: {text[0][:200] if text else 'no message'})",
                             "lower it with an ONNX target (onnxruntime:int8, openvino:int8), or export it with plainer ops") from None
@@ -666,7 +670,7 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     bad = sorted({n.op_type for n in nodes if n.op_type not in INT8_DATA_OPS})
     if bad:
         return (f"{target} from an ONNX model places Conv/Gemm/MatMul layers with Relu/Clip and data movement only; "
-                f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8, or {target.split(':')[0]}:fp32")
+                f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
     adds = [n for n in nodes if n.op_type == "Add" and not _bias_add(n, graph)]
     if adds:
         return (f"{target} from an ONNX model does not place a residual Add ({adds[0].name or adds[0].output[0]}); "
@@ -693,13 +697,33 @@ def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = Fals
     loops = sorted(ops & LOOP_RECURRENT_OPS)
     if loops:
         return (f"{target} cannot take {', '.join(loops)}: the TFLite converter lowers it to a WHILE loop and its full-integer "
-                f"quantizer crashes on that loop (TensorFlow 2.21); lower it with onnxruntime:int8 or openvino:int8, or {backend}:fp32")
+                f"quantizer crashes on that loop (TensorFlow 2.21); lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
     if qat and ops & {"LSTM"}:
         return f"{target} fine-tunes Conv2D/Dense Keras models and the model has LSTM; use {backend}:int8 (PTQ, the LSTM kept float32)"
     bad = sorted(ops - KERAS_INT8_DATA_OPS)
     if bad:
         return (f"{target} from a Keras model places Conv1D/Conv2D, Dense, BatchNormalization, element-wise ops and LSTM (kept float); "
                 f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8")
+    return None
+
+
+# onnx2tf 1.28 behind a rank-2 (N, T) input, measured on outside models: a Conv reading the input unsqueezed to
+# (N, 1, T) fails (tf.nn.convolution gets the wrong layout: onnx2tf cannot know that tensor is NCW), an LSTM fails
+# (its initial_state check); a Gemm / MatMul chain converts and passes the float check (the same numbers).
+def onnx2tf_precheck(graph: onnx.ModelProto, target: str) -> str | None:
+    """Why onnx2tf cannot convert ``graph`` for ``target`` (one line, remedy after ``; ``), or None: from the graph alone."""
+    if len(graph.graph.input[0].type.tensor_type.shape.dim) != 2:
+        return None
+    ops = {n.op_type for n in data_path_ops(graph)}
+    recurrent = sorted(ops & {"LSTM", "GRU", "RNN"})
+    if recurrent:
+        return (f"{target} converts an ONNX model through onnx2tf, which fails on the {', '.join(recurrent)} of a model with a "
+                "rank-2 (N, T) input (its initial_state check); lower it with onnxruntime:fp32, openvino:fp32 or onnxruntime:int8")
+    conv = sorted(ops & {"Conv", "ConvTranspose"})
+    if conv:
+        return (f"{target} converts an ONNX model through onnx2tf, which does not convert {', '.join(conv)} behind a rank-2 (N, T) "
+                "input (it cannot tell the layout of the tensor the model unsqueezes); export the model with an (N, T, 1) or "
+                "(N, 1, T) input, or lower it with onnxruntime:fp32, onnxruntime:int8 or openvino:int8")
     return None
 
 

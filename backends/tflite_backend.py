@@ -111,6 +111,15 @@ if TYPE_CHECKING:
 
 FLOAT_PRECISIONS = ("fp32", "fp16", "dynamic_int8")
 INT_PRECISIONS = ("int8", "int16x8", "qat_int8")
+# The TFLite converter's dynamic-range mode quantizes a weight tensor only from this many elements on (its
+# ``min_elements_for_weights`` default): a smaller one stays float32.
+DYNAMIC_MIN_ELEMENTS = 1024
+# The float-equivalence check of tflite:fp32 / fp16 against the FP32 ONNX reference: windows (calibration windows when
+# given, else seeded random ones) and the least output SQNR. FP32 is the same arithmetic (measured 125-150 dB on Conv,
+# Dense and LSTM models; a misconverted Keras BiLSTM 33.8 dB); FP16 rounds every weight to 11 bits (~66 dB per weight).
+FLOAT_CHECK_WINDOWS = 8
+FLOAT_CHECK_SEED = 0
+FLOAT_CHECK_MIN_SQNR_DB = {"fp32": 60.0, "fp16": 30.0}
 PTQ_PRECISIONS = ("int8", "int16x8")  # PTQ from nilmc's ranges; precise input applies (cpu_layers)
 
 
@@ -294,7 +303,7 @@ class TFLiteBackend:
             return self._lower_onnx(model, out_dir, precision, dict(options or {}))
         keras_model = load_keras(model)
         if precision in FLOAT_PRECISIONS:
-            return self._lower_float(keras_model, out_dir, precision)
+            return self._lower_float(model, keras_model, out_dir, precision, dict(options or {}))
         return self._lower_int(model, keras_model, out_dir, precision, dict(options or {}))
 
     def precheck(self, model: Model, precision: str) -> str | None:
@@ -305,11 +314,14 @@ class TFLiteBackend:
             from nilmc.backends.onnx_to_tf import keras_int8_precheck
 
             return keras_int8_precheck(model.graph, f"tflite:{precision}", qat=precision == "qat_int8") if precision in INT_PRECISIONS else None
-        from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available
+        from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available, onnx2tf_precheck
 
         if not onnx2tf_available():
             return f"tflite:{precision} lowers an ONNX model through onnx2tf, which is not installed; pip install 'nilmc[tflite]' ({ONNX2TF})"
-        return int8_precheck(model.graph, f"tflite:{precision}") if precision in INT_PRECISIONS else None
+        why = onnx2tf_precheck(model.graph, f"tflite:{precision}")  # no tflite precision converts it: said first
+        if why is None and precision in INT_PRECISIONS:
+            why = int8_precheck(model.graph, f"tflite:{precision}")
+        return why
 
     def runner(self, artifact: Artifact) -> TFLiteRunner:
         return TFLiteRunner(artifact.path)
@@ -321,7 +333,7 @@ class TFLiteBackend:
         tools = ["onnx2tf", "tensorflow", "ai-edge-litert"]
         route = f"ONNX -> {ONNX2TF} (tf_keras) -> TFLiteConverter"
         if precision in FLOAT_PRECISIONS:
-            art = self._write_float(convert_onnx(model, precision), out_dir, precision)
+            art = self._write_float(model, convert_onnx(model, precision), out_dir, precision, options)
             art.info.update(tools=tools, route=route)
             return art
         opts = TFLiteOptions.parse(options)
@@ -376,14 +388,22 @@ class TFLiteBackend:
         return tflm_files
 
     # ------------------------------------------------------------------ float / dynamic
-    def _lower_float(self, keras_model: Any, out_dir: Path, precision: str) -> Artifact:
-        return self._write_float(convert_keras(keras_model, precision), out_dir, precision)
+    def _lower_float(self, model: Model, keras_model: Any, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
+        return self._write_float(model, convert_keras(keras_model, precision), out_dir, precision, options)
 
-    def _write_float(self, fb: bytes, out_dir: Path, precision: str) -> Artifact:
-        name = _write(out_dir, f"model_{precision}.tflite", fb)
+    def _write_float(self, model: Model, fb: bytes, out_dir: Path, precision: str, options: Mapping[str, Any]) -> Artifact:
+        """Check the converter's float model, then write it: ``dynamic_int8`` must hold int8 weights (the kind says which),
+        ``fp32`` / ``fp16`` must compute the FP32 ONNX reference's outputs (:func:`check_float_equivalence`)."""
         kinds = {"fp32": "TFLite FP32", "fp16": "TFLite FP16 weights", "dynamic_int8": "TFLite dynamic-range INT8 (int8 weights, float activations)"}
-        return Artifact(self.name, precision, out_dir, name, [name], kind=kinds[precision],
-                        info={"tools": ["tensorflow", "ai-edge-litert"], "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"})
+        info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"], "runtime": "ai_edge_litert Interpreter (CPU, 1 thread)"}
+        kind = kinds[precision]
+        if precision == "dynamic_int8":
+            info["weights"] = dynamic_weights(fb)
+            kind = dynamic_kind(info["weights"])
+        else:
+            info["float_check"] = check_float_equivalence(fb, model, precision, _check_windows(model, options))
+        name = _write(out_dir, f"model_{precision}.tflite", fb)
+        return Artifact(self.name, precision, out_dir, name, [name], kind=kind, info=info)
 
     # ------------------------------------------------------------------ full integer
     def _lower_int(self, model: Model, keras_model: Any, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
@@ -566,3 +586,80 @@ def _output_cover_watts(kq: Any, model: Model) -> dict[str, Any]:
     w_lo, w_hi = (float(v) for v in (c.to_watts(np.array([[lo], [hi]], np.float32)) if not c.folded else (lo, hi)))
     return {"representable_w": [w_lo, w_hi], "peak_power_w": c.peak_power_w,
             "covers_peak": c.peak_power_w is None or w_hi >= c.peak_power_w}
+
+
+# ------------------------------------------------------------------ float / dynamic checks
+def dynamic_weights(fb: bytes) -> dict[str, Any]:
+    """Which weight tensors of a dynamic-range flatbuffer the converter stored as int8 and which stayed float32, read from
+    the flatbuffer. Weights: constant float / int8 tensors of rank >= 2 (kernels, matrices; biases and shapes aside).
+    Raises :class:`BadInputError` when none is int8: the file would be the FP32 model under an INT8 name."""
+    from nilmc.backends.tflite_int8 import load_flatbuffer, tensor_name, type_name
+
+    m = load_flatbuffer(fb)
+    out: dict[str, list[dict[str, Any]]] = {"int8": [], "float32": []}
+    for t in m.subgraphs[0].tensors:
+        data = m.buffers[t.buffer].data if 0 < t.buffer < len(m.buffers) else None
+        dtype = type_name(t.type)
+        shape = [int(d) for d in (t.shape if t.shape is not None else [])]
+        if data is None or not len(data) or len(shape) < 2 or dtype not in out:
+            continue
+        out[dtype].append({"name": tensor_name(t), "shape": shape, "elements": int(np.prod(shape))})
+    n_int8, n_float = (sum(w["elements"] for w in out[k]) for k in ("int8", "float32"))
+    if not out["int8"]:
+        largest = max((w["elements"] for w in out["float32"]), default=0)
+        raise BadInputError(f"tflite:dynamic_int8: the TFLite converter quantized none of the model's {len(out['float32'])} weight "
+                            f"tensors (the largest has {largest:,} elements): it leaves weight tensors under {DYNAMIC_MIN_ELEMENTS:,} "
+                            "elements float32, so the file would be the FP32 model",
+                            "use tflite:fp32 (the same model) or tflite:int8 (full integer)")
+    return {**out, "int8_elements": n_int8, "float32_elements": n_float,
+            "note": f"the TFLite converter quantizes weight tensors of >= {DYNAMIC_MIN_ELEMENTS:,} elements only; the rest stay float32"}
+
+
+def dynamic_kind(weights: Mapping[str, Any]) -> str:
+    """The artifact kind of a dynamic-range model: which share of its weights is int8 (never "int8 weights" for float ones)."""
+    if not weights["float32"]:
+        return "TFLite dynamic-range INT8 (int8 weights, float activations)"
+    total = weights["int8_elements"] + weights["float32_elements"]
+    return (f"TFLite dynamic-range INT8 (int8 weights in {len(weights['int8'])} of {len(weights['int8']) + len(weights['float32'])} "
+            f"weight tensors, {weights['int8_elements']:,} of {total:,} weight elements; the rest float32; float activations)")
+
+
+def _check_windows(model: Model, options: Mapping[str, Any]) -> tuple[np.ndarray, str]:
+    """A few model-input windows for :func:`check_float_equivalence`: the calibration windows, else seeded random ones."""
+    calib = options.get("calibration")
+    if calib is not None:
+        return model.contract.prepare(calib.raw_x()[:FLOAT_CHECK_WINDOWS]).astype(np.float32), "calibration windows"
+    shape = model.contract.model_input_shape()
+    x = np.random.default_rng(FLOAT_CHECK_SEED).standard_normal((FLOAT_CHECK_WINDOWS, *shape)).astype(np.float32)
+    return x, f"random normal windows (seed {FLOAT_CHECK_SEED}; no calibration windows given)"
+
+
+def check_float_equivalence(fb: bytes, model: Model, precision: str, windows: tuple[np.ndarray, str]) -> dict[str, Any]:
+    """The float flatbuffer against the model's FP32 ONNX graph (onnxruntime) on ``windows``: the record, or
+    :class:`BadInputError` when the output SQNR is under :data:`FLOAT_CHECK_MIN_SQNR_DB` (a conversion that does not
+    compute the model must not pass as ``tflite:<precision>``)."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    from nilmc.compiler.metrics import sqnr_db
+
+    x, source = windows
+    sess = ort.InferenceSession(model.graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.asarray(sess.run(None, {sess.get_inputs()[0].name: x})[0], np.float64).reshape(len(x), -1)
+    it = Interpreter(model_content=fb, num_threads=1)
+    it.allocate_tensors()
+    got = np.asarray(invoke_windows(it, _to_tensor(x, it.get_input_details()[0])), np.float64).reshape(len(x), -1)
+    floor = FLOAT_CHECK_MIN_SQNR_DB[precision]
+    if got.shape != ref.shape:
+        raise BadInputError(f"the TFLite converter's {precision} model gives {got.shape[1]} outputs per window, the model "
+                            f"{ref.shape[1]}", "lower it with onnxruntime:fp32 or openvino:fp32 (they run the ONNX graph)")
+    db, diff = sqnr_db(ref.ravel(), got.ravel()), float(np.max(np.abs(got - ref)))
+    record = {"reference": "the FP32 ONNX graph (onnxruntime)", "windows": int(len(x)), "on": source,
+              "output_sqnr_db": round(db, 2) if np.isfinite(db) else db, "max_abs_diff": diff, "min_sqnr_db": floor,
+              "verification": "measured"}
+    if not db >= floor:
+        raise BadInputError(f"tflite:{precision}: the TFLite converter's model is not equivalent to the model: {db:.1f} dB output SQNR "
+                            f"vs the FP32 ONNX reference (max |diff| {diff:.3g}) on {len(x)} {source}, under the {floor:g} dB "
+                            f"an {precision} conversion must reach", "lower it with onnxruntime:fp32 or openvino:fp32 (they run the "
+                            "ONNX graph)")
+    return record

@@ -26,6 +26,11 @@ TFLM's reference kernels (which requantize a few LSB differently from LiteRT's X
 agree closely, not bit for bit). A Cortex-M4 build links CMSIS-NN kernels instead (not run here), and
 Flash and cycles remain estimates (``tflm_report.json`` says how each was made).
 
+Every probe of the bisection runs in a spawned child process: a TFLM kernel that crashes natively (measured: the
+LSTM kernel in too small an arena, SIGSEGV) ends that probe ("does not run in that arena"), not the compile; a crash
+in the largest arena is refused with the signal. Models with recurrent layers are refused up front (``precheck``):
+the converter keeps their cells float32, which is no integer graph for TFLM.
+
 The interpreter runs ~9 ms per window of the shipped model here, so ``all`` does not include this
 target: ask for it by name (``--targets tflm:cortex-m4``).
 """
@@ -57,6 +62,10 @@ FIT_MODES = ("auto", "search", "off")
 FLATBUFFER_BYTES_PER_CHANNEL = 28
 REPRESENTATIVE_WINDOWS = 32  # for a candidate's structural conversion: no size depends on them
 FITTED_FLOAT = "fitted_float.h5"
+PROBE_TIMEOUT_S = 120.0  # one allocate + invoke of a model that fits a microcontroller takes milliseconds
+# ONNX ops of recurrent layers: the TFLite converter keeps their cells float32 (or lowers them to a WHILE loop), so the
+# flatbuffer is not the integer graph TFLM runs (measured: TFLM's LSTM kernel on such a graph segfaults in small arenas).
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN", "Loop", "Scan"})
 
 
 def _runtime() -> Any:
@@ -72,7 +81,8 @@ def _interpreter(fb: bytes, arena: int) -> Any:
 
 
 def _runs_in(fb: bytes, arena: int) -> bool:
-    """Whether TFLM allocates the model's tensors in ``arena`` bytes and invokes it once (zeros in)."""
+    """Whether TFLM allocates the model's tensors in ``arena`` bytes and invokes it once (zeros in). In this process: a
+    kernel that crashes natively takes the process with it (:class:`_IsolatedProbe` runs it in a child instead)."""
     try:
         it = _interpreter(fb, arena)
         d = it.get_input_details(0)
@@ -83,18 +93,115 @@ def _runs_in(fb: bytes, arena: int) -> bool:
         return False
 
 
-def measure_arena(fb: bytes, *, ceiling: int = 8 << 20) -> int:
-    """The smallest arena (to :data:`ARENA_STEP` bytes) in which the TFLM interpreter runs ``fb``: measured, by bisection."""
-    from nilmc.compiler.tfcompat import stderr_silenced
+def _probe_server(conn: Any, fb: bytes, probe: Callable[[bytes, int], bool]) -> None:
+    """In the spawned child: answer ``probe(fb, arena)`` (:func:`_runs_in`) for every arena received, until None."""
+    import os
 
-    with stderr_silenced():  # TFLM prints "Failed to resize buffer ..." for every arena that is too small
-        if not _runs_in(fb, ceiling):
-            raise BadInputError(f"the TFLite Micro interpreter cannot run the model even with a {ceiling >> 20} MiB arena",
-                                "check the ops against the TFLM op resolver (tflm_report.json lists them)")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # TFLM prints "Failed to resize buffer ..." for every arena that is too small; the parent's
+    os.dup2(devnull, 2)  # stdout may be the --json report
+    while (arena := conn.recv()) is not None:
+        conn.send(probe(fb, arena))
+
+
+class _IsolatedProbe:
+    """TFLM probes in a spawned child process: a native crash in a TFLM kernel (measured: the LSTM kernel dereferences
+    the tensor it failed to allocate in a 4 KiB arena, SIGSEGV) ends the child, not the compile. ``runs_in`` answers
+    None for a probe that crashed (or hung past ``timeout_s``) and starts a fresh child for the next one. ``probe``
+    (default :func:`_runs_in`) is what the child calls: a module-level function, as spawn pickles it by name."""
+
+    def __init__(self, fb: bytes, *, timeout_s: float = PROBE_TIMEOUT_S, probe: Callable[[bytes, int], bool] = _runs_in) -> None:
+        self.fb = fb
+        self.probe = probe
+        self.timeout_s = timeout_s
+        self.crashes: list[tuple[int, str]] = []  # (arena, how the child ended)
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def __enter__(self) -> _IsolatedProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # not fork: the parent may hold TensorFlow threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_probe_server, args=(child, self.fb, self.probe), daemon=True)
+        self._proc.start()
+        child.close()  # the child's end lives in the child only: its death is EOF here
+
+    def runs_in(self, arena: int) -> bool | None:
+        if self._proc is None:
+            self._start()
+        try:
+            self._conn.send(int(arena))
+            if self._conn.poll(self.timeout_s):
+                return bool(self._conn.recv())
+            how = f"no answer within {self.timeout_s:g} s"
+        except (EOFError, OSError):
+            how = ""
+        code = self._stop(kill=True)
+        self.crashes.append((int(arena), how or _ended(code)))
+        return None
+
+    def close(self) -> None:
+        self._stop(kill=False)
+
+    def _stop(self, *, kill: bool) -> int | None:
+        """End the child (asked to, or killed); its exit code."""
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if proc is None:
+            return None
+        if not kill:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        conn.close()
+        return proc.exitcode
+
+
+def _ended(exitcode: int | None) -> str:
+    """How a child process ended, in words (``-11`` -> ``killed by SIGSEGV``)."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def measure_arena(fb: bytes, *, ceiling: int = 8 << 20) -> int:
+    """The smallest arena (to :data:`ARENA_STEP` bytes) in which the TFLM interpreter runs ``fb``: measured, by bisection,
+    each probe in a child process (:class:`_IsolatedProbe`). A probe that crashes the interpreter counts as "does not run
+    in that arena" (TFLM on the MCU would not run there either); a crash at ``ceiling`` is refused as such."""
+    with _IsolatedProbe(fb) as probe:
+        top = probe.runs_in(ceiling)
+        if not top:
+            from nilmc.backends.tflite_micro import tflm_report
+
+            ops = ", ".join(sorted(set(tflm_report(fb)["ops"])))
+            if top is None:
+                raise BadInputError(f"the TFLite Micro interpreter crashed ({probe.crashes[-1][1]}) running the model's "
+                                    f"full-integer flatbuffer in a {ceiling >> 20} MiB arena (ops: {ops})",
+                                    "lower it with tflite:int8 or onnxruntime:int8; tflm:cortex-m4 cannot run it")
+            raise BadInputError(f"the TFLite Micro interpreter cannot run the model even with a {ceiling >> 20} MiB arena "
+                                f"(ops: {ops}; TFLM's op resolver must have each)",
+                                "lower it with tflite:int8 or onnxruntime:int8; tflm:cortex-m4 cannot run it")
         lo, hi = 0, ceiling
         while hi - lo > ARENA_STEP:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if _runs_in(fb, mid) else (mid, hi)
+            lo, hi = (lo, mid) if probe.runs_in(mid) else (mid, hi)  # None (crashed) reads as "does not run in mid"
     return hi
 
 
@@ -226,6 +333,8 @@ class TFLMBackend:
                             "LSB differently from LiteRT's XNNPACK); a Cortex-M4 build links CMSIS-NN kernels, not run here",
             "estimates": "Flash and cycles are estimates from the flatbuffer (tflm_report.json); the arena is measured",
             "speed": "~9 ms per window of the shipped model on the interpreter: not part of `all`, ask for tflm:cortex-m4",
+            "recurrent": "models with LSTM / GRU / RNN layers are refused (the converter keeps their cells float32); "
+                         "use tflite:int8 or onnxruntime:int8",
             "fit": "a model over the budget is replaced by a pruned, distilled variant (tflm.fit=search, the default; needs "
                    "the fitter from nilmc.training, which `nilmc compile` wires); only Conv2D / Dense chains are pruned",
         },
@@ -274,6 +383,21 @@ class TFLMBackend:
             kind += (f"; fitted variant: {w['params']:,} of {w['given_params']:,} parameters, pruned by L1 norm and "
                      "distilled from the FP32 model")
         return Artifact(self.name, precision, Path(out_dir), art.primary, art.files, kind=kind, info=info)
+
+    def precheck(self, model: Model, precision: str) -> str | None:
+        """What keeps ``model`` from ``tflm:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
+        if precision not in PRECISIONS:
+            return None
+        recurrent = sorted({n.op_type for n in model.graph.graph.node} & RECURRENT_OPS)
+        if recurrent:
+            return (f"tflm:{precision} runs full-integer graphs only and the model has {', '.join(recurrent)}: the TFLite "
+                    "converter keeps recurrent cells float32, which TFLite Micro cannot run as an integer graph; "
+                    "lower it with tflite:int8 (cells kept float32) or onnxruntime:int8")
+        if not model.keras_path:
+            return None  # lower() refuses an ONNX source with its own message
+        from nilmc.backends.onnx_to_tf import keras_int8_precheck
+
+        return keras_int8_precheck(model.graph, f"tflm:{precision}")
 
     def _fit(self, model: Model, out_dir: Path, budget: McuBudget, opts: TFLMOptions,
              forward: dict[str, Any]) -> tuple[dict[str, Any], Model, dict[str, Any]]:
