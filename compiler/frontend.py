@@ -406,6 +406,13 @@ def _convert_tf_function(function: Any, spec: Any, input_shape: tuple[int, ...],
         raise
     except Exception as exc:  # tf2onnx raises ValueError, KeyError, RuntimeError...
         raise ModelLoadError(f"tf2onnx cannot convert {source} ({_short(exc)})", "export the model to ONNX yourself (opset 17) and load the .onnx") from None
+    inputs = [i.name for i in _graph_inputs(proto.graph)]
+    captured = [n for n in inputs if n != spec.name]
+    if len(inputs) > 1 and captured:  # the function takes one input: the others are tensors it captures that tf2onnx did not freeze
+        raise ModelLoadError(f"tf2onnx turned {len(captured)} tensor(s) {source} captures into graph inputs ({', '.join(captured[:3])}): "
+                             "a Keras Normalization layer's mean/variance do so unless it is the model's first layer",
+                             "make the Normalization the first layer (nilmc then takes it out as the float input stage), "
+                             "or export the model to ONNX yourself (opset 17) and load the .onnx")
     _single_io(proto, source)
     proto = canonicalize_converted(proto)
     _check_conversion(proto, function, input_shape, source)

@@ -16,7 +16,11 @@ stage (``contract.prepare -> runner -> contract.to_watts``):
   affine becomes the contract's ``affine`` normalization (composed onto the declared
   one), the output affine composes into the target scaling. Refused (graph left alone,
   reason reported) when the composition varies along any axis but the feature axis, or
-  when the rewritten graph is not within ``1e-5`` (relative) of the original.
+  when the rewritten graph is not within ``1e-5`` (relative) of the original. Every input
+  layout of the contract is read (:func:`_graph_layout`): the feature axis is axis 2 of an
+  ``NTF1`` / ``NWC`` graph input, axis 1 of ``NCW``; an ``NW`` input has one feature, so
+  only a scalar affine is taken out. The stage is recorded in canonical feature order and
+  runs in ``contract.prepare`` before the layout transform.
   :func:`strip_keras_input_affine` removes the same leading layers from a Keras model,
   for the targets that lower from Keras (tflite, eiq, the DPU's QAT).
 * :func:`repair_input_scales` — **raw-scale models**. A model trained on raw features
@@ -41,6 +45,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nilmc.compiler.contract import CANONICAL_LAYOUT, LAYOUTS, to_layout
 from nilmc.compiler.errors import BadInputError
 from nilmc.quantization import _ort
 from nilmc.quantization.graph import prune_dead
@@ -50,7 +55,7 @@ if TYPE_CHECKING:
     from nilmc.compiler.contract import ModelContract
     from nilmc.compiler.model import Model
 
-FEATURE_AXIS = 2  # of (N, frames, features, channels)
+FEATURE_AXIS = 2  # of (N, frames, features, channels); other layouts: :func:`_graph_layout`
 RTOL = 1e-5  # the pass must be exact: FP32 outputs before and after within this (relative to max |output|)
 ORIGIN_GRAPH = "graph input"  # prefix of the origin of an input stage taken out of the graph
 ORIGIN_REPAIR = "input rescaling"  # prefix of the origin of a stage put in front by repair_input_scales
@@ -184,18 +189,21 @@ def _step_input(node: onnx.NodeProto, cur: str, consts: dict[str, np.ndarray], s
     return s / c, o / c
 
 
-def _per_feature(a: np.ndarray) -> np.ndarray | None:
-    """The per-feature vector of a full-shape array that varies only along the feature axis (else None)."""
-    if a.ndim <= FEATURE_AXIS:
+def _per_feature(a: np.ndarray, axis: int | None = FEATURE_AXIS) -> np.ndarray | None:
+    """The per-feature vector of a full-shape array that varies only along the feature ``axis`` (else None;
+    ``axis`` None: the input has one feature, so only a scalar is per-feature)."""
+    if axis is None or a.ndim <= axis:
         flat = a.reshape(-1)
         return flat[:1] if np.all(flat == flat[0]) else None
-    moved = np.moveaxis(a, FEATURE_AXIS, -1).reshape(-1, a.shape[FEATURE_AXIS])
+    moved = np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis])
     vec = moved[0]
     return vec.copy() if np.all(moved == vec[None, :]) else None
 
 
-def _find_input_chain(graph: onnx.GraphProto, full: tuple[int, ...]) -> tuple[StageFound | None, str, str]:
-    """The longest per-feature affine chain from the graph input: (stage, its last tensor, why it stopped)."""
+def _find_input_chain(graph: onnx.GraphProto, full: tuple[int, ...],
+                      axis: int | None = FEATURE_AXIS) -> tuple[StageFound | None, str, str]:
+    """The longest affine chain from the graph input (of shape ``full``) that is per-feature along ``axis``
+    (:func:`_per_feature`): (stage, its last tensor, why it stopped)."""
     consts = _constants(graph)
     cons = _consumers(graph)
     outputs = {o.name for o in graph.output}
@@ -203,26 +211,27 @@ def _find_input_chain(graph: onnx.GraphProto, full: tuple[int, ...]) -> tuple[St
     s, o = np.ones(full), np.zeros(full)
     chain: list[str] = []
     best: tuple[StageFound | None, str] = (None, cur)
-    why = ""
+    why = stop = ""  # why: the chain stopped being per-feature (the reason that matters); stop: where it ended
     while True:
         users = cons.get(cur, [])
         if len(users) != 1 or cur in outputs:
-            why = f"{cur!r} feeds {len(users)} nodes" if len(users) != 1 else f"{cur!r} is a graph output"
+            stop = f"{cur!r} feeds {len(users)} nodes" if len(users) != 1 else f"{cur!r} is a graph output"
             break
         node = users[0]
         step = _step_input(node, cur, consts, s, o, full)
         if step is None or len(node.output) != 1:
-            why = f"{node.op_type} {node.name!r} is not a constant affine op"
+            stop = f"{node.op_type} {node.name!r} is not a constant affine op"
             break
         s, o = step
         chain.append(node.name or node.op_type)
         cur = node.output[0]
-        vs, vo = _per_feature(s), _per_feature(o)
+        vs, vo = _per_feature(s, axis), _per_feature(o, axis)
         if vs is not None and vo is not None and not np.any(vs == 0):
             best = (StageFound(list(chain), vs, vo), cur)
         elif not why:
-            why = f"the affine after {node.name!r} varies along an axis other than the features"
-    return best[0], best[1], why
+            why = (f"the affine after {node.name!r} varies along an axis other than the features" if axis is not None else
+                   f"the affine after {node.name!r} is not one scalar (the input has one feature per step)")
+    return best[0], best[1], why or stop
 
 
 def _strip_input(graph: onnx.GraphProto, stage_end: str) -> None:
@@ -292,23 +301,31 @@ def _strip_output(graph: onnx.GraphProto, new_end: str) -> None:
 
 
 # --------------------------------------------------------------------------- the pass
-def _verify_x(contract: ModelContract, full: tuple[int, ...], stats: FeatureStats | None = None) -> np.ndarray:
-    """Windows as the *original* graph takes them, drawn from ``stats`` (default: the contract's training
-    statistics; standard normal without any)."""
+def _verify_x(contract: ModelContract, stats: FeatureStats | None = None) -> np.ndarray:
+    """Windows as the *original* graph takes them (normalized by the contract, then in its layout), drawn from
+    ``stats`` (default: the contract's training statistics; standard normal without any)."""
     rng = np.random.default_rng(0)
-    shape = (_VERIFY_WINDOWS, *full[1:])
+    canon = tuple(int(d) for d in contract.input_shape)  # (T, F, 1): the windows before the layout transform
+    shape = (_VERIFY_WINDOWS, *canon)
     stats = stats if stats is not None else contract.normalization.stats
-    if stats is None or len(full) <= FEATURE_AXIS or stats.n_features != full[FEATURE_AXIS]:
-        return rng.standard_normal(shape).astype(np.float32)
-    bshape = [1] * len(full)
+    if stats is None or len(canon) < FEATURE_AXIS or stats.n_features != canon[FEATURE_AXIS - 1]:
+        return _in_layout(rng.standard_normal(shape).astype(np.float32), contract)
+    bshape = [1] * (len(canon) + 1)
     bshape[FEATURE_AXIS] = -1
     raw = stats.mean.reshape(bshape) + stats.std.reshape(bshape) * rng.standard_normal(shape)
-    return raw.astype(np.float32) if contract.folded else contract.normalization.apply(raw)
+    return _in_layout(raw.astype(np.float32) if contract.folded else contract.normalization.apply(raw), contract)
 
 
-def _canonical_layout(contract: ModelContract) -> bool:
-    """The graph takes windows ``(N, T, F, 1)`` as they are (features on axis 2): the input-side passes apply."""
-    return str(getattr(contract, "layout", "") or "") in ("", "NTF1")
+def _in_layout(x: np.ndarray, contract: ModelContract) -> np.ndarray:
+    """Canonical windows -> the graph input's layout, as :meth:`ModelContract.prepare` does after normalizing."""
+    return np.ascontiguousarray(to_layout(x, contract.layout))
+
+
+def _graph_layout(contract: ModelContract) -> tuple[tuple[int, ...], int | None]:
+    """The graph input's shape (batch 1) and its feature axis per the contract's layout: ``NTF1`` 2, ``NWC``
+    ``(N, T, F)`` 2, ``NCW`` ``(N, F, T)`` 1, ``NW`` ``(N, T)`` None (one feature: only a scalar is per-feature)."""
+    f_axis = LAYOUTS[contract.layout or CANONICAL_LAYOUT][2]
+    return (1, *(int(d) for d in contract.model_input_shape())), None if f_axis is None else f_axis + 1
 
 
 def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
@@ -328,10 +345,10 @@ def strip_io_affine(
     ``rtol`` (default 1e-5, relative to max |output|) of the original in FP32.
     """
     report = IoAffineReport()
-    full = (1, *(int(d) for d in contract.input_shape))
+    full, axis = _graph_layout(contract)
     new = onnx.ModelProto()
     new.CopyFrom(graph)
-    stage_in, end_in, why = _find_input_chain(new.graph, full) if _canonical_layout(contract) else (None, "", "")
+    stage_in, end_in, why = _find_input_chain(new.graph, full, axis)
     if stage_in is not None:
         _strip_input(new.graph, end_in)
         report.input = stage_in
@@ -350,11 +367,11 @@ def strip_io_affine(
         new_contract = new_contract.with_stages(input_affine=(stage_in.scale, stage_in.offset), origin=origin_in)
     if stage_out is not None:
         new_contract = new_contract.with_stages(output_affine=(float(stage_out.scale[0]), float(stage_out.offset[0])), origin=origin_out)
-    x = _verify_x(contract, full)
+    x = _verify_x(contract)
     try:
         onnx.checker.check_model(new)
         ref = _ort.output(graph, x)
-        xin = x if stage_in is None else _apply_features(x, stage_in.scale, stage_in.offset)
+        xin = x if stage_in is None else _apply_features(x, stage_in.scale, stage_in.offset, axis)
         got = _ort.output(new, xin)
         if stage_out is not None:
             got = got * float(stage_out.scale[0]) + float(stage_out.offset[0])
@@ -370,9 +387,11 @@ def strip_io_affine(
     return new, new_contract, report
 
 
-def _apply_features(x: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+def _apply_features(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, axis: int | None = FEATURE_AXIS) -> np.ndarray:
+    """``x * scale + offset`` per feature along ``axis`` (None: a scalar stage on a one-feature input)."""
     shape = [1] * x.ndim
-    shape[FEATURE_AXIS] = -1
+    if axis is not None:
+        shape[axis] = -1
     out: np.ndarray = (np.asarray(x, np.float64) * scale.reshape(shape) + offset.reshape(shape)).astype(np.float32)
     return out
 
@@ -388,19 +407,27 @@ def strip_model_io_affine(model: Model) -> tuple[Model, IoAffineReport]:
 
 
 # --------------------------------------------------------------------------- Keras
-def _keras_affine_layer_types(tf: Any) -> tuple[type, ...]:
-    layers = tf.keras.layers
+def _keras_api(keras_model: Any) -> Any:
+    """The Keras the model's layers belong to: tf_keras (``tf.keras`` here) or Keras 3 (whose classes are its own)."""
+    from nilmc.compiler.tfcompat import import_keras3, import_tf
+
+    tf = import_tf("reading the input normalization of a Keras model")
+    if isinstance(keras_model, tf.keras.Model) or not type(keras_model).__module__.startswith("keras"):
+        return tf.keras
+    return import_keras3("reading the input normalization of a Keras 3 model")
+
+
+def _keras_affine_layer_types(api: Any) -> tuple[type, ...]:
+    layers = api.layers
     return tuple(t for t in (getattr(layers, n, None) for n in ("Normalization", "Rescaling", "BatchNormalization")) if t is not None)
 
 
 def _keras_prefix(keras_model: Any) -> tuple[list[Any], list[Any]]:
     """(leading Normalization / Rescaling / BatchNormalization layers, the layers after them)."""
-    from nilmc.compiler.tfcompat import import_tf
-
-    tf = import_tf("reading the input normalization of a Keras model")
-    affine_types = _keras_affine_layer_types(tf)
+    api = _keras_api(keras_model)
+    affine_types = _keras_affine_layer_types(api)
     try:
-        layers = [l for l in keras_model.layers if not isinstance(l, tf.keras.layers.InputLayer)]
+        layers = [l for l in keras_model.layers if not isinstance(l, api.layers.InputLayer)]
     except AttributeError:  # not a layered model (a bare tf.Module): nothing to strip
         return [], []
     k = 0
@@ -443,16 +470,19 @@ def _keras_layer_affine(layer: Any, full: tuple[int, ...]) -> tuple[np.ndarray, 
     if kind == "BatchNormalization":
         axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
         k = 1.0 / np.sqrt(arr(layer.moving_variance) + float(layer.epsilon))
-        if layer.gamma is not None:
-            k = k * arr(layer.gamma)
-        c = -arr(layer.moving_mean) * k + (arr(layer.beta) if layer.beta is not None else 0.0)
+        gamma, beta = getattr(layer, "gamma", None), getattr(layer, "beta", None)  # Keras 3 leaves them unset without scale/center
+        if gamma is not None:
+            k = k * arr(gamma)
+        c = -arr(layer.moving_mean) * k + (arr(beta) if beta is not None else 0.0)
         return np.broadcast_to(along(k, axes), full), np.broadcast_to(along(c, axes), full)
     return None
 
 
-def _prefix_affine(prefix: Sequence[Any], input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The per-feature ``(scale, offset)`` the prefix layers compute, from their parameters, then checked by running
-    them at the features' own scale (None: not a constant per-feature affine)."""
+def _prefix_affine(prefix: Sequence[Any], input_shape: tuple[int, ...],
+                   axis: int | None = FEATURE_AXIS) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-feature ``(scale, offset)`` (features along ``axis`` of the model input of ``input_shape``) the prefix
+    layers compute, from their parameters, then checked by running them at the features' own scale (None: not a
+    constant per-feature affine)."""
     full = (1, *input_shape)
     s, o = np.ones(full), np.zeros(full)
     for layer in prefix:
@@ -463,27 +493,25 @@ def _prefix_affine(prefix: Sequence[Any], input_shape: tuple[int, ...]) -> tuple
         if aff is None:
             return None
         s, o = s * aff[0], o * aff[0] + aff[1]
-    vs, vo = _per_feature(s), _per_feature(o)
+    vs, vo = _per_feature(s, axis), _per_feature(o, axis)
     if vs is None or vo is None or np.any(vs == 0):
         return None
     z = np.random.default_rng(0).standard_normal((8, *input_shape))
-    x = _apply_features(z, 1.0 / vs, -vo / vs)  # raw features around the ones the stage maps to N(0, 1)
+    x = _apply_features(z, 1.0 / vs, -vo / vs, axis)  # raw features around the ones the stage maps to N(0, 1)
     if float(np.max(np.abs(_run_prefix(prefix, x) - z))) > 1e-4:
         return None
     return vs, vo
 
 
 def _without_prefix(keras_model: Any, rest: Sequence[Any], input_shape: tuple[int, ...]) -> Any:
-    from nilmc.compiler.tfcompat import import_tf
-
-    tf = import_tf("stripping the input normalization of a Keras model")
-    if len(rest) == 1 and isinstance(rest[0], tf.keras.Model):
+    api = _keras_api(keras_model)  # a Keras 3 model is rebuilt with Keras 3's Input/Model
+    if len(rest) == 1 and isinstance(rest[0], api.Model):
         return rest[0]  # Sequential([Normalization, model]): the nested model is the rest
-    inp = tf.keras.Input(shape=tuple(input_shape), name="input")
+    inp = api.Input(shape=tuple(input_shape), name="input")
     h = inp
     for layer in rest:
         h = layer(h)
-    return tf.keras.Model(inp, h, name=f"{keras_model.name}_without_input_stage")
+    return api.Model(inp, h, name=f"{keras_model.name}_without_input_stage")
 
 
 def strip_keras_model_affine(keras_model: Any, contract: ModelContract) -> tuple[Any, ModelContract, StageFound | None]:
@@ -494,28 +522,28 @@ def strip_keras_model_affine(keras_model: Any, contract: ModelContract) -> tuple
     not a constant per-feature affine, or when the stripped model is not within ``1e-5`` of the full one.
     (Converting them is what fails otherwise: tf2onnx turns the constants they capture into graph inputs.)
     """
-    if not _canonical_layout(contract):
-        return keras_model, contract, None
-    input_shape = tuple(int(d) for d in contract.input_shape)
+    full, axis = _graph_layout(contract)
+    input_shape = full[1:]  # the Keras model's own input (the contract's layout), without batch
     prefix, rest = _keras_prefix(keras_model)
     if not prefix or not rest:
         return keras_model, contract, None
-    aff = _prefix_affine(prefix, input_shape)
+    aff = _prefix_affine(prefix, input_shape, axis)
     if aff is None:
         return keras_model, contract, None
     sub = _without_prefix(keras_model, rest, input_shape)
-    if _keras_strip_error(keras_model, sub, aff, input_shape) > RTOL:
+    if _keras_strip_error(keras_model, sub, aff, input_shape, axis) > RTOL:
         return keras_model, contract, None
     stage = StageFound([l.name for l in prefix], aff[0], aff[1])
     origin = f"{ORIGIN_GRAPH}: Keras layers {' -> '.join(stage.nodes)} removed from the model"
     return sub, contract.with_stages(input_affine=aff, origin=origin), stage
 
 
-def _keras_strip_error(full: Any, sub: Any, aff: tuple[np.ndarray, np.ndarray], input_shape: tuple[int, ...]) -> float:
+def _keras_strip_error(full: Any, sub: Any, aff: tuple[np.ndarray, np.ndarray], input_shape: tuple[int, ...],
+                       axis: int | None = FEATURE_AXIS) -> float:
     z = np.random.default_rng(1).standard_normal((8, *input_shape)).astype(np.float32)
-    x = _apply_features(z, 1.0 / aff[0], -aff[1] / aff[0])
+    x = _apply_features(z, 1.0 / aff[0], -aff[1] / aff[0], axis)
     ref = np.asarray(full(x, training=False), np.float64)
-    return _rel_error(ref, np.asarray(sub(_apply_features(x, aff[0], aff[1]), training=False), np.float64))
+    return _rel_error(ref, np.asarray(sub(_apply_features(x, aff[0], aff[1], axis), training=False), np.float64))
 
 
 def strip_keras_input_affine(keras_model: Any, contract: ModelContract) -> Any:
@@ -542,11 +570,12 @@ def strip_keras_input_affine(keras_model: Any, contract: ModelContract) -> Any:
 
 
 def _strip_keras_checked(keras_model: Any, contract: ModelContract) -> Any:
-    input_shape = tuple(int(d) for d in contract.input_shape)
+    full, axis = _graph_layout(contract)
+    input_shape = full[1:]
     prefix, rest = _keras_prefix(keras_model)
     want = contract.normalization.relative_to_base()
     assert want is not None
-    aff = _prefix_affine(prefix, input_shape) if prefix else (np.ones(1), np.zeros(1))
+    aff = _prefix_affine(prefix, input_shape, axis) if prefix else (np.ones(1), np.zeros(1))
     names = ", ".join(l.name for l in prefix) or "none"
     ok = aff is not None and bool(np.allclose(np.broadcast_to(aff[0], want[0].shape), want[0], rtol=1e-5, atol=0)
                                   and np.allclose(np.broadcast_to(aff[1], want[1].shape), want[1], rtol=1e-5,
@@ -629,10 +658,12 @@ def _first_layer(graph: onnx.ModelProto) -> tuple[Any, str] | tuple[None, str]:
     return layers[0], ""
 
 
-def _feature_map(graph: onnx.ModelProto, layer_input: str, full: tuple[int, ...]) -> np.ndarray:
-    """Which feature each element of the first layer's input comes from (the data-movement ops run on feature ids)."""
+def _feature_map(graph: onnx.ModelProto, layer_input: str, contract: ModelContract) -> np.ndarray:
+    """Which feature each element of the first layer's input comes from (the data-movement ops run on feature ids,
+    given in the graph's layout)."""
+    full = (1, *(int(d) for d in contract.input_shape))
     ids = np.broadcast_to(np.arange(full[FEATURE_AXIS], dtype=np.float32).reshape([1] * FEATURE_AXIS + [-1] + [1] * (len(full) - 3)), full)
-    out = _ort.run(graph, np.ascontiguousarray(ids), [layer_input])[layer_input]
+    out = _ort.run(graph, _in_layout(np.ascontiguousarray(ids), contract), [layer_input])[layer_input]
     fmap: np.ndarray = np.rint(out[0]).astype(np.int64)
     return fmap
 
@@ -656,7 +687,7 @@ def _fold_rows(graph: onnx.ModelProto, layer: Any, fmap: np.ndarray, inv: np.nda
         _set_init(graph.graph, layer.weight, new.T if layer.weight_axis == 0 else new)
         return "weights"
     chan = fmap.reshape(fmap.shape[0], -1)[:, 0]
-    _set_init(graph.graph, layer.weight, w * inv[chan][None, :, None, None])
+    _set_init(graph.graph, layer.weight, w * inv[chan].reshape(1, -1, *[1] * (w.ndim - 2)))  # Conv1d or Conv2d weights
     return "weights"
 
 
@@ -674,6 +705,8 @@ def _conv_over_features(graph: onnx.ModelProto, layer: Any, fmap: np.ndarray, in
         return "only plain convolutions (group 1, dilation 1) are rewritten"
     if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or list(_attr(node, "strides", [1, 1]))[1] != 1:
         return "the convolution uses auto_pad or strides along the features"
+    if fmap.ndim != 3:
+        return f"only a 2-D convolution over the features is rewritten (its input has {fmap.ndim} axes without batch)"
     c_in, h, f = fmap.shape
     if not np.all(fmap == np.arange(f)[None, None, :]):
         return "the features do not lie along the convolution's width axis in order"
@@ -741,9 +774,7 @@ def repair_input_scales(
     stats = statistics if statistics is not None else model.contract.normalization.stats
     if stats is None:
         return model, RepairReport(False, "none", note="no feature statistics (pass the training statistics)")
-    full = (1, *(int(d) for d in model.contract.input_shape))
-    if not _canonical_layout(model.contract):
-        return model, RepairReport(False, "none", note=f"the graph takes layout {model.contract.layout!r}, not (N, T, F, 1)")
+    full = (1, *(int(d) for d in model.contract.input_shape))  # canonical; the graph's own layout: _graph_layout
     if len(full) <= FEATURE_AXIS or stats.n_features != full[FEATURE_AXIS]:
         return model, RepairReport(False, "none", note=f"statistics for {stats.n_features} features, input shape {full[1:]}")
     lo, hi = _input_ranges(model.contract, stats)
@@ -759,7 +790,7 @@ def repair_input_scales(
         return model, report
     graph = onnx.ModelProto()
     graph.CopyFrom(model.graph)
-    fmap = _feature_map(graph, layer.input, full)
+    fmap = _feature_map(graph, layer.input, model.contract)
     inv = 1.0 / scale
     if layer.kind == "dense" or np.all(fmap == fmap.reshape(fmap.shape[0], -1)[:, :1].reshape(fmap.shape[0], *[1] * (fmap.ndim - 1))):
         report.mode = _fold_rows(graph, layer, fmap, inv)
@@ -772,10 +803,11 @@ def repair_input_scales(
     contract = model.contract.with_stages(input_affine=(scale, np.zeros_like(scale)),
                                           origin=f"{ORIGIN_REPAIR}: x * (1 / max|x|) per feature; inverse folded into {layer.name!r} ({report.mode})")
     repaired = _Model(graph, contract, source=f"{model.source} (input rescaled)", keras_path=None)
-    x = _verify_x(model.contract, full, stats)
+    x = _verify_x(model.contract, stats)
+    axis = _graph_layout(model.contract)[1]
     try:
         onnx.checker.check_model(graph)
-        report.max_rel_error = _rel_error(_ort.output(model.graph, x), _ort.output(graph, _apply_features(x, scale, np.zeros_like(scale))))
+        report.max_rel_error = _rel_error(_ort.output(model.graph, x), _ort.output(graph, _apply_features(x, scale, np.zeros_like(scale), axis)))
     except Exception as exc:  # a rewrite onnxruntime refuses is not applied
         report.note = f"the rewritten graph does not run ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         report.mode = "none"
