@@ -590,7 +590,7 @@ def _fold_dynamic_reshapes(proto: onnx.ModelProto) -> None:
         src, dst = shapes.get(node.input[0]), shapes.get(node.output[0])
         if not src or not dst or None in src[1:] or None in dst[1:]:
             continue
-        if int(np.prod(src[1:])) != int(np.prod(dst[1:])):
+        if int(np.prod([d for d in src[1:] if d is not None])) != int(np.prod([d for d in dst[1:] if d is not None])):
             continue
         name = _fresh_name(graph, f"{node.name}/const_shape")
         graph.initializer.append(numpy_helper.from_array(np.array([-1, *dst[1:]], np.int64), name))
