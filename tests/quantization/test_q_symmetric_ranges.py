@@ -45,22 +45,19 @@ def test_covering_beats_the_estimator_range_when_deployment_reaches_further(s2p_
     assert sqnr(new) > sqnr(old) + 1.0
 
 
-def test_the_sqnr_floor_gives_resolution_back(s2p_model, s2p_stats, calib) -> None:
+def test_a_resolution_bound_model_keeps_every_estimator_range(s2p_model, s2p_stats, calib) -> None:
     base = derive_params(s2p_model, s2p_stats, TENSORRT_INT8)
     free, rec0 = deployment_ranges(base, s2p_model, s2p_stats, calib, headroom=4.0, exclude=["input"], min_sqnr_db=0.0)
     assert not rec0.returned and rec0.calib_sqnr_db["final"] == rec0.calib_sqnr_db["coverage"]
+    assert free["r1"].hi[0] == pytest.approx(4.0 * base["r1"].hi[0])
     out, rec = deployment_ranges(base, s2p_model, s2p_stats, calib, headroom=4.0, exclude=["input"], min_sqnr_db=200.0)
-    assert rec.returned  # an unreachable floor: tensors go back, best first, while that still raises the SQNR
-    assert rec.calib_sqnr_db["final"] > rec.calib_sqnr_db["coverage"]
-    for t in rec.returned:
-        assert out[t].hi[0] == pytest.approx(base[t].hi[0])
-        assert next(d for d in rec.decisions if d.tensor == t).headroom == 1.0
-    kept = [d.tensor for d in rec.decisions if d.tensor not in rec.returned]
-    for t in kept:
-        assert out[t].hi[0] == pytest.approx(4.0 * base[t].hi[0])
+    # an unreachable floor: the covering ranges miss it, so all of them go back (never a per-tensor mix)
+    assert rec.returned == [d.tensor for d in rec.decisions] and rec.returned
+    assert rec.calib_sqnr_db["final"] == rec.calib_sqnr_db["estimator"]
+    assert out.dumps() == base.dumps()
+    assert all(d.headroom == 1.0 and "resolution-bound" in d.why for d in rec.decisions)
     again, rec2 = deployment_ranges(base, s2p_model, s2p_stats, calib, headroom=4.0, exclude=["input"], min_sqnr_db=200.0)
     assert rec2.returned == rec.returned and again.dumps() == out.dumps()  # deterministic
-    assert free["r1"].hi[0] == pytest.approx(4.0 * base["r1"].hi[0])
 
 
 def test_zero_watts_on_an_output_code(s2p_model, s2p_stats) -> None:
