@@ -326,3 +326,17 @@ def test_keras_conv1d_twin_takes_the_equalized_weights(tmp_path):
     twin = equalize_keras(km, model.graph, res)
     y_twin = twin.predict(x, verbose=0)
     assert np.max(np.abs(y_twin - run(res.graph, x))) <= 1e-5 * np.max(np.abs(y_twin))
+
+
+def test_direct_pairs_only_skips_the_joined_ones():
+    """The compile's auto mode also scores the direct pairs alone (a joined pair can cost what a direct one gains)."""
+    from nilmc.quantization.equalize import path_shapes
+
+    m = conv1d_chain(with_pool=True)
+    shapes = path_shapes(m, _seq(8))
+    assert [p.first.name for p in find_pairs(m, shapes)[0]] == ["c1"]
+    pairs, skipped = find_pairs(m, shapes, paths=False)
+    assert not pairs and any(s.first == "c1" and "only direct pairs" in s.reason for s in skipped)
+    res = equalize_graph(m, _seq(64), min_imbalance=2.0)
+    assert res.pairs[0].path[:2] == ("Squeeze", "Unsqueeze") and res.pairs[0].to_json()["through"][0] == "Squeeze"
+    assert [(p.first.name, p.second.name) for p in find_pairs(build_seq2point(), paths=False)[0]] == [("conv1", "conv2"), ("dense1", "dense2")]
