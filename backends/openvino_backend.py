@@ -168,7 +168,9 @@ def _check_int8(layers: list[dict[str, str]]) -> None:
         seen = {r["name"]: r["precision"] for r in layers}
         raise Int8NotExecutedError(
             f"the OpenVINO CPU plugin runs no Convolution/FullyConnected/MatMul in int8 (runtime precisions: {seen})",
-            "check that every weighted layer reads DequantizeLinear inputs in the QDQ ONNX, or use openvino:fp32",
+            "the plugin keeps a weighted layer in float when its input or weight is not on an int8 grid (a layer nilmc kept "
+            "float, one after an op it cannot quantize, or one too small to pay); "
+            "use openvino:fp16 / openvino:fp32, or onnxruntime:int8 / tensorrt:int8 for an INT8 artifact of this model",
         )
 
 
