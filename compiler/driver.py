@@ -754,8 +754,10 @@ class _Job:
         verify_s = time.perf_counter() - t_run
         cand = self.model.contract.score(self.truth, pred)
         # Fidelity to FP32, beside the accuracy delta: an INT8 model can "gain" EACC by luck while drifting away.
+        # a classifier's outputs are probabilities, not watts: the key says which
+        diff_key = "max_abs_diff_probability" if self.model.contract.is_classification else "max_abs_diff_w"
         fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
-                    "max_abs_diff_w": round(float(np.max(np.abs(ref_pred - pred))), 3)}
+                    diff_key: round(float(np.max(np.abs(ref_pred - pred))), 3 if diff_key.endswith("_w") else 6)}
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity,
                          sqnr_db=fidelity["output_sqnr_db"])
         from nilmc.compiler.trace import power_trace

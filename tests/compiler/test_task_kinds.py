@@ -172,6 +172,8 @@ def test_compile_a_multilabel_classifier(tmp_path):
     fp32, int8 = s.results
     assert fp32.passed and fp32.report.deltas["f1w"] == 0.0
     assert int8.error is None and int8.report.budget["f1w"] == 1.0 and abs(int8.report.deltas["f1w"]) < 5
+    # the outputs are probabilities: the fidelity figure says so (not "_w")
+    assert "max_abs_diff_w" not in int8.report.extra and 0.0 <= int8.report.extra["max_abs_diff_probability"] <= 1.0
     manifest = json.loads((tmp_path / "out" / int8.bundle.name / "manifest.json").read_text())
     assert "trace" not in manifest and manifest["contract"]["task"] == "multilabel"
     table = summary_table(s)
