@@ -234,15 +234,27 @@ def _quantize_scope_if_needed(path: Path, kind: SourceKind) -> AbstractContextMa
     return scope
 
 
+def saved_keras_config(path: Path) -> dict[str, Any]:
+    """The model config a saved Keras file carries (``config.json`` of a ``.keras`` archive, the ``model_config``
+    attribute of an ``.h5``), read without TensorFlow; ``{}`` when it has none. Raises what the file reader raises."""
+    import json
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json")) if "config.json" in zf.namelist() else {}
+    else:
+        with import_h5py().File(path, "r") as fh:
+            raw = fh.attrs.get("model_config", b"{}")
+        config = json.loads(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    return config if isinstance(config, dict) else {}
+
+
 def _mentions_quantize_wrapper(path: Path) -> bool:
     """True when the saved model config names tfmot's QuantizeWrapper (reads only the config)."""
+    import json
+
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                return b"QuantizeWrapper" in zf.read("config.json")
-        with import_h5py().File(path, "r") as fh:
-            config = fh.attrs.get("model_config", b"")
-        return "QuantizeWrapper" in (config.decode("utf-8", "replace") if isinstance(config, bytes) else str(config))
+        return "QuantizeWrapper" in json.dumps(saved_keras_config(path))
     except Exception:  # unreadable here means the real load reports it
         return False
 

@@ -364,23 +364,22 @@ def ptq_params(
         outcome.params = apply_headroom(outcome.params, onnx_model, stats, outcome.headroom.headroom, exclude=kf)
         timings["headroom"] = time.perf_counter() - t0
     if precise:
-        # Symmetric 8-bit grids (TensorRT) decide per tensor below (Techniques.symmetric_ranges); "global" keeps the
-        # former single, smaller headroom (a ReLU output wastes the grid's negative half).
-        h = techniques.symmetric_headroom if traits.symmetric_activations else techniques.deployment_headroom
-        if contract is not None and contract.is_classification:
+        task = contract.task if contract is not None else "regression"
+        classifier = contract is not None and contract.is_classification
+        wide = traits.activation_bits >= 16
+        g = analyze(_copy(onnx_model))
+        symmetric = None
+        if wide:
+            h = techniques.wide_grid_headroom
+        elif classifier:
             # The headroom buys coverage of the rare high-power windows an energy-weighted regression metric is scored on.
             # An ON/OFF classifier's F1 is not: a high-power window is ON clipped or not (its sigmoid saturates), while the
             # resolution the headroom costs is what decides the windows near the threshold. Example CtRNN (onnxruntime:int8,
             # evaluation set): 1.5x -> 1.0x, f1w loss +2.93 -> -0.69 points, output SQNR 17.0 -> 28.7 dB.
             h = techniques.classifier_headroom
-        if traits.activation_bits >= 16:
-            h = techniques.wide_grid_headroom
-        g = analyze(_copy(onnx_model))
-        symmetric = None
-        if (traits.symmetric_activations and traits.activation_bits < 16 and techniques.symmetric_ranges == "coverage"
-                and not (contract is not None and contract.is_classification)):
-            # per tensor (symmetric_ranges.py): the calibration extremes times the deployment headroom asymmetric grids
-            # get, returned to the estimator's range only where the calibration SQNR floor needs the resolution
+        elif traits.symmetric_activations and techniques.symmetric_ranges == "coverage":
+            # Symmetric 8-bit grids (TensorRT), per tensor (symmetric_ranges.py): the calibration extremes times the
+            # deployment headroom asymmetric grids get, all back to the estimators' ranges if that misses the SQNR floor
             from nilmc.quantization.symmetric_ranges import deployment_ranges, zero_watts_on_code
 
             h = techniques.deployment_headroom
@@ -389,10 +388,11 @@ def ptq_params(
             need = required_output_range(contract) if techniques.fit_output_range else None
             if need is not None:
                 outcome.params, symmetric.zero_on_code = zero_watts_on_code(outcome.params, onnx_model, need[0])
-        elif h != 1.0:
+        else:  # "global": one headroom; symmetric grids get their own, smaller one (a ReLU output wastes the negative half)
+            h = techniques.symmetric_headroom if traits.symmetric_activations else techniques.deployment_headroom
+        if symmetric is None and h != 1.0:
             outcome.params = apply_headroom(outcome.params, onnx_model, stats, h, exclude=[*kf, *g.inputs])
-        outcome.precise_input = {"float_layers": list(precise), "deployment_headroom": h,
-                                 "task": contract.task if contract is not None else "regression"}
+        outcome.precise_input = {"float_layers": list(precise), "deployment_headroom": h, "task": task}
         if symmetric is not None:
             outcome.precise_input["symmetric_ranges"] = symmetric.to_json()
     if techniques.bias_correction:

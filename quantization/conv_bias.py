@@ -277,21 +277,19 @@ def fold_conv_batchnorm(model: onnx.ModelProto) -> list[str]:
     for layer in list(g.node):
         if layer.op_type not in ("Conv", "Gemm") or len(layer.input) < 2 or layer.input[1] not in consts or uses.get(layer.input[1]) != 1:
             continue
-        if layer.op_type == "Gemm" and any(a.name in ("transA",) and a.i for a in layer.attribute):
-            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in layer.attribute}
+        if layer.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue  # W' and b' below assume Y = X @ W(^T) + C
         bn = _only_user(layer.output[0], users, outputs)
         if bn is None or bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1 or bn.input[0] != layer.output[0]:
             continue
         if any(p not in consts or uses.get(p) != 1 for p in bn.input[1:5]):
             continue
         w = consts[layer.input[1]].astype(np.float64)
-        trans_b = layer.op_type == "Gemm" and any(a.name == "transB" and a.i for a in layer.attribute)
-        axis = 0 if layer.op_type == "Conv" or trans_b else 1  # the output-channel axis of the weight as stored
+        axis = 0 if layer.op_type == "Conv" or attrs.get("transB", 0) else 1  # the output-channel axis of the weight as stored
         channels = int(w.shape[axis])
         gamma, beta, mean, var = (consts[p].astype(np.float64).reshape(-1) for p in bn.input[1:5])
         if not all(a.size == channels for a in (gamma, beta, mean, var)):
-            continue
-        if layer.op_type == "Gemm" and any(a.name in ("alpha", "beta") and abs(a.f - 1.0) > 0 for a in layer.attribute):
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         k = gamma / np.sqrt(var + eps)

@@ -150,6 +150,7 @@ _PASS_OPS = frozenset({"Relu", "LeakyRelu", "Identity", "Dropout"})
 _POOL_OPS = frozenset({"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"})
 _SHAPE_OPS = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Flatten"})
 _MAX_PATH = 12
+_CARRY_OPS = _PASS_OPS | _POOL_OPS | _SHAPE_OPS | {"Transpose", "Pad", "Slice", "Mul", "Div"}  # what _carry may follow
 _SHAPE_READERS = frozenset({"Shape", "Size"})  # read only a tensor's shape, which a per-channel scale does not change
 
 
@@ -167,8 +168,8 @@ def find_pairs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | N
     ConvTranspose whose input channels are the carried channel axis.
     """
     g = analyze(model)
-    inits = {t.name for t in model.graph.initializer}
     consts = {t.name: t for t in model.graph.initializer}
+    inits = set(consts)
     uses: dict[str, int] = {}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -282,14 +283,13 @@ def path_shapes(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[int, .
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    movable = _PASS_OPS | _POOL_OPS | _SHAPE_OPS | {"Transpose", "Pad", "Slice", "Mul", "Div"}
     names: list[str] = []
     for layer in g.layers:
         tensor = layer.output
         names.append(tensor)
         for _ in range(_MAX_PATH):
             users = _data_readers(readers, tensor)
-            if len(users) != 1 or users[0].op_type not in movable or users[0].input[0] != tensor or not users[0].output:
+            if len(users) != 1 or users[0].op_type not in _CARRY_OPS or users[0].input[0] != tensor or not users[0].output:
                 break
             tensor = users[0].output[0]
             names.append(tensor)

@@ -127,7 +127,6 @@ def deployment_ranges(
     skip = set(g.outputs) | set(exclude) | set(params.keep_float)
     out = params
     result = SymmetricRanges(headroom, min_sqnr_db)
-    estimator_tq: dict[str, TensorQuant] = {}
     for t in g.quant_points:
         if t in skip or t not in params or t not in stats:
             continue
@@ -137,9 +136,8 @@ def deployment_ranges(
         why = ("estimator clipped the calibration extremes: widened to them, " if clipped else "") + f"deployment headroom x{headroom:g}"
         new = activation_from_range(t, lo, hi, out.traits, rng=tq.rng, hist=s.histogram, method=f"{tq.method}>=minmax*{headroom:g}")
         out = replace_activation(out, new, g)
-        estimator_tq[t] = tq
         result.decisions.append(TensorDecision(t, tq.method, (tq.lo[0], tq.hi[0]), (s.minimum, s.maximum), headroom, (lo, hi), why))
-    if min_sqnr_db is None or not estimator_tq:
+    if min_sqnr_db is None or not result.decisions:
         return out, result
     xs = _ort.subsample(x, max_windows)
     ref = _ort.output(onnx_model, xs)
@@ -148,8 +146,8 @@ def deployment_ranges(
         result.evaluations += 1
         return float(_ort.sqnr_db(ref, _ort.output(build_qdq_model(onnx_model, p), xs)))
 
-    current = sqnr(out)
-    result.calib_sqnr_db = {"estimator": _db(sqnr(params)), "coverage": _db(current)}
+    current, estimator = sqnr(out), sqnr(params)
+    result.calib_sqnr_db = {"estimator": _db(estimator), "coverage": _db(current)}
     if current < min_sqnr_db:
         # Resolution-bound: the covering ranges do not hold the floor even on the windows they were fitted to, so every
         # tensor keeps its estimator's range. Not per tensor: on the raw-feature (A) T-P model a greedy mix (3 tensors
@@ -161,7 +159,7 @@ def deployment_ranges(
             d.headroom, d.range = 1.0, d.estimator_range
             d.why = (f"estimator's range kept: the covering ranges give {current:.2f} dB on the calibration windows, under the "
                      f"{min_sqnr_db:g} dB floor (the model is resolution-bound)")
-        current = float(result.calib_sqnr_db["estimator"] or current)
+        current = estimator
     result.calib_sqnr_db["final"] = _db(current)
     return out, result
 

@@ -463,18 +463,9 @@ def _qat_precheck(model: Model, precision: str) -> str | None:
 def _keras_layers(path: Path) -> list[tuple[str, str]]:
     """``(name, class)`` of the top-level layers in a saved Keras model's config (``.keras`` archive or ``.h5``),
     a ``TimeDistributed`` wrapper by the class it wraps; no TensorFlow import."""
-    import json
-    import zipfile
+    from nilmc.compiler.tfcompat import saved_keras_config
 
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            config = json.loads(zf.read("config.json"))
-    else:
-        from nilmc.compiler.tfcompat import import_h5py
-
-        with import_h5py().File(path, "r") as fh:
-            raw = fh.attrs.get("model_config", b"{}")
-        config = json.loads(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    config = saved_keras_config(path)
     out = []
     for layer in (config.get("config") or {}).get("layers") or ():
         cls, cfg = str(layer.get("class_name", "")), layer.get("config") or {}
