@@ -595,10 +595,9 @@ def quantize(
     outcome = ptq_params(model.graph, stats, traits, x, contract=model.contract, estimator=estimator, techniques=tech,
                          keep_float=keep, eval_fn=eval_fn)
     timings.update(outcome.timings)
-    float_acts = _float_activations(model.graph, outcome.params)
+    float_acts = float_activations(model.graph, outcome.params)
     policy = _with_output_fix(overflow_policy, input_is_float=bool(set(_graph_inputs(model.graph)) & float_acts))
-    overflow = _without_float_findings(
-        check_overflow(model.graph, stats, outcome.params, traits, data=x, peak_output=model.contract, policy=policy), float_acts)
+    overflow = check_overflow(model.graph, stats, outcome.params, traits, data=x, peak_output=model.contract, policy=policy)
     params = overflow.params
     scales = check_feature_scales(model.graph, stats, params, feature_names=model.contract.feature_names)
     if not scales.ok and raw is not None and not fold_normalization and _policy_of(overflow_policy, "input_features") == "fix":
@@ -662,18 +661,10 @@ def _graph_inputs(onnx_model: onnx.ModelProto) -> list[str]:
     return [i.name for i in onnx_model.graph.input if i.name not in inits]
 
 
-def _float_activations(onnx_model: onnx.ModelProto, params: QuantParams) -> set[str]:
+def float_activations(onnx_model: onnx.ModelProto, params: QuantParams) -> set[str]:
+    """The activation tensors ``params`` leaves at FP32 in ``onnx_model`` (its ``keep_float`` names resolved)."""
     from nilmc.quantization.qdq import float_sets
 
     m = onnx.ModelProto()
     m.CopyFrom(onnx_model)
     return float_sets(analyze(m), params.keep_float)[0]
-
-
-def _without_float_findings(report: OverflowReport, float_acts: set[str]) -> OverflowReport:
-    """Findings on tensors kept at FP32 do not apply to the artifact: drop them, say so in ``skipped``."""
-    dropped = sorted({f.tensor for f in report.findings if f.tensor in float_acts})
-    if dropped:
-        report.findings = [f for f in report.findings if f.tensor not in float_acts]
-        report.skipped["kept_float"] = f"findings on tensors kept at FP32 dropped: {', '.join(dropped)}"
-    return report

@@ -214,6 +214,7 @@ class _Run:
     findings: list[Finding] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    float_acts: set[str] = field(default_factory=set)  # activations kept at FP32: on no grid in the artifact
 
     def add(self, check: Check, tensor: str, value: float, limit: float, reason: str, fix: str, *,
             layer: str | None = None, channel: int | None = None, fixed: bool = False) -> None:
@@ -314,7 +315,7 @@ def _check_output_clipping(run: _Run, peak_output: float | ModelContract | None)
         run.skipped[Check.OUTPUT_CLIPPING.value] = "no peak output given (peak_output or contract.peak_power_w)"
         return
     for name in run.g.outputs:
-        if name not in run.params:
+        if name not in run.params or name in run.float_acts:
             continue
         run.checked[Check.OUTPUT_CLIPPING.value] = run.checked.get(Check.OUTPUT_CLIPPING.value, 0) + 1
         lo, hi = run.params[name].representable()
@@ -454,7 +455,14 @@ def check_overflow(
     model.CopyFrom(onnx_model)
     g = analyze(model)
     run = _Run(g, stats, replace(params), traits, _policies(policy), limits or OverflowLimits())
-    names = [t.name for t in params.by_role("activation")]
+    # a tensor kept at FP32 (params.keep_float: the SQNR floor, precise input) is on no grid in the artifact: no
+    # finding about its grid applies, and under --overflow error none may stop the build
+    from nilmc.quantization.qdq import float_sets
+
+    run.float_acts = float_sets(g, params.keep_float)[0]
+    names = [t.name for t in params.by_role("activation") if t.name not in run.float_acts]
+    if kept := sorted(run.float_acts & {t.name for t in params.by_role("activation")}):
+        run.skipped["kept_float"] = "saturation, range use and output clipping not checked on tensors kept at FP32: " + ", ".join(kept)
     if data is not None:
         obs = _observe_data(model, data, params, names, run.limits.batch_size)
     else:

@@ -132,3 +132,22 @@ def test_policy_validation_and_report_json(s2p_model, s2p_stats) -> None:
     d = report.to_json()
     assert d["ok"] is False and d["findings"][0]["check"] == "accumulator" and d["findings"][0]["policy"] == "warn"
     assert "accumulator" in report.summary()
+
+
+def test_tensors_kept_float_are_no_finding_and_no_error(s2p_model, s2p_stats, make_windows) -> None:
+    # a tensor the SQNR floor keeps at FP32 is on no grid in the artifact: its "saturation" was the stale cause of a
+    # failed CtRNN gate, and under --overflow error it must not stop the build
+    import dataclasses
+
+    raw = make_windows(128, seed=3, scale=800.0, offset=1500.0)
+    params = derive_params(s2p_model, s2p_stats, GENERIC_INT8)
+    saturating = {f.tensor for f in check_overflow(s2p_model, s2p_stats, params, GENERIC_INT8, data=raw).by_check(Check.SATURATION)}
+    assert {"input", "r2", "output"} <= saturating
+    report = check_overflow(s2p_model, s2p_stats, dataclasses.replace(params, keep_float=("r2",)), GENERIC_INT8, data=raw)
+    assert "r2" not in {f.tensor for f in report.findings} and "input" in {f.tensor for f in report.findings}
+    assert "r2" in report.skipped["kept_float"]
+    all_float = dataclasses.replace(params, keep_float=tuple(sorted(saturating)))
+    strict = check_overflow(s2p_model, s2p_stats, all_float, GENERIC_INT8, data=raw, policy={"default": "warn", "saturation": "error"})
+    assert not strict.by_check(Check.SATURATION)
+    with pytest.raises(QuantizationOverflowError):
+        check_overflow(s2p_model, s2p_stats, params, GENERIC_INT8, data=raw, policy={"default": "warn", "saturation": "error"})
