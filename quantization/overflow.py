@@ -249,6 +249,8 @@ def _check_range_use(run: _Run, obs: dict[str, _Observed]) -> None:
     for name, o in obs.items():
         tq = run.params[name]
         run.checked[Check.RANGE_USE.value] = run.checked.get(Check.RANGE_USE.value, 0) + 1
+        if o.minimum == o.maximum:  # a constant (a recurrent layer's zero initial state): one code is all it needs
+            continue
         s, z, rng = tq.scale[0], tq.zero_point[0], tq.rng
         codes = np.clip(np.rint(np.array([o.minimum, o.maximum]) / s) + z, rng.lo, rng.hi)
         share = (codes[1] - codes[0] + 1) / rng.levels

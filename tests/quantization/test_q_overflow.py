@@ -151,3 +151,14 @@ def test_tensors_kept_float_are_no_finding_and_no_error(s2p_model, s2p_stats, ma
     assert not strict.by_check(Check.SATURATION)
     with pytest.raises(QuantizationOverflowError):
         check_overflow(s2p_model, s2p_stats, params, GENERIC_INT8, data=raw, policy={"default": "warn", "saturation": "error"})
+
+
+def test_a_constant_tensor_is_no_range_use_finding(s2p_model, s2p_stats, make_windows) -> None:
+    # a recurrent layer's zero initial state is a quantization point that holds one value: "1 of 256 codes" about it
+    # was a finding (and the CtRNN's failure cause) that says nothing
+    params = derive_params(s2p_model, s2p_stats, GENERIC_INT8)
+    x = make_windows(16, seed=1)
+    flat = np.zeros_like(x)
+    assert "input" not in {f.tensor for f in check_overflow(s2p_model, s2p_stats, params, GENERIC_INT8, data=flat).by_check(Check.RANGE_USE)}
+    squeezed = x * 1e-4  # not constant, spans a sliver of the input grid: still a finding
+    assert "input" in {f.tensor for f in check_overflow(s2p_model, s2p_stats, params, GENERIC_INT8, data=squeezed).by_check(Check.RANGE_USE)}
