@@ -765,12 +765,17 @@ class _Job:
         if self.truth.ndim == 1:  # a power trace; a classifier predicts no power
             sections["trace"] = power_trace(self.truth, ref_pred, pred)  # a small predicted-vs-true trace for `nilmc report`
         if not report:
-            from nilmc.quantization.coverage import likely_causes
+            from nilmc.quantization.coverage import NO_CAUSE, likely_causes
+            from nilmc.quantization.mixed_precision import sqnr_floor_hint
 
             cpu_ops = {d.get("op") for d in placed_devices if d.get("device") == "CPU"}  # the DPU's CPU stages run in FP32
             cpu_tensors = {o for n in model.graph.graph.node if n.name in cpu_ops for o in n.output}
             cause = likely_causes(*findings, float_tensors=cpu_tensors) if findings else ""
-            report = dataclasses.replace(report, cause="; ".join(c for c in (cause, hint) if c))
+            floor = sqnr_floor_hint(lower_options["params"]) if plan.quantizes else None  # the SQNR floor's own verdict
+            if (hint or floor) and cause.endswith(NO_CAUSE):
+                cause = "likely cause:"
+            report = dataclasses.replace(report, cause=" ".join([cause, "; ".join(c for c in (hint, floor) if c)]).strip()
+                                         if cause == "likely cause:" else "; ".join(c for c in (cause, hint, floor) if c))
         from nilmc.compiler.hardware import manifest_section
 
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on

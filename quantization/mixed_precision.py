@@ -394,6 +394,7 @@ class SqnrFallback:
     evaluations: int = 0
     structural: dict[str, Any] | None = None
     with_their_op: dict[str, str] = field(default_factory=dict)  # MatMul output left float -> the kept unit it runs with
+    search: dict[str, Any] | None = None  # the search from every unit float, when the greedy stalled under the floor
 
     @property
     def met(self) -> bool:
@@ -403,7 +404,8 @@ class SqnrFallback:
         return {"target_db": self.target_db, "initial_db": _finite_db(self.initial_db), "final_db": _finite_db(self.final_db),
                 "met": self.met, "mode": self.mode, "kept": list(self.kept),
                 "gains_db": {k: round(v, 3) for k, v in self.gains_db.items()}, "evaluations": self.evaluations,
-                "structural": self.structural, "with_their_op": dict(self.with_their_op)}
+                "structural": self.structural, "with_their_op": dict(self.with_their_op),
+                **({"search": self.search} if self.search is not None else {})}
 
 
 def calibration_sqnr_db(onnx_model: onnx.ModelProto, params: QuantParams, x: Any, *, max_windows: int = 512) -> float:
@@ -430,6 +432,7 @@ def raise_until_sqnr(
     max_units: int = 6,
     max_windows: int = 512,
     structural: bool = True,
+    max_evaluations: int = 400,
 ) -> tuple[QuantParams, SqnrFallback]:
     """Keep units (see :func:`units`) at higher precision, greedily the one that raises the output SQNR vs FP32 on
     the calibration windows ``x`` most, until it reaches ``min_sqnr_db`` or ``max_units`` (default 6) are kept or no
@@ -440,7 +443,13 @@ def raise_until_sqnr(
 
     ``structural`` (default True): below the floor, first keep the :func:`structural_regions` float as one group
     (module docstring; bias correction refitted for that placement) when that raises the SQNR; the greedy goes on
-    from there. A model without such regions (a plain CNN) is scored exactly as before."""
+    from there. A model without such regions (a plain CNN) is scored exactly as before.
+
+    When the greedy ends under the floor (no region kept, FP32 fallback), the search goes from the other end: every
+    unit float, then back to INT8 the unit with the most MACs that keeps the floor, until none does (at most
+    ``max_evaluations`` scorings, default 400). Its placement is taken when it leaves at least
+    :data:`BACK_SEARCH_MIN_INT8_SHARE` of the weighted layers' MACs in INT8; otherwise the greedy's stays, and
+    :func:`sqnr_floor_hint` gives the failed gate its reason. Either way ``res.search`` records it."""
     from nilmc.quantization import _ort
 
     mode = _mode(fallback, params)
@@ -478,7 +487,104 @@ def raise_until_sqnr(
         res.kept.append(unit.name)
         res.gains_db[unit.name] = best_db - now
         now = best_db
+    if now < min_sqnr_db and mode == "float" and res.structural is None:
+        # The greedy stalls where the loss is spread over many layers (a resolution-bound model on a symmetric grid:
+        # the CtRNN on tensorrt:int8 stopped at 13.4 dB, no single unit raising it). Search from the other end: every
+        # unit float, then back to INT8 the one worth the most MACs that keeps the floor, until none can.
+        back = _int8_back_under_floor(onnx_model, params, [u for u in units(g) if u.name not in params.keep_float],
+                                      min_sqnr_db, score, max_evaluations=max_evaluations, layers=g.layers)
+        res.evaluations += back.evaluations
+        res.search = back.to_json()
+        # An "INT8" artifact with a few percent of its MACs in INT8 is a float model under another name: then the
+        # target keeps the greedy's parameters, fails its gate and says why (sqnr_floor_hint), e.g. the example
+        # CtRNN on tensorrt:int8: no single convolution stays over 30 dB at INT8 (0.3 % of MACs could go back).
+        if back.params is not None and back.int8_share >= BACK_SEARCH_MIN_INT8_SHARE:
+            current, now = back.params, back.final_db
+            res.kept = list(back.float_units)
+            res.gains_db = {}
+            res.search["accepted"] = True
     res.final_db = now
-    if res.kept or res.structural is not None:
+    if res.kept or res.structural is not None or res.search is not None:
         current = replace(current, provenance={**current.provenance, "sqnr_fallback": res.to_json()})
     return current, res
+
+
+# The least share of a model's weighted-layer MACs the search from all-float must bring back to INT8 for its placement
+# to be taken (a judgement, not a measurement: below it the artifact is a float model; see raise_until_sqnr).
+BACK_SEARCH_MIN_INT8_SHARE = 0.25
+
+
+@dataclass
+class _BackSearch:
+    params: QuantParams | None  # None: even every unit float misses the floor (what stays is on no unit's grid)
+    final_db: float
+    float_units: list[str]
+    order: list[tuple[str, float]]  # units returned to INT8, with the calibration SQNR after each
+    evaluations: int
+    capped: bool
+    int8_share: float = 0.0  # of the weighted layers' MACs, at the end of the search
+
+    def to_json(self) -> dict[str, Any]:
+        return {"direction": "from float", "int8_order": [{"unit": n, "db": _finite_db(db)} for n, db in self.order],
+                "final_db": _finite_db(self.final_db), "int8_macs_share": round(self.int8_share, 4),
+                "min_int8_macs_share": BACK_SEARCH_MIN_INT8_SHARE, "accepted": False, "evaluations": self.evaluations,
+                "capped": self.capped}
+
+
+def _int8_back_under_floor(onnx_model: onnx.ModelProto, params: QuantParams, pool: Sequence[Unit], min_sqnr_db: float,
+                           score: Callable[[QuantParams], float], *, max_evaluations: int, layers: Sequence[Any]) -> _BackSearch:
+    """Start with every unit of ``pool`` float; repeatedly return to INT8 the unit with the most MACs (then the best
+    SQNR) among those that keep the calibration SQNR at ``min_sqnr_db``; stop when none does or after
+    ``max_evaluations`` scorings. Units that compute nothing (activations between float ops) go back last."""
+    from nilmc.compiler.cost import node_macs, tensor_shapes
+
+    shapes = tensor_shapes(onnx_model)
+    nodes = {n.name: n for n in onnx_model.graph.node}
+    layer_macs = {l.name: node_macs(nodes[l.name], shapes) if l.name in nodes else 0 for l in layers}
+    macs = {u.name: layer_macs.get(u.name, 0) if u.kind == "layer" else 0 for u in pool}
+    total = sum(layer_macs.values()) or 1
+    floating = [u.name for u in pool]
+
+    def with_float(names: Sequence[str]) -> QuantParams:
+        return replace(params, keep_float=tuple(dict.fromkeys([*params.keep_float, *names])))
+
+    start = with_float(floating)
+    now, spent = score(start), 1
+    if now < min_sqnr_db:
+        return _BackSearch(None, now, floating, [], spent, False, 0.0)
+    order: list[tuple[str, float]] = []
+    capped = False
+    while floating:
+        if spent + len(floating) > max_evaluations:
+            capped = True
+            break
+        scored = [(score(with_float([n for n in floating if n != name])), name) for name in floating]
+        spent += len(scored)
+        ok = [(macs[name], db, name) for db, name in scored if db >= min_sqnr_db]
+        if not ok:
+            break
+        _, now, name = max(ok)
+        floating.remove(name)
+        order.append((name, now))
+    in_float = set(floating) | set(params.keep_float)
+    share = sum(m for name, m in layer_macs.items() if name not in in_float) / total
+    return _BackSearch(with_float(floating), now, floating, order, spent, capped, share)
+
+
+def sqnr_floor_hint(params: QuantParams) -> str | None:
+    """One line for a failed gate when the calibration SQNR floor was not met (``provenance["sqnr_fallback"]``):
+    where the INT8 output stood and, when the search from all-float ran, how little it could bring back to INT8."""
+    sf = params.provenance.get("sqnr_fallback") or {}
+    if not sf or sf.get("met", True):
+        return None
+    line = (f"the calibration SQNR floor ({sf.get('target_db'):g} dB) was not met: INT8 output {sf.get('initial_db')} -> "
+            f"{sf.get('final_db')} dB vs FP32 with {len(sf.get('kept', ()))} unit(s) kept float")
+    back = sf.get("search") or {}
+    if back and back.get("final_db") is not None and back["final_db"] < sf.get("target_db", 0.0):
+        line += f"; with every unit float it is still {back['final_db']} dB (the rounding left is on the graph input)"
+    elif back and not back.get("accepted"):
+        line += (f"; from every unit float, only {100 * back.get('int8_macs_share', 0.0):.1f} % of the weighted layers' MACs could "
+                 f"go back to INT8 while the floor held (placement not taken: under "
+                 f"{100 * back.get('min_int8_macs_share', BACK_SEARCH_MIN_INT8_SHARE):.0f} %): this model's INT8 does not hold on "
+                 f"this target's grids; use its fp16/fp32 precision, or a target with asymmetric or 16-bit activations")
+    return line

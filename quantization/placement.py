@@ -73,6 +73,13 @@ def _fallback_reasons(params: QuantParams) -> dict[str, str]:
         str(name): (f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the calibration windows, under "
                     f"{sf.get('target_db'):g} dB; keeping it float added {gain:.1f} dB")
         for name, gain in (sf.get("gains_db") or {}).items()}
+    if sf.get("search"):  # mixed_precision._int8_back_under_floor: the greedy stalled, the search went from all-float
+        back = sf["search"]
+        for name in sf.get("kept", ()):
+            floor[str(name)] = (f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the calibration windows, "
+                                f"under {sf.get('target_db'):g} dB, and no single unit kept float raised it enough; from every unit "
+                                f"float, {len(back.get('int8_order', ()))} went back to INT8 (most MACs first) while the floor "
+                                f"held ({sf.get('final_db')} dB): this one could not")
     st = sf.get("structural") or {}  # mixed_precision.structural_regions kept float as one group
     ops = {t: ", ".join(r["ops"]) for r in st.get("regions", ()) for t in [*r["tensors"], *r.get("matmul_outputs", ())]}
     for name in st.get("float_tensors", ()):
