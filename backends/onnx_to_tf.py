@@ -87,10 +87,12 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # TFLite fused activation codes (schema.fbs ActivationFunctionType) and the ONNX activations they stand for.
 _FUSED = {1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}
 INT8_TENSOR_TYPES = (9, 3)  # TensorType int8, uint8
+# Global average pooling (PyTorch's AdaptiveAvgPool1d(1), a mean over time): onnx2tf writes a TFLite MEAN.
+MEAN_OPS = frozenset({"GlobalAveragePool", "ReduceMean"})
 
 # ONNX ops the INT8 route places: weighted layers, their fused activations, data movement, and the shape math
 # of a Reshape (never on the data path). Anything else on the data path is refused by the pre-check.
-INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout"}) | ACTIVATION_OPS | PASSTHROUGH_OPS
+INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout"}) | ACTIVATION_OPS | PASSTHROUGH_OPS | MEAN_OPS
 
 
 def require_onnx2tf(purpose: str = "lowering an ONNX model to TFLite") -> Any:
@@ -471,8 +473,10 @@ def plan_onnx_tensors(m: Any, graph: onnx.ModelProto, params: QuantParams) -> Te
 
 
 # TFLite ops placed from the ONNX op they stand for, found from tensors already placed: a BatchNormalization after a
-# ReLU (TFLite keeps it as MUL + ADD), a residual Add, a Concat. A constant operand is requantized by nilmc.
-_ELEMENTWISE = {"ADD": "Add", "MUL": "Mul", "SUB": "Sub", "LOGISTIC": "Sigmoid", "TANH": "Tanh", "CONCATENATION": "Concat"}
+# ReLU (TFLite keeps it as MUL + ADD), a residual Add, a Concat, a global average pool (TFLite's int8 MEAN requantizes
+# to its own output grid: nilmc's grid of the pool's output). A constant operand is requantized by nilmc.
+_ELEMENTWISE = {"ADD": "Add", "MUL": "Mul", "SUB": "Sub", "LOGISTIC": "Sigmoid", "TANH": "Tanh", "CONCATENATION": "Concat",
+                "MEAN": "GlobalAveragePool"}
 
 
 def _reached(consumers: Mapping[str, list[onnx.NodeProto]], tensor: str) -> list[onnx.NodeProto]:
@@ -510,15 +514,16 @@ def _place_elementwise(m: Any, graph: onnx.GraphProto, params: QuantParams, cons
             continue
         found: dict[int, onnx.NodeProto] | None = None
         for t in data:
-            hits = {id(n): n for n in _reached(consumers, plan.activations[t].name) if n.op_type == onnx_type}
+            hits = {id(n): n for n in _reached(consumers, plan.activations[t].name)
+                    if n.op_type == onnx_type or (onnx_type in MEAN_OPS and n.op_type in MEAN_OPS)}
             found = hits if found is None else {k: v for k, v in found.items() if k in hits}
         if found is None or len(found) != 1:
             continue  # not found or ambiguous: check_plan_complete names the tensor
         node = next(iter(found.values()))
         if node.output[0] not in params:
             continue
-        for t in op.inputs:
-            if t >= 0 and _const_data(m, sg.tensors[t]) and t not in plan.weights:
+        for t in op.inputs:  # int8 constants only: MEAN's int32 axes are no values
+            if t >= 0 and _const_data(m, sg.tensors[t]) and t not in plan.weights and sg.tensors[t].type in INT8_TENSOR_TYPES:
                 _plan_constant(m, t, node, params, consts, plan)
         plan.activations[out] = params[node.output[0]]
         plan.layer_of_op[i] = node.name or node.output[0]
@@ -678,6 +683,11 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     depthwise = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     if depthwise:
         return f"{target} does not place grouped/depthwise Conv {depthwise[0]!r}; lower it with onnxruntime:int8 or openvino:int8"
+    dilated = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints, default=1) > 1 for a in n.attribute)]
+    if dilated:  # measured on onnx2tf 1.28 + TF 2.21: the pre-bias CONV_2D output has no ONNX tensor to take a grid from
+        return (f"{target} does not place the dilated Conv {dilated[0]!r}: the converter writes it as SPACE_TO_BATCH_ND + a CONV_2D "
+                "without bias + BATCH_TO_SPACE_ND + a bias ADD, and nilmc has no parameters for the pre-bias tensor; "
+                "lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
     return None
 
 

@@ -54,6 +54,9 @@ PRECISIONS = ARCHS + tuple(a + QAT_SUFFIX for a in ARCHS)
 
 
 UNSUPPORTED_REMEDY = "replace the op(s) named above that the DPU cannot run, or choose a target that takes them (onnxruntime, openvino, tensorrt)"
+# The precise-input layers and the CPU tail left the DPU nothing, but with the input layers on the DPU it has them.
+NONE_REMEDY = ("use --option dpu.cpu_layers=none to run the input layer(s) on the DPU (the graph input then quantized to 8 bits), "
+               "or choose a target that runs the CPU ops (onnxruntime, openvino, tensorrt)")
 
 
 class DPUUnsupportedError(BadInputError):
@@ -276,6 +279,8 @@ class DPUBackend:
         part = _graph_partition(model, full, target, qat=qat)
         report = inspect_graph(full, target, part)
         if _refused(full, part, report):
+            if _deployable(model, full, target, "none"):  # dpu.cpu_layers=none would lower it: lower() knows the option
+                return None
             return f"the model cannot be lowered to the DPU: {_refusal(report, part)}; {UNSUPPORTED_REMEDY}"
         return None
 
@@ -305,11 +310,13 @@ class DPUBackend:
 
         full = from_onnx(model.graph)
         qat = precision.endswith(QAT_SUFFIX)
-        early = _graph_partition(model, full, target, str(options.get("cpu_layers", "auto")), qat=qat)
+        mode = str(options.get("cpu_layers", "auto"))
+        early = _graph_partition(model, full, target, mode, qat=qat)
         report = inspect_graph(full, target, early)
         if _refused(full, early, report):  # refused before any parameters are derived
             atomic_write_json(out_dir / INSPECTOR, report.to_json())
-            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, early)}", UNSUPPORTED_REMEDY)
+            remedy = NONE_REMEDY if mode != "none" and _deployable(model, full, target, "none") else UNSUPPORTED_REMEDY
+            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, early)}", remedy)
         # A *_qat target trains the DPU part up to the model's output (the head stays on the DPU). When no fine-tuned
         # epoch beats the PTQ start, nothing was learned: it deploys what the PTQ target deploys (its partition, with the
         # head on the CPU under cpu_layers=auto), and the manifest's qat section says so.
@@ -425,6 +432,12 @@ def _refused(full: DpuGraph, part: Partition, report: InspectionReport) -> bool:
     return bool(dpu_graph(full, part).unsupported or part.problems or report.fallbacks)
 
 
+def _deployable(model: Model, full: DpuGraph, target: DPUTarget, mode: str) -> bool:
+    """Whether the split under ``cpu_layers=mode`` is one pre -> DPU -> post chain the DPU can run (graph alone)."""
+    part = _graph_partition(model, full, target, mode)
+    return not _refused(full, part, inspect_graph(full, target, part))
+
+
 def _refusal(report: InspectionReport, part: Partition) -> str:
     return "; ".join([report.summary(), *part.problems])
 
@@ -450,7 +463,12 @@ def _qat_precheck(model: Model, precision: str) -> str | None:
         layers = _keras_layers(path)
     except Exception:  # unreadable here: the lowering reports it with its own message
         return None
-    if kind is not SourceKind.TF_KERAS:
+    if kind is SourceKind.KERAS3:  # QAT fine-tunes the tf_keras rebuild load_keras makes, unless the bridge cannot rebuild a layer
+        from nilmc.compiler.tfcompat import keras_source_precheck
+
+        if (why := keras_source_precheck(model, remedy=f"use --targets {ptq} (PTQ lowers the ONNX graph)")) is not None:
+            return f"dpu:{precision}: {why}"
+    elif kind is not SourceKind.TF_KERAS:
         return (f"dpu:{precision} fine-tunes tf_keras (Keras 2) models and {str(path)!r} is a {kind.value} model; "
                 f"use --targets {ptq} (PTQ lowers the ONNX graph), or save the model with tf_keras")
     for name, cls in layers:

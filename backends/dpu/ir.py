@@ -15,7 +15,9 @@ NHWC tensor it views and in which layout, so that layout-only nodes disappear:
   ``Transpose`` that keeps the batch axis first only change the view; a conv or pool whose two spatial ONNX axes
   are the NHWC tensor's (W, H) is the same conv2d with kernel, stride, dilation and pads swapped. A rank-3
   ``(N, W, C)`` graph input is an NWC view of ``(N, 1, W, C)``, and a ``(N, L, 1, 1)`` one (a sequence declared
-  as an image) is read as ``(N, 1, L, 1)``: 1-D data is NHWC with H = 1;
+  as an image) is read as ``(N, 1, L, 1)``: 1-D data is NHWC with H = 1; so is a rank-2 ``(N, T)`` input that every
+  reader gives more axes (``Unsqueeze``, a ``Reshape`` to rank > 2: PyTorch's ``x.unsqueeze(1)`` before a Conv1d), an
+  ``nw`` view of ``(N, 1, T, 1)`` (one read by a dense layer stays a flat feature vector);
 * ``Conv``/``MatMul``/``Gemm`` fused with bias ``Add`` and ``Relu``/``LeakyRelu``
   (the layers of :func:`nilmc.quantization.graph.analyze`) become ``conv2d`` /
   ``dense`` ops with OHWI / ``[in, out]`` float weights;
@@ -251,6 +253,9 @@ class _Builder:
                 shape, layout = (1, shape[1], shape[0]), NCW
             elif len(shape) == 2:  # a Keras sequence (N, W, C)
                 shape, layout = (1, shape[0], shape[1]), NWC
+            elif len(shape) == 1 and shape[0] > 1 and self._read_as_sequence(inp.name):
+                # an (N, T) series given 1-sized axes before a conv (PyTorch's x.unsqueeze(1)): NHWC (1, T, 1)
+                shape, layout = (1, shape[0], 1), "nw"
             self.add(DpuOp(inp.name, OpKind.INPUT, (), inp.name, shape, onnx_nodes=()), layout)
             inputs.append(inp.name)
         for node in self.model.graph.node:
@@ -262,6 +267,19 @@ class _Builder:
             self.plain(node)
         outputs = {o.name: self.view(o.name).tensor for o in self.model.graph.output}
         return DpuGraph(self.ops, inputs, list(outputs.values()), outputs, {i: self.view(i).shape for i in inputs})
+
+    def _read_as_sequence(self, name: str) -> bool:
+        """Whether every reader of the rank-2 input ``name`` gives it more axes (``Unsqueeze``, a ``Reshape`` to rank > 2):
+        a time series, not a feature vector (a dense layer reading it needs the flat view)."""
+        users = self.consumers.get(name, [])
+
+        def more_axes(n: onnx.NodeProto) -> bool:
+            if n.op_type == "Unsqueeze":
+                return True
+            target = self._target_shape(n) if n.op_type == "Reshape" else None
+            return target is not None and len(target) > 2
+
+        return bool(users) and all(more_axes(n) for n in users)
 
     def _read_by_conv1d(self, name: str) -> bool:
         return any(n.op_type == "Conv" and n.input[0] == name and len(self.consts.get(n.input[1], np.zeros((0, 0, 0, 0))).shape) == 3

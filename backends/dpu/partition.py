@@ -23,9 +23,12 @@ inspector, board script) reads the same :class:`Partition`:
    model, and the 0 W floor turned that rounding noise into a one-sided bias on every "off" window
    (``benchmarks/bench_dpu_fidelity.py``: EACC delta +0.19..+0.55 points with the head on the DPU).
 
-The split is refused (one line, from the graph alone, before any calibration: :attr:`Partition.problems`) when no
+The split is refused (one line, from the graph alone, before any parameters: :attr:`Partition.problems`) when no
 weighted layer is left for the DPU, or when it is not one pre -> DPU -> post chain (a CPU tail op reading the
-graph input or the pre stage, a graph output straight from the DPU beside others from the tail). ``cpu_layers``:
+graph input or the pre stage, a graph output straight from the DPU beside others from the tail). When the precise-input
+layers and the tail leave the DPU nothing (a Conv1D reading the input, then an LSTM) that is said in one line, and
+``cpu_layers="none"`` (the input layer on the DPU) may still lower it: the backend's pre-check, which sees no options,
+then leaves the refusal to ``lower``. ``cpu_layers``:
 ``"auto"`` (input layers and head on the CPU), ``"input"`` (only the input layers), ``"none"`` (every layer on the
 DPU, the graph input quantized, as before).
 """
@@ -228,7 +231,18 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
                     early.append((op.name, t))
                 elif src is not None and src.name not in post and t not in outputs:
                     outputs.append(t)
-    if early:  # one problem, however many ops (tf2onnx's LSTM plumbing reads the input through several)
+    cpu = list(dict.fromkeys(_op_type(op) for op in graph.ops if op.name in post and op.kind == OpKind.UNSUPPORTED))
+    # compute ops first: tf2onnx's Shape/Reshape/Unsqueeze plumbing is what the user would not replace
+    cpu = [t for t in cpu if t not in TRAILING_OPS] + [t for t in cpu if t in TRAILING_OPS]
+    pre_layers = [op.name for op in graph.ops if op.name in pre and op.weighted]
+    if early and pre_layers and not any(op.weighted for op in dpu_ops):
+        # the float input layer(s) and the first op with no DPU operator are adjacent: one line says so (Conv1D -> LSTM)
+        first = early[0][0]
+        why = post[first].removesuffix(f": {CPU_TAIL}")
+        ops = f"; the CPU would run {listing(cpu)}" if cpu else ""
+        problems.append(f"nothing is left for the DPU: {listing(pre_layers)} reads the float graph input and runs in FP32 on the CPU "
+                        f"(precise input), and the CPU tail starts right after it at {first!r} ({why}){ops}")
+    elif early:  # one problem, however many ops (tf2onnx's LSTM plumbing reads the input through several)
         more = f" (and {len(early) - 1} more tail op(s))" if len(early) > 1 else ""
         problems.append(f"the CPU tail op {early[0][0]!r} reads {early[0][1]!r} from the graph input / CPU pre stage{more}: not one "
                         "pre -> DPU -> post chain")
@@ -240,11 +254,8 @@ def _cut(graph: DpuGraph, pre: dict[str, str], post: dict[str, str], producers: 
         if not valid_layout(layout, tuple(src.shape)):
             problems.append(f"tensor {t!r} between the CPU and the DPU has no known layout or shape ({layout or 'unknown'}, {src.shape})")
         layouts[t] = (layout, tuple(src.shape))
-    if not any(op.weighted for op in dpu_ops):
+    if not any(op.weighted for op in dpu_ops) and not (early and pre_layers):
         left = f" (only {', '.join(sorted({str(op.kind) for op in dpu_ops}))})" if dpu_ops else ""
-        cpu = list(dict.fromkeys(_op_type(op) for op in graph.ops if op.name in post and op.kind == OpKind.UNSUPPORTED))
-        # compute ops first: tf2onnx's Shape/Reshape/Unsqueeze plumbing is what the user would not replace
-        cpu = [t for t in cpu if t not in TRAILING_OPS] + [t for t in cpu if t in TRAILING_OPS]
         why = f"; the CPU would run {listing(cpu)}" if cpu else ""
         problems.append(f"no weighted layer is left for the DPU{left}{why}")
     if pre:  # graph inputs only the CPU stage reads stay float

@@ -106,13 +106,14 @@ def test_a_pool_within_the_limits_stays_on_the_dpu() -> None:
     assert "/pool/GlobalAveragePool" not in part.post and DPUBackend().precheck(model, "b2304") is None
 
 
-def test_a_rejected_op_reading_the_cpu_pre_stage_is_refused_before_calibration(tmp_path) -> None:
+def test_a_rejected_op_reading_the_cpu_pre_stage_is_refused_before_parameters(tmp_path) -> None:
     model, ds = _model(T, convs=1)  # conv1 (CPU, precise input) -> the pool: no DPU layer between, no weighted layer left
-    reason = DPUBackend().precheck(model, "b2304")
-    assert reason is not None and "no weighted layer is left for the DPU" in reason
-    assert "'/pool/GlobalAveragePool' reads 'r1' from the graph input / CPU pre stage" in reason
-    with pytest.raises(DPUUnsupportedError, match="no weighted layer is left"):
+    # dpu.cpu_layers=none puts conv1 on the DPU, so the graph-only pre-check (which sees no options) leaves it to lower()
+    assert DPUBackend().precheck(model, "b2304") is None
+    with pytest.raises(DPUUnsupportedError, match="nothing is left for the DPU: /conv1/Conv reads the float graph input") as exc:
         DPUBackend().lower(model, tmp_path, precision="b2304", options={"quant": QuantContext(model, ds)})
+    assert "right after it at '/pool/GlobalAveragePool' (avgpool outside the target's limits (pool kernel width 40" in str(exc.value)
+    assert "dpu.cpu_layers=none" in exc.value.remedy
     assert not (tmp_path / "quantized.xmodel").exists()
 
 
@@ -167,8 +168,10 @@ def test_qat_precheck_passes_conv2d_dense_and_says_keras3(tiny, tmp_path) -> Non
     ok = _keras_archive(tmp_path / "ok.keras", [("input", "InputLayer"), ("conv", "Conv2D"), ("relu", "ReLU"), ("out", "Dense")])
     assert DPUBackend().precheck(_with_keras(tiny, ok), "b2304_qat") is None
     assert DPUBackend().precheck(_with_keras(tiny, ok), "b2304") is None  # PTQ never reads the Keras file
-    k3 = _keras_archive(tmp_path / "k3.keras", [("conv1d", "Conv1D")], version="3.6.0")
-    assert "is a keras3 model; use --targets dpu:b2304" in DPUBackend().precheck(_with_keras(tiny, k3), "b2304_qat")
+    k3 = _keras_archive(tmp_path / "k3.keras", [("conv", "Conv2D"), ("out", "Dense")], version="3.6.0")
+    assert DPUBackend().precheck(_with_keras(tiny, k3), "b2304_qat") is None  # Keras 3: QAT takes its tf_keras rebuild
+    k3 = _keras_archive(tmp_path / "k3l.keras", [("conv", "Conv2D"), ("fn", "Lambda")], version="3.6.0")
+    assert "layer 'fn' is a Lambda" in DPUBackend().precheck(_with_keras(tiny, k3), "b2304_qat")  # the bridge cannot
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"not a zip")
     assert DPUBackend().precheck(_with_keras(tiny, bad), "b2304_qat") is None  # unreadable: the lowering says why
