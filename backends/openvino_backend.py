@@ -19,8 +19,15 @@ Precisions:
   folds the activation zero point into its integer kernels; both this and a
   symmetric-int8 variant were checked to execute as INT8). ``lower`` compiles the IR once
   and reads ``runtimePrecision`` of every Convolution / FullyConnected / MatMul in
-  ``compiled.get_runtime_model()``; the counts go to ``Artifact.info["runtime_precisions"]``
-  and :class:`Int8NotExecutedError` is raised when no such layer runs in u8/i8.
+  ``compiled.get_runtime_model()``; the counts go to ``Artifact.info["runtime_precisions"]``.
+  The check is against nilmc's own placement (:func:`nilmc.quantization.placement.op_placement`):
+  :class:`Int8NotExecutedError` is raised when nilmc put weighted layers on int8 grids and the plugin
+  runs none of them in u8/i8. A model whose parameters keep every weighted layer float (precise
+  input, the calibration SQNR floor; an LSTM nilmc does not quantize) gives an IR that computes in
+  float, as the same parameters do in ``onnxruntime:int8``: it is lowered and verified, and
+  ``info["int8_layers"]`` plus the manifest's placement say so (measured on the fuzz models
+  o_ncw_gap / o_nw_lstm: with those layers forced to INT8 the plugin ran every one of them -- 1-D
+  Conv after the input, Conv before GlobalAveragePool, Gemm after LSTM/Squeeze -- as u8 kernels).
 
 Batch: the IR keeps the ONNX graph's dynamic batch dimension (``-1``; a static batch
 is reshaped to dynamic), so one compiled model serves batch 1 and batched inference.
@@ -30,13 +37,17 @@ Runner: ``core.compile_model(xml, "CPU")`` with one inference thread, one stream
 on CPUs that support it), so results are deterministic; verification is MEASURED.
 
 Determinism: the IR of a given model is byte-identical between runs (node names that
-OpenVINO generates from process-wide counters are renamed by topological position).
+OpenVINO generates from process-wide counters are renamed by topological position), and so are
+the runtime layer names in the artifact info: the plugin's own transformations name the layers
+they create from the same counters (``Multiply_34707`` for a Convolution fused with a BatchNorm
+scale), so such a name becomes ``<layer type>_rt<k>`` (``k``: its position among the compute layers).
 """
 from __future__ import annotations
 
 import collections
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +67,7 @@ OPENVINO_INT8: QuantTraits = GENERIC_INT8.with_(name="openvino_int8")
 XML, BIN = "model.xml", "model.bin"
 COMPUTE_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution"})
 INT8_PRECISIONS = frozenset({"u8", "i8"})
+_GENERATED = re.compile(r"^[A-Za-z]+_\d+$")  # <Type>_<n>: a name OpenVINO drew from a process-wide counter
 FP16_NOTE = ("FP16 IR = FP16-stored weights (compress_to_fp16=True). On the OpenVINO CPU plugin the runner pins "
              "INFERENCE_PRECISION_HINT=f32: weights are decompressed and the arithmetic is FP32. "
              "A GPU/NPU plugin would execute the same IR in FP16 (not measured here).")
@@ -116,12 +128,9 @@ def _canonical_names(ov_model: Any, *, keep: set[str]) -> None:
     (``<Type>_<number>``) becomes ``<Type>_nilmc<k>`` with ``k`` its topological position,
     so the IR is byte-identical however many models the process converted before.
     """
-    import re
-
-    generated = re.compile(r"^[A-Za-z]+_\d+$")
     for k, op in enumerate(ov_model.get_ordered_ops()):
         name = op.get_friendly_name()
-        if generated.match(name) and name not in keep and op.get_type_name() not in ("Parameter", "Result"):
+        if _GENERATED.match(name) and name not in keep and op.get_type_name() not in ("Parameter", "Result"):
             op.set_friendly_name(f"{op.get_type_name()}_nilmc{k}")
 
 
@@ -131,15 +140,22 @@ def _save_ir(ov_model: Any, out_dir: Path, *, compress_to_fp16: bool) -> None:
 
 
 # ---------------------------------------------------------------- runtime inspection
-def runtime_layers(compiled: Any) -> list[dict[str, str]]:
-    """Compute layers of a compiled model's runtime graph: name, layer type, runtime precision, kernel."""
+def runtime_layers(compiled: Any, *, keep: Collection[str] = ()) -> list[dict[str, str]]:
+    """Compute layers of a compiled model's runtime graph: name, layer type, runtime precision, kernel.
+
+    ``keep`` (default empty): the IR's own op names. A runtime name that is not one of them and has the
+    generated form ``<Type>_<number>`` (the plugin's transformations draw it from a process-wide counter, so it
+    changes with what the process compiled before) becomes ``<layer type>_rt<k>``, ``k`` the layer's position
+    in this list.
+    """
     rows = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer_type = info["layerType"].astype(str)
         if layer_type in COMPUTE_LAYERS:
+            name = op.get_friendly_name()
             rows.append({
-                "name": op.get_friendly_name(),
+                "name": f"{layer_type}_rt{len(rows)}" if _GENERATED.match(name) and name not in keep else name,
                 "type": layer_type,
                 "precision": info["runtimePrecision"].astype(str),
                 "kernel": info["primitiveType"].astype(str),
@@ -158,20 +174,32 @@ def precision_counts(layers: list[dict[str, str]]) -> dict[str, dict[str, int]]:
 def inspect_ir(xml: Path, input_shape: tuple[int, ...], *, threads: int = 1) -> list[dict[str, str]]:
     """Compile ``xml`` on the CPU plugin, run one all-zero batch-1 window (so kernels are chosen) and list its compute layers."""
     ov = _openvino("inspecting an OpenVINO IR")
-    compiled = ov.Core().compile_model(str(xml), "CPU", cpu_config(threads=threads))
+    core = ov.Core()
+    keep = {op.get_friendly_name() for op in core.read_model(str(xml)).get_ops()}
+    compiled = core.compile_model(str(xml), "CPU", cpu_config(threads=threads))
     compiled(np.zeros((1, *input_shape), np.float32))
-    return runtime_layers(compiled)
+    return runtime_layers(compiled, keep=keep)
 
 
-def _check_int8(layers: list[dict[str, str]]) -> None:
-    if not any(r["precision"] in INT8_PRECISIONS for r in layers):
+def _check_int8(layers: list[dict[str, str]], placed_int8: list[str]) -> dict[str, Any]:
+    """``info["int8_layers"]``: the weighted layers nilmc put on int8 grids (``placed_int8``) against the runtime layers
+    the plugin runs in u8/i8. Raises :class:`Int8NotExecutedError` when nilmc placed some and the plugin runs none."""
+    ran = [r["name"] for r in layers if r["precision"] in INT8_PRECISIONS]
+    record: dict[str, Any] = {"placed_by_nilmc": list(placed_int8), "run_by_plugin": ran}
+    if not placed_int8:
+        # nothing to check: the parameters keep every weighted layer float, as they do in onnxruntime:int8
+        record["note"] = ("nilmc's parameters keep every weighted layer float (the manifest's placement says why), so the plugin "
+                          "computes them in f32; the IR's INT8 is its activation FakeQuantize grids only")
+        return record
+    if not ran:
         seen = {r["name"]: r["precision"] for r in layers}
         raise Int8NotExecutedError(
-            f"the OpenVINO CPU plugin runs no Convolution/FullyConnected/MatMul in int8 (runtime precisions: {seen})",
-            "the plugin keeps a weighted layer in float when its input or weight is not on an int8 grid (a layer nilmc kept "
-            "float, one after an op it cannot quantize, or one too small to pay); "
+            f"the OpenVINO CPU plugin runs no Convolution/FullyConnected/MatMul in int8, though nilmc put "
+            f"{', '.join(placed_int8)} on int8 grids (runtime precisions: {seen})",
+            "the plugin's low-precision transformations rejected every quantized layer of this graph; "
             "use openvino:fp16 / openvino:fp32, or onnxruntime:int8 / tensorrt:int8 for an INT8 artifact of this model",
         )
+    return record
 
 
 # ---------------------------------------------------------------- backend
@@ -225,27 +253,30 @@ class OpenVINOBackend:
         _openvino(f"lowering to {self.name}:{precision}")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        source, info = self._source_model(model, precision, options)
+        source, info, placed = self._source_model(model, precision, options)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = source.save_onnx(Path(tmp) / "model.onnx")
             ov_model = _convert_onnx(onnx_path)
         _save_ir(ov_model, out_dir, compress_to_fp16=precision == "fp16")
         layers = inspect_ir(out_dir / XML, model.contract.model_input_shape())
-        if precision == "int8":
-            _check_int8(layers)
+        if placed is not None:
+            info["int8_layers"] = _check_int8(layers, placed)
         info.update(self._info(precision, layers))
         return Artifact(self.name, precision, out_dir, XML, [XML, BIN], kind=_KINDS[precision], info=info)
 
-    def _source_model(self, model: Model, precision: str, options: Mapping[str, Any] | None) -> tuple[Model, dict[str, Any]]:
+    def _source_model(self, model: Model, precision: str,
+                      options: Mapping[str, Any] | None) -> tuple[Model, dict[str, Any], list[str] | None]:
+        """The model to convert, its info, and (int8) the weighted layers nilmc puts on int8 grids."""
         if precision != "int8":
-            return model, {}
+            return model, {}, None
         from nilmc.compiler.model import Model as _Model
         from nilmc.quantization.context import shared_params
+        from nilmc.quantization.placement import op_placement
         from nilmc.quantization.qdq import build_qdq_model
 
         params = shared_params(options, OPENVINO_INT8, f"{self.name}:{precision}")
         qdq = _Model(build_qdq_model(model.graph, params), model.contract, source=model.source)
-        return qdq, {"quantization": params.to_json()}
+        return qdq, {"quantization": params.to_json()}, op_placement(model.graph, params)["int8"]
 
     @staticmethod
     def _info(precision: str, layers: list[dict[str, str]]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def test_fp16_bin_is_about_half_and_says_what_it_means(lowered):
 
 def test_no_int8_layer_is_a_typed_error():
     with pytest.raises(Int8NotExecutedError, match="no Convolution/FullyConnected/MatMul in int8"):
-        _check_int8([{"name": "mm", "type": "FullyConnected", "precision": "f32", "kernel": "brgemm_f32"}])
+        _check_int8([{"name": "mm", "type": "FullyConnected", "precision": "f32", "kernel": "brgemm_f32"}], ["mm"])
 
 
 def test_int8_needs_calibration(tiny, tmp_path):
