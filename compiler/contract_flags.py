@@ -11,6 +11,10 @@ from the model's input (``--window``/``--layout`` where it is open or ambiguous)
 ``--input-norm`` and ``--appliance`` must be given (``--target-mean``/``--target-std`` default to 0/1: a model
 whose output is already in watts).
 
+Input statistics (``--input-mean``/``--input-std``, ``--input-min``/``--input-max``) are one value per feature;
+one number for a model of several features is refused (features in different units never share a mean or
+std), with ``--input-stats-from DATA.npz`` as the other way to give them.
+
 An ON/OFF classifier (``--task binary|multilabel``) names its output columns with ``--appliances a,b,c`` (one
 probability each, in order) and their ON thresholds in watts with ``--thresholds`` (one value, or one per
 appliance; default: each appliance's usual threshold); ``--appliances`` then stands for ``--appliance``.
@@ -84,7 +88,7 @@ def parse_floats(text: str, flag: str, *, positive: bool = False) -> list[float]
         values = [float(v) for v in str(text).split(",")]
     except ValueError:
         raise BadInputError(f"{flag} {text!r} is not a number or a comma list of numbers",
-                            f"e.g. {flag} 522 (every feature) or {flag} 1.5,2,0.25 (one per feature)") from None
+                            f"e.g. {flag} 522 (a one-feature model) or {flag} 1.5,2,0.25 (one per feature)") from None
     bad = [v for v in values if not math.isfinite(v) or (positive and v <= 0)]
     if bad:
         need = "finite and > 0" if positive else "finite"
@@ -265,24 +269,38 @@ def _normalization(flags: ContractFlags, base: ModelContract | None, data: Any, 
     if data is not None:
         s = data.train_stats
         stats = {k: np.asarray(getattr(s, k)) for k in s.given}
+    flagged: set[str] = set()
     for name, text in (("mean", flags.input_mean), ("std", flags.input_std), ("minimum", flags.input_min), ("maximum", flags.input_max)):
         if text is not None:
             stats[name] = np.asarray(parse_floats(text, _STAT_FLAGS[name], positive=name == "std"), np.float64)
+            flagged.add(name)
     if not stats:
         need = "--input-mean M --input-std S" if kind is Normalization.C else "--input-min LO --input-max HI"
         raise BadInputError(f"normalization {kind.value} ({kind.description}) needs statistics and none were given",
-                            f"pass {need} (a number or one per feature) or --input-stats-from DATA.npz")
-    stats = {k: _per_feature(v, n_features, k) for k, v in stats.items()}
+                            f"pass {need} (one per feature) or --input-stats-from DATA.npz")
+    # only the statistics this kind uses must be per feature (a stray --input-mean under min-max is reported later)
+    used = {"mean", "std"} if kind is Normalization.C else {"minimum", "maximum"}
+    stats = {k: _per_feature(v, n_features, k, from_flag=k in flagged and k in used) for k, v in stats.items()}
     return NormalizationSpec(kind, FeatureStats.partial(**stats))
 
 
-def _per_feature(values: np.ndarray, n: int, name: str) -> np.ndarray:
+def _per_feature(values: np.ndarray, n: int, name: str, *, from_flag: bool = False) -> np.ndarray:
+    """``values`` as ``n`` per-feature values. One value fills every feature, except one given by flag for a model of
+    several features: features in different units (P in W, Q in var, I in A) never share a mean or std, and spreading
+    one number over them used to normalize every feature with it silently, so that is refused with the remedy."""
     values = np.atleast_1d(np.asarray(values, np.float64))
+    flag = _STAT_FLAGS[name]
+    if values.size == 1 and n > 1 and from_flag:
+        v = f"{float(values[0]):g}"
+        raise BadInputError(f"{flag} {v} is one number but the model takes {n} features; nilmc does not spread one "
+                            "statistic over every feature",
+                            f"give one per feature, e.g. {flag} {','.join([v] * n)} if every feature really shares it, "
+                            "or take them from the training data: --input-stats-from DATA.npz")
     if values.size == 1:
         return np.full(n, float(values[0]))
     if values.size != n:
-        raise BadInputError(f"{_STAT_FLAGS[name]} has {values.size} values but the model takes {n} features",
-                            f"give one value (every feature) or {n}")
+        raise BadInputError(f"{flag} has {values.size} values but the model takes {n} features",
+                            f"give {n} comma-separated values, one per feature" if n > 1 else "give one value: the model takes one feature")
     return values
 
 
