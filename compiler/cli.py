@@ -327,7 +327,7 @@ _CONTRACT_OPTIONS = (
                  help="Model contract JSON (`nilmc contract init MODEL --out FILE` writes one to edit); the flags below override its fields."),
     click.option("--input-norm", type=click.Choice(_NORM_CHOICES, case_sensitive=False), default=None,
                  help="Input normalization: none/raw/A, zscore/C (needs mean/std), minmax/B, D, E (need min/max)."),
-    click.option("--input-mean", callback=_check_floats, default=None, metavar="M[,M..]", help="Z-score mean, one per feature (one number: one-feature model)."),
+    click.option("--input-mean", callback=_check_floats, default=None, metavar="M[,M..]", help="Z-score mean, one per feature."),
     click.option("--input-std", callback=_check_floats, default=None, metavar="S[,S..]", help="Z-score std (> 0), one per feature."),
     click.option("--input-min", callback=_check_floats, default=None, metavar="LO[,LO..]", help="Min-max minimum, one per feature."),
     click.option("--input-max", callback=_check_floats, default=None, metavar="HI[,HI..]", help="Min-max maximum, one per feature."),
