@@ -102,7 +102,7 @@ from nilmc.backends.tflite_int8 import (
 )
 from nilmc.compiler.errors import BadInputError, DataError, MissingDependencyError
 from nilmc.compiler.io import atomic_write_bytes
-from nilmc.compiler.tfcompat import NO_KERAS, load_keras, require_tflite  # noqa: F401  (load_keras: used by dpu QAT, benchmarks)
+from nilmc.compiler.tfcompat import NO_KERAS, keras_bridge_record, keras_source_precheck, load_keras, require_tflite  # noqa: F401  (load_keras: used by dpu QAT, benchmarks)
 from nilmc.quantization.intops import Rounding, int_range, quantize
 from nilmc.quantization.traits import TFLITE_INT8, TFLITE_INT8_FLOAT_INPUT, TFLITE_INT16X8, TFLITE_INT16X8_FLOAT_INPUT
 
@@ -301,10 +301,14 @@ class TFLiteBackend:
         out_dir = Path(out_dir)
         if not model.keras_path:
             return self._lower_onnx(model, out_dir, precision, dict(options or {}))
-        keras_model = load_keras(model)
+        keras_model = load_keras(model)  # a Keras 3 source comes back bridged to tf_keras, measured against itself
         if precision in FLOAT_PRECISIONS:
-            return self._lower_float(model, keras_model, out_dir, precision, dict(options or {}))
-        return self._lower_int(model, keras_model, out_dir, precision, dict(options or {}))
+            artifact = self._lower_float(model, keras_model, out_dir, precision, dict(options or {}))
+        else:
+            artifact = self._lower_int(model, keras_model, out_dir, precision, dict(options or {}))
+        if (bridge := keras_bridge_record(model)) is not None:
+            artifact.info["keras_bridge"] = bridge
+        return artifact
 
     def precheck(self, model: Model, precision: str) -> str | None:
         """What keeps ``model`` from ``tflite:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
@@ -313,6 +317,8 @@ class TFLiteBackend:
         if model.keras_path:
             from nilmc.backends.onnx_to_tf import keras_int8_precheck
 
+            if (why := keras_source_precheck(model)) is not None:  # a Keras 3 layer the tf_keras bridge cannot rebuild
+                return f"tflite:{precision}: {why}"
             return keras_int8_precheck(model.graph, f"tflite:{precision}", qat=precision == "qat_int8") if precision in INT_PRECISIONS else None
         from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available, onnx2tf_precheck
 

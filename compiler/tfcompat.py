@@ -5,8 +5,9 @@ nilmc's core must import without TensorFlow, so every TensorFlow import goes
 through here, inside the function that needs it.
 
 Shared helpers (public, one place): :func:`stderr_silenced`, :func:`read_keras` (cached per
-process by file content), :func:`load_keras` (the tf_keras model behind a ``Model``),
-:func:`kernel_and_bias`, :func:`require_tflite`.
+process by file content), :func:`read_tf_keras` (a Keras 3 file bridged to tf_keras,
+:mod:`nilmc.compiler.keras_bridge`), :func:`load_keras` (the tf_keras model behind a ``Model``),
+:func:`keras_bridge_record`, :func:`kernel_and_bias`, :func:`require_tflite`.
 
 Why the environment variables: QAT with ``tensorflow-model-optimization`` only
 works with Keras 2 (the ``tf_keras`` package). TensorFlow picks the Keras behind
@@ -45,6 +46,9 @@ NO_KERAS = "TFLite lowering needs the Keras model; pass the .keras/.h5 file"
 # 0.5 s after TensorFlow is up (measured), and one compile read it 5 times (frontend + 4 TFLite targets).
 _KERAS_SLOTS = 4
 _KERAS_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_BRIDGED = "keras3_bridged"  # cache kind of a Keras 3 file's tf_keras twin
+# What the bridge measured (or why it refused), per Keras 3 file content: manifests read it, a refusal is not redone.
+_BRIDGE_OUTCOMES: dict[str, Any] = {}
 
 
 def _set_environment() -> None:
@@ -168,15 +172,69 @@ def read_keras(path: str | Path, kind: SourceKind) -> Any:
         _KERAS_CACHE.move_to_end(key)
         return _KERAS_CACHE[key]
     model = _load_keras_file(path, SourceKind(kind))
-    _KERAS_CACHE[key] = model
-    while len(_KERAS_CACHE) > _KERAS_SLOTS:
-        _KERAS_CACHE.popitem(last=False)
+    _cache_put(key, model)
     return model
 
 
 def clear_keras_cache() -> None:
     """Forget the models :func:`read_keras` keeps (tests; a long-running process that reloads many models)."""
     _KERAS_CACHE.clear()
+    _BRIDGE_OUTCOMES.clear()
+
+
+def _cache_put(key: tuple[str, str], model: Any) -> None:
+    _KERAS_CACHE[key] = model
+    while len(_KERAS_CACHE) > _KERAS_SLOTS:
+        _KERAS_CACHE.popitem(last=False)
+
+
+def read_tf_keras(path: str | Path, *, sample_shape: tuple[int, ...] | None = None) -> Any:
+    """The tf_keras (Keras 2) model of the Keras file ``path``: a tf_keras file as :func:`read_keras` loads it; a Keras 3
+    file rebuilt in tf_keras and checked against itself (:func:`nilmc.compiler.keras_bridge.bridge_keras3`;
+    ``sample_shape``, default none, fills input dimensions the model leaves open). Cached like :func:`read_keras`.
+
+    Raises :class:`~nilmc.compiler.keras_bridge.KerasBridgeError` when the Keras 3 model cannot be rebuilt or its twin
+    computes other outputs, :class:`BadInputError` for a file that is neither.
+    """
+    from nilmc.compiler.frontend import SourceKind, detect_kind
+
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind is SourceKind.TF_KERAS:
+        return read_keras(path, kind)
+    if kind is not SourceKind.KERAS3:
+        raise BadInputError(f"{str(path)!r} is a {kind.value} model, not a Keras file",
+                            "load the model from its .keras or .h5 file (nilmc compile model.keras ...)")
+    digest = _file_sha256(path)
+    key = (_BRIDGED, digest)
+    if key in _KERAS_CACHE:
+        _KERAS_CACHE.move_to_end(key)
+        return _KERAS_CACHE[key]
+    outcome = _BRIDGE_OUTCOMES.get(digest)
+    if isinstance(outcome, NilmcError):
+        raise outcome
+    from nilmc.compiler.keras_bridge import KerasBridgeError, bridge_keras3
+
+    try:
+        twin, report = bridge_keras3(read_keras(path, kind), sample_shape=sample_shape)
+    except KerasBridgeError as exc:
+        _BRIDGE_OUTCOMES[digest] = exc
+        raise
+    _BRIDGE_OUTCOMES[digest] = report
+    _cache_put(key, twin)
+    return twin
+
+
+def keras_bridge_record(model: Model) -> dict[str, Any] | None:
+    """For manifests: how ``model``'s Keras 3 source became tf_keras (versions, measured max |diff|), once
+    :func:`load_keras` bridged it in this process; None for tf_keras sources and models not bridged."""
+    if not model.keras_path:
+        return None
+    try:
+        outcome = _BRIDGE_OUTCOMES.get(_file_sha256(Path(model.keras_path)))
+    except NilmcError:
+        return None
+    return outcome.to_json() if outcome is not None and not isinstance(outcome, NilmcError) else None
 
 
 def _file_sha256(path: Path) -> str:
@@ -260,26 +318,41 @@ def _mentions_quantize_wrapper(path: Path) -> bool:
 
 
 def load_keras(model: Model) -> Any:
-    """The tf_keras (Keras 2) model behind ``model`` (its ``keras_path``), through :func:`read_keras`, without
+    """The tf_keras (Keras 2) model behind ``model`` (its ``keras_path``), through :func:`read_tf_keras`, without
     the leading normalization layers the contract's float input stage took over
     (:func:`nilmc.quantization.io_affine.strip_keras_input_affine`).
 
-    Raises :class:`BadInputError` when ``model`` has no Keras source or its file is not tf_keras.
+    A Keras 3 file is rebuilt in tf_keras and measured against itself first (:func:`read_tf_keras`; what it measured:
+    :func:`keras_bridge_record`). Raises :class:`BadInputError` when ``model`` has no Keras source,
+    :class:`~nilmc.compiler.keras_bridge.KerasBridgeError` when its Keras 3 model cannot be bridged.
     """
-    from nilmc.compiler.frontend import SourceKind, detect_kind
-
     if not model.keras_path:
         raise BadInputError(f"model {model.source or '?'!r} has no Keras source ({NO_KERAS})",
                             "load the model from its .keras or .h5 file (nilmc compile model.keras ...), not from .onnx or a SavedModel")
-    path = Path(model.keras_path)
-    kind = detect_kind(path)
-    if kind is not SourceKind.TF_KERAS:
-        raise BadInputError(f"{str(path)!r} is a {kind.value} model; TFLite lowering and QAT here use tf_keras (Keras 2) models",
-                            "save the model with tf_keras (nilmc train does), or export ONNX and use another backend")
+    keras_model = read_tf_keras(model.keras_path, sample_shape=tuple(model.contract.input_shape))
     # normalization the graph carried is the contract's float stage now: lower the Keras model without it
     from nilmc.quantization.io_affine import strip_keras_input_affine
 
-    return strip_keras_input_affine(read_keras(path, kind), model.contract)
+    return strip_keras_input_affine(keras_model, model.contract)
+
+
+def keras_source_precheck(model: Model, *, remedy: str | None = None) -> str | None:
+    """Why ``model``'s Keras source cannot feed a tf_keras lowering, from its saved config alone (no TensorFlow):
+    a Keras 3 layer the bridge does not rebuild, then ``remedy`` (default: the bridge's, ONNX-lowered targets);
+    None when nothing is found or there is no Keras source."""
+    if not model.keras_path:
+        return None
+    from nilmc.compiler.frontend import SourceKind, detect_kind
+    from nilmc.compiler.keras_bridge import REMEDY, bridge_precheck
+
+    path = Path(model.keras_path)
+    try:
+        if detect_kind(path) is not SourceKind.KERAS3:
+            return None
+        why = bridge_precheck(saved_keras_config(path))
+    except Exception:  # unreadable here: the lowering reports it with its own message
+        return None
+    return None if why is None else f"{why}; {remedy or REMEDY}"
 
 
 def kernel_and_bias(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:
