@@ -41,6 +41,7 @@ from nilmc.backends.dpu.xmodel import LABEL, build_xmodel, graph_attributes, rea
 from nilmc.bitstreams import DPUTarget, available_targets, boards_for, boards_source, load_target, target_from_arch_json
 from nilmc.compiler.errors import BadInputError, InternalError
 from nilmc.compiler.io import atomic_write_bytes, atomic_write_json
+from nilmc.quantization.mixed_precision import BACK_SEARCH_MIN_INT8_SHARE
 from nilmc.quantization.traits import DPU_POT
 
 if TYPE_CHECKING:
@@ -192,6 +193,65 @@ def _peak_output(model: Model) -> float | None:
     return float(np.max(np.abs(c.target.from_watts(np.array([0.0, c.peak_power_w])))))
 
 
+@dataclass(frozen=True)
+class _Built:
+    """One split's deployment: the partition, the DPU subgraph and its parameters, the CPU stages (ONNX and runnable)."""
+
+    part: Partition
+    graph: DpuGraph
+    params: DpuParams
+    qat_info: dict[str, Any] | None
+    report: InspectionReport
+    pre_model: Any
+    post_model: Any
+    pre: CpuStage | None
+    post: CpuStage | None
+
+
+# The least share of the weighted layers' MACs the DPU must keep when the calibration SQNR floor moves layers to the CPU
+# pre stage: the SQNR floor's own rule for an "INT8" placement (a judgement, not a measurement: under it, the deployment
+# is a CPU model with a DPU attached).
+MIN_DPU_MACS_SHARE = BACK_SEARCH_MIN_INT8_SHARE
+
+
+def _sqnr_meter(model: Model, x: np.ndarray) -> Any:
+    """``measure(built) -> dB``: the output SQNR vs FP32 (the ONNX model on onnxruntime) of a split's emulated
+    deployment on windows ``x``, in model units as the other targets' calibration SQNR floor measures it."""
+    from nilmc.backends.dpu.quant import fp32_outputs
+    from nilmc.compiler.metrics import sqnr_db
+
+    ref = fp32_outputs(model.graph, x)
+
+    def measure(built: _Built) -> float:
+        dep = Deployment(DpuEmulator(built.graph, built.params), built.pre, built.post)
+        out = dep.infer({model.input_name: x})
+        return float(sqnr_db(ref, next(iter(out.values())).reshape(ref.shape)))
+
+    return measure
+
+
+def _dpu_share(model: Model, full: DpuGraph, part: Partition) -> float:
+    """The DPU's share of the weighted layers' multiply-accumulates per window: :func:`_device_macs` (recurrent layers
+    of the CPU tail included), or counted on the IR where that finds none (ONNX nodes without names: a conv is its
+    output positions times its weights, a dense layer its weights)."""
+    from nilmc.backends.dpu.ops import OpKind
+
+    share = _device_macs(model, full, part)["dpu_share"]
+    if share is not None:
+        return float(share)
+    macs = {op.name: int(np.prod(op.shape[:-1], dtype=np.int64)) * int(np.size(op.weight)) if op.kind == OpKind.CONV2D
+            else int(np.size(op.weight)) for op in full.ops if op.weighted}
+    total = sum(macs.values())
+    return sum(m for n, m in macs.items() if part.device(n) == "DPU") / total if total else 0.0
+
+
+def _floor_step(model: Model, full: DpuGraph, built: _Built, db: float) -> dict[str, Any]:
+    """One measured split of the floor's search, for the manifest (``pre_through``: its last CPU pre layer)."""
+    layers = [op.name for op in full.ops if op.weighted and op.name in built.part.pre]
+    return {"pre_through": layers[-1] if layers else "no layer", "cpu_pre_layers": layers, "sqnr_db": round(db, 2),
+            "dpu_macs_share": round(_dpu_share(model, full, built.part), 4)}
+
+
 INPUT_SIGMAS = 4.0
 
 
@@ -212,8 +272,10 @@ class DpuOptions:
     ``arch_json``: a board overlay's arch.json instead of the shipped target (default none);
     ``cpu_layers``: ``auto`` (default: the layers reading the graph input run in FP32 on the CPU, as the shared
     parameters' precise input keeps them float, and so does a dense head without activation: precise output, see
-    :mod:`nilmc.backends.dpu.partition`; the ``*_qat`` precisions keep the head on the DPU), ``input`` (only the
-    input layers) or ``none`` (every layer on the DPU, the graph input quantized);
+    :mod:`nilmc.backends.dpu.partition`; when the emulated deployment's output is under the calibration SQNR floor,
+    ``Techniques.min_calib_sqnr`` 30 dB, the CPU pre stage grows by whole layers until it holds, while the DPU keeps at
+    least 25 % of the weighted layers' MACs; the ``*_qat`` precisions keep the head on the DPU and their split), ``input``
+    (only the input layers) or ``none`` (every layer on the DPU, the graph input quantized);
     ``qat_*``: the power-of-two QAT of the ``*_qat`` precisions (epochs 3, learning rate 1e-5,
     batch 64, seed 0, last 20 % of the calibration windows held out).
     """
@@ -253,7 +315,9 @@ class DPUBackend:
             "verification": "emulated: bit-accurate numpy model of the DPU arithmetic, no board latency or power",
             "ops": "conv2d, dense, max/avg pooling, element-wise add, ReLU, LeakyReLU; other ops are reported, not lowered",
             "cpu_stages": "by default (dpu.cpu_layers=auto) the layers reading the graph input and leading layout ops run in "
-                          "FP32 on the board's CPU (cpu_pre.onnx), and so does the CPU tail: the first op the DPU has no "
+                          "FP32 on the board's CPU (cpu_pre.onnx), and further whole layers in graph order while the emulated "
+                          "DPU output is under the 30 dB calibration SQNR floor (the DPU keeping >= 25 % of the weighted "
+                          "layers' MACs; the manifest's placement.calibration_sqnr), and so does the CPU tail: the first op the DPU has no "
                           "operator for (GRU, Sigmoid, ConvTranspose, Slice/Pad ...) or whose operator the target's limits "
                           "reject there (a pool kernel over 8, ...) and every op after it (cpu_post.onnx, "
                           "onnxruntime; one DPU subgraph); a model with no weighted layer left for the DPU, or whose tail "
@@ -306,8 +370,6 @@ class DPUBackend:
                                 f"compile the .keras/.h5 file, or use dpu:{precision.removesuffix(QAT_SUFFIX)} (PTQ, ONNX is enough)")
         ctx = require_quant(options, f"{self.name}:{precision}")
         out_dir = Path(out_dir)
-        from nilmc.backends.dpu.partition import cpu_post_model, cpu_pre_model, dpu_graph
-
         full = from_onnx(model.graph)
         qat = precision.endswith(QAT_SUFFIX)
         mode = str(options.get("cpu_layers", "auto"))
@@ -323,30 +385,8 @@ class DPUBackend:
         untrained = None
         for trained in ((True, False) if qat else (False,)):
             part = _partition(full, target, ctx, options, qat=trained)
-            graph = dpu_graph(full, part)
-            report = inspect_graph(full, target, part)
-            atomic_write_json(out_dir / INSPECTOR, report.to_json())
-            if _refused(full, part, report):
-                raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, part)}", UNSUPPORTED_REMEDY)
-            pre_model, post_model = cpu_pre_model(model.graph, part), cpu_post_model(model.graph, full, part)
-            pre, post = (None if pre_model is None else CpuStage(pre_model)), (None if post_model is None else CpuStage(post_model))
-            feeds = {model.input_name: ctx.calib_x}
-            qopts = options.get("dpu_quant") or _quant_options(model, full, part, post)
-            shared = _shared(graph, ctx, options)
-            # b2304 and b4096 share the DPUCZDX8G arithmetic: with equal limits and options the refinement (and QAT) is the
-            # same computation, done once per compile (measured: the two PTQ and the two QAT targets were identical anyway).
-            key = (repr(target.limits), _stable_repr(qopts), repr(shared), trained, repr(part.to_json()),
-                   repr(sorted((k, repr(v)) for k, v in options.items() if k.startswith("qat_"))))
-            memo = ctx.memo.setdefault(self.name, {}) if hasattr(ctx, "memo") else {}
-            if key not in memo:
-                params = calibrate(model.graph, graph, feeds, target.limits, options=qopts, **shared)
-                reference, qat_info = graph, None
-                if trained:
-                    from nilmc.backends.dpu.qat import qat_lower
-
-                    graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared, pre=pre)
-                memo[key] = (graph, params, qat_info, reference)
-            graph, params, qat_info, reference = memo[key]
+            built = self._build(model, full, target, ctx, options, part, trained, out_dir)
+            graph, params, qat_info = built.graph, built.params, built.qat_info
             if not (trained and qat_info is not None and qat_info.get("kept_epoch") == 0):
                 break
             if _partition(full, target, ctx, options, qat=False).to_json() == part.to_json():
@@ -355,6 +395,12 @@ class DPUBackend:
         if untrained is not None:
             qat_info = {**untrained, "deployed": "the PTQ target's parameters and partition (no fine-tuned epoch lowered the "
                         "held-out MSE; the QAT partition keeps the head on the DPU, PTQ runs it on the CPU)"}
+        floor_record = None
+        if mode == "auto" and not qat:  # dpu.cpu_layers=input / none keep their split; QAT trains the split it was given
+            built, floor_record = self._hold_floor(model, full, target, ctx, options, built, out_dir)
+        part, graph, params = built.part, built.graph, built.params
+        pre_model, post_model, pre, post = built.pre_model, built.post_model, built.pre, built.post
+        report = built.report
         violations = check_shifts(graph, params, target.limits)
         if violations:
             raise InternalError(f"DPU shift repair left {len(violations)} violation(s): {violations[0]}", "report this as a nilmc bug")
@@ -370,10 +416,14 @@ class DPUBackend:
         files = [handoff.XMODEL, *stage_files.values(), *handoff.write_handoff(out_dir, target, model.contract, stages=stage_files),
                  INSPECTOR, PARAMS]
         deployment = Deployment(DpuEmulator(graph, params), pre, post)
-        peaks = accumulator_peaks(graph, params, deployment.dpu_feeds(feeds))
+        peaks = accumulator_peaks(graph, params, deployment.dpu_feeds({model.input_name: ctx.calib_x}))
         atomic_write_json(out_dir / PARAMS, {**params.to_json(graph), "accumulator_peaks": peaks, "target": target.to_json(),
                                              "partition": part.to_json()})
         info = self._info(model, graph, params, target, report, ctx, peaks, time.perf_counter() - t0, deployment, full, part)
+        if floor_record is not None:
+            info["placement"]["calibration_sqnr"] = floor_record
+            if floor_record.get("hint"):  # the driver warns with it and puts it in a failed gate's cause
+                info["calibration_sqnr"] = {"floor_db": floor_record["floor_db"], "met": False, "hint": floor_record["hint"]}
         if qat_info is not None:
             info["qat"] = qat_info
             info["tools"] += ["tensorflow", "tensorflow-model-optimization"]
@@ -410,6 +460,101 @@ class DPUBackend:
             "boards": _board_figures(target, calib.get("eacc_dpu_pct")),
             "lower_s": round(lower_s, 3),
         }
+
+    def _build(self, model: Model, full: DpuGraph, target: DPUTarget, ctx: Any, options: Mapping[str, Any], part: Partition,
+               trained: bool, out_dir: Path) -> _Built:
+        """The deployment of split ``part``: its CPU stages, and the DPU subgraph's parameters (refined once per compile
+        and split: b2304 and b4096 share them; ``trained``: fine-tuned by the QAT)."""
+        from nilmc.backends.dpu.partition import cpu_post_model, cpu_pre_model, dpu_graph
+
+        graph = dpu_graph(full, part)
+        report = inspect_graph(full, target, part)
+        atomic_write_json(out_dir / INSPECTOR, report.to_json())
+        if _refused(full, part, report):
+            raise DPUUnsupportedError(f"the model cannot be lowered to the DPU: {_refusal(report, part)}", UNSUPPORTED_REMEDY)
+        pre_model, post_model = cpu_pre_model(model.graph, part), cpu_post_model(model.graph, full, part)
+        pre, post = (None if pre_model is None else CpuStage(pre_model)), (None if post_model is None else CpuStage(post_model))
+        feeds = {model.input_name: ctx.calib_x}
+        qopts = options.get("dpu_quant") or _quant_options(model, full, part, post)
+        shared = _shared(graph, ctx, options)
+        # b2304 and b4096 share the DPUCZDX8G arithmetic: with equal limits and options the refinement (and QAT) is the
+        # same computation, done once per compile (measured: the two PTQ and the two QAT targets were identical anyway).
+        key = (repr(target.limits), _stable_repr(qopts), repr(shared), trained, repr(part.to_json()),
+               repr(sorted((k, repr(v)) for k, v in options.items() if k.startswith("qat_"))))
+        memo = ctx.memo.setdefault(self.name, {}) if hasattr(ctx, "memo") else {}
+        if key not in memo:
+            params = calibrate(model.graph, graph, feeds, target.limits, options=qopts, **shared)
+            reference, qat_info = graph, None
+            if trained:
+                from nilmc.backends.dpu.qat import qat_lower
+
+                graph, params, qat_info = qat_lower(model, graph, params, ctx, target.limits, qopts, options, shared=shared, pre=pre)
+            memo[key] = (graph, params, qat_info, reference)
+        graph, params, qat_info, _ = memo[key]
+        return _Built(part, graph, params, qat_info, report, pre_model, post_model, pre, post)
+
+    def _hold_floor(self, model: Model, full: DpuGraph, target: DPUTarget, ctx: Any, options: Mapping[str, Any], built: _Built,
+                    out_dir: Path) -> tuple[_Built, dict[str, Any] | None]:
+        """The calibration SQNR floor (``Techniques.min_calib_sqnr``, 30 dB) on the DPU: the emulated deployment's output
+        vs FP32 on the calibration windows. Under it, the CPU pre stage grows by whole layers in topological order
+        (:func:`~nilmc.backends.dpu.partition.next_prefix`), each split refined and measured again, until the floor holds,
+        no layer is left, or the DPU would keep under :data:`MIN_DPU_MACS_SHARE` of the weighted layers' MACs. The split
+        that holds the floor with the fewest CPU layers is deployed, else the one measured best (with a ``hint`` for the
+        gate); ``(built, record)``, record None when the floor is off or the first split holds it (that deployment and
+        its manifest stay as they were: the shipped z-score model, 41.4 dB). The DPU cannot keep an inner layer float as
+        onnxruntime does: a prefix is what it can give back to the CPU (one pre -> DPU -> post chain)."""
+        from nilmc.backends.dpu.partition import next_prefix, plan_partition
+        from nilmc.quantization.api import Techniques
+
+        tech = ctx.techniques if getattr(ctx, "techniques", None) is not None else Techniques()
+        if tech.min_calib_sqnr is None:
+            return built, None
+        floor = float(tech.min_calib_sqnr)
+        x = ctx.calib_x[:tech.max_windows]
+        measure = _sqnr_meter(model, x)
+        floats = _start_params(ctx, options).keep_float
+        rejected = _rejected(full, target)
+        steps = [_floor_step(model, full, built, measure(built))]
+        best, best_db = built, steps[0]["sqnr_db"]
+        if best_db >= floor:
+            return built, None
+        prefix: dict[str, str] = {}
+        stop = None
+        while best_db < floor:
+            names = next_prefix(full, built.part)
+            if not names:
+                stop = "no further layer can join the CPU pre stage (one pre -> DPU -> post chain)"
+                break
+            why = (f"calibration SQNR floor: {steps[-1]['sqnr_db']:.1f} dB vs FP32 with the CPU pre stage through "
+                   f"{steps[-1]['pre_through']}, under the {floor:g} dB floor: runs in FP32 on the CPU pre stage")
+            trial = {**prefix, **{n: why for n in names}}
+            part = plan_partition(full, floats, mode="auto", rejected=rejected, prefix=trial)
+            share, layer = _dpu_share(model, full, part), names[-1]
+            if part.problems or share < MIN_DPU_MACS_SHARE:
+                stop = (f"with {layer} on the CPU the DPU would keep {100 * share:.1f} % of the weighted layers' MACs, under "
+                        f"{100 * MIN_DPU_MACS_SHARE:.0f} %" if share < MIN_DPU_MACS_SHARE
+                        else f"with {layer} on the CPU the split is not one pre -> DPU -> post chain: {part.problems[0]}")
+                break
+            prefix, built = trial, self._build(model, full, target, ctx, options, part, False, out_dir)
+            steps.append(_floor_step(model, full, built, measure(built)))
+            if steps[-1]["sqnr_db"] > best_db:
+                best, best_db = built, steps[-1]["sqnr_db"]
+        atomic_write_json(out_dir / INSPECTOR, best.report.to_json())  # the deployed split's
+        met = best_db >= floor
+        summary = f"calibration SQNR floor {floor:g} dB: " + ", ".join(
+            f"{s['sqnr_db']:.1f} dB with the pre stage through {s['pre_through']}" for s in steps)
+        record: dict[str, Any] = {
+            "floor_db": floor, "met": met, "deployed_sqnr_db": round(best_db, 2), "windows": int(len(x)),
+            "measured_on": "the emulated DPU deployment (CPU stages in FP32 on onnxruntime) vs the FP32 model, calibration windows",
+            "steps": steps, "summary": summary, "min_dpu_macs_share": MIN_DPU_MACS_SHARE}
+        if stop is not None:
+            record["stopped"] = stop
+        if not met:
+            record["hint"] = (f"the DPU's 8-bit grids give {steps[0]['sqnr_db']:.1f} dB output SQNR vs FP32 on the calibration "
+                              f"windows, under the {floor:g} dB floor; the best CPU pre stage gave {best_db:.1f} dB ({stop}): "
+                              "this model's INT8 does not hold on the DPU; use --targets onnxruntime:int8 or openvino:int8 (they keep "
+                              "inner layers float), or a model trained on normalized (z-score) inputs")
+        return best, record
 
     def runner(self, artifact: Artifact) -> DPUEmulatorRunner:
         return DPUEmulatorRunner(artifact.directory / artifact.primary)

@@ -8,6 +8,9 @@ inspector, board script) reads the same :class:`Partition`:
    DPU_POT), and layout-only ops before them. The graph input is then never quantized: its 8-bit power-of-two
    grid capped the shipped model near 25 dB (``benchmarks/bench_dpu_fidelity.py``). A graph input that is not
    in NHWC order (the ``(N, C, W)`` input of a PyTorch Conv1d export) is put in NHWC order here as well (exact).
+   Under ``cpu_layers="auto"`` the backend may extend it by whole layers (``prefix``, :func:`next_prefix`) when the
+   emulated deployment misses the calibration SQNR floor: a raw-feature model whose conv1 output no 8-bit
+   per-tensor grid holds (the DPU cannot keep an inner layer float, as the QDQ targets do).
 2. **DPU** (``quantized.xmodel``): everything else; its inputs are the CPU stage's outputs in NHWC order, each
    quantized at its own fix point.
 3. **CPU post-processing** (``cpu_post.onnx``, FP32, fed the DPU's dequantized outputs): the **CPU tail**, the
@@ -112,20 +115,25 @@ def _layout_only(op: DpuOp) -> bool:
 
 
 def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode: str = "auto",
-                   rejected: Mapping[str, str] | None = None) -> Partition:
+                   rejected: Mapping[str, str] | None = None, prefix: Mapping[str, str] | None = None) -> Partition:
     """The CPU/DPU split of ``graph`` (module docstring). ``float_layers``: layers the shared parameters keep float
     (only those reading the graph input, through CPU ops, move to the CPU); ``mode`` ``"auto"`` (default: those and the
     head, see the module docstring), ``"input"`` (those only) or ``"none"`` (no CPU layers; layout conversion of the graph
     input and trailing ops still run on the CPU); ``rejected`` (default none): op name -> why the target's limits keep
-    a DPU op off the DPU (the inspector's reason): such an op starts the CPU tail like an op with no DPU operator."""
+    a DPU op off the DPU (the inspector's reason): such an op starts the CPU tail like an op with no DPU operator;
+    ``prefix`` (default none): op name -> why it runs in the CPU pre stage as well (:func:`next_prefix`: the
+    calibration SQNR floor's extension); an op whose inputs are not all computed on the CPU stays off it."""
     producers, consumers = _producers(graph), _consumers(graph)
     on_cpu = {op.name for op in graph.ops if op.kind == OpKind.INPUT}
     pre: dict[str, str] = {}
+    prefix = prefix or {}
     for op in graph.ops:
         if op.kind == OpKind.INPUT or not op.inputs or not all(producers[t].name in on_cpu for t in op.inputs if t in producers):
             continue
         if mode in ("auto", "input") and op.name in float_layers:
             pre[op.name] = PRECISE_INPUT
+        elif op.name in prefix:
+            pre[op.name] = prefix[op.name]
         elif _layout_only(op) and _leads_to(op, float_layers, consumers, mode):
             pre[op.name] = f"{_op_type(op) or op.kind} before a CPU layer: data movement, runs on the CPU with it"
         else:
@@ -138,6 +146,26 @@ def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode:
             post[head.name] = PRECISE_HEAD
     post = {op.name: post[op.name] for op in graph.ops if op.name in post}  # graph order
     return _cut(graph, pre, post, producers)
+
+
+def next_prefix(graph: DpuGraph, part: Partition) -> list[str]:
+    """The ops that extend ``part``'s CPU pre stage by one whole weighted layer: in topological order, the ops after the
+    pre stage up to and including the next weighted layer (pooling / flatten / add ops before it come with it). Empty
+    when no weighted layer is left outside the CPU stages, or when an op on the way is not computable from the pre
+    stage alone (it reads a CPU tail op): the pre stage stays one prefix of the graph."""
+    out: list[str] = []
+    on_cpu = {op.name for op in graph.ops if op.kind == OpKind.INPUT} | set(part.pre)
+    producers = _producers(graph)
+    for op in graph.ops:
+        if op.name in on_cpu:
+            continue
+        if op.name in part.post or not all(producers[t].name in on_cpu for t in op.inputs if t in producers):
+            return []
+        out.append(op.name)
+        on_cpu.add(op.name)
+        if op.weighted:
+            return out
+    return []
 
 
 def _live(graph: DpuGraph, consumers: Mapping[str, list[DpuOp]]) -> set[str]:
@@ -436,4 +464,4 @@ def stages(onnx_model: onnx.ModelProto, graph: DpuGraph, part: Partition) -> tup
 
 
 __all__ = ["CPU_LAYERS", "CPU_POST", "CPU_PRE", "CpuStage", "Deployment", "Partition", "cpu_post_model", "cpu_pre_model", "dpu_graph", "listing",
-           "plan_partition", "stages"]
+           "next_prefix", "plan_partition", "stages"]
