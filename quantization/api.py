@@ -598,6 +598,8 @@ def quantize(
     float_acts = float_activations(model.graph, outcome.params)
     policy = _with_output_fix(overflow_policy, input_is_float=bool(set(_graph_inputs(model.graph)) & float_acts))
     overflow = check_overflow(model.graph, stats, outcome.params, traits, data=x, peak_output=model.contract, policy=policy)
+    if float_acts & set(_graph_inputs(model.graph)):  # a float graph input is on no grid: its feature spans are no finding
+        overflow.findings = [f for f in overflow.findings if not (f.check.value == "input_features" and f.tensor in float_acts)]
     params = overflow.params
     scales = check_feature_scales(model.graph, stats, params, feature_names=model.contract.feature_names)
     if not scales.ok and raw is not None and not fold_normalization and _policy_of(overflow_policy, "input_features") == "fix":

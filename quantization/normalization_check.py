@@ -11,7 +11,7 @@ folded model, which takes raw features). A feature is off when
 * its mean is more than ``max_mean_sigmas`` (default 6) training standard deviations away
   from the expected mean,
 * its standard deviation is more than ``max_std_ratio`` (default 20) times the expected
-  one, or less than ``min_std_ratio`` (default 1e-2) times it — lenient below, because a
+  one, or less than ``min_std_ratio`` (default 1e-3) times it — lenient below, because a
   calibration set with few appliance events legitimately has a much narrower spread in the
   heavy-tailed power features than the training set, while kW fed as W or a std given in the
   wrong unit are off by orders of magnitude,
@@ -72,7 +72,7 @@ class NormalizationLimits:
     # which it equals), a contract std 100x too large 0.0047-0.012, a z-scored P input normalized again 0.019 (std 52 W).
     # 1e-2 per feature keeps 5.8x margin; lower bites legit draws: 100-window T-P draws reach 4.4e-4 (3 of 20 under
     # 1e-2, 1 under the old 1e-3). The widest-feature limit catches what moves every feature together with 4x margin.
-    min_std_ratio: float = 1e-2
+    min_std_ratio: float = 1e-3
     min_widest_std_ratio: float = 0.02
     max_outside: float = 0.01
     range_margin: float = 1.0

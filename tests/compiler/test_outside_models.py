@@ -46,9 +46,12 @@ def test_ncw_seq2seq_export_compiles_from_flags(ncw):
     for t in ("onnxruntime:int8", "tensorrt:int8", "dpu:b2304"):
         assert by[t]["passed"] and abs(by[t]["delta_eacc_pts"]) <= 0.5, by[t]
     assert r.exit_code == 0
-    # the DPU takes the Conv1d stack from conv2 on; conv1 (precise input) and the trailing view/Clip run in FP32 on the CPU
+    # conv1 (precise input) and the trailing view/Clip run in FP32 on the CPU; the DPU's emulated deployment is under the
+    # 30 dB calibration floor (24.4 dB), so the CPU pre stage grows (conv2: 25.0 dB, the best measured) and says so
     dpu = json.loads((d / "out" / "dpu-b2304" / "manifest.json").read_text())["placement"]
-    assert len(dpu["int8"]) == 3 and [f["name"] for f in dpu["float"]][0] == "/conv1/Conv" and dpu["float"][-1]["name"] == "/Clip", dpu
+    assert [f["name"] for f in dpu["float"]][0] == "/conv1/Conv" and dpu["float"][-1]["name"] == "/Clip", dpu
+    cal = dpu["calibration_sqnr"]
+    assert cal["floor_db"] == 30.0 and "hint" in cal and len(dpu["int8"]) == 2, dpu
     assert {"cpu_pre.onnx", "cpu_post.onnx"} <= {p.name for p in (d / "out" / "dpu-b2304").iterdir()}
     m = json.loads((d / "out" / "onnxruntime-int8" / "manifest.json").read_text())
     assert m["contract"]["layout"] == "NCW" and m["contract"]["output_select"] == "midpoint"
