@@ -33,14 +33,14 @@ def qat_quantize(model: Model, calib: NilmDataset, *, traits: QuantTraits = GENE
                  learning_rate: float = 2e-6, seed: int = 0, holdout: float = 0.2, **quantize_kw: Any) -> tuple[QuantizationResult, dict[str, Any]]:
     """QAT-then-PTQ of ``model`` (needs its Keras source). Defaults: 3 epochs, Adam 2e-6, seed 0,
     the last 20 % of the calibration windows held out. Returns ``(result, qat_info)``."""
-    from nilmc.compiler.frontend import detect_kind, keras_to_onnx
-    from nilmc.compiler.tfcompat import read_keras
+    from nilmc.compiler.frontend import keras_to_onnx
+    from nilmc.compiler.tfcompat import read_tf_keras
     from nilmc.quantization.qat import qat_finetune, strip_qat
 
     if not model.keras_path:
         raise BadInputError(f"QAT needs the Keras source of {model.source!r}", "pass the .keras/.h5 file, not the .onnx")
     ptq = quantize(model, calib, traits=traits, **quantize_kw)
-    keras_model = read_keras(Path(model.keras_path), detect_kind(model.keras_path))
+    keras_model = read_tf_keras(Path(model.keras_path))  # tfmot fine-tunes tf_keras models: a Keras 3 file is bridged
     x = model.contract.prepare(calib.raw_x())
     y = np.asarray(keras_model.predict(x, batch_size=512, verbose=0), np.float32).reshape(len(x), -1)
     n_val = int(round(len(x) * holdout))
