@@ -772,10 +772,12 @@ class _Job:
             cpu_tensors = {o for n in model.graph.graph.node if n.name in cpu_ops for o in n.output}
             cause = likely_causes(*findings, float_tensors=cpu_tensors) if findings else ""
             floor = sqnr_floor_hint(lower_options["params"]) if plan.quantizes else None  # the SQNR floor's own verdict
-            if (hint or floor) and cause.endswith(NO_CAUSE):
-                cause = "likely cause:"
-            report = dataclasses.replace(report, cause=" ".join([cause, "; ".join(c for c in (hint, floor) if c)]).strip()
-                                         if cause == "likely cause:" else "; ".join(c for c in (cause, hint, floor) if c))
+            known = "; ".join(c for c in (hint, floor) if c)
+            if known and cause.endswith(NO_CAUSE):  # the backend or the floor found one: "no cause found" is not true
+                cause = "likely cause: " + known
+            else:
+                cause = "; ".join(c for c in (cause, known) if c)
+            report = dataclasses.replace(report, cause=cause)
         from nilmc.compiler.hardware import manifest_section
 
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on

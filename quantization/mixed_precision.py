@@ -545,10 +545,7 @@ def _int8_back_under_floor(onnx_model: onnx.ModelProto, params: QuantParams, poo
     total = sum(layer_macs.values()) or 1
     floating = [u.name for u in pool]
 
-    def with_float(names: Sequence[str]) -> QuantParams:
-        return replace(params, keep_float=tuple(dict.fromkeys([*params.keep_float, *names])))
-
-    start = with_float(floating)
+    start = _with_float(params, floating)
     now, spent = score(start), 1
     if now < min_sqnr_db:
         return _BackSearch(None, now, floating, [], spent, False, 0.0)
@@ -558,7 +555,7 @@ def _int8_back_under_floor(onnx_model: onnx.ModelProto, params: QuantParams, poo
         if spent + len(floating) > max_evaluations:
             capped = True
             break
-        scored = [(score(with_float([n for n in floating if n != name])), name) for name in floating]
+        scored = [(score(_with_float(params, [n for n in floating if n != name])), name) for name in floating]
         spent += len(scored)
         ok = [(macs[name], db, name) for db, name in scored if db >= min_sqnr_db]
         if not ok:
@@ -568,7 +565,7 @@ def _int8_back_under_floor(onnx_model: onnx.ModelProto, params: QuantParams, poo
         order.append((name, now))
     in_float = set(floating) | set(params.keep_float)
     share = sum(m for name, m in layer_macs.items() if name not in in_float) / total
-    return _BackSearch(with_float(floating), now, floating, order, spent, capped, share)
+    return _BackSearch(_with_float(params, floating), now, floating, order, spent, capped, share)
 
 
 def sqnr_floor_hint(params: QuantParams) -> str | None:
