@@ -56,6 +56,7 @@ from nilmc.backends.tflite_int8 import (  # noqa: F401  (graph_ops, UnsupportedO
     build_full_integer,
     check_cpu_layers,
     check_graph,
+    float_layers_phrase,
     graph_ops,
     integer_params,
     invoke_windows,
@@ -703,12 +704,14 @@ class EIQBackend:
         partition = None
         if model.keras_path and keras_placeable(keras_model := load_keras(model)):
             derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
-            result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where, float_input=len(derived.precise))
+            result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where, float_input=len(derived.precise),
+                                               float_prefix=derived.prefix)
         elif model.keras_path:  # Conv1D / BatchNormalization / recurrent layers: planned from the ONNX graph
             from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params
 
             derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
-            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
+            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise),
+                                           float_prefix=derived.prefix)
             # float recurrent cells, BatchNormalization's MUL: the VX delegate leaves what the NPU cannot run to the CPU
             check = check_graph(result.flatbuffer, replace(spec, allowed_ops=None, integer_only=False), where=where)
             partition = check["partition"] = npu_partition(result.flatbuffer, _cpu_reasons(result))
@@ -716,7 +719,8 @@ class EIQBackend:
             from nilmc.backends.onnx_to_tf import build_int8_from_onnx, onnx_integer_params
 
             derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
-            result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
+            result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec, float_input=len(derived.precise),
+                                          float_prefix=derived.prefix)
             check = check_graph(result.flatbuffer, spec, where=where)
         if result.float_layers and partition is None:  # precise input: the float layers run on the CPU before the NPU
             partition = check["partition"] = npu_partition(result.flatbuffer, _cpu_reasons(result))
@@ -728,9 +732,9 @@ class EIQBackend:
         extra = ["eiq_check.json"] + write_handoff(out_dir, fb, calib_x[:HANDOFF_WINDOWS])
         info = _info(spec, derived, result, check, extra)
         info["cpu_layers"] = "auto" if spec.float_input else "none"
-        info["placement"] = {**manifest_placement(model.graph, derived.params, result, derived.precise, where=CPU_STAGE),
+        info["placement"] = {**manifest_placement(model.graph, derived.params, result, derived.precise, where=CPU_STAGE, prefix=derived.prefix),
                              **({"devices": _devices(fb, partition)} if partition is not None else {})}
-        ignored = kept_float_ignored(derived.params, derived.precise)
+        ignored = kept_float_ignored(derived.params, derived.float_layers)
         if ignored:
             info["keep_float_ignored"] = ignored
         if not model.keras_path:
@@ -759,7 +763,9 @@ class EIQBackend:
         elif options.get("npu_emulation", True):
             info["npu_emulation"] = npu_emulation(fb, calib_x, model, options.get("calibration", derived.calibration), start=start)
         weights = "per-tensor" if spec.per_tensor else "per-channel"
-        io = (f"precise input: {len(result.float_layers)} layer(s) reading the float32 input in FP32 on the CPU, int8 output"
+        grown = any(f.get("float_prefix") for f in result.float_layers)
+        io = (f"precise input: {len(result.float_layers)} layer(s) reading the float32 input in FP32 on the CPU, int8 output" if not grown
+              else f"precise input: {float_layers_phrase(result.float_layers, ' on the CPU')}, float32 input, int8 output"
               if result.float_layers else f"{spec.io_dtype} I/O")
         emulated = (f"{len(partition['cpu'])} op(s) on the CPU, NPU drift not emulated" if partition is not None and partition["cpu"] and start is None
                     else "NPU emulated")

@@ -588,16 +588,18 @@ def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantPara
 
 
 def build_int8_from_onnx(model: Model, params: QuantParams, representative: np.ndarray, spec: FullIntegerSpec, *,
-                         float_input: int = 0) -> FullIntegerTFLite:
+                         float_input: int = 0, float_prefix: Mapping[str, str] | None = None) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer of ``model`` (an ONNX source) carrying exactly nilmc's ``params``; ``float_input``
-    (default 0): layers reading the input kept float by precise input (:func:`~nilmc.backends.tflite_int8.float_input_layers`)."""
+    (default 0): layers reading the input kept float by precise input, ``float_prefix`` the float prefix after them
+    (:func:`~nilmc.backends.tflite_int8.float_input_layers`)."""
     _check_weight_traits(params, spec)
     return _write_params(structural_onnx_tflite(model, representative, io_dtype=spec.io_dtype), tf_ready_graph(model.graph), params, spec,
-                         float_input=float_input)
+                         float_input=float_input, float_prefix=float_prefix)
 
 
 def build_int8_from_keras(keras_model: Any, model: Model, params: QuantParams, representative: np.ndarray,
-                          spec: FullIntegerSpec, *, float_input: int = 0) -> FullIntegerTFLite:
+                          spec: FullIntegerSpec, *, float_input: int = 0, float_prefix: Mapping[str, str] | None = None
+                          ) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer of a Keras source that nilmc's Keras mapping cannot place (Conv1D,
     BatchNormalization, TensorFlowOpLayers, recurrent layers), carrying nilmc's ``params`` keyed by the model's ONNX graph.
 
@@ -610,7 +612,7 @@ def build_int8_from_keras(keras_model: Any, model: Model, params: QuantParams, r
     float_ops = FLOAT_KEPT_OPS if recurrent_layers(keras_model) else ()
     rep = np.asarray(representative, np.float32)[:STRUCTURE_WINDOWS]
     return _write_params(structural_tflite(keras_model, rep, io_dtype=spec.io_dtype, float_ops=float_ops), model.graph, params, spec,
-                         float_input=float_input)
+                         float_input=float_input, float_prefix=float_prefix)
 
 
 def _check_weight_traits(params: QuantParams, spec: FullIntegerSpec) -> None:
@@ -623,14 +625,14 @@ def _check_weight_traits(params: QuantParams, spec: FullIntegerSpec) -> None:
 
 
 def _write_params(structure: bytes, graph: onnx.ModelProto, params: QuantParams, spec: FullIntegerSpec, *,
-                  float_input: int = 0) -> FullIntegerTFLite:
+                  float_input: int = 0, float_prefix: Mapping[str, str] | None = None) -> FullIntegerTFLite:
     """nilmc's ``params`` (keyed by ``graph``) written into every quantized tensor of the converter's ``structure``;
-    with ``float_input`` (and ``spec.float_input``) the layers reading the input then run in float32."""
+    with ``float_input`` (and ``spec.float_input``) the layers reading the input, and ``float_prefix``, then run in float32."""
     m = load_flatbuffer(structure)
     clear_orphan_buffers(m)  # same inputs, same bytes
     plan = plan_onnx_tensors(m, graph, params)
     apply_plan(m, plan, params.traits)
-    floats = float_input_layers(m, plan, expected=float_input) if float_input and spec.float_input else []
+    floats = float_input_layers(m, plan, expected=float_input, prefix=float_prefix) if float_input and spec.float_input else []
     fb = pack_flatbuffer(m)
     result = FullIntegerTFLite(fb, plan, spec.io_dtype, spec.per_tensor, float_layers=floats)
     result.check = check_params(fb, plan)

@@ -89,6 +89,7 @@ from nilmc.backends.tflite_int8 import (
     check_int16x8_io,
     check_io_dtype,
     convert_keras,
+    float_layers_phrase,
     integer_params,
     invoke_windows,
     io_quantization,
@@ -345,7 +346,7 @@ class TFLiteBackend:
         opts = TFLiteOptions.parse(options)
         spec = tflite_spec(precision, opts)
         derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
-        result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
+        result = build_int8_from_onnx(model, derived.params, derived.calib_x, spec, float_input=len(derived.precise), float_prefix=derived.prefix)
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info: dict[str, Any] = {"tools": tools, "route": route + " (full integer) -> nilmc's parameters written into every tensor",
                                 "quantization": derived.params.to_json(), "overflow": derived.overflow.to_json(), "io_dtype": opts.io_dtype,
@@ -361,8 +362,8 @@ class TFLiteBackend:
         """What every integer lowering records: the placement (precise input or full integer), the keep_float layers it did
         not honour, and the TFLite Micro export of an int8 graph. Returns the extra files."""
         info["cpu_layers"] = opts.cpu_layers
-        info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise)
-        ignored = kept_float_ignored(derived.params, derived.precise)
+        info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise, prefix=derived.prefix)
+        ignored = kept_float_ignored(derived.params, derived.float_layers)
         if ignored:
             info["keep_float_ignored"] = ignored
         if activations == "int16":
@@ -441,7 +442,7 @@ class TFLiteBackend:
                 info["quantization"] = kq.to_json()  # what is deployed: the QAT ranges and re-derived weight scales
                 extra.append(_write_keras(keras_model, out_dir / "qat_finetuned_float.h5"))
         result, _ = build_full_integer(keras_model, kq, derived.calib_x, spec, where=f"model {model.source or '?'!r}",
-                                       float_input=len(derived.precise))
+                                       float_input=len(derived.precise), float_prefix=derived.prefix)
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info["param_check"] = {k: v for k, v in result.check.items() if k != "mismatches"}
         info["io"] = io_quantization(result.flatbuffer)
@@ -459,7 +460,7 @@ class TFLiteBackend:
         from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params, output_cover_watts
 
         derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
-        result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise))
+        result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise), float_prefix=derived.prefix)
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"],
                                 "route": "Keras -> TFLiteConverter (full integer" + (", batch-1 signature" if recurrent_layers(keras_model) else "")
@@ -473,8 +474,8 @@ class TFLiteBackend:
         cells = any(f["op"] in FLOAT_KEPT_OPS for f in info["tflite_placement"]["float"])
         info["extra_files"] = self._finish(model, result, derived, opts, out_dir, info) if not cells else []
         if cells:
-            info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise)
-            ignored = kept_float_ignored(derived.params, derived.precise)
+            info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise, prefix=derived.prefix)
+            ignored = kept_float_ignored(derived.params, derived.float_layers)
             if ignored:
                 info["keep_float_ignored"] = ignored
             if opts.tflm:
@@ -565,13 +566,13 @@ def _kind(label: str, opts: TFLiteOptions, result: Any, note: str = "", *, activ
     weights = "per-tensor" if opts.per_tensor else "per-channel"
     if activations == "int16":
         io = "float32 input" if result.float_layers else f"{result.io_dtype} input"
-        precise = f"; {len(result.float_layers)} layer(s) reading the input in FP32" if result.float_layers else ""
+        precise = f"; {float_layers_phrase(result.float_layers)}" if result.float_layers else ""
         return (f"TFLite 16x8 ({label}, nilmc ranges: int16 activations, int8 {weights} weights, int64 bias{precise}; {io}, "
                 f"{'float32' if result.io_dtype == 'float' else result.io_dtype} output{note})")
     if result.float_layers:
         out = result.io_dtype if result.io_dtype != "float" else "float32"
-        return (f"TFLite INT8 with precise input ({label}, nilmc ranges, {weights} weights; {len(result.float_layers)} layer(s) reading "
-                f"the input in FP32, float32 input, {out} output{note})")
+        return (f"TFLite INT8 with precise input ({label}, nilmc ranges, {weights} weights; {float_layers_phrase(result.float_layers)}, "
+                f"float32 input, {out} output{note})")
     return f"TFLite full-integer INT8 ({label}, nilmc ranges, {weights} weights, {opts.io_dtype} I/O{note})"
 
 

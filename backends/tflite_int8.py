@@ -666,7 +666,35 @@ def _to_float(tensor: Any) -> None:
     tensor.quantization = None
 
 
-def float_input_layers(model: Any, plan: TensorPlan, *, expected: int) -> list[dict[str, Any]]:
+def _prefix_ops(model: Any, plan: TensorPlan, prefix: Mapping[str, str], region: set[int], stop: set[int]) -> list[int]:
+    """The ops a float ``prefix`` (layer name -> why) adds to the precise-input ``region``: each named layer's op and every
+    op it needs back to the input (``stop``: the float input and its converter QUANTIZE output). Raises
+    :class:`QuantizationError` when that needs another weighted op, a QUANTIZE/DEQUANTIZE, or a layer not in the graph."""
+    sg = model.subgraphs[0]
+    at = {name: i for i, name in plan.layer_of_op.items()}
+    missing = [n for n in prefix if n not in at]
+    if missing:
+        raise QuantizationError(f"the float prefix names layer(s) {missing} that no TFLite op carries", _FULL_INTEGER_REMEDY)
+    producer = {int(t): i for i, op in enumerate(sg.operators) for t in op.outputs}
+    added: set[int] = set()
+    todo = [at[n] for n in prefix if at[n] not in region]
+    while todo:
+        i = todo.pop()
+        if i in added or i in region:
+            continue
+        op = sg.operators[i]
+        code = op_code(model, op)
+        name = plan.layer_of_op.get(i)
+        if code in (QUANTIZE, DEQUANTIZE) or (code in WEIGHTED and name not in prefix):
+            raise QuantizationError(f"the float prefix through {list(prefix)[-1]} needs {name or op_name(code)} (op {i}) in float too",
+                                    _FULL_INTEGER_REMEDY)
+        added.add(i)
+        acts = [int(op.inputs[0])] if code in WEIGHTED else [int(v) for v in op.inputs if v >= 0]
+        todo += [producer[t] for t in acts if t in producer and t not in stop]
+    return sorted(added)
+
+
+def float_input_layers(model: Any, plan: TensorPlan, *, expected: int, prefix: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Precise input written into a converted full-integer ``model`` (``ModelT``, parameters already applied), in place.
 
     The graph input becomes or stays float32 (the converter's QUANTIZE after a float or uint8 input is removed), the
@@ -674,47 +702,70 @@ def float_input_layers(model: Any, plan: TensorPlan, *, expected: int) -> list[d
     Keras/ONNX weights and bias the plan holds, its output going through a new QUANTIZE onto the int8 tensor that keeps
     nilmc's grid of that layer's output (the grid the next layer reads). ``plan`` loses the entries of the tensors
     made float. ``expected``: how many layers the parameters keep float (precise input); a graph in which another number
-    of weighted ops reads the input raises :class:`QuantizationError`. Returns ``[{"name", "op", "index", "why"}]``
+    of weighted ops reads the input raises :class:`QuantizationError`.
+
+    ``prefix`` (layer name -> why, default none): further layers run in float32 with every op they need back to the input
+    (the float prefix the calibration SQNR floor grows,
+    :func:`~nilmc.quantization.mixed_precision.grow_float_prefix`); a tensor of the float region read outside it gets the
+    QUANTIZE onto its nilmc grid, a tensor read only inside it is float32. Returns ``[{"name", "op", "index", "why"}]``
     (op indices of the rewritten graph); the data movement made float is added to ``plan.float_moves``."""
     sg = model.subgraphs[0]
     inp, quant_op, moves, weighted = _input_region(model)
     if len(weighted) != expected:
         raise QuantizationError(f"the parameters keep {expected} layer(s) reading the input in float, but {len(weighted)} weighted TFLite "
                                 "op(s) read it", _FULL_INTEGER_REMEDY)
+    prefix = dict(prefix or {})
+    root = int(sg.operators[quant_op].outputs[0]) if quant_op is not None else inp
+    extra = _prefix_ops(model, plan, prefix, set(moves) | set(weighted), {inp, root}) if prefix else []
+    weighted = sorted(set(weighted) | {i for i in extra if op_code(model, sg.operators[i]) in WEIGHTED})
+    moves = sorted(set(moves) | {i for i in extra if i not in weighted})
     names = {id(sg.operators[i]): name for i, name in plan.layer_of_op.items()}
+    whys = {id(sg.operators[i]): prefix.get(plan.layer_of_op.get(i, ""), precise_why()) for i in weighted}
+    in_prefix = {id(sg.operators[i]) for i in extra}
+    inside = set(moves) | set(weighted)
     move_ops = [sg.operators[i] for i in moves]
+    first_moves = {id(sg.operators[i]) for i in moves if i not in extra}
     refs: dict[int, int] = {}
     for t in sg.tensors:
         refs[t.buffer] = refs.get(t.buffer, 0) + 1
-    region = {inp} | {int(sg.operators[i].outputs[0]) for i in moves}
+    consumers = _consumers(sg)
+    outputs = {int(t) for t in sg.outputs}
+    boundary = {int(sg.operators[i].outputs[0]) for i in inside
+                if int(sg.operators[i].outputs[0]) in outputs
+                or any(j not in inside for j in consumers.get(int(sg.operators[i].outputs[0]), []))}
     if quant_op is not None:
-        root = int(sg.operators[quant_op].outputs[0])
         for op in sg.operators:  # its readers read the float input itself
             op.inputs = [inp if int(v) == root else int(v) for v in op.inputs]
         _to_float(sg.tensors[root])  # left unused
         plan.activations.pop(root, None)
-    for t in region:
+    for t in {inp} | ({int(sg.operators[i].outputs[0]) for i in inside} - boundary):
         _to_float(sg.tensors[t])
         plan.activations.pop(t, None)
     floats = []
-    for i in weighted:
+    for i in sorted(inside):
         op = sg.operators[i]
-        w = int(op.inputs[1])
-        _set_buffer(model, sg.tensors[w], np.ascontiguousarray(plan.weights.pop(w)[1], "<f4").tobytes(), refs)
-        _to_float(sg.tensors[w])
-        if len(op.inputs) > 2 and op.inputs[2] >= 0:
-            b = int(op.inputs[2])
-            _set_buffer(model, sg.tensors[b], np.ascontiguousarray(plan.biases.pop(b)[1], "<f4").tobytes(), refs)
-            _to_float(sg.tensors[b])
-        out = sg.tensors[int(op.outputs[0])]
+        if i in weighted:
+            w = int(op.inputs[1])
+            _set_buffer(model, sg.tensors[w], np.ascontiguousarray(plan.weights.pop(w)[1], "<f4").tobytes(), refs)
+            _to_float(sg.tensors[w])
+            if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                b = int(op.inputs[2])
+                _set_buffer(model, sg.tensors[b], np.ascontiguousarray(plan.biases.pop(b)[1], "<f4").tobytes(), refs)
+                _to_float(sg.tensors[b])
+        if int(op.outputs[0]) not in boundary:
+            continue
+        out = int(op.outputs[0])  # keeps nilmc's grid; the float op writes a float32 twin that a QUANTIZE puts on it
         flt = _schema().TensorT()
-        flt.shape, flt.shapeSignature, flt.type, flt.buffer = out.shape, out.shapeSignature, FLOAT32, 0
-        flt.name = (tensor_name(out) + "/float32").encode()
+        flt.shape, flt.shapeSignature, flt.type, flt.buffer = sg.tensors[out].shape, sg.tensors[out].shapeSignature, FLOAT32, 0
+        flt.name = (tensor_name(sg.tensors[out]) + "/float32").encode()
         sg.tensors.append(flt)
+        twin = len(sg.tensors) - 1
         q = _schema().OperatorT()
-        q.opcodeIndex, q.inputs, q.outputs = _opcode_index(model, QUANTIZE), [len(sg.tensors) - 1], [int(op.outputs[0])]
+        q.opcodeIndex, q.inputs, q.outputs = _opcode_index(model, QUANTIZE), [twin], [out]
         q.builtinOptionsType, q.builtinOptions = _schema().BuiltinOptions.QuantizeOptions, _schema().QuantizeOptionsT()
-        op.outputs = [len(sg.tensors) - 1]
+        op.outputs = [twin]
+        for j in inside:  # readers inside the float region read the float twin
+            sg.operators[j].inputs = [twin if int(v) == out else int(v) for v in sg.operators[j].inputs]
         floats.append((op, q))
     ops = [op for j, op in enumerate(sg.operators) if j != quant_op]
     for op, q in floats:
@@ -722,9 +773,21 @@ def float_input_layers(model: Any, plan: TensorPlan, *, expected: int) -> list[d
     sg.operators = ops
     plan.layer_of_op = {j: names[id(op)] for j, op in enumerate(ops) if id(op) in names}
     plan.float_moves = {ops.index(op): f"{op_name(op_code(model, op))} of the float input before a precise-input layer: runs in FP32 with it"
-                        for op in move_ops}
-    return [{"name": names.get(id(op), f"op{ops.index(op)}"), "op": op_name(op_code(model, op)), "index": ops.index(op), "why": precise_why()}
-            for op, _ in floats]
+                        if id(op) in first_moves else
+                        f"{op_name(op_code(model, op))} inside the float prefix: runs in FP32 with its layers" for op in move_ops}
+    return [{"name": names.get(id(op), f"op{ops.index(op)}"), "op": op_name(op_code(model, op)), "index": ops.index(op), "why": whys[id(op)],
+             **({"float_prefix": True} if id(op) in in_prefix else {})}
+            for op in ops if id(op) in whys]
+
+
+def float_layers_phrase(float_layers: list[dict[str, Any]], where: str = "") -> str:
+    """``"N layer(s) reading the input in FP32"`` for precise input; with a float prefix, how many layers run in FP32
+    before the integer graph and why (``float_layers``: :attr:`FullIntegerTFLite.float_layers`)."""
+    grown = sum(bool(f.get("float_prefix")) for f in float_layers)
+    if not grown:
+        return f"{len(float_layers)} layer(s) reading the input in FP32{where}"
+    return (f"{len(float_layers)} layer(s) in FP32{where} before the integer graph ({len(float_layers) - grown} reading the input, {grown} "
+            "more to hold the calibration SQNR floor)")
 
 
 @dataclass
@@ -768,6 +831,7 @@ def build_int8_tflite(
     io_dtype: str = "int8",
     float_input: int = 0,
     activations: str = "int8",
+    float_prefix: Mapping[str, str] | None = None,
 ) -> FullIntegerTFLite:
     """A full-integer TFLite flatbuffer carrying exactly the parameters in ``kq``.
 
@@ -782,6 +846,8 @@ def build_int8_tflite(
     input); when non-zero they run in float32 and the input is float32 (:func:`float_input_layers`).
     ``activations`` (default ``int8``): ``int16`` builds TFLite's 16x8 graph (int16 activations, which ``kq`` must hold
     on symmetric grids, int8 weights, int64 biases; ``io_dtype`` ``int16`` or ``float``).
+    ``float_prefix`` (layer name -> why; with ``float_input`` only): further layers run in float32 after the input
+    (:func:`float_input_layers`).
     The result's ``check`` holds the read-back comparison of :func:`check_params`.
     """
     check_int16x8_io(io_dtype) if activations == "int16" else check_io_dtype(io_dtype)
@@ -791,7 +857,7 @@ def build_int8_tflite(
     model = load_flatbuffer(structural_tflite(keras_model, rep, io_dtype=io_dtype, **sixteen))
     plan = plan_tensors(model, keras_model, kq)
     apply_plan(model, plan, kq.traits)
-    floats = float_input_layers(model, plan, expected=float_input) if float_input else []
+    floats = float_input_layers(model, plan, expected=float_input, prefix=float_prefix) if float_input else []
     out = pack_flatbuffer(model)
     result = FullIntegerTFLite(out, plan, io_dtype, per_tensor, float_layers=floats)
     result.check = check_params(out, plan)
@@ -953,6 +1019,12 @@ class IntegerParams:
     calib_x: np.ndarray  # the context's prepared calibration windows
     calibration: Any = None  # the context's calibration NilmDataset
     precise: tuple[str, ...] = ()  # layers the parameters keep float because they read the graph input (spec.float_input)
+    prefix: dict[str, str] = field(default_factory=dict)  # further layers kept float (the SQNR floor's float prefix) -> why
+
+    @property
+    def float_layers(self) -> tuple[str, ...]:
+        """Every layer the flatbuffer runs in float32: precise input's, then the float prefix."""
+        return (*self.precise, *self.prefix)
 
 
 def graph_ops(fb: bytes) -> list[dict[str, Any]]:
@@ -1035,22 +1107,27 @@ def tflite_placement(fb: bytes, reasons: Mapping[int, str] | None = None) -> dic
     return {"int8": int8, "float": floats, "summary": summary}
 
 
-def manifest_placement(graph: Any, params: Any, result: FullIntegerTFLite, precise: tuple[str, ...] = (), *, where: str = "") -> dict[str, Any]:
+def manifest_placement(graph: Any, params: Any, result: FullIntegerTFLite, precise: tuple[str, ...] = (), *, where: str = "",
+                       prefix: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The manifest's ``placement`` of a TFLite artifact, in the driver's vocabulary (:func:`nilmc.quantization.placement.op_placement`
     of the ONNX ``graph``): ``{"int8": [layers], "float": [{"name", "op", "why"}], "summary"}``, computed from the
     parameters this artifact deploys (``params``), where a layer is float only when the flatbuffer runs it in float32
-    (precise input's ``precise`` layers, their reason saying ``where``, e.g. " on the application CPU"), and the ops nilmc
-    never quantizes (a recurrent cell) are float as they are in the flatbuffer."""
+    (precise input's ``precise`` layers, their reason saying ``where``, e.g. " on the application CPU"; the float
+    ``prefix``'s layers with theirs), and the ops nilmc never quantizes (a recurrent cell) are float as they are in the
+    flatbuffer."""
     from dataclasses import replace
 
     from nilmc.quantization.placement import op_placement
 
-    kept = tuple(precise) if result.float_layers else ()
+    prefix = dict(prefix or {})
+    kept = (*precise, *prefix) if result.float_layers else ()
     # a mixed-precision fallback is not honoured here (kept_float_ignored): its units are placed as the INT8 they are
     deployed = replace(params, keep_float=kept, provenance={k: v for k, v in params.provenance.items() if k != "mixed_precision"})
     placed = op_placement(graph, deployed)
     for f in placed["float"]:
-        if f["name"] in kept:
+        if f["name"] in prefix:
+            f["why"] = prefix[f["name"]] + where
+        elif f["name"] in kept:
             f["why"] = precise_why(where)
     if not placed["float"]:
         placed["summary"] += " (full integer)"
@@ -1135,7 +1212,29 @@ def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[
     overflow = check_overflow(model.graph, ctx.statistics, params, spec.traits, peak_output=model.contract,
                               policy=dict(spec.overflow_policy))
     precise = precise_layers(overflow.params) if spec.float_input else ()
-    return IntegerParams(overflow.params, overflow, None, ctx.calib_x, ctx.calibration, precise)
+    prefix: dict[str, str] = {}
+    if precise:  # the input is float already: under the calibration SQNR floor, more layers may follow it in float
+        grown = _float_prefix(model, ctx, overflow.params)
+        if grown is not None:
+            prefix = grown.layers
+            overflow = check_overflow(model.graph, ctx.statistics, grown.params, spec.traits, peak_output=model.contract,
+                                      policy=dict(spec.overflow_policy))
+    return IntegerParams(overflow.params, overflow, None, ctx.calib_x, ctx.calibration, precise, prefix)
+
+
+def _float_prefix(model: Model, ctx: Any, params: Any) -> Any:
+    """The float prefix the calibration SQNR floor (``Techniques.min_calib_sqnr``) asks of a precise-input graph
+    (:func:`~nilmc.quantization.mixed_precision.grow_float_prefix`), or None when the floor is off, holds already, or
+    no layer raised the SQNR. TFLite's integer graph cannot keep an inner layer float as the QDQ targets do, but the
+    layers after the float input can stay float before the one QUANTIZE into it."""
+    from nilmc.quantization.api import Techniques
+    from nilmc.quantization.mixed_precision import grow_float_prefix
+
+    tech = ctx.techniques if getattr(ctx, "techniques", None) is not None else Techniques()
+    if tech.min_calib_sqnr is None:
+        return None
+    grown = grow_float_prefix(model.graph, params, ctx.calib_x, float(tech.min_calib_sqnr), max_windows=tech.max_windows)
+    return grown if grown.layers else None
 
 
 def precise_layers(params: Any) -> tuple[str, ...]:
@@ -1162,15 +1261,22 @@ def _given_params(options: Mapping[str, Any], traits: QuantTraits) -> Any:
 
 
 def build_full_integer(keras_model: Any, kq: KerasQuant, representative: np.ndarray, spec: FullIntegerSpec, *,
-                       where: str = "the model", float_input: int = 0) -> tuple[FullIntegerTFLite, dict[str, Any]]:
+                       where: str = "the model", float_input: int = 0, float_prefix: Mapping[str, str] | None = None
+                       ) -> tuple[FullIntegerTFLite, dict[str, Any]]:
     """:func:`build_int8_tflite` under ``spec`` and :func:`check_graph` of the result: ``(result, graph report)``.
-    ``float_input`` (default 0): layers kept float by precise input (``IntegerParams.precise``; ``spec.float_input`` only).
+    ``float_input`` (default 0): layers kept float by precise input (``IntegerParams.precise``; ``spec.float_input`` only);
+    ``float_prefix``: the float prefix after them (``IntegerParams.prefix``, ONNX layer names, mapped onto ``kq``'s Keras layers).
 
     When the converter fails and ``spec.allowed_ops`` is set, the ops outside it are named
     (:class:`UnsupportedOpError`) instead of the converter's message."""
+    keras_prefix = {kl.name: float_prefix[kl.source] for kl in kq.layers if kl.source in (float_prefix or {})}
+    if len(keras_prefix) != len(float_prefix or {}):
+        raise InternalError(f"the float prefix {list(float_prefix or {})} does not map onto the Keras layers "
+                            f"{[kl.name for kl in kq.layers]}", "report this model")
     try:
         result = build_int8_tflite(keras_model, kq, representative, per_tensor=spec.per_tensor, io_dtype=spec.io_dtype,
-                                   float_input=float_input if spec.float_input else 0, activations=spec.activations)
+                                   float_input=float_input if spec.float_input else 0, activations=spec.activations,
+                                   float_prefix=keras_prefix if spec.float_input else None)
     except BadInputError:
         bad = scan_keras_ops(keras_model, spec.allowed_ops) if spec.allowed_ops is not None else []
         if bad:

@@ -73,6 +73,8 @@ class KerasLayerQuant:
     bias: TensorQuant | None
     # Float bias to quantize instead of the layer's own (nilmc's bias correction), Keras layout; None: the layer's.
     bias_values: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The ONNX layer these parameters were derived on (keras_quant_from_params), None otherwise.
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "bias_corrected": self.bias_values is not None, "kind": self.kind,
@@ -177,7 +179,8 @@ def keras_quant_from_params(keras_model: Any, params: QuantParams) -> KerasQuant
         bias = params.tensors.get(ol.bias) if ol.bias else None
         adjusted = getattr(params, "adjusted", {}) or {}
         values = np.asarray(adjusted[ol.bias], np.float32).ravel() if ol.bias in adjusted else None
-        out.append(KerasLayerQuant(layer.name, ol.kind, params[ol.input], params[ol.output], replace(wq, axis=axis), bias, values))
+        out.append(KerasLayerQuant(layer.name, ol.kind, params[ol.input], params[ol.output], replace(wq, axis=axis), bias, values,
+                                   source=ol.name))
     if keras_model.layers[-1] is not keras_layers[-1]:
         raise QuantizationError(f"the model's output is not produced by its last Conv2D/Dense layer {keras_layers[-1].name!r}",
                                 "nilmc's Keras lowering needs the regression head (a Dense layer) as the model output")
