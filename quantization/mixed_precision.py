@@ -656,7 +656,8 @@ def grow_float_prefix(onnx_model: onnx.ModelProto, params: QuantParams, x: Any, 
     total = sum(macs.values()) or 1
     floats = set(params.keep_float)
     now = score(params)
-    steps = [{"through": ([n for n in order if n in floats] or [None])[-1], "sqnr_db": _finite_db(now),
+    before: list[str | None] = [None, *(n for n in order if n in floats)]
+    steps = [{"through": before[-1], "sqnr_db": _finite_db(now),
               "int8_macs_share": round(sum(m for n, m in macs.items() if n not in floats) / total, 4)}]
     res = FloatPrefix(params, {}, steps, float(min_sqnr_db), now >= min_sqnr_db)
     best, best_db, current, added = params, now, params, {}
