@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -72,7 +73,16 @@ def _print_json(obj: Any) -> None:
     click.echo(strict_dumps(obj))
 
 
+_HANDLER_PID: list[int] = []  # the process that installed _raise_interrupted
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    if _HANDLER_PID and os.getpid() != _HANDLER_PID[-1]:
+        # A child forked by a library (OpenVINO's telemetry sender) inherits the handler: it dies of the signal as it
+        # would without nilmc, instead of printing Interrupted's traceback when it is terminated at exit.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(signum)
 
 
@@ -87,6 +97,7 @@ class NilmcGroup(click.Group):
         # Not KeyboardInterrupt: CPython exits with -SIGINT whenever one escapes a C-level call, whatever we exit with.
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         if threading.current_thread() is threading.main_thread():
+            _HANDLER_PID[:] = [os.getpid()]
             for s, handler in previous.items():
                 if handler is not signal.SIG_IGN:
                     signal.signal(s, _raise_interrupted)

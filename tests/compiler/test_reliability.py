@@ -194,6 +194,29 @@ def test_signal_cleans_up(work, tmp_path, sig, code):
         assert run("verify", out, "--eval", files["eval"]).exit_code == 0
 
 
+def test_a_forked_library_child_dies_of_sigterm_quietly():
+    """A process a library forks inside a nilmc command (OpenVINO's telemetry sender) inherits nilmc's signal handler;
+    terminated at exit it must die of the signal, not print Interrupted's traceback (seen on `compile --targets all`)."""
+    import multiprocessing
+
+    from nilmc.compiler import cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cli._HANDLER_PID[:] = [os.getpid()]
+    signal.signal(signal.SIGTERM, cli._raise_interrupted)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        child.terminate()  # SIGTERM, as multiprocessing's exit handling sends it
+        child.join(10)
+        assert child.exitcode == -signal.SIGTERM  # died of the signal; Interrupted would have exited with 1 after a traceback
+        with pytest.raises(cli.Interrupted):  # the process that installed it still gets Interrupted
+            cli._raise_interrupted(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
 def test_sigkill_leaves_staging_that_verify_refuses_and_next_run_cleans(work, tmp_path):
     files, _ = work
