@@ -553,11 +553,19 @@ class DPUBackend:
             record["hint"] = (f"the DPU's 8-bit grids give {steps[0]['sqnr_db']:.1f} dB output SQNR vs FP32 on the calibration "
                               f"windows, under the {floor:g} dB floor; the best CPU pre stage gave {best_db:.1f} dB ({stop}): "
                               "this model's INT8 does not hold on the DPU; use --targets onnxruntime:int8 or openvino:int8 (they keep "
-                              "inner layers float), or a model trained on normalized (z-score) inputs")
+                              "inner layers float)" + (", or a model trained on normalized (z-score) inputs" if _raw_input(model) else ""))
         return best, record
 
     def runner(self, artifact: Artifact) -> DPUEmulatorRunner:
         return DPUEmulatorRunner(artifact.directory / artifact.primary)
+
+
+def _raw_input(model: Model) -> bool:
+    """Whether the model takes raw (unnormalized, normalization A) features: only then is retraining it on z-scored
+    inputs a remedy worth naming (the raw-feature T-P model; the CtRNN's loss is resolution, not scale)."""
+    from nilmc.calibration_data.normalization import Normalization
+
+    return not model.contract.folded and model.contract.normalization.kind == Normalization.A
 
 
 def onnx_copy(model: Any) -> Any:
