@@ -473,9 +473,36 @@ def _example_all_models(out: str, targets: str, jobs: int | None, force: bool, a
             info = m["info"]
             ops = (f"{info['macs']:,} MACs/prediction" if "macs" in info else f"{info.get('comparisons_per_prediction', 0):,} comparisons/prediction")
             click.echo(f"\n{kind}: {info.get('parameters', 0):,} parameters, {ops}" + (" (cached)" if m["cached"] else ""))
+            if targets == "all":  # every other available target says in one line why it is not in the table
+                for line in _example_refusals(str(m["model"]), [t for t in sorted(available) if t not in tl.split(",")]):
+                    click.echo(line)
         one(kind, str(m["model"]), str(m["calib"]), str(m["eval"]), tl, str(Path(out) / kind))
     if max(codes) != EXIT_OK:
         sys.exit(max(codes))
+
+
+def _example_refusals(model_path: str, others: list[str]) -> list[str]:
+    """For ``example --all-models``: the available targets a model's table leaves out, one line per reason (the
+    targets' pre-checks, milliseconds), then those whose pre-checks pass but are not in the example's list (a pre-check
+    passing is no promise the lowering will: onnx2tf fails on the cloud model's convolution, for one)."""
+    from nilmc.backends.registry import default_registry
+    from nilmc.compiler.driver import target_refusals
+    from nilmc.compiler.frontend import load_model
+
+    if not others:
+        return []
+    registry = default_registry()
+    refused = target_refusals(load_model(model_path), registry.parse_targets(",".join(others)), registry)
+    groups: dict[str, list[str]] = {}
+    for t in others:
+        if t in refused:
+            why = refused[t].removeprefix(f"{t} ").replace(t, "this target")
+            groups.setdefault(why, []).append(t)
+    lines = [f"  not in the table: {', '.join(ts)}: {why}" for why, ts in groups.items()]
+    fit = [t for t in others if t not in refused]
+    if fit:
+        lines.append(f"  not in the table, their pre-checks pass (not compiled here): {', '.join(fit)}")
+    return lines
 
 
 # ------------------------------------------------------------------ verify

@@ -324,6 +324,37 @@ def plan_targets(model: Model, targets: Sequence[Target], registry: Registry, op
     return plans
 
 
+def _deployed_float(art: Any, shared: Any) -> list[str]:
+    """What an artifact runs in float beyond the shared parameters' ``keep_float``, from the parameters it records as
+    deployed (``info["quantization"]``, shared format): activations it names (the DPU's CPU-stage tensors) and the
+    layers of a float prefix (TFLite/eIQ under the SQNR floor). A float layer of another kind is not taken: the DPU's
+    CPU tail reads the DPU's int8 output."""
+    from nilmc.quantization.params import PARAMS_VERSION
+
+    record = art.info.get("quantization")
+    if not isinstance(record, dict) or record.get("params_version") != PARAMS_VERSION:
+        return []  # no record, or one keyed by Keras layer (a QAT target's)
+    layers = {la.name for la in shared.layers}
+    prefix = ((record.get("provenance") or {}).get("float_prefix") or {}).get("layers", [])
+    named = [n for n in record.get("keep_float", ()) if n not in layers or n in prefix]
+    return [n for n in dict.fromkeys(named) if n not in shared.keep_float]
+
+
+def target_refusals(model: Model, targets: Sequence[Target], registry: Registry) -> dict[str, str]:
+    """``{target: one-line reason}`` for the targets that cannot take ``model``, found as :func:`plan_targets` finds
+    them (the Keras source a target needs, the backend's graph pre-check): milliseconds, nothing lowered."""
+    out = {}
+    for t in targets:
+        caps = registry.get(t.backend).capabilities
+        if caps.needs_keras(t.precision) and model.keras_path is None:
+            out[str(t)] = f"{t} lowers from the Keras source; the model was given as ONNX"
+            continue
+        problem = _precheck(registry, t, model)
+        if problem is not None:
+            out[str(t)] = problem.message
+    return out
+
+
 def _target_traits(caps: Any, precision: str, typed_options: Any) -> Any:
     """The traits a target's parameters are derived under: the backend's declared ones, adjusted by its typed options
     where the options record says how (``quant_traits(precision, traits)``, e.g. ``tflite.cpu_layers=none`` is full
@@ -728,14 +759,20 @@ class _Job:
                 sections["equalization"] = {**self.equalization, "used_by_this_target": self.uses_equalized(plan)}
                 if self.quant_eq is not None and not self.uses_equalized(plan):
                     sections["equalization"]["why_not"] = "power-of-two target: keeps the model as given (measured, see the driver)"
-            if not cover:
-                self.warnings.append(f"{target}: {cover.warning()}")
             findings = (overflow, cover)
         if plan.options is not None:
             lower_options["backend_options"] = plan.options
             lower_options.update({k: getattr(plan.options, k) for k in plan.option_values})
             sections["backend_options"] = dataclasses.asdict(plan.options)
         art = backend.lower(model, bundle, precision=target.precision, options=lower_options)
+        if findings is not None:
+            extra = _deployed_float(art, lower_options["params"])
+            if extra:  # the backend runs more in float than the shared parameters say: coverage of what it quantizes
+                shared = lower_options["params"]
+                findings = (findings[0], self._coverage(dataclasses.replace(shared, keep_float=(*shared.keep_float, *extra)), quant))
+                sections["coverage"] = findings[1].to_json()
+            if not findings[1]:
+                self.warnings.append(f"{target}: {findings[1].warning()}")
         cal_sqnr = art.info.get("calibration_sqnr")
         hint = cal_sqnr.get("hint") if isinstance(cal_sqnr, dict) else None  # e.g. tflite:int8 under the SQNR floor: which target holds it
         if hint:

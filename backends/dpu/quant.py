@@ -293,8 +293,13 @@ def to_quant_params(onnx_model: onnx.ModelProto, graph: DpuGraph, params: DpuPar
         if name not in params.fix:
             raise QuantizationError(f"quantization point {name!r} has no DPU fix point", "the DPU graph and the ONNX model disagree")
         tensors[name] = _tq(TensorQuant, name, "activation", params.fix[name])
-    out = QuantParams(DPU_POT, tensors, dict(g.shared), list(g.layers), "dpu", model_digest(model), keep_float=tuple(cpu_layers),
-                      provenance=dict(provenance or {}))
+    # activations computed and read on the CPU stages only are FP32 there: kept float by name, so the coverage and
+    # overflow checks leave them alone (a tensor the DPU reads, e.g. the pre stage's output, keeps its fix point)
+    # (the graph input is float already: the layer reading it is a CPU layer)
+    dpu_reads = {t for op in graph.ops for t in op.inputs} | {i.name for i in model.graph.input}
+    cpu_float = [n for n in g.quant_points if n in cpu_tensors and n not in dpu_reads and g.root(n) not in dpu_reads]
+    out = QuantParams(DPU_POT, tensors, dict(g.shared), list(g.layers), "dpu", model_digest(model),
+                      keep_float=(*cpu_layers, *cpu_float), provenance=dict(provenance or {}))
     return model, out
 
 

@@ -96,6 +96,11 @@ def test_lower_runs_the_rejected_pool_in_the_cpu_post_stage(tmp_path) -> None:
     # measured: 42.4 dB (the pool averages conv2's int8 output in FP32); with the pool inside the xmodel, as before,
     # 32.7 dB here (its 8-bit output grid) and 3-7 dB on the fuzz model
     assert sqnr > 36, sqnr
+    # the tail's own tensors are FP32 on the CPU and named so (coverage and overflow leave them alone); the DPU's output
+    # r2, which the tail reads, keeps its fix point
+    keep = art.info["quantization"]["keep_float"]
+    assert {"gp", "output"} <= set(keep), keep  # the pool's output and the head's: quantization points the DPU never sees
+    assert "r2" in art.info["quantization"]["tensors"] and "r2" not in keep and "input" not in keep
 
 
 def test_a_pool_within_the_limits_stays_on_the_dpu() -> None:

@@ -78,3 +78,21 @@ def test_cli_train_xgboost(tmp_path, splits):
     out = json.loads(res.output)
     assert out["model"] == "xgboost" and out["val_metrics"]["eacc"] > 0.3
     assert (tmp_path / "edge.onnx").is_file() and (tmp_path / "edge.info.json").is_file()
+
+
+def test_example_accounts_for_every_target_the_tree_model_leaves_out(tmp_path, trained):
+    """``example --all-models``'s one-line reasons come from the same pre-checks the compile runs (no lowering)."""
+    from nilmc.backends.registry import default_registry
+    from nilmc.compiler.cli import _example_refusals
+    from nilmc.compiler.driver import target_refusals
+
+    proto, contract, _ = trained
+    path = Model(proto, contract).save_onnx(tmp_path / "xgb.onnx")
+    registry = default_registry()
+    targets = registry.parse_targets("onnxruntime:fp32,onnxruntime:int8,openvino:int8,tflite:qat_int8")
+    refused = target_refusals(load_model(path), targets, registry)
+    assert set(refused) == {"onnxruntime:int8", "openvino:int8", "tflite:qat_int8"}
+    assert "TreeEnsembleRegressor is an ONNX-ML op" in refused["openvino:int8"] and "Keras source" in refused["tflite:qat_int8"]
+    lines = _example_refusals(str(path), ["onnxruntime:int8", "openvino:int8", "tflite:qat_int8"])
+    assert lines[0].startswith("  not in the table: onnxruntime:int8, openvino:int8: TreeEnsembleRegressor is an ONNX-ML op")
+    assert "this target cannot run it" in lines[0] and len(lines) == 2 and "\n" not in "".join(lines)

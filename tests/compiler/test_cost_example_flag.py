@@ -41,6 +41,8 @@ def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_
                 "targets": zoo.EXAMPLE_MODELS[kind]["targets"], "info": {"parameters": 10, "macs": 20}, "cached": False}
 
     monkeypatch.setattr(zoo, "example_model", fake_example_model)
+    asked: list[tuple] = []
+    monkeypatch.setattr(cli_mod, "_example_refusals", lambda path, others: asked.append((path, others)) or [f"  not in the table: {others[0]}: why"])
     out = tmp_path / "o"
     res = CliRunner().invoke(cli_mod.cli, ["example", "--all-models", "--out", str(out)], catch_exceptions=False)
     assert trained == ["ctrnn", "cloud", "xgboost"]
@@ -51,3 +53,8 @@ def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_
     assert set(calls[2][1].split(",")) <= set(zoo.EXAMPLE_MODELS["cloud"]["targets"])  # available server targets only
     assert res.exit_code == 1  # the CtRNN's failed gate did not stop the others, and sets the exit code
     assert "20 MACs/prediction" in res.output
+    # every available target outside a model's list is accounted for before its compile, in one line per reason
+    assert [a[0] for a in asked] == [str(out / "models" / f"{k}.model") for k in ("ctrnn", "cloud", "xgboost")]
+    for (_, others), (_, shown, _) in zip(asked, calls[1:]):
+        assert others and not set(others) & set(shown.split(","))
+    assert res.output.count("  not in the table: ") == 3
