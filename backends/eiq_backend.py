@@ -598,7 +598,8 @@ inp, out = it.get_input_details()[0], it.get_output_details()[0]
 x = np.load(here / "imx8mp_windows.npy")  # input codes, {io_dtype}
 it.allocate_tensors()
 codes, times = [], []
-for i in range(len(x)):  # batch 1, as deployed
+for i in range(len(x)):  # batch 1, as deployed; each window a new sequence (recurrent state reset)
+    it.reset_all_variables()
     it.set_tensor(inp["index"], x[i : i + 1])
     t0 = time.perf_counter(); it.invoke(); times.append(time.perf_counter() - t0)
     codes.append(it.get_tensor(out["index"]).copy())
