@@ -50,6 +50,7 @@ __all__ = ["MANIFEST", "SUMMARY", "CompileOptions", "CompileSummary", "TargetRes
 
 REFERENCE_TARGET = Target("onnxruntime", "fp32")
 REFERENCE_ENTRY = "reference"
+DOUBLE_NORM_WINDOWS = 2000  # windows the normalized-twice check reads (per-feature moments: more adds nothing)
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,14 @@ def preflight(model: Model, eval_ds: NilmDataset, targets: Sequence[Target], out
     return plans
 
 
+def _input_warnings(model: Model, ds: NilmDataset) -> list[str]:
+    """What the compile can do but the user should hear about the model's input: normalized twice (flags + graph)."""
+    from nilmc.quantization.normalization_check import check_double_normalization
+
+    twice = check_double_normalization(model.contract, ds.raw_x()[:DOUBLE_NORM_WINDOWS])
+    return [] if twice is None else [twice]
+
+
 def _junit_not_in_out(junit: Path, out: Path, targets: Sequence[Target]) -> None:
     planned = {REFERENCE_ENTRY, SUMMARY, *(bundle_name(t) for t in targets)}
     j, o = junit.absolute().resolve(), out.absolute().resolve()
@@ -470,6 +479,7 @@ def compile_model(
         t_ref = time.perf_counter()
         ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
         summary = CompileSummary(ref_metrics, out_dir=Path(out_dir))
+        summary.warnings.extend(_input_warnings(model, calib if calib is not None else eval_ds))
         summary.stages_s["reference"] = round(time.perf_counter() - t_ref, 3)
         progress_done(progress, "FP32 reference on onnxruntime")
         reference_onnx = model.serialize()

@@ -87,6 +87,20 @@ def ncw_conv1d_seq2seq(ds: NilmDataset, *, channels: int = 8, kernel: int = 9, s
     return m
 
 
+def with_graph_zscore(m: onnx.ModelProto, mean: float, std: float) -> onnx.ModelProto:
+    """``m`` with its input normalization inside the graph, as a PyTorch forward's ``(x - mean) / std`` (Sub, Div)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for n in out.graph.node:
+        n.input[:] = ["xn" if i == "input" else i for i in n.input]
+    out.graph.node.insert(0, helper.make_node("Div", ["xc", "in_std"], ["xn"], name="/norm/Div"))
+    out.graph.node.insert(0, helper.make_node("Sub", ["input", "in_mean"], ["xc"], name="/norm/Sub"))
+    out.graph.initializer.extend([numpy_helper.from_array(np.array(mean, np.float32), "in_mean"),
+                                  numpy_helper.from_array(np.array(std, np.float32), "in_std")])
+    onnx.checker.check_model(out)
+    return out
+
+
 def _conv1d_relu(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
     n, c, t = x.shape
     k = w.shape[2]
