@@ -230,9 +230,12 @@ class _Builder:
         self.ops.append(op)
         self.views[onnx_out or op.output] = _View(op.output, layout, op.shape)
 
-    def unsupported(self, node: onnx.NodeProto, reason: str) -> None:
+    def unsupported(self, node: onnx.NodeProto, reason: str, layer: Layer | None = None) -> None:
+        """A CPU op for ``node``; for a weighted ``layer`` that cannot be a DPU op, one op for the whole fused layer
+        (node, bias Add, activation), whose output is the layer's: its quantization point (a bias Add's output, e.g. a
+        Keras Dense's MatMul + BiasAdd) is then the CPU stage's tensor, not an alias of the MatMul's."""
         ins = tuple(self.view(i).tensor for i in node.input if i and i not in self.consts)
-        for out in node.output:
+        for out in (node.output if layer is None else [layer.output]):
             shape = tuple(d for d in self.shapes.get(out, ())[1:])
             # a rank-2 result is a flat feature vector whatever ran before: a dense op after it can be a DPU op again
             layout = FLAT if len(shape) == 1 and shape[0] > 0 else ""
@@ -327,8 +330,7 @@ class _Builder:
         if not reason and act == "clip":
             reason = "Clip activation (ReLU6) is not handled by nilmc's DPU lowering"
         if reason:
-            self.unsupported(node, reason)
-            self.views[layer.output] = self.views[node.output[0]]
+            self.unsupported(node, reason, layer)
             return
         w, a = _hw_weights(w, orient), _hw_attrs(a, orient)  # the conv2d over (H, W) of the NHWC tensor
         kh, kw = (int(v) for v in a.get("kernel_shape", w.shape[2:]))
@@ -336,8 +338,7 @@ class _Builder:
         dh, dw = (int(v) for v in a.get("dilations", (1, 1)))
         pads = tuple(int(v) for v in a.get("pads", (0, 0, 0, 0)))  # (top, left, bottom, right)
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            self.unsupported(node, f"auto_pad={a['auto_pad']!r} is not handled; export with explicit pads")
-            self.views[layer.output] = self.views[node.output[0]]
+            self.unsupported(node, f"auto_pad={a['auto_pad']!r} is not handled; export with explicit pads", layer)
             return
         h, wd, _ = src.shape
         oh, ow = _conv_out(h, kh, sh, dh, pads[0], pads[2]), _conv_out(wd, kw, sw, dw, pads[1], pads[3])
@@ -357,13 +358,11 @@ class _Builder:
         if node.op_type == "Gemm":
             a = _attrs(node)
             if a.get("transA", 0) or float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0:
-                self.unsupported(node, "Gemm with transA or alpha/beta != 1 is not handled by nilmc's DPU lowering")
-                self.views[layer.output] = self.views[node.output[0]]
+                self.unsupported(node, "Gemm with transA or alpha/beta != 1 is not handled by nilmc's DPU lowering", layer)
                 return
         if src.layout != FLAT or len(src.shape) != 1 or act == "clip":
             why = "Clip activation (ReLU6) is not handled" if act == "clip" else f"dense input {layer.input!r} is not a flat (N, features) tensor"
-            self.unsupported(node, why)
-            self.views[layer.output] = self.views[node.output[0]]
+            self.unsupported(node, why, layer)
             return
         bias = None if layer.bias is None else np.asarray(self.consts[layer.bias], np.float32).reshape(-1)
         attrs = {"in_features": int(w.shape[0]), "out_features": int(w.shape[1]), "alpha": alpha}
@@ -413,7 +412,11 @@ class _Builder:
         if 0 in axes or any(not _unit(labels[a - 1], src.shape) for a in axes):
             self.unsupported(node, f"Squeeze axes {axes} of a {src.layout} tensor {onnx_dims(src.layout, src.shape)} drop data")
             return
-        self.views[node.output[0]] = _View(src.tensor, "n" + "".join(l for i, l in enumerate(labels, 1) if i not in axes), src.shape)
+        layout = "n" + "".join(l for i, l in enumerate(labels, 1) if i not in axes)
+        if len(layout) == 2 and same_order(src.layout, src.shape):  # (N, C) left: a flat feature vector (a Keras GAP head)
+            self._flatten(node, src)
+            return
+        self.views[node.output[0]] = _View(src.tensor, layout, src.shape)
 
     def unsqueeze(self, node: onnx.NodeProto) -> None:
         """Adding 1-sized axes (a Keras Conv1D's ExpandDims): the same NHWC tensor in a longer view."""
