@@ -568,7 +568,7 @@ def npu_emulation(fb: bytes, x: np.ndarray, model: Model, calibration: Any = Non
 
 
 def _step_w(io_out: Mapping[str, Any], contract: Any) -> float:
-    w = np.asarray(contract.to_watts(np.array([[0.0], [float(io_out["scale"])]], np.float32))).ravel()
+    w = np.asarray(contract.values_to_watts(np.array([0.0, float(io_out["scale"])], np.float32))).ravel()
     return float(abs(w[1] - w[0]))
 
 

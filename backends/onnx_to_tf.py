@@ -650,10 +650,15 @@ def onnx_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[st
 def output_cover_watts(params: QuantParams, model: Model) -> dict[str, Any]:
     """The watts the output grid can represent, and whether it reaches the contract's peak power."""
     lo, hi = params[model.output_name].representable()
-    c = model.contract
-    w = np.asarray(c.to_watts(np.array([[lo], [hi]], np.float32)) if not c.folded else np.array([lo, hi]), np.float64).ravel()
-    return {"representable_w": [float(w.min()), float(w.max())], "peak_power_w": c.peak_power_w,
-            "covers_peak": c.peak_power_w is None or float(w.max()) >= c.peak_power_w}
+    return cover_watts(float(np.min(lo)), float(np.max(hi)), model.contract)
+
+
+def cover_watts(lo: float, hi: float, contract: Any) -> dict[str, Any]:
+    """The watts an output grid from ``lo`` to ``hi`` (graph output values) represents, and whether it reaches the
+    contract's peak power (element-wise de-normalization: a sequence output's grid holds every step)."""
+    w = np.asarray(contract.values_to_watts(np.array([lo, hi], np.float32)), np.float64)
+    return {"representable_w": [float(w.min()), float(w.max())], "peak_power_w": contract.peak_power_w,
+            "covers_peak": contract.peak_power_w is None or float(w.max()) >= contract.peak_power_w}
 
 
 # --------------------------------------------------------------------------- pre-check (the graph alone, milliseconds)

@@ -588,11 +588,10 @@ def _write_keras(keras_model: Any, path: Path) -> str:
 
 
 def _output_cover_watts(kq: Any, model: Model) -> dict[str, Any]:
+    from nilmc.backends.onnx_to_tf import cover_watts
+
     lo, hi = kq.output.representable()
-    c = model.contract
-    w_lo, w_hi = (float(v) for v in (c.to_watts(np.array([[lo], [hi]], np.float32)) if not c.folded else (lo, hi)))
-    return {"representable_w": [w_lo, w_hi], "peak_power_w": c.peak_power_w,
-            "covers_peak": c.peak_power_w is None or w_hi >= c.peak_power_w}
+    return cover_watts(float(np.min(lo)), float(np.max(hi)), model.contract)
 
 
 # ------------------------------------------------------------------ float / dynamic checks

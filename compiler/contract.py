@@ -312,6 +312,12 @@ class ModelContract:
         out = out[:, self.output_index(out.shape[1])]
         return out if self.folded else self.target.to_watts(out)
 
+    def values_to_watts(self, values: np.ndarray) -> np.ndarray:
+        """Graph output values (any shape, e.g. the ends of an output grid) -> watts, element-wise: the target
+        de-normalization without :meth:`to_watts`'s step selection (identity for a folded or classification contract)."""
+        v = np.asarray(values, np.float32)
+        return v if self.folded or self.is_classification else self.target.to_watts(v)
+
     def output_index(self, length: int) -> int:
         """Index of the prediction in a per-window output of ``length`` values (``output_select``).
 

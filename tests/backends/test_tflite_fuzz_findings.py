@@ -261,3 +261,16 @@ def test_each_window_starts_a_new_sequence_in_a_stateful_lstm_conversion():
     assert sqnr_db(ref.ravel(), got.ravel()) > 100, np.abs(got - ref).max(axis=1)
     again = invoke_windows(it, windows[::-1])  # order does not matter: no window sees another
     np.testing.assert_array_equal(again[::-1], got)
+
+
+def test_the_output_grid_of_a_sequence_model_is_in_watts_whatever_step_is_selected(tiny):
+    """tflite:int8 / eiq:int8 of a Keras sequence model with --output index:32 failed ("index:32 is outside the model's
+    output of 1 values"): the grid's two ends went through to_watts, which selects a step; they are values, element-wise."""
+    from nilmc.backends.onnx_to_tf import cover_watts
+
+    for sel in ("index:32", "last", "midpoint", ""):
+        c = tiny.contract.with_(output_select=sel, peak_power_w=3000.0)
+        got = cover_watts(-1.0, 2.0, c)
+        want = c.target.to_watts(np.array([-1.0, 2.0]))
+        assert got["representable_w"] == [float(want[0]), float(want[1])], (sel, got)
+        assert got["covers_peak"] == (float(want[1]) >= 3000.0)
