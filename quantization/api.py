@@ -43,7 +43,7 @@ import onnx
 from nilmc.compiler.errors import DataError, QuantizationError
 from nilmc.quantization.bias_correction import BiasCorrectionCheck, BiasCorrectionResult, bias_correction_pays, correct_bias
 from nilmc.quantization.estimators import ESTIMATORS
-from nilmc.quantization.graph import analyze, input_layers
+from nilmc.quantization.graph import analyze, input_layers, input_read_by_float_ops
 from nilmc.quantization.mixed_precision import MixedPrecisionResult, SqnrFallback, Unit, mixed_precision, raise_precision, raise_until_sqnr
 from nilmc.quantization.params import QuantParams, TensorQuant, activation_from_range, derive_params, replace_activation
 from nilmc.quantization.selection import (
@@ -266,6 +266,18 @@ def _precise_input_layers(onnx_model: onnx.ModelProto, traits: QuantTraits) -> t
     return tuple(layer.name for layer in layers) if layers else ()
 
 
+def _float_read_input(onnx_model: onnx.ModelProto, traits: QuantTraits) -> tuple[str, ...]:
+    """The graph input (and the tensors sharing its parameters) kept float when only float ops read it
+    (:func:`~nilmc.quantization.graph.input_read_by_float_ops`; ``Techniques.precise_input``), where the traits allow
+    float; else none."""
+    from nilmc.quantization.placement import NOT_COMPUTE
+
+    if not traits.float_layers:
+        return ()
+    m = _copy(onnx_model)
+    return tuple(input_read_by_float_ops(m, analyze(m), NOT_COMPUTE))
+
+
 def with_precise_input(params: QuantParams, onnx_model: onnx.ModelProto, techniques: Techniques | None = None) -> QuantParams:
     """``params`` from a plain derivation (a target's own estimator, e.g. the DPU's min-max start) with
     ``Techniques.precise_input`` applied as :func:`ptq_params` applies it: where ``params.traits.float_layers``, the
@@ -336,7 +348,8 @@ def ptq_params(
     timings: dict[str, float] = {}
     kf = tuple(keep_float)
     precise = _precise_input_layers(onnx_model, traits) if techniques.precise_input else ()
-    kf += tuple(name for name in precise if name not in kf)
+    float_input = _float_read_input(onnx_model, traits) if techniques.precise_input and not precise else ()
+    kf += tuple(name for name in (*precise, *float_input) if name not in kf)
 
     def finalize(p: QuantParams) -> QuantParams:
         p = replace(p, keep_float=tuple(dict.fromkeys([*p.keep_float, *kf])))
@@ -395,6 +408,9 @@ def ptq_params(
         outcome.precise_input = {"float_layers": list(precise), "deployment_headroom": h, "task": task}
         if symmetric is not None:
             outcome.precise_input["symmetric_ranges"] = symmetric.to_json()
+    if float_input:
+        outcome.precise_input = {"float_layers": [], "float_input": list(float_input),
+                                 "why": "only ops nilmc does not quantize read the graph input: it stays float32"}
     if techniques.bias_correction:
         t0 = time.perf_counter()
         pays = not techniques.only_if_better  # too few windows to measure it: not applied unless asked unconditionally

@@ -250,6 +250,27 @@ def input_layers(model: onnx.ModelProto, g: QuantGraph) -> list[Layer] | None:
     return readers or None
 
 
+def input_read_by_float_ops(model: onnx.ModelProto, g: QuantGraph, quantized_ops: frozenset[str]) -> list[str]:
+    """The graph input's parameter family when only ops nilmc does not quantize read it (through passthrough ops):
+    a recurrent cell first (a PyTorch GRU/LSTM export: input -> Transpose -> GRU). Rounding it to 8 bits would only
+    add noise in front of a float op. ``quantized_ops``: op types a QDQ graph runs on quantized tensors. Else []."""
+    if len(g.inputs) != 1:
+        return []
+    root = g.root(g.inputs[0])
+    family = {root} | {t for t, r in g.shared.items() if r == root}
+    weighted = {layer.name for layer in g.layers}
+    floats = 0
+    for node in model.graph.node:
+        if not family.intersection(node.input):
+            continue
+        if node.op_type in PASSTHROUGH_OPS and node.output and node.output[0] in family:
+            continue
+        if node.name in weighted or node.op_type in quantized_ops:
+            return []
+        floats += 1
+    return sorted(family) if floats else []
+
+
 def prune_dead(graph: onnx.GraphProto) -> None:
     """Drop, in place, the nodes and initializers no graph output depends on any more."""
     needed = {o.name for o in graph.output}

@@ -127,3 +127,42 @@ def test_second_output_of_a_recurrent_op_is_a_quant_point() -> None:
     m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     q = analyze(m)
     assert "Y_h" in q.quant_points and q.shared.get("feat") == "Y_h"
+
+
+def _lstm_first(head_reads_input: bool = False) -> onnx.ModelProto:
+    """A PyTorch LSTM export: input (N, 6, 1) -> Transpose -> LSTM -> Y_h -> Squeeze -> MatMul head [+ input's mean]."""
+    rng = np.random.default_rng(0)
+    t, hidden = 6, 4
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * hidden, 1)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (hidden, 1)).astype(np.float32), "head.W"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    nodes = [helper.make_node("Transpose", ["input"], ["seq"], perm=[1, 0, 2], name="to_seq"),
+             helper.make_node("LSTM", ["seq", "W", "R"], ["Y", "Y_h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["Y_h", "ax0"], ["feat"], name="sq"),
+             helper.make_node("MatMul", ["feat", "head.W"], ["head_out" if head_reads_input else "output"], name="head")]
+    if head_reads_input:  # an element-wise op QDQ graphs run quantized reads the input too: it must be quantized
+        nodes += [helper.make_node("ReduceMean", ["input"], ["m"], axes=[1, 2], keepdims=0, name="mean"),
+                  helper.make_node("Add", ["head_out", "m"], ["output"], name="mix")]
+    g = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", t, 1])],
+                          [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["N", 1])], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_an_input_only_float_ops_read_is_not_quantized() -> None:
+    """input -> Transpose -> LSTM (float): the 8-bit input grid would only add rounding noise in front of a float op
+    (fuzzed on PyTorch GRU/LSTM-first exports: QuantizeLinear on the input and the Transpose, against precise input)."""
+    from nilmc.quantization.api import ptq_params
+    from nilmc.quantization.graph import input_read_by_float_ops
+    from nilmc.quantization.placement import NOT_COMPUTE
+
+    m = _lstm_first()
+    assert input_read_by_float_ops(m, analyze(m), NOT_COMPUTE) == ["input", "seq"]
+    mixed = _lstm_first(head_reads_input=True)
+    assert input_read_by_float_ops(mixed, analyze(mixed), NOT_COMPUTE) == []
+    x = np.random.default_rng(1).normal(size=(64, 6, 1)).astype(np.float32)
+    out = ptq_params(m, collect_statistics(m, x), GENERIC_INT8, x)
+    assert {"input", "seq"} <= set(out.params.keep_float) and out.precise_input["float_input"] == ["input", "seq"]
+    qdq = build_qdq_model(m, out.params)
+    quantized = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized & {"input", "seq"} and "Y_h" in quantized, quantized
