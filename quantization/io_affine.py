@@ -201,13 +201,16 @@ def _per_feature(a: np.ndarray, axis: int | None = FEATURE_AXIS) -> np.ndarray |
 
 
 def _find_input_chain(graph: onnx.GraphProto, full: tuple[int, ...],
-                      axis: int | None = FEATURE_AXIS) -> tuple[StageFound | None, str, str]:
-    """The longest affine chain from the graph input (of shape ``full``) that is per-feature along ``axis``
-    (:func:`_per_feature`): (stage, its last tensor, why it stopped)."""
+                      axis: int | None = FEATURE_AXIS) -> tuple[StageFound | None, str, str, str]:
+    """The longest affine chain from the graph input (of shape ``full``; behind the shape-only ops it goes through
+    first, :func:`_behind_shape_ops`) that is per-feature along ``axis`` (:func:`_per_feature`): (stage, the tensor it
+    starts from, its last tensor, why it stopped)."""
     consts = _constants(graph)
     cons = _consumers(graph)
     outputs = {o.name for o in graph.output}
     cur = _graph_input(graph)
+    start, full, axis = _behind_shape_ops(cur, cons, outputs, consts, full, axis)
+    cur = start
     s, o = np.ones(full), np.zeros(full)
     chain: list[str] = []
     best: tuple[StageFound | None, str] = (None, cur)
@@ -231,11 +234,62 @@ def _find_input_chain(graph: onnx.GraphProto, full: tuple[int, ...],
         elif not why:
             why = (f"the affine after {node.name!r} varies along an axis other than the features" if axis is not None else
                    f"the affine after {node.name!r} is not one scalar (the input has one feature per step)")
-    return best[0], best[1], why or stop
+    return best[0], start, best[1], why or stop
 
 
-def _strip_input(graph: onnx.GraphProto, stage_end: str) -> None:
-    _rename_uses(graph, stage_end, _graph_input(graph))
+# Ops that only reshape the input before its normalization (a PyTorch (N, T) input unsqueezed to (N, 1, T) for a
+# BatchNorm1d(1)): a scalar affine commutes with them, so one behind them is taken out too (scalar stages only).
+_SHAPE_ONLY_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity"})
+
+
+def _behind_shape_ops(cur: str, cons: dict[str, list[onnx.NodeProto]], outputs: set[str], consts: dict[str, np.ndarray],
+                      full: tuple[int, ...], axis: int | None) -> tuple[str, tuple[int, ...], int | None]:
+    """``(tensor, its shape, feature axis)`` after the shape-only ops the graph input goes through first, each its
+    only reader's; the input itself, its shape and ``axis`` when there are none. Behind them the axis is None: only a
+    scalar stage is per-feature (the feature axis is not followed through a reshape)."""
+    x = np.zeros(full, np.float32)
+    moved = False
+    while True:
+        users = cons.get(cur, [])
+        if len(users) != 1 or cur in outputs or users[0].op_type not in _SHAPE_ONLY_OPS or len(users[0].output) != 1:
+            break
+        y = _apply_shape_op(users[0], x, consts)
+        if y is None:
+            break
+        x, cur, moved = y, users[0].output[0], True
+    return (cur, tuple(x.shape), None) if moved else (cur, full, axis)
+
+
+def _apply_shape_op(node: onnx.NodeProto, x: np.ndarray, consts: dict[str, np.ndarray]) -> np.ndarray | None:
+    """``node`` (a shape-only op) on ``x``, or None when its shape or axes are not constants."""
+    const = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    try:
+        if node.op_type == "Identity":
+            return x
+        if node.op_type == "Transpose":
+            return np.transpose(x, _attr(node, "perm", None))
+        if node.op_type == "Flatten":
+            a = int(_attr(node, "axis", 1)) % max(x.ndim, 1)
+            return x.reshape(int(np.prod(x.shape[:a])), -1)
+        if node.op_type == "Reshape":
+            if const is None:
+                return None
+            dims = [x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else int(d) for i, d in enumerate(np.asarray(const).ravel())]
+            return x.reshape(dims)
+        axes = [int(a) for a in np.asarray(const).ravel()] if const is not None else _attr(node, "axes", None)
+        if node.op_type == "Unsqueeze":
+            if axes is None:
+                return None
+            return np.expand_dims(x, tuple(sorted(a % (x.ndim + len(axes)) for a in axes)))
+        return np.squeeze(x) if axes is None else np.squeeze(x, tuple(a % x.ndim for a in axes))  # Squeeze
+    except (ValueError, TypeError, np.AxisError):
+        return None
+
+
+def _strip_input(graph: onnx.GraphProto, stage_start: str, stage_end: str) -> None:
+    """The stage from ``stage_start`` (the graph input, or the last shape-only op in front of the stage) to
+    ``stage_end`` taken out: its readers read ``stage_start``."""
+    _rename_uses(graph, stage_end, stage_start)
     prune_dead(graph)
 
 
@@ -348,9 +402,9 @@ def strip_io_affine(
     full, axis = _graph_layout(contract)
     new = onnx.ModelProto()
     new.CopyFrom(graph)
-    stage_in, end_in, why = _find_input_chain(new.graph, full, axis)
+    stage_in, start_in, end_in, why = _find_input_chain(new.graph, full, axis)
     if stage_in is not None:
-        _strip_input(new.graph, end_in)
+        _strip_input(new.graph, start_in, end_in)
         report.input = stage_in
     elif any(n.op_type in _AFFINE_OPS and _graph_input(graph.graph) in n.input for n in graph.graph.node):
         report.refused.append(f"input: {why}")  # an affine-looking op on the input that is not a constant per-feature affine

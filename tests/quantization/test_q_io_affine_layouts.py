@@ -221,3 +221,45 @@ def test_a_keras_normalization_behind_a_layer_is_refused_with_a_message_that_say
     with pytest.raises(ModelLoadError, match="captures into graph inputs") as info:
         keras_to_onnx(model, _contract("NWC").with_(input_shape=(T, 1, 1)))
     assert "first layer" in info.value.remedy
+
+
+def _bn_behind_unsqueeze(gamma: float, var: float, mean: float) -> onnx.ModelProto:
+    """NW (N, T) -> Unsqueeze -> BatchNormalization (one channel) -> Conv1d ...: a PyTorch BatchNorm1d(1) on the raw input."""
+    graph = _graph("NW", [])
+    vals = {"bn.g": [gamma], "bn.b": [0.25], "bn.m": [mean], "bn.v": [var]}
+    graph.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in vals.items())
+    for node in graph.graph.node:
+        node.input[:] = ["bn" if n == "nct" else n for n in node.input]
+    at = next(i for i, n in enumerate(graph.graph.node) if n.op_type == "Unsqueeze") + 1
+    graph.graph.node.insert(at, helper.make_node("BatchNormalization", ["nct", "bn.g", "bn.b", "bn.m", "bn.v"], ["bn"], name="/bn", epsilon=1e-5))
+    onnx.checker.check_model(graph)
+    return graph
+
+
+def test_a_batchnorm_behind_the_input_unsqueeze_leaves_the_graph():
+    """Fuzzed: a PyTorch model (N, T) -> unsqueeze(1) -> BatchNorm1d(1) kept its normalization in the graph (running_var
+    305030 refused by tensorrt:fp16; tflite / DPU refused BatchNormalization). A scalar affine commutes with the
+    Unsqueeze: the BN leaves the graph, the Unsqueeze stays."""
+    graph = _bn_behind_unsqueeze(1.5, float(STD[0] ** 2), float(MEAN[0]))
+    new, contract, report = strip_io_affine(graph, _contract("NW"))
+    assert report.input is not None and report.input.nodes == ["/bn"] and report.max_rel_error <= 1e-5, report.refused
+    assert [n.op_type for n in new.graph.node][:2] == ["Unsqueeze", "Conv"]
+    k = 1.5 / np.sqrt(STD[0] ** 2 + 1e-5)
+    scale, offset = contract.normalization.affine()
+    np.testing.assert_allclose([scale[0], offset[0]], [k, 0.25 - MEAN[0] * k], rtol=1e-6)
+    raw = _raw("NW")
+    ref, got = _watts(graph, _contract("NW"), raw), _watts(new, contract, raw)
+    assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_behind_a_reshape_only_a_scalar_stage_is_taken():
+    """NWC (N, T, 3) -> Transpose -> per-channel Mul: the feature axis is not followed through the Transpose, so the
+    per-feature stage stays in the graph (refused, with the reason), never taken out along the wrong axis."""
+    graph = _graph("NWC", [])
+    graph.graph.initializer.append(numpy_helper.from_array(np.array([2.0, 3.0, 4.0], np.float32).reshape(3, 1), "chan"))
+    for node in graph.graph.node:
+        node.input[:] = ["scaled" if n == "nct" else n for n in node.input]
+    at = next(i for i, n in enumerate(graph.graph.node) if n.op_type == "Transpose") + 1
+    graph.graph.node.insert(at, helper.make_node("Mul", ["nct", "chan"], ["scaled"], name="/chan/Mul"))
+    new, _, report = strip_io_affine(graph, _contract("NWC"))
+    assert new is graph and report.input is None
