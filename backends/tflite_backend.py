@@ -315,6 +315,8 @@ class TFLiteBackend:
         """What keeps ``model`` from ``tflite:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
         if precision not in self.capabilities.precisions:
             return None
+        if precision == "dynamic_int8" and (why := _dynamic_precheck(model.graph)) is not None:
+            return why
         if model.keras_path:
             from nilmc.backends.onnx_to_tf import keras_int8_precheck
 
@@ -619,6 +621,22 @@ def dynamic_weights(fb: bytes) -> dict[str, Any]:
                             "use tflite:fp32 (the same model) or tflite:int8 (full integer)")
     return {**out, "int8_elements": n_int8, "float32_elements": n_float,
             "note": f"the TFLite converter quantizes weight tensors of >= {DYNAMIC_MIN_ELEMENTS:,} elements only; the rest stay float32"}
+
+
+def _dynamic_precheck(graph: Any) -> str | None:
+    """Refuse ``dynamic_int8`` from the graph alone when no weighted layer's weight reaches the converter's
+    :data:`DYNAMIC_MIN_ELEMENTS` (the file would be the FP32 model; :func:`dynamic_weights` is the check on the file)."""
+    from nilmc.quantization.graph import analyze
+
+    m = type(graph)()
+    m.CopyFrom(graph)
+    g = analyze(m)
+    sizes = [int(np.asarray(g.constants[layer.weight]).size) for layer in g.layers if layer.weight in g.constants]
+    if not sizes or max(sizes) >= DYNAMIC_MIN_ELEMENTS:
+        return None
+    return (f"tflite:dynamic_int8: none of the model's {len(sizes)} weights has the {DYNAMIC_MIN_ELEMENTS:,} elements the TFLite "
+            f"converter quantizes from (the largest has {max(sizes):,}): the file would be the FP32 model; use tflite:fp32 "
+            "(the same model) or tflite:int8 (full integer)")
 
 
 def dynamic_kind(weights: Mapping[str, Any]) -> str:

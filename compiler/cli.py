@@ -235,6 +235,7 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         check_report_path(report, out, inputs=inputs)
     registry = default_registry()
     tlist = registry.parse_targets(targets)
+    named = {str(t) for part in targets.split(",") if part.strip() and not _wildcard(part) for t in registry.parse_targets(part)}
     _wire_meter_fitter(registry, tlist)
     # no --max-delta: the driver picks the model's task default (eacc=0.5 for regression, f1w=1 for classifiers)
     budget = parse_budget(max_delta) if max_delta else None
@@ -250,7 +251,7 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
                              inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags),
                              min_sqnr_db=min_sqnr_db, calib_windows=calib_windows, calib_selection=calib_select, calib_seed=calib_seed,
-                             jobs=_jobs(jobs, len(tlist)))
+                             jobs=_jobs(jobs, len(tlist)), skip_refused=frozenset(str(t) for t in tlist) - named)
     with progress:
         summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
     if report and summary.written:
@@ -261,6 +262,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         _print_json(summary.to_json())
     else:
         print_summary(summary)
+        for t, why in summary.skipped.items():
+            click.echo(f"nilmc: skipped {t} (its pre-check refused the model; --targets named it by wildcard): {why}", err=True)
         for w in summary.warnings:
             click.echo(f"nilmc: warning: {w}", err=True)
         n = len(summary.bundles())
@@ -276,6 +279,12 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
         click.echo("nilmc: " + "; ".join(parts) + f" (exit {code})", err=True)
     if code != EXIT_OK:
         sys.exit(code)
+
+
+def _wildcard(part: str) -> bool:
+    """Whether a --targets item names targets by wildcard (``all``, ``backend:all``)."""
+    part = part.strip()
+    return part == "all" or part.endswith(":all")
 
 
 AUTO_JOBS_MIN_TARGETS = 8  # below this a worker's start-up (imports, TensorFlow) costs more than it saves

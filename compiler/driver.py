@@ -96,6 +96,10 @@ class CompileOptions:
     calib_seed: int = 0
     coverage_threshold: float = 1e-3
     equalize: str = "auto"
+    # Targets left out, not failed, when their pre-check refuses the model (one line each in the summary's "skipped"):
+    # those a wildcard (--targets all, backend:all) brought in; a target named on its own that cannot take the model
+    # is bad input (exit 2) as before.
+    skip_refused: frozenset[str] = frozenset()
     # Worker processes for independent targets (1 = all in this process). With 2, the targets are split by backend
     # (backends sharing caches or parameters stay together) and one share runs in a spawned process: measured on the
     # shipped model, two concurrent halves of `nilmc example` took 50 s wall against 72 s in one process.
@@ -167,6 +171,7 @@ class CompileSummary:
     written: bool = False  # bundles were moved into out_dir
     warnings: list[str] = field(default_factory=list)
     stages_s: dict[str, Any] = field(default_factory=dict)  # wall time per shared stage (reference, statistics, techniques, total)
+    skipped: dict[str, str] = field(default_factory=dict)  # target -> why its pre-check refused the model (skip_refused)
 
     @property
     def passed(self) -> bool:
@@ -198,6 +203,7 @@ class CompileSummary:
             "bundles": {r.bundle.name: {"target": str(r.target), "manifest_sha256": r.manifest_sha256}
                         for r in self.results if r.bundle is not None},
             "warnings": list(self.warnings),
+            "skipped": dict(self.skipped),
         }
 
 
@@ -412,6 +418,18 @@ def preflight(model: Model, eval_ds: NilmDataset, targets: Sequence[Target], out
     return plans
 
 
+def _skip_refused(plans: list[TargetPlan], skippable: frozenset[str]) -> tuple[list[TargetPlan], dict[str, str]]:
+    """The plans left once the skippable targets whose pre-check refused the model are taken out, and those
+    (target -> one-line reason); :class:`DataError` when nothing is left."""
+    skipped = {str(p.target): p.problem.message for p in plans if p.problem is not None and str(p.target) in skippable}
+    kept = [p for p in plans if str(p.target) not in skipped]
+    if plans and not kept:
+        reasons = "; ".join(f"{t}: {why}" for t, why in list(skipped.items())[:3])
+        raise DataError(f"none of the {len(plans)} targets can take this model ({reasons}{'; ...' if len(skipped) > 3 else ''})",
+                        "name a target that runs the model's ops, e.g. --targets onnxruntime:fp32")
+    return kept, skipped
+
+
 def _input_warnings(model: Model, ds: NilmDataset) -> list[str]:
     """What the compile can do but the user should hear about the model's input: normalized twice (flags + graph)."""
     from nilmc.quantization.normalization_check import check_double_normalization
@@ -457,6 +475,8 @@ def compile_model(
     budget = validate_budget(budget)
     targets = list(dict.fromkeys(targets))
     plans = preflight(model, eval_ds, targets, out_dir, calib=calib, registry=registry, options=options)
+    plans, skipped = _skip_refused(plans, options.skip_refused)
+    targets = [p.target for p in plans]
     calibration_record: dict[str, Any] = {}
     if calib is not None:
         from nilmc.calibration_data.selection import select_for_compile
@@ -478,7 +498,7 @@ def compile_model(
         say("FP32 reference on onnxruntime")
         t_ref = time.perf_counter()
         ref_metrics, ref_pred = reference_metrics(model, eval_ds, registry=registry, batch_size=options.batch_size)
-        summary = CompileSummary(ref_metrics, out_dir=Path(out_dir))
+        summary = CompileSummary(ref_metrics, out_dir=Path(out_dir), skipped=skipped)
         summary.warnings.extend(_input_warnings(model, calib if calib is not None else eval_ds))
         summary.stages_s["reference"] = round(time.perf_counter() - t_ref, 3)
         progress_done(progress, "FP32 reference on onnxruntime")

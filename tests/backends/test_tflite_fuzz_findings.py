@@ -274,3 +274,15 @@ def test_the_output_grid_of_a_sequence_model_is_in_watts_whatever_step_is_select
         want = c.target.to_watts(np.array([-1.0, 2.0]))
         assert got["representable_w"] == [float(want[0]), float(want[1])], (sel, got)
         assert got["covers_peak"] == (float(want[1]) >= 3000.0)
+
+
+def test_dynamic_int8_of_small_weights_is_refused_before_any_work(tiny_ds):
+    """The converter quantizes no weight under 1,024 elements: found from the graph in the pre-check (so --targets all
+    skips it), not only after a conversion (the file check, test_dynamic_int8_never_labels_float_weights_int8)."""
+    from helpers import tiny_model
+
+    from nilmc.backends.tflite_backend import _dynamic_precheck
+
+    why = _dynamic_precheck(tiny_model(tiny_ds, hidden=8).graph)  # 90x8 and 8x1
+    assert why is not None and "1,024" in why and "largest has 720" in why and "tflite:fp32" in why, why
+    assert _dynamic_precheck(tiny_model(tiny_ds, hidden=16).graph) is None  # 90x16 = 1,440 elements

@@ -221,3 +221,17 @@ def test_train_writes_model_and_contract(tiny_files):
     assert stem.with_suffix(".onnx").is_file() and Path(str(stem) + ".keras.contract.json").is_file()
     bad = run("train", "--data", tiny_files["calib"], "--appliance", "dishwasher", "--epochs", "1", "--out", tiny_files["dir"] / "n")
     _assert_clean_error(bad, "dishwasher", "kettle")
+
+
+def test_a_wildcard_skips_the_targets_that_refuse_the_model_but_a_named_one_is_bad_input(tiny_files):
+    """--targets all on any ONNX model exited 2: the Keras-only targets it brings in refused the model. A target a wildcard
+    brought in whose pre-check refuses the model is skipped with its reason; named on its own it is still bad input."""
+    f = tiny_files
+    common = ["compile", str(f["model"]), "--calib", str(f["calib"]), "--eval", str(f["eval"]), "--json"]
+    r = run(*common, "--targets", "dpu:all", "--out", str(f["dir"] / "all"))
+    doc = json.loads(r.output)
+    assert set(doc["skipped"]) == {"dpu:b2304_qat", "dpu:b4096_qat"} and "Keras source" in doc["skipped"]["dpu:b2304_qat"]
+    assert [t["target"] for t in doc["targets"]] == ["dpu:b2304", "dpu:b4096"] and r.exit_code == doc["exit_code"] != 2, doc
+    assert sorted(p.name for p in (f["dir"] / "all").iterdir() if not p.name.startswith(".")) == ["dpu-b2304", "dpu-b4096", "reference", "summary.json"]
+    named = run(*common, "--targets", "dpu:b2304,dpu:b2304_qat", "--out", str(f["dir"] / "named"))
+    assert named.exit_code == 2 and json.loads(named.output)["skipped"] == {}
