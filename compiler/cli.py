@@ -363,7 +363,7 @@ _CONTRACT_OPTIONS = (
     click.option("--output", callback=_check_output, default=None, metavar="SELECTOR",
                  help="For sequence outputs: midpoint, last or index:K (the step that is the prediction)."),
     click.option("--layout", callback=_check_layout, default=None,
-                 help="The model's input layout: NTF1 (N,T,F,1), NWC (N,T,F), NCW (N,F,T), NW (N,T); default from its rank."),
+                 help="The model's input layout: NTF1 (N,T,F,1), N1TF (N,1,T,F), NWC (N,T,F), NCW (N,F,T), NW (N,T); default from its rank."),
     click.option("--task", type=click.Choice(["regression", "binary", "multilabel"], case_sensitive=False), default=None,
                  help="regression (watts, the default) or ON/OFF classification: binary (one appliance), multilabel (several)."),
     click.option("--appliances", default=None, metavar="A,B,..", help="Classification: the appliance of each output probability, in order."),

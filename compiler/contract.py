@@ -11,8 +11,9 @@ Two fields describe models whose tensors are not nilmc's canonical ones:
 
 ``layout``
     How the model's own input tensor is laid out (``input_shape`` is always the canonical
-    window ``(T, F, 1)`` of the data sets): ``NTF1`` canonical ``(N, T, F, 1)``; ``NWC``
-    ``(N, T, F)`` (Keras Conv1D); ``NCW`` ``(N, F, T)`` (PyTorch Conv1d); ``NW`` ``(N, T)``.
+    window ``(T, F, 1)`` of the data sets): ``NTF1`` canonical ``(N, T, F, 1)``; ``N1TF`` ``(N, 1, T, F)``
+    (PyTorch Conv2d, NCHW with one channel); ``NWC`` ``(N, T, F)`` (Keras Conv1D); ``NCW`` ``(N, F, T)`` (PyTorch
+    Conv1d); ``NW`` ``(N, T)``.
     Empty (the default) = not stated: the graph's input rank decides (:func:`resolve_layout`).
     The graph is left as exported: :meth:`ModelContract.prepare` puts the windows into this layout (float pre-processing).
 ``output_select``
@@ -58,8 +59,10 @@ CONTRACT_VERSION = 1
 
 CANONICAL_LAYOUT = "NTF1"
 # layout -> (rank of the model's input without batch, time axis, feature axis or None), axes without batch.
-LAYOUTS: dict[str, tuple[int, int, int | None]] = {"NTF1": (3, 0, 1), "NWC": (2, 0, 1), "NCW": (2, 1, 0), "NW": (1, 0, None)}
-_LAYOUT_ALIASES = {"NTFC": "NTF1", "NHWC": "NTF1", "NTF": "NWC", "NTC": "NWC", "NFT": "NCW", "NCT": "NCW", "NT": "NW"}
+LAYOUTS: dict[str, tuple[int, int, int | None]] = {"NTF1": (3, 0, 1), "N1TF": (3, 1, 2), "NWC": (2, 0, 1), "NCW": (2, 1, 0),
+                                                  "NW": (1, 0, None)}
+_LAYOUT_ALIASES = {"NTFC": "NTF1", "NHWC": "NTF1", "NCHW": "N1TF", "NCTF": "N1TF", "NTF": "NWC", "NTC": "NWC", "NFT": "NCW",
+                   "NCT": "NCW", "NT": "NW"}
 OUTPUT_SELECTORS_HELP = "midpoint, last or index:K"
 TASKS = ("regression", "binary", "multilabel")
 CLASSIFICATION_TASKS = ("binary", "multilabel")
@@ -74,7 +77,7 @@ def parse_layout(value: str | None) -> str:
     key = _LAYOUT_ALIASES.get(key, key)
     if key not in LAYOUTS:
         raise BadInputError(f"unknown input layout {value!r}",
-                            "use --layout NTF1 (N,T,F,1), NWC (N,T,F), NCW (N,F,T) or NW (N,T)")
+                            "use --layout NTF1 (N,T,F,1), N1TF (N,1,T,F), NWC (N,T,F), NCW (N,F,T) or NW (N,T)")
     return key
 
 
@@ -104,8 +107,9 @@ def parse_task(value: str | None) -> str:
 
 def resolve_layout(model_shape: Sequence[int | None], layout: str = "") -> str:
     """The layout of a model input of ``model_shape`` (without batch): ``layout`` when stated
-    (checked against the rank), else from the rank: 3 -> NTF1, 1 -> NW, 2 -> NCW when the
-    first axis is 1 (``(N, 1, T)``), NWC otherwise (``(N, T, F)``, ``(N, T, 1)``)."""
+    (checked against the rank), else from the rank: 3 -> N1TF when it is ``(N, 1, T, F)`` with F > 1 (a PyTorch
+    Conv2d's NCHW), NTF1 otherwise; 1 -> NW; 2 -> NCW when the first axis is 1 (``(N, 1, T)``), NWC otherwise
+    (``(N, T, F)``, ``(N, T, 1)``)."""
     rank = len(model_shape)
     if layout:
         layout = parse_layout(layout)
@@ -114,14 +118,14 @@ def resolve_layout(model_shape: Sequence[int | None], layout: str = "") -> str:
                                      f"(N, {', '.join('?' if d is None else str(d) for d in model_shape)})",
                                      "pass the --layout that matches the model's input")
         return layout
-    if rank == 3:
-        return "NTF1"
+    if rank == 3:  # (N, 1, T, F) is PyTorch's Conv2d input over T-P features; (N, T, F, 1) Keras' Conv2D
+        return "N1TF" if model_shape[0] == 1 and model_shape[2] not in (None, 1) else "NTF1"
     if rank == 1:
         return "NW"
     if rank == 2:  # (N, 1, T) is PyTorch's Conv1d input; any other (N, a, b) is read as Keras' (N, T, F)
         return "NCW" if model_shape[0] == 1 and model_shape[1] != 1 else "NWC"
     raise ShapeMismatchError(f"a model input of rank {rank + 1} is not a window layout nilmc knows",
-                             "nilmc compiles (N,T), (N,T,F), (N,F,T) and (N,T,F,1) inputs")
+                             "nilmc compiles (N,T), (N,T,F), (N,F,T), (N,T,F,1) and (N,1,T,F) inputs")
 
 
 def canonical_input_shape(model_shape: Sequence[int | None], layout: str = "", *, window: int | None = None) -> tuple[int, int, int]:
@@ -143,7 +147,11 @@ def canonical_input_shape(model_shape: Sequence[int | None], layout: str = "", *
     if f is None:
         raise ShapeMismatchError("the model's input leaves the number of features open", "write input_shape [T, F, 1] into the contract file (--contract FILE)")
     if layout == "NTF1" and model_shape[2] not in (None, 1):
-        raise ShapeMismatchError(f"a rank-4 model input must end in a channel of 1, got {tuple(model_shape)}", "nilmc windows are (N, T, F, 1)")
+        raise ShapeMismatchError(f"a rank-4 model input must end in a channel of 1, got {tuple(model_shape)}",
+                                 "nilmc windows are (N, T, F, 1); a PyTorch Conv2d input (N, 1, T, F) is --layout N1TF")
+    if layout == "N1TF" and model_shape[0] not in (None, 1):
+        raise ShapeMismatchError(f"layout N1TF is (N, 1, T, F) with one channel, got {tuple(model_shape)}",
+                                 "nilmc windows hold one channel: (N, 1, T, F) or (N, T, F, 1)")
     return int(t), int(f), 1
 
 
@@ -167,6 +175,8 @@ def to_layout(x: np.ndarray, layout: str) -> np.ndarray:
     """Canonical windows ``(N, T, F, 1)`` -> ``layout`` (module doc): a view or a contiguous copy, values unchanged."""
     if layout in ("", CANONICAL_LAYOUT):
         return x
+    if layout == "N1TF":  # one channel: the same values in the same order, the channel axis moved to the front
+        return x.reshape(x.shape[0], 1, *x.shape[1:3])
     core = x[..., 0]
     if layout == "NWC":
         return core
@@ -295,7 +305,7 @@ class ModelContract:
     def model_input_shape(self) -> tuple[int, ...]:
         """The graph input's shape without batch: the canonical ``input_shape`` ``(T, F, 1)`` in the model's layout."""
         t, f = int(self.input_shape[0]), int(self.input_shape[1]) if len(self.input_shape) > 1 else 1
-        return {"": tuple(int(d) for d in self.input_shape), "NTF1": tuple(int(d) for d in self.input_shape),
+        return {"": tuple(int(d) for d in self.input_shape), "NTF1": tuple(int(d) for d in self.input_shape), "N1TF": (1, t, f),
                 "NWC": (t, f), "NCW": (f, t), "NW": (t,)}[self.layout]
 
     def to_watts(self, out: np.ndarray) -> np.ndarray:

@@ -176,3 +176,50 @@ def compile_ncw_from_flags(tmp_path, m: onnx.ModelProto, ds: NilmDataset, ev: Ni
         "--input-std", s["input_std"], "--target-mean", s["target_mean"], "--target-std", s["target_std"], "--appliance", "fridge",
         *extra, "--json")], catch_exceptions=False)
     return r, {t["target"]: t for t in json.loads(r.stdout)["targets"]}
+
+
+def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """A PyTorch-style Conv2d export over T-P features: z-scored input (N, 1, T, F) (NCHW, one channel) -> Conv2d 3x3
+    -> ReLU -> Conv2d 3x3 -> ReLU -> Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
+    rng = np.random.default_rng(seed)
+    n, t, f = ds.x.shape[:3]
+    mean, std = ds.x.mean(axis=(0, 1, 3)), ds.x.std(axis=(0, 1, 3))
+    xz = ((ds.x[:, :, :, 0] - mean) / std)[:, None].astype(np.float64)  # (N, 1, T, F)
+    w1 = rng.normal(0, 1 / 3, (channels, 1, 3, 3))
+    w2 = rng.normal(0, 1 / np.sqrt(9 * channels), (channels, channels, 3, 3))
+    b1, b2 = np.full(channels, 0.05), np.full(channels, 0.05)
+    h = np.maximum(_conv2d(xz, w1, b1), 0)
+    h = np.maximum(_conv2d(h, w2, b2), 0).reshape(n, -1)
+    y = ds.y[:, 0].astype(np.float64)
+    ym, ys = float(y.mean()), float(y.std())
+    a = np.c_[h, np.ones(n)]
+    sol = np.linalg.solve(a.T @ a + 1.0 * np.eye(a.shape[1]), a.T @ ((y - ym) / ys))  # ridge: moderate head weights
+    inits = [numpy_helper.from_array(a.astype(np.float32), k) for a, k in
+             ((w1, "conv1.weight"), (b1, "conv1.bias"), (w2, "conv2.weight"), (b2, "conv2.bias"),
+              (sol[:-1].reshape(1, -1), "fc.weight"), (sol[-1:], "fc.bias"))]
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}
+    nodes = [helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"], name="/conv1/Conv", **conv),
+             helper.make_node("Relu", ["/conv1/Conv_output_0"], ["/act1/Relu_output_0"], name="/act1/Relu"),
+             helper.make_node("Conv", ["/act1/Relu_output_0", "conv2.weight", "conv2.bias"], ["/conv2/Conv_output_0"], name="/conv2/Conv", **conv),
+             helper.make_node("Relu", ["/conv2/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
+             helper.make_node("Flatten", ["/act2/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1),
+             helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1)]
+    g = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", 1, t, f])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", 1])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch", producer_version="2.5.0")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    for i, (mu, sd) in enumerate(zip(mean, std)):
+        m.metadata_props.add(key=f"training.input_mean_{i}", value=repr(float(mu)))
+        m.metadata_props.add(key=f"training.input_std_{i}", value=repr(float(sd)))
+    for key, value in (("target_mean", ym), ("target_std", ys)):
+        m.metadata_props.add(key=f"training.{key}", value=repr(value))
+    return m
+
+
+def _conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """NCHW 3x3 convolution, padding 1, stride 1 (the reference the export is fitted on)."""
+    n, c, hh, ww = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    cols = np.stack([xp[:, :, i:i + hh, j:j + ww] for i in range(3) for j in range(3)], axis=-1)  # (N, C, H, W, 9)
+    return np.einsum("nchwk,ock->nohw", cols, w.reshape(w.shape[0], c, 9)) + b[None, :, None, None]

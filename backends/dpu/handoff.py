@@ -114,6 +114,8 @@ def to_layout(x):
     layout = CONTRACT["layout"]
     if layout in ("", "NTF1"):
         return x
+    if layout == "N1TF":
+        return x.reshape(x.shape[0], 1, *x.shape[1:3])
     core = x[..., 0]
     if layout == "NWC":
         return core

@@ -252,7 +252,10 @@ class _Builder:
             layout = NHWC if len(shape) == 3 else FLAT
             if len(shape) == 3 and shape[0] > 1 and shape[1:] == (1, 1):  # a sequence declared as an image: H = 1
                 shape, layout = (1, shape[0], 1), "nw11"
-            elif len(shape) == 2 and self._read_by_conv1d(inp.name):
+            elif len(shape) == 3 and shape[0] == 1 and shape[2] > 1 and self._read_by_conv(inp.name, 4):
+                # a PyTorch Conv2d's one-channel NCHW input (N, 1, T, F): the NHWC tensor (T, F, 1)
+                shape, layout = (shape[1], shape[2], 1), NCHW
+            elif len(shape) == 2 and self._read_by_conv(inp.name, 3):
                 shape, layout = (1, shape[1], shape[0]), NCW
             elif len(shape) == 2:  # a Keras sequence (N, W, C)
                 shape, layout = (1, shape[0], shape[1]), NWC
@@ -284,8 +287,9 @@ class _Builder:
 
         return bool(users) and all(more_axes(n) for n in users)
 
-    def _read_by_conv1d(self, name: str) -> bool:
-        return any(n.op_type == "Conv" and n.input[0] == name and len(self.consts.get(n.input[1], np.zeros((0, 0, 0, 0))).shape) == 3
+    def _read_by_conv(self, name: str, weight_rank: int) -> bool:
+        """Whether a ``Conv`` with a weight of ``weight_rank`` (3: 1-D, 4: 2-D) reads ``name`` directly (channel-first)."""
+        return any(n.op_type == "Conv" and n.input[0] == name and len(self.consts.get(n.input[1], np.zeros(())).shape) == weight_rank
                    for n in self.consumers.get(name, []))
 
     # ------------------------------------------------------------------ layers

@@ -1,0 +1,88 @@
+"""A PyTorch Conv2d over T-P features: the input is NCHW with one channel, ``(N, 1, T, F)`` (layout ``N1TF``).
+
+It was refused ("a rank-4 model input must end in a channel of 1") with no layout to name. Now the rank-4 input
+``(1, T, F)`` reads as ``N1TF`` (the canonical windows' values in the same order, the channel axis in front), the DPU
+reads it as the NCHW view of the NHWC tensor ``(T, F, 1)`` (the conv stack on the DPU; PyTorch's channel-major
+Flatten and what follows run on the CPU), and it compiles from the command line alone.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import tiny_dataset
+from outside_models import nchw_conv2d_tp
+
+from nilmc.backends.dpu import partition, quant
+from nilmc.backends.dpu.ir import NCHW, from_onnx
+from nilmc.backends.dpu.testing import float_forward
+from nilmc.compiler.cli import cli
+from nilmc.compiler.contract import canonical_input_shape, load_contract_file, resolve_layout, to_layout
+
+
+@pytest.fixture(scope="module")
+def nchw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nchw")
+    ds, ev = tiny_dataset(600, seed=0), tiny_dataset(300, seed=1)
+    m = nchw_conv2d_tp(ds)
+    onnx.save(m, d / "conv2d.onnx")
+    ds.save(d / "calib.npz")
+    ev.save(d / "eval.npz")
+    meta = {p.key.split(".", 1)[1]: float(p.value) for p in m.metadata_props}
+    return d, m, ds, meta
+
+
+def test_a_one_channel_nchw_input_is_n1tf(nchw) -> None:
+    _, m, ds, _ = nchw
+    assert resolve_layout((1, 10, 9)) == "N1TF" and resolve_layout((10, 9, 1)) == "NTF1" and resolve_layout((1, 10, 1)) == "NTF1"
+    assert canonical_input_shape((1, 10, 9)) == (10, 9, 1)
+    x = ds.x[:4]
+    np.testing.assert_array_equal(to_layout(x, "N1TF"), x.transpose(0, 3, 1, 2))
+
+
+def test_the_dpu_reads_it_as_the_nchw_view_of_an_nhwc_tensor(nchw) -> None:
+    _, m, ds, meta = nchw
+    g = from_onnx(m)
+    assert g.ops[0].onnx_layout == NCHW and g.ops[0].shape == (10, 9, 1)
+    assert [op.name for op in g.unsupported] == ["/Flatten"]  # PyTorch's flatten is channel-major: the CPU tail from there
+    part = partition.plan_partition(g, (), mode="none")
+    dpu = partition.dpu_graph(g, part)
+    assert [op.name for op in dpu.ops if op.weighted] == ["/conv1/Conv", "/conv2/Conv"] and not part.problems
+    mean = np.array([meta[f"input_mean_{i}"] for i in range(9)])
+    std = np.array([meta[f"input_std_{i}"] for i in range(9)])
+    x = ((ds.x[:32, :, :, 0] - mean) / std)[:, None].astype(np.float32)
+    ref = quant.fp32_tensors(m, dpu, x)
+    got = float_forward(dpu, {"input": x})
+    for op in dpu.ops:  # the IR alone (NHWC, its own kernels and weights) computes what onnxruntime computes
+        np.testing.assert_allclose(got[op.output], ref[op.output], rtol=1e-5, atol=1e-5 * np.abs(ref[op.output]).max(), err_msg=op.name)
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_it_compiles_from_flags_alone(nchw) -> None:
+    d, _, _, meta = nchw
+    flags = ["--input-norm", "zscore", "--input-mean", ",".join(str(meta[f"input_mean_{i}"]) for i in range(9)),
+             "--input-std", ",".join(str(meta[f"input_std_{i}"]) for i in range(9)), "--target-mean", meta["target_mean"],
+             "--target-std", meta["target_std"], "--appliance", "kettle"]
+    r = CliRunner().invoke(cli, [str(a) for a in ("compile", d / "conv2d.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz",
+                                                  "--out", d / "out", "--targets", "onnxruntime:int8,tflite:fp32,dpu:b2304", *flags, "--json")])
+    doc = json.loads(r.stdout)
+    by = {t["target"]: t for t in doc["targets"]}
+    print({t: (v["status"], v["delta_eacc_pts"], v["output_sqnr_db"], v["error"]) for t, v in by.items()})
+    assert by["tflite:fp32"]["passed"] and by["tflite:fp32"]["output_sqnr_db"] > 100, by["tflite:fp32"]
+    for t in ("onnxruntime:int8", "dpu:b2304"):
+        assert by[t]["passed"] and abs(by[t]["delta_eacc_pts"]) <= 0.5 and by[t]["output_sqnr_db"] > 25, by[t]
+    assert json.loads((d / "out" / "dpu-b2304" / "manifest.json").read_text())["contract"]["layout"] == "N1TF"
+    # the board script feeds the model what nilmc verified: (N, 1, T, F), normalized per feature
+    spec = importlib.util.spec_from_file_location("run_on_board", d / "out" / "dpu-b2304" / "run_on_board.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    raw = tiny_dataset(8, seed=2).raw_x()
+    contract = load_contract_file(d / "out" / "dpu-b2304" / "contract.json")
+    got = mod.to_layout(mod.normalize(raw))
+    assert got.shape == (8, 1, 10, 9)
+    np.testing.assert_allclose(got, contract.prepare(raw), rtol=1e-5, atol=1e-5)
