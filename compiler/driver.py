@@ -120,6 +120,7 @@ class TargetResult:
     manifest_sha256: str | None = None
     verify_s: float = 0.0  # running the artifact on the evaluation set (and batch-1 latency)
     timings: dict[str, Any] = field(default_factory=dict)  # run-to-run timings kept out of the hashed manifest
+    int8_macs_share: float | None = None  # share of the weighted layers' MACs the artifact runs in INT8 (None: a float target)
 
     @property
     def passed(self) -> bool:
@@ -149,6 +150,7 @@ class TargetResult:
             "delta_eacc_pts": None if r is None else r.deltas.get("eacc"),
             "delta_mae_w": None if r is None else r.deltas.get("mae"),
             "output_sqnr_db": None if r is None else r.extra.get("output_sqnr_db"),
+            "int8_macs_share": self.int8_macs_share,
             "size_bytes": self.size_bytes,
             "latency_ms_b1": self.latency_ms_b1,
             "compile_s": round(self.compile_s, 3),
@@ -860,5 +862,6 @@ class _Job:
                                  "placement says which and why), so its speed and size are closer to a float model's")
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
-        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s)
+        return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s,
+                            int8_macs_share=share if isinstance(share, float) else None)
 

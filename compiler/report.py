@@ -27,11 +27,12 @@ def summary_table(summary: CompileSummary) -> str:
     lines = [
         f"FP32 reference (onnxruntime, measured): EACC {ref.eacc * 100:.2f} %  MAE {ref.mae:.2f} W  SAE {ref.sae:.4f}  "
         f"NDE {ref.nde:.4f}  F1 {ref.f1:.3f}",
-        "dEACC/dMAE: loss vs FP32 (positive = worse); SQNR: agreement of the artifact's output with FP32's (higher = closer)"
+        "dEACC/dMAE: loss vs FP32 (positive = worse); SQNR: agreement of the artifact's output with FP32's (higher = closer); "
+        "INT8 MACs: share of the weighted layers' MACs the artifact runs in INT8"
         + _floor_note(summary),
         "",
     ]
-    head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "SQNR dB", "size", "lat b1 ms", "gate")
+    head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "SQNR dB", "INT8 MACs", "size", "lat b1 ms", "gate")
     rows = [head]
     for r in summary.results:
         row = r.row()
@@ -40,7 +41,7 @@ def summary_table(summary: CompileSummary) -> str:
             row["target"], row["verification"],
             _fmt(None if row["eacc"] is None else row["eacc"] * 100, ".2f"), _fmt(row["mae_w"], ".2f"),
             _fmt(row["delta_eacc_pts"], "+.3f"), _fmt(row["delta_mae_w"], "+.2f"),
-            "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"),
+            "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"), _share(row["int8_macs_share"]),
             _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate,
         ))
     lines += _grid(rows) + _failures(summary)
@@ -50,6 +51,12 @@ def summary_table(summary: CompileSummary) -> str:
     if boards:  # seed 003 Table 12 for the boards this compile's targets run on
         lines += ["", hardware_table(boards)]
     return "\n".join(lines)
+
+
+def _share(share: float | None) -> str:
+    """The INT8 share of the MACs of a quantizing target ("-" for a float one): an int8 target mostly in float says so
+    in its own row, not only in a warning under the table."""
+    return "-" if share is None else f"{share:.0%}"
 
 
 def _grid(rows: list[tuple[str, ...]]) -> list[str]:
@@ -81,14 +88,14 @@ def classification_table(summary: CompileSummary) -> str:
     lines = [f"FP32 reference (onnxruntime, measured): weighted F1 {ref.f1w:.4f}  precision {ref.precision_w:.4f}  recall {ref.recall_w:.4f}  "
              f"accuracy {ref.accuracy:.4f}  (F1 per appliance: {per})",
              "dF1w: loss of weighted F1 vs FP32 in points (positive = worse); SQNR of the output probabilities vs FP32" + _floor_note(summary), ""]
-    head = ("target", "verified", "F1w", "prec w", "recall w", "accuracy", "dF1w pts", "SQNR dB", "size", "lat b1 ms", "gate")
+    head = ("target", "verified", "F1w", "prec w", "recall w", "accuracy", "dF1w pts", "SQNR dB", "INT8 MACs", "size", "lat b1 ms", "gate")
     rows: list[tuple[str, ...]] = [head]
     for r in summary.results:
         row, c = r.row(), (r.report.candidate if r.report is not None else None)
         gate = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
         rows.append((row["target"], row["verification"], *(_fmt(getattr(c, k, None), ".4f") for k in ("f1w", "precision_w", "recall_w", "accuracy")),
                      _fmt(None if r.report is None else r.report.deltas.get("f1w"), "+.3f"),
-                     "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"),
+                     "inf" if row["output_sqnr_db"] == float("inf") else _fmt(row["output_sqnr_db"], ".1f"), _share(row["int8_macs_share"]),
                      _size(row["size_bytes"]) if row["size_bytes"] else "-", _fmt(row["latency_ms_b1"], ".3f"), gate))
     lines += _grid(rows) + _failures(summary)
     return "\n".join(lines)

@@ -61,3 +61,11 @@ def test_int8_macs_share_shows_how_much_of_an_int8_target_runs_in_int8(tmp_path)
     assert "int8_macs_share" not in costs[0]  # a float target: no INT8 share
     assert costs[1]["int8_macs"] == 16 and costs[1]["int8_macs_share"] == round(16 / (10 * 9 * 16 + 16), 4)
     assert any(w.startswith("onnxruntime:int8: only 1% of the MACs run in INT8") for w in s.warnings), s.warnings
+    # and in its own row of the results table, not only in a warning under it
+    assert [r.row()["int8_macs_share"] for r in s.results] == [None, costs[1]["int8_macs_share"]]
+    from nilmc.compiler.report import summary_table
+
+    table = summary_table(s).splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("target"))
+    col = table[head].index("INT8 MACs")
+    assert [table[head + k][col:col + 3].strip() for k in (2, 3)] == ["-", "1%"], table
