@@ -328,7 +328,8 @@ def check_output(model: Model) -> None:
 
 FIELD_HELP: dict[str, str] = {
     "input_shape": "the window as nilmc data sets hold it: [T samples, F features, 1]",
-    "layout": "the model's own input layout: NTF1 (N,T,F,1), N1TF (N,1,T,F: PyTorch Conv2d), NWC (N,T,F: Keras Conv1D), NCW (N,F,T: PyTorch Conv1d), NW (N,T); flag --layout",
+    "layout": "the model's own input layout: NTF1 (N,T,F,1), N1TF (N,1,T,F: PyTorch Conv2d), NWC (N,T,F: Keras Conv1D), "
+              "NCW (N,F,T: PyTorch Conv1d), NW (N,T); flag --layout",
     "normalization": "input normalization: kind A/none, C/zscore (stats mean, std), B/minmax [0,1], D [-128,127], E [0,255] (stats minimum, maximum), "
                      "one value per feature; flags --input-norm, --input-mean/--input-std, --input-min/--input-max, --input-stats-from DATA.npz",
     "target": "the model output in watts is output * std + mean (0 and 1 when it returns watts); flags --target-mean/--target-std",

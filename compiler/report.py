@@ -33,7 +33,7 @@ def summary_table(summary: CompileSummary) -> str:
         "",
     ]
     head = ("target", "verified", "EACC %", "MAE W", "dEACC pts", "dMAE W", "SQNR dB", "INT8 MACs", "size", "lat b1 ms", "gate")
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for r in summary.results:
         row = r.row()
         gate = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")

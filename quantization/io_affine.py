@@ -282,7 +282,7 @@ def _apply_shape_op(node: onnx.NodeProto, x: np.ndarray, consts: dict[str, np.nd
                 return None
             return np.expand_dims(x, tuple(sorted(a % (x.ndim + len(axes)) for a in axes)))
         return np.squeeze(x) if axes is None else np.squeeze(x, tuple(a % x.ndim for a in axes))  # Squeeze
-    except (ValueError, TypeError, np.AxisError):
+    except (ValueError, TypeError):  # numpy.exceptions.AxisError is a ValueError
         return None
 
 

@@ -287,7 +287,8 @@ def check_double_normalization(contract: ModelContract, raw_x: np.ndarray, *, fe
     shape[feature_axis] = -1
 
     def staged(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, np.float64) * s.reshape(shape) + o.reshape(shape)
+        out: np.ndarray = np.asarray(x, np.float64) * s.reshape(shape) + o.reshape(shape)
+        return out
 
     raw_std, raw_mean = _unit_scale(staged(raw_x), feature_axis)
     got_std, got_mean = _unit_scale(staged(base.apply(raw_x, feature_axis=feature_axis)), feature_axis)

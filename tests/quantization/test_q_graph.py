@@ -107,28 +107,6 @@ def test_width_broadcast_add_is_not_a_bias() -> None:
     assert g.quant_points == ["input", "c", "output"]
 
 
-def test_second_output_of_a_recurrent_op_is_a_quant_point() -> None:
-    """A PyTorch LSTM export's head reads ``Y_h`` (the LSTM's second output): it must get parameters of its own, or
-    the head's input had none ("produced by an op nilmc cannot quantize")."""
-    from nilmc.quantization.graph import analyze
-
-    rng = np.random.default_rng(0)
-    t, hidden = 6, 4
-    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * hidden, 1)).astype(np.float32), "W"),
-             numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
-             numpy_helper.from_array(rng.normal(0, 0.4, (hidden, 1)).astype(np.float32), "head.W"),
-             numpy_helper.from_array(np.array([0], np.int64), "ax0")]
-    nodes = [helper.make_node("Transpose", ["input"], ["seq"], perm=[1, 0, 2], name="to_seq"),
-             helper.make_node("LSTM", ["seq", "W", "R"], ["Y", "Y_h"], hidden_size=hidden, name="lstm"),
-             helper.make_node("Squeeze", ["Y_h", "ax0"], ["feat"], name="sq"),
-             helper.make_node("MatMul", ["feat", "head.W"], ["output"], name="head")]
-    g = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", t, 1])],
-                          [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["N", 1])], inits)
-    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
-    q = analyze(m)
-    assert "Y_h" in q.quant_points and q.shared.get("feat") == "Y_h"
-
-
 def _lstm_first(head_reads_input: bool = False) -> onnx.ModelProto:
     """A PyTorch LSTM export: input (N, 6, 1) -> Transpose -> LSTM -> Y_h -> Squeeze -> MatMul head [+ input's mean]."""
     rng = np.random.default_rng(0)
@@ -147,6 +125,14 @@ def _lstm_first(head_reads_input: bool = False) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", t, 1])],
                           [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["N", 1])], inits)
     return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_second_output_of_a_recurrent_op_is_a_quant_point() -> None:
+    """A PyTorch LSTM export's head reads ``Y_h`` (the LSTM's second output): it must get parameters of its own, or
+    the head's input had none ("produced by an op nilmc cannot quantize")."""
+    m = _lstm_first()
+    q = analyze(m)
+    assert "Y_h" in q.quant_points and q.shared.get("feat") == "Y_h"
 
 
 def test_an_input_only_float_ops_read_is_not_quantized() -> None:
