@@ -534,6 +534,7 @@ def calibration_floor(precision: str, params: Any, opts: TFLiteOptions, options:
     inner layer float, as the QDQ targets do to hold the floor, so an ``int8`` miss is answered with the 16x8 grids: the same
     check on the parameters ``tflite:int16x8`` derives (with these options) names the target that holds it, with both
     numbers, in ``hint``. None when the floor is off or no calibration context was given."""
+    from nilmc.quantization._ort import output_step
     from nilmc.quantization.api import Techniques
     from nilmc.quantization.mixed_precision import calibration_sqnr_db
 
@@ -547,7 +548,7 @@ def calibration_floor(precision: str, params: Any, opts: TFLiteOptions, options:
     x = ctx.calib_x
 
     def measured(p: Any) -> float:
-        return calibration_sqnr_db(ctx.model.graph, p, x, max_windows=tech.max_windows)
+        return calibration_sqnr_db(ctx.model.graph, p, x, max_windows=tech.max_windows, step=output_step(ctx.model.contract))
 
     db = measured(params)
     out: dict[str, Any] = {"floor_db": floor, "output_sqnr_db": round(db, 2), "met": db >= floor, "windows": int(min(len(x), tech.max_windows)),

@@ -1231,13 +1231,15 @@ def _float_prefix(model: Model, ctx: Any, params: Any) -> Any:
     (:func:`~nilmc.quantization.mixed_precision.grow_float_prefix`), or None when the floor is off, holds already, or
     no layer raised the SQNR. TFLite's integer graph cannot keep an inner layer float as the QDQ targets do, but the
     layers after the float input can stay float before the one QUANTIZE into it."""
+    from nilmc.quantization._ort import output_step
     from nilmc.quantization.api import Techniques
     from nilmc.quantization.mixed_precision import grow_float_prefix
 
     tech = ctx.techniques if getattr(ctx, "techniques", None) is not None else Techniques()
     if tech.min_calib_sqnr is None:
         return None
-    grown = grow_float_prefix(model.graph, params, ctx.calib_x, float(tech.min_calib_sqnr), max_windows=tech.max_windows)
+    grown = grow_float_prefix(model.graph, params, ctx.calib_x, float(tech.min_calib_sqnr), max_windows=tech.max_windows,
+                              step=output_step(model.contract))
     return grown if grown.layers else None
 
 

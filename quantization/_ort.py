@@ -4,7 +4,7 @@ measure output error against FP32. Private: the public entry points are in those
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,10 +58,29 @@ def run(model: onnx.ModelProto, x: np.ndarray, outputs: Sequence[str] | None = N
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
 
 
-def output(model: onnx.ModelProto, x: np.ndarray, *, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-    """The first graph output over ``x``, as float64 ``(N, ...)``."""
+# ``step(L) -> index`` of the prediction in a per-window output of L values (``ModelContract.output_index``), for a
+# sequence model whose contract selects one step (--output midpoint|last|index:K): what the calibration SQNR floor and
+# every other output-fidelity score must measure, since the artifact is judged on that step alone. None: the whole output.
+OutputStep = Callable[[int], int]
+
+
+def output(model: onnx.ModelProto, x: np.ndarray, *, batch_size: int = DEFAULT_BATCH, step: OutputStep | None = None) -> np.ndarray:
+    """The first graph output over ``x``, as float64 ``(N, ...)``; with ``step``, the selected step ``(N,)`` of a
+    sequence output (:func:`select_step`)."""
     name = model.graph.output[0].name
-    return run(model, x, [name], batch_size=batch_size)[name].astype(np.float64)
+    y = run(model, x, [name], batch_size=batch_size)[name].astype(np.float64)
+    return y if step is None else select_step(y, step)
+
+
+def select_step(y: np.ndarray, step: OutputStep) -> np.ndarray:
+    """The step ``step(L)`` of each window's output of L values, ``(N,)``; an output of one value per window as it is."""
+    flat = np.asarray(y).reshape(len(y), -1)
+    return flat if flat.shape[1] == 1 else flat[:, step(flat.shape[1])]
+
+
+def output_step(contract: Any) -> OutputStep | None:
+    """The output step a contract selects (its ``output_index``), or None when it selects none (or there is none)."""
+    return contract.output_index if contract is not None and getattr(contract, "output_select", "") else None
 
 
 def mse(reference: np.ndarray, candidate: np.ndarray) -> float:

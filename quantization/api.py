@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from nilmc.compiler.errors import DataError, QuantizationError
+from nilmc.quantization import _ort
 from nilmc.quantization.bias_correction import BiasCorrectionCheck, BiasCorrectionResult, bias_correction_pays, correct_bias
 from nilmc.quantization.estimators import ESTIMATORS
 from nilmc.quantization.graph import analyze, input_layers, input_read_by_float_ops
@@ -397,7 +398,8 @@ def ptq_params(
 
             h = techniques.deployment_headroom
             outcome.params, symmetric = deployment_ranges(outcome.params, onnx_model, stats, x, headroom=h, exclude=[*kf, *g.inputs],
-                                                          min_sqnr_db=techniques.min_calib_sqnr, max_windows=techniques.max_windows)
+                                                          min_sqnr_db=techniques.min_calib_sqnr, max_windows=techniques.max_windows,
+                                                          step=_ort.output_step(contract))
             need = required_output_range(contract) if techniques.fit_output_range else None
             if need is not None:
                 outcome.params, symmetric.zero_on_code = zero_watts_on_code(outcome.params, onnx_model, need[0])
@@ -425,6 +427,7 @@ def ptq_params(
     if techniques.min_calib_sqnr is not None and traits.inner_float_layers:
         t0 = time.perf_counter()
         outcome.params, outcome.sqnr_fallback = raise_until_sqnr(onnx_model, outcome.params, x, techniques.min_calib_sqnr, stats=stats,
+                                                                 step=_ort.output_step(contract),
                                                                  fallback="float", max_units=techniques.sqnr_max_units)
         timings["sqnr_fallback"] = time.perf_counter() - t0
     if techniques.budget:

@@ -588,9 +588,14 @@ def calibration_sqnr(model: Model, calibration: NilmDataset, traits: Any = None)
 
     quant = QuantContext(model, calibration)
     params = quant.params(traits or GENERIC_INT8)
+    from nilmc.quantization._ort import output_step, select_step
+
     x = quant.calib_x
-    ref = _output(model.graph, x)
-    return float(sqnr_db(ref.reshape(-1), _output(build_qdq_model(model.graph, params), x).reshape(-1))), quant
+    step = output_step(model.contract)  # a sequence model is judged on its selected step alone
+    ref, got = _output(model.graph, x), _output(build_qdq_model(model.graph, params), x)
+    if step is not None:
+        ref, got = select_step(ref, step), select_step(got, step)
+    return float(sqnr_db(ref.reshape(-1), got.reshape(-1))), quant
 
 
 def equalize_for_quantization(model: Model, calibration: NilmDataset, workdir: str | Path, *, mode: str = "auto",

@@ -113,13 +113,15 @@ def deployment_ranges(
     exclude: Sequence[str] = (),
     min_sqnr_db: float | None = None,
     max_windows: int = 512,
+    step: Any = None,
 ) -> tuple[QuantParams, SymmetricRanges]:
     """Per-tensor coverage, then resolution (module docstring) for every activation of ``params`` except graph
     outputs (their range is the physical one), ``exclude`` and tensors kept float.
 
     ``headroom`` (>= 1) multiplies the covering range; ``min_sqnr_db`` (default None: no resolution step) is the
     calibration output SQNR floor vs FP32, measured on at most ``max_windows`` (default 512) windows of ``x`` (windows
-    as the graph takes them). Biases depending on a changed scale are re-derived. Deterministic.
+    as the graph takes them; ``step``: a sequence model's selected output step, :data:`~nilmc.quantization._ort.OutputStep`).
+    Biases depending on a changed scale are re-derived. Deterministic.
     """
     if headroom < 1.0:
         raise QuantizationError(f"deployment headroom must be >= 1, got {headroom}", "use 1 (none) or 1.5")
@@ -140,11 +142,11 @@ def deployment_ranges(
     if min_sqnr_db is None or not result.decisions:
         return out, result
     xs = _ort.subsample(x, max_windows)
-    ref = _ort.output(onnx_model, xs)
+    ref = _ort.output(onnx_model, xs, step=step)
 
     def sqnr(p: QuantParams) -> float:
         result.evaluations += 1
-        return float(_ort.sqnr_db(ref, _ort.output(build_qdq_model(onnx_model, p), xs)))
+        return float(_ort.sqnr_db(ref, _ort.output(build_qdq_model(onnx_model, p), xs, step=step)))
 
     current, estimator = sqnr(out), sqnr(params)
     result.calib_sqnr_db = {"estimator": _db(estimator), "coverage": _db(current)}

@@ -219,13 +219,15 @@ def _sqnr_meter(model: Model, x: np.ndarray) -> Any:
     deployment on windows ``x``, in model units as the other targets' calibration SQNR floor measures it."""
     from nilmc.backends.dpu.quant import fp32_outputs
     from nilmc.compiler.metrics import sqnr_db
+    from nilmc.quantization._ort import output_step, select_step
 
+    step = output_step(model.contract)  # a sequence model is judged on its selected step alone
     ref = fp32_outputs(model.graph, x)
 
     def measure(built: _Built) -> float:
         dep = Deployment(DpuEmulator(built.graph, built.params), built.pre, built.post)
-        out = dep.infer({model.input_name: x})
-        return float(sqnr_db(ref, next(iter(out.values())).reshape(ref.shape)))
+        got = next(iter(dep.infer({model.input_name: x}).values())).reshape(ref.shape)
+        return float(sqnr_db(ref, got) if step is None else sqnr_db(select_step(ref, step), select_step(got, step)))
 
     return measure
 

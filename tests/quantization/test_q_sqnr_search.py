@@ -41,3 +41,30 @@ def test_a_placement_with_too_few_int8_macs_is_not_taken_and_the_hint_says_so(s2
     hint = sqnr_floor_hint(kept)
     assert hint is not None and "could go back to INT8" in hint and "fp16/fp32" in hint
     assert f"floor ({floor:g} dB) was not met" in hint
+
+
+def test_the_floor_scores_the_output_step_a_sequence_model_is_judged_on() -> None:
+    """A seq2seq model is judged on the step its contract selects (--output midpoint): scored over the whole sequence,
+    a fuzzed ConvTranspose seq2seq model met the 30 dB floor at 33.8 dB while its midpoint was at 23.3 dB and its
+    onnxruntime:int8 / tensorrt:int8 gates failed (+2.8 points); with the step it kept layers float and passed (35.1 dB)."""
+    from outside_models import lf_windows, ncw_conv1d_seq2seq
+
+    from nilmc.quantization import _ort
+    from nilmc.quantization.statistics import collect_statistics
+    from nilmc.quantization.traits import GENERIC_INT8
+
+    ds = lf_windows(300, 64, seed=0)
+    m = ncw_conv1d_seq2seq(ds)
+    x = ((ds.x[:, :, 0, 0] - ds.x.mean()) / ds.x.std())[:, None, :].astype("float32")
+    params = derive_params(m, collect_statistics(m, x), GENERIC_INT8, estimator="minmax")
+
+    def mid(length: int) -> int:
+        return length // 2
+
+    ref, got = _ort.output(m, x), _ort.output(mixed_precision.build_qdq_model(m, params), x)
+    whole, at_mid = _ort.sqnr_db(ref, got), _ort.sqnr_db(ref[:, 0, 32], got[:, 0, 32])
+    assert abs(whole - at_mid) > 0.1  # the two measures differ on this model
+    assert _ort.output(m, x, step=mid).shape == (300,) and calibration_sqnr_db(m, params, x, step=mid) == pytest.approx(at_mid)
+    _, res = raise_until_sqnr(m, params, x, 0.0, step=mid)  # floor 0 dB: scored once, nothing kept
+    assert res.initial_db == pytest.approx(at_mid) and not res.kept
+    assert raise_until_sqnr(m, params, x, 0.0)[1].initial_db == pytest.approx(whole)
