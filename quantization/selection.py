@@ -141,8 +141,10 @@ def _key(tq: Any) -> tuple[Any, ...]:
 
 # --------------------------------------------------------------------------- headroom
 def apply_headroom(params: QuantParams, onnx_model: onnx.ModelProto, stats: Statistics | None, headroom: float,
-                   *, exclude: Sequence[str] = ()) -> QuantParams:
-    """``params`` with every activation range except graph outputs and ``exclude`` widened to ``[lo*h, hi*h]``.
+                   *, exclude: Sequence[str] = (), outputs: bool = False) -> QuantParams:
+    """``params`` with every activation range except graph outputs (unless ``outputs``) and ``exclude`` widened to
+    ``[lo*h, hi*h]``. Graph outputs are left to their physical range (0 W .. the contract's peak power,
+    :func:`~nilmc.quantization.api.fit_output_range`); without one, the caller widens them too (``outputs=True``).
 
     Biases depending on a widened scale are re-derived; power-of-two targets choose the
     fix position on the tensor's histogram when ``stats`` are given. ``headroom`` 1 is a no-op.
@@ -152,7 +154,7 @@ def apply_headroom(params: QuantParams, onnx_model: onnx.ModelProto, stats: Stat
     if headroom == 1.0:
         return params
     g = _graph(onnx_model)
-    skip = set(g.outputs) | set(exclude)
+    skip = (set() if outputs else set(g.outputs)) | set(exclude)
     out = params
     for t in g.quant_points:
         if t in skip:

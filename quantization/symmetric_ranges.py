@@ -114,9 +114,11 @@ def deployment_ranges(
     min_sqnr_db: float | None = None,
     max_windows: int = 512,
     step: Any = None,
+    outputs: bool = False,
 ) -> tuple[QuantParams, SymmetricRanges]:
     """Per-tensor coverage, then resolution (module docstring) for every activation of ``params`` except graph
-    outputs (their range is the physical one), ``exclude`` and tensors kept float.
+    outputs (their range is the physical one; ``outputs``: included, for a contract without a peak power), ``exclude``
+    and tensors kept float.
 
     ``headroom`` (>= 1) multiplies the covering range; ``min_sqnr_db`` (default None: no resolution step) is the
     calibration output SQNR floor vs FP32, measured on at most ``max_windows`` (default 512) windows of ``x`` (windows
@@ -126,7 +128,7 @@ def deployment_ranges(
     if headroom < 1.0:
         raise QuantizationError(f"deployment headroom must be >= 1, got {headroom}", "use 1 (none) or 1.5")
     g = _graph(onnx_model)
-    skip = set(g.outputs) | set(exclude) | set(params.keep_float)
+    skip = (set() if outputs else set(g.outputs)) | set(exclude) | set(params.keep_float)
     out = params
     result = SymmetricRanges(headroom, min_sqnr_db)
     for t in g.quant_points:
