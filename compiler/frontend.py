@@ -269,8 +269,32 @@ def _load_onnx_model(path: Path, contract: ModelContract | None) -> Model:
     fold_squeezed_conv_bias(proto)  # as for converted models: a tf2onnx Conv1D's bias and ReLU back onto its Conv (exact)
     fold_conv_batchnorm(proto)  # a PyTorch export's Conv -> BatchNormalization into the Conv's weights (exact, checked)
     _check_graph_shape(_graph_input_shape(proto), found, str(path))
+    _close_open_input_dims(proto, found)
     proto, found = _strip_io_stages(proto, _with_io_names(found))
     return Model(graph=proto, contract=found, source=str(path))
+
+
+def _close_open_input_dims(proto: onnx.ModelProto, contract: ModelContract) -> None:
+    """Write the contract's window into the graph input's open (symbolic) non-batch dimensions, in place, and into
+    every dimension of the graph that names the same symbol: a model exported with a dynamic time axis, compiled with
+    --window T, is the model at T (onnx2tf and the DPU lowering need static shapes: fuzzed, tflite:int8 and dpu:b2304
+    failed on a (N, 1, 'T') Conv1d export at --window 64 and passed on the same export at a fixed 64)."""
+    dims = _graph_inputs(proto.graph)[0].type.tensor_type.shape.dim
+    want = contract.model_input_shape()
+    if len(dims) != len(want) + 1:
+        return
+    symbols: dict[str, int] = {}
+    for d, w in zip(list(dims)[1:], want):
+        if not (d.HasField("dim_value") and d.dim_value > 0):
+            if d.HasField("dim_param") and d.dim_param:
+                symbols[d.dim_param] = int(w)
+            d.dim_value = int(w)
+    if not symbols:
+        return
+    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in symbols:
+                d.dim_value = symbols[d.dim_param]
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
