@@ -458,7 +458,7 @@ def plan_onnx_tensors(m: Any, graph: onnx.ModelProto, params: QuantParams) -> Te
         raise QuantizationError(f"the TFLite graph has {len(ops)} CONV_2D/FULLY_CONNECTED ops but nilmc's graph {len(layers)} weighted layers",
                                 "onnx2tf split or fused layers nilmc cannot map; lower it with an ONNX target (onnxruntime:int8)")
     plan = TensorPlan()
-    for i, layer in zip(ops, layers):
+    for i, layer in _pair_layers(m, ops, layers):
         _plan_onnx_layer(m, i, layer, params, plan)
     consts = onnx_constants(graph)
     while True:  # element-wise ops, same-grid ops and data movement, to a fixed point
@@ -557,6 +557,34 @@ def _place_same_grid(m: Any, plan: TensorPlan) -> None:
             for t in op.inputs:
                 if t >= 0 and t not in plan.weights:
                     plan.activations[t] = plan.activations[op.outputs[0]]
+
+
+def _pair_layers(m: Any, ops: list[int], layers: list[_OnnxLayer]) -> list[tuple[int, _OnnxLayer]]:
+    """Each CONV_2D / FULLY_CONNECTED op (graph order) with the first ONNX layer left, in ONNX order, of its kind whose
+    weight the op's weight is (:func:`_tflite_weight`: shape and values): the k-th op with the k-th layer on a chain,
+    and the right branch where the converter orders parallel layers otherwise (fuzzed: two Dense heads of a Keras
+    model, concatenated, were paired crosswise and refused). An op no layer matches keeps the k-th pairing, whose
+    check then says what differs."""
+    sg = m.subgraphs[0]
+    left = list(range(len(layers)))  # indices of the layers not paired yet, in ONNX order
+    pairs = []
+    for k, i in enumerate(ops):
+        op = sg.operators[i]
+        kind = "conv" if op_name(op_code(m, op)) == "CONV_2D" else "dense"
+        found = next((j for j in left if layers[j].kind == kind and _weight_matches(m, sg.tensors[op.inputs[1]], layers[j])), None)
+        j = found if found is not None else (left[0] if left else k)
+        if j in left:
+            left.remove(j)
+        pairs.append((i, layers[j]))
+    return pairs
+
+
+def _weight_matches(m: Any, t: Any, layer: _OnnxLayer) -> bool:
+    try:
+        _tflite_weight(m, t, layer)
+    except QuantizationError:
+        return False
+    return True
 
 
 def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantParams, plan: TensorPlan) -> None:

@@ -286,3 +286,40 @@ def test_dynamic_int8_of_small_weights_is_refused_before_any_work(tiny_ds):
     why = _dynamic_precheck(tiny_model(tiny_ds, hidden=8).graph)  # 90x8 and 8x1
     assert why is not None and "1,024" in why and "largest has 720" in why and "tflite:fp32" in why, why
     assert _dynamic_precheck(tiny_model(tiny_ds, hidden=16).graph) is None  # 90x16 = 1,440 elements
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+@pytest.mark.tflite
+def test_parallel_dense_heads_pair_with_their_own_weights(tmp_path):
+    """A Keras model whose Flatten feeds two Dense heads, concatenated: the converter orders the two FULLY_CONNECTED ops
+    otherwise than the ONNX graph, and pairing the k-th op with the k-th layer put head_b's weights on head_a
+    ("TFLite weight 'model/head_a/MatMul' (1, 512) does not match ONNX layer 'model/head_b/MatMul'", refused)."""
+    import json
+
+    from click.testing import CliRunner
+    from outside_models import lf_windows
+
+    from nilmc.compiler.cli import cli
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("building a test model")
+    tf.keras.utils.set_random_seed(0)
+    layers = tf.keras.layers
+    ds, ev = lf_windows(300, 32, seed=0), lf_windows(150, 32, seed=1)
+    inp = tf.keras.Input((32, 1))
+    h = layers.Flatten()(layers.Conv1D(4, 5, padding="same", activation="relu")(inp))
+    a, b = layers.Dense(1, name="head_a")(h), layers.Dense(1, name="head_b")(h)
+    km = tf.keras.Model(inp, layers.Dense(1)(layers.Concatenate()([a, b])))
+    mean, std = float(ds.x.mean()), float(ds.x.std())
+    km.compile("adam", "mse")
+    km.fit(((ds.x[:, :, 0] - mean) / std).astype(np.float32), (ds.y[:, 0] - ds.y.mean()) / ds.y.std(), epochs=3, verbose=0)
+    km.save(tmp_path / "m.keras")
+    ds.save(tmp_path / "calib.npz")
+    ev.save(tmp_path / "eval.npz")
+    r = CliRunner().invoke(cli, [str(v) for v in (
+        "compile", tmp_path / "m.keras", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / "out",
+        "--targets", "tflite:int8", "--input-norm", "zscore", "--input-mean", mean, "--input-std", std, "--target-mean",
+        float(ds.y.mean()), "--target-std", float(ds.y.std()), "--appliance", "fridge", "--json")])
+    row = json.loads(r.stdout)["targets"][0]
+    assert row["passed"] and row["output_sqnr_db"] > 25, row
