@@ -335,7 +335,8 @@ FIELD_HELP: dict[str, str] = {
     "target": "the model output in watts is output * std + mean (0 and 1 when it returns watts); flags --target-mean/--target-std",
     "appliance": "the appliance the model disaggregates (a column of the data sets); flag --appliance",
     "on_threshold_w": "ON when power >= this many watts (F1/precision/recall); flag --on-threshold",
-    "peak_power_w": "the largest power the output must represent (INT8 output range), null = the calibration range with the deployment headroom; flag --peak-power",
+    "peak_power_w": "the largest power the output must represent (INT8 output range), null = the calibration range with the "
+                    "deployment headroom; flag --peak-power",
     "output_select": f"for a sequence output: {OUTPUT_SELECTORS_HELP} ('' = one value per window); flag --output",
     "feature_names": "names of the F features (informational)",
     "folded": "true when the graph itself normalizes its input and returns watts",
