@@ -184,7 +184,16 @@ def build_contract(model_path: str | Path, flags: ContractFlags, *, require: boo
         if flags.window is not None and flags.window != input_shape[0]:
             input_shape = (int(flags.window), *input_shape[1:])
     data = _stats_source(flags.input_stats_from)
-    normalization = _normalization(flags, base, data, n_features=int(input_shape[1]))
+    try:
+        normalization = _normalization(flags, base, data, n_features=int(input_shape[1]))
+    except BadInputError as exc:
+        if base is not None or flags.layout is None or int(input_shape[1]) == 1:
+            raise
+        # a --layout that reads the model's input otherwise than it is meant makes time steps "features" (fuzzed: an
+        # (N, 1, T) Conv1d export with --layout NWC asked for 64 per-feature means): say how the layout read it
+        raise BadInputError(exc.message, f"{exc.remedy}; or, if the model does not take {int(input_shape[1])} features: --layout "
+                            f"{layout} reads its input {tuple(model_io_shapes(model_path)[0])} as T={int(input_shape[0])} steps of "
+                            f"{int(input_shape[1])} features; pass the layout that matches it, or leave --layout out") from None
     target = TargetScaling(
         flags.target_mean if flags.target_mean is not None else (base.target.mean if base else 0.0),
         flags.target_std if flags.target_std is not None else (base.target.std if base else 1.0),
@@ -294,7 +303,8 @@ def _per_feature(values: np.ndarray, n: int, name: str, *, from_flag: bool = Fal
         v = f"{float(values[0]):g}"
         raise BadInputError(f"{flag} {v} is one number but the model takes {n} features; nilmc does not spread one "
                             "statistic over every feature",
-                            f"give one per feature, e.g. {flag} {','.join([v] * n)} if every feature really shares it, "
+                            f"give one per feature, e.g. {flag} {','.join([v] * n) if n <= 4 else f'{v},{v},...,{v} ({n} values)'} "
+                            "if every feature really shares it, "
                             "or take them from the training data: --input-stats-from DATA.npz")
     if values.size == 1:
         return np.full(n, float(values[0]))

@@ -58,3 +58,18 @@ def test_a_statistic_the_kind_does_not_use_is_reported_as_that(tmp_path):
     """min-max with --input-mean/--input-std: the error is the missing --input-min/--input-max, not the feature count."""
     with pytest.raises(BadInputError, match="--input-min/--input-max"):
         build_contract(_model(tmp_path, 3), _flags(input_norm="minmax", input_mean="1", input_std="2"))
+
+
+def test_a_layout_that_makes_time_steps_features_says_how_it_read_the_input(tmp_path):
+    """Fuzzed: a PyTorch Conv1d export (N, 1, 64) with --layout NWC was asked for 64 per-feature means, the 64 values
+    spelled out; following that remedy then failed on the data. The remedy now says how the layout read the input."""
+    node = helper.make_node("ReduceMean", ["input"], ["output"], axes=[1, 2], keepdims=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 64])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N"])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ncw.onnx")
+    with pytest.raises(BadInputError) as err:
+        build_contract(tmp_path / "ncw.onnx", _flags(input_norm="zscore", input_mean="221.8", input_std="52.3"))
+    msg = str(err.value)
+    assert "--layout NWC reads its input (1, 64) as T=1 steps of 64 features" in msg and "(64 values)" in msg, msg
+    c = build_contract(tmp_path / "ncw.onnx", ContractFlags(appliance="fridge", input_norm="zscore", input_mean="221.8", input_std="52.3"))
+    assert c.layout == "NCW" and c.input_shape == (64, 1, 1)  # left out, the layout is read from the shape
