@@ -302,6 +302,13 @@ class ModelContract:
         self.check_input(raw_x)
         return np.asarray(raw_x, np.float32) if self.folded else self.normalization.apply(raw_x)
 
+    def input_feature_axis(self) -> int | None:
+        """The feature axis of the graph input, batch axis 0; None for a one-feature input (``NW`` ``(N, T)``, or any
+        layout with F = 1), whose only long axis is time."""
+        f_axis = LAYOUTS[self.layout or CANONICAL_LAYOUT][2]
+        features = int(self.input_shape[1]) if len(self.input_shape) > 1 else 1
+        return None if f_axis is None or features == 1 else f_axis + 1
+
     def model_input_shape(self) -> tuple[int, ...]:
         """The graph input's shape without batch: the canonical ``input_shape`` ``(T, F, 1)`` in the model's layout."""
         t, f = int(self.input_shape[0]), int(self.input_shape[1]) if len(self.input_shape) > 1 else 1

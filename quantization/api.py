@@ -611,7 +611,7 @@ def quantize(
         fold = _fold(model, input_mode="ops", verify_x=raw[:256])
         model, x, keep = fold.model, np.asarray(raw, np.float32), fold.float_tensors
     t0 = time.perf_counter()
-    stats = collect_statistics(model.graph, x)
+    stats = collect_statistics(model.graph, x, feature_axis=model.contract.input_feature_axis())
     timings = {"statistics": time.perf_counter() - t0}
     if tech.budget and eval_fn is None:
         eval_fn = _default_eval_fn(model, calib)

@@ -78,7 +78,7 @@ class QuantContext:
                 canonical = self.model.contract.normalize(self.calibration.raw_x())  # before the model's layout
                 self.normalization_report = check_normalization(self.model.contract, canonical,
                                                                 policy="error" if tech is None else tech.normalization_policy)
-            self._stats = collect_statistics(self.model.graph, x, bins=self.bins)
+            self._stats = collect_statistics(self.model.graph, x, bins=self.bins, feature_axis=self.model.contract.input_feature_axis())
             self.statistics_s = time.perf_counter() - t0
         return self._stats
 

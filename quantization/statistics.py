@@ -393,12 +393,19 @@ def _weight_stats(model: onnx.ModelProto, bins: int) -> dict[str, TensorStats]:
     return out
 
 
-def collect_statistics(onnx_model: onnx.ModelProto, calib_x: np.ndarray, *, batch_size: int = 256, bins: int = 2048) -> Statistics:
+AUTO = "auto"
+
+
+def collect_statistics(onnx_model: onnx.ModelProto, calib_x: np.ndarray, *, batch_size: int = 256, bins: int = 2048,
+                       feature_axis: int | None | str = AUTO) -> Statistics:
     """One FP32 pass over ``calib_x``: :class:`Statistics` for every activation tensor, plus the weights.
 
     ``batch_size`` (default 256) windows per onnxruntime call; ``bins`` (default 2048)
-    histogram bins per tensor. Raises :class:`DataError`/:class:`ShapeMismatchError`
-    for bad calibration data and :class:`QuantizationError` when a tensor goes non-finite.
+    histogram bins per tensor; ``feature_axis`` of the graph input, batch axis 0 (default ``"auto"``: read from its
+    shape, :func:`_feature_axis`; None: one feature, no per-feature ranges). A caller with the model's contract passes
+    it (``ModelContract.input_feature_axis``): an ``(N, T)`` input is one feature over T steps, not T features.
+    Raises :class:`DataError`/:class:`ShapeMismatchError` for bad calibration data and :class:`QuantizationError`
+    when a tensor goes non-finite.
     """
     if batch_size < 1:
         raise QuantizationError(f"batch_size must be >= 1, got {batch_size}", "use the default 256")
@@ -409,7 +416,7 @@ def collect_statistics(onnx_model: onnx.ModelProto, calib_x: np.ndarray, *, batc
     for batch in run_with_intermediates(onnx_model, x, batch_size=batch_size):
         for name, value in batch.items():
             if name not in accs:
-                axis = _feature_axis(value.shape) if name == input_name else None
+                axis = (_feature_axis(value.shape) if feature_axis == AUTO else feature_axis) if name == input_name else None
                 accs[name], shapes[name] = _Accumulator(name, bins, axis), tuple(value.shape[1:])
             accs[name].add(value)
     tensors = {n: a.result(shape=shapes[n]) for n, a in accs.items()}

@@ -104,3 +104,25 @@ def test_likely_causes_skip_tensors_the_artifact_computes_in_float(setup):
     text = likely_causes(overflow, cover, float_tensors=named)
     assert text.startswith("likely cause: ")
     assert not any(f"on {t!r}" in text or f"on {t} (" in text for t in named), text
+
+
+def test_the_contract_says_which_input_axis_holds_features():
+    """An (N, T) input is one feature over T steps: read from the shape alone its T positions were taken for features
+    (fuzzed: a failed gate's cause named "47 feature(s)" of a one-feature model). The contract's layout decides."""
+    from onnx import TensorProto, helper
+
+    from nilmc.calibration_data.normalization import Normalization, NormalizationSpec
+    from nilmc.compiler.contract import ModelContract
+
+    def contract(layout: str, t: int, f: int) -> ModelContract:
+        return ModelContract(input_shape=(t, f, 1), normalization=NormalizationSpec(Normalization.A, None), appliance="fridge", layout=layout)
+
+    assert [contract(lay, 16, 3).input_feature_axis() for lay in ("NTF1", "N1TF", "NWC", "NCW")] == [2, 3, 2, 1]
+    assert [contract(lay, 16, 1).input_feature_axis() for lay in ("NW", "NWC", "NCW", "NTF1")] == [None] * 4
+    node = helper.make_node("ReduceMean", ["input"], ["output"], axes=[1], keepdims=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N"])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    assert collect_statistics(m, x)["input"].feature_axis == 1  # from the shape alone: 16 "features"
+    assert collect_statistics(m, x, feature_axis=None)["input"].feature_axis is None
