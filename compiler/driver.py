@@ -33,6 +33,7 @@ from nilmc.compiler.errors import (
     EXIT_GATE_FAILED,
     EXIT_INTERNAL,
     EXIT_OK,
+    BadInputError,
     DataError,
     NilmcError,
     NormalizationError,
@@ -278,7 +279,24 @@ def reference_metrics(model: Model, eval_ds: NilmDataset, *, registry: Registry 
         art = backend.lower(model, Path(tmp), precision=REFERENCE_TARGET.precision)
         with backend.runner(art) as r:
             pred = predict_watts(r, model.contract, eval_ds.raw_x(), batch_size=batch_size)
+    _check_probabilities(model, pred)
     return model.contract.score(eval_truth(model, eval_ds), pred), pred
+
+
+PROBABILITY_SLACK = 1e-3  # a sigmoid head's float output stays in [0, 1]; beyond this the output is not a probability
+
+
+def _check_probabilities(model: Model, pred: np.ndarray) -> None:
+    """A binary / multilabel contract scores probabilities: an output outside [0, 1] is a regression head under the
+    wrong --task (fuzzed: outputs -1.17..3.13 taken as probabilities, F1 1.000 everywhere, no word said)."""
+    if not model.contract.is_classification or pred.size == 0:
+        return
+    lo, hi = float(np.min(pred)), float(np.max(pred))
+    if lo < -PROBABILITY_SLACK or hi > 1.0 + PROBABILITY_SLACK:
+        raise BadInputError(f"--task {model.contract.task} scores per-appliance probabilities in [0, 1], but the model's FP32 outputs "
+                            f"span {lo:.4g} .. {hi:.4g} on the evaluation set",
+                            "a classifier needs a sigmoid head; for a model that predicts power, use --task regression with "
+                            "--target-mean/--target-std")
 
 
 OVERFLOW_POLICIES = ("warn", "error", "fix")

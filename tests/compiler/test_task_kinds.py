@@ -220,3 +220,11 @@ def test_cli_compile_of_a_classifier_without_max_delta_uses_the_f1w_default(tmp_
     assert budget["f1w"] == 1.0 and "eacc" not in budget
     res = CliRunner().invoke(cli, [*args[:-1], "--out", str(tmp_path / "out2"), "--max-delta", "eacc=0.5"])
     assert res.exit_code != 0 and "not scored in" in res.output and "Traceback" not in res.output
+
+
+def test_a_regression_head_under_a_classification_task_is_refused(tiny, tiny_ds, tiny_eval, tmp_path):
+    """Fuzzed: --task binary on a regression model took outputs -1.17..3.13 as probabilities (F1 1.000, no word said)."""
+    model = Model(tiny.graph, tiny.contract.with_(task="binary", peak_power_w=1.0), source="tiny")
+    with pytest.raises(BadInputError, match=r"probabilities in \[0, 1\], but the model's FP32 outputs span") as err:
+        compile_model(model, tiny_eval, [Target("onnxruntime", "fp32")], tmp_path / "out")
+    assert "--task regression" in err.value.remedy and not (tmp_path / "out").exists()
