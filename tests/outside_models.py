@@ -178,9 +178,10 @@ def compile_ncw_from_flags(tmp_path, m: onnx.ModelProto, ds: NilmDataset, ev: Ni
     return r, {t["target"]: t for t in json.loads(r.stdout)["targets"]}
 
 
-def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, seed: int = 0) -> onnx.ModelProto:
+def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, hidden: int = 0, seed: int = 0) -> onnx.ModelProto:
     """A PyTorch-style Conv2d export over T-P features: z-scored input (N, 1, T, F) (NCHW, one channel) -> Conv2d 3x3
-    -> ReLU -> Conv2d 3x3 -> ReLU -> Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
+    -> ReLU -> Conv2d 3x3 -> ReLU -> Flatten [-> Linear ``hidden`` -> ReLU] -> Linear (ridge fitted) -> (N, 1)
+    appliance watts, z-scored."""
     rng = np.random.default_rng(seed)
     n, t, f = ds.x.shape[:3]
     mean, std = ds.x.mean(axis=(0, 1, 3)), ds.x.std(axis=(0, 1, 3))
@@ -189,21 +190,30 @@ def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, seed: int = 0) -> onnx
     w2 = rng.normal(0, 1 / np.sqrt(9 * channels), (channels, channels, 3, 3))
     b1, b2 = np.full(channels, 0.05), np.full(channels, 0.05)
     h = np.maximum(_conv2d(xz, w1, b1), 0)
-    h = np.maximum(_conv2d(h, w2, b2), 0).reshape(n, -1)
+    h = np.maximum(_conv2d(h, w2, b2), 0).reshape(n, -1)  # torch.flatten: channel-major
+    wh = rng.normal(0, 1 / np.sqrt(h.shape[1]), (hidden, h.shape[1]))
+    bh = np.full(hidden, 0.05)
+    if hidden:
+        h = np.maximum(h @ wh.T + bh, 0)
     y = ds.y[:, 0].astype(np.float64)
     ym, ys = float(y.mean()), float(y.std())
     a = np.c_[h, np.ones(n)]
     sol = np.linalg.solve(a.T @ a + 1.0 * np.eye(a.shape[1]), a.T @ ((y - ym) / ys))  # ridge: moderate head weights
     inits = [numpy_helper.from_array(a.astype(np.float32), k) for a, k in
              ((w1, "conv1.weight"), (b1, "conv1.bias"), (w2, "conv2.weight"), (b2, "conv2.bias"),
-              (sol[:-1].reshape(1, -1), "fc.weight"), (sol[-1:], "fc.bias"))]
+              (sol[:-1].reshape(1, -1), "fc.weight"), (sol[-1:], "fc.bias"), *(((wh, "hidden.weight"), (bh, "hidden.bias")) if hidden else ()))]
     conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}
     nodes = [helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"], name="/conv1/Conv", **conv),
              helper.make_node("Relu", ["/conv1/Conv_output_0"], ["/act1/Relu_output_0"], name="/act1/Relu"),
              helper.make_node("Conv", ["/act1/Relu_output_0", "conv2.weight", "conv2.bias"], ["/conv2/Conv_output_0"], name="/conv2/Conv", **conv),
              helper.make_node("Relu", ["/conv2/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
-             helper.make_node("Flatten", ["/act2/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1),
-             helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1)]
+             helper.make_node("Flatten", ["/act2/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1)]
+    feat = "/Flatten_output_0"
+    if hidden:
+        nodes += [helper.make_node("Gemm", [feat, "hidden.weight", "hidden.bias"], ["/hidden/Gemm_output_0"], name="/hidden/Gemm", transB=1),
+                  helper.make_node("Relu", ["/hidden/Gemm_output_0"], ["/act3/Relu_output_0"], name="/act3/Relu")]
+        feat = "/act3/Relu_output_0"
+    nodes.append(helper.make_node("Gemm", [feat, "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1))
     g = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", 1, t, f])],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", 1])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch", producer_version="2.5.0")

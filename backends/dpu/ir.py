@@ -370,6 +370,10 @@ class _Builder:
             return
         bias = None if layer.bias is None else np.asarray(self.consts[layer.bias], np.float32).reshape(-1)
         attrs = {"in_features": int(w.shape[0]), "out_features": int(w.shape[1]), "alpha": alpha}
+        order = self._flatten_order(src.tensor)
+        if order is not None:  # a channel-major flatten before it (_flatten): the weight rows in the IR's NHWC order
+            w = w[order]
+            attrs["in_order"] = order
         op = DpuOp(layer.name, OpKind.DENSE, (src.tensor,), layer.output, (int(w.shape[1]),), attrs, np.ascontiguousarray(w), bias,
                    act, layer.weight, layer.bias, tuple(n for n in (layer.name, layer.bias_node) if n))
         self.add(op, FLAT)
@@ -456,6 +460,9 @@ class _Builder:
             if len(rest) == 1 and rest[0] in (-1, size) and same_order(src.layout, src.shape):  # NHWC order: Keras's flatten
                 self._flatten(node, src)
                 return
+            if len(rest) == 1 and rest[0] in (-1, size) and self._dense_readers_only(node.output[0]):  # PyTorch's view(N, -1)
+                self._flatten(node, src, reorder=True)
+                return
             dims = _reshape_dims(onnx_dims(src.layout, src.shape), target)
             moved = _move_units(src.layout, src.shape, dims) if dims is not None else None
             if moved is not None:  # only 1-sized axes added or dropped (tf2onnx writes NHWC->NCHW so when C == 1)
@@ -470,12 +477,38 @@ class _Builder:
         src = self.view(node.input[0])
         if int(_attrs(node).get("axis", 1)) == 1 and _labelled(src) and same_order(src.layout, src.shape):
             self._flatten(node, src)
+        elif int(_attrs(node).get("axis", 1)) == 1 and _labelled(src) and self._dense_readers_only(node.output[0]):
+            self._flatten(node, src, reorder=True)
         else:
             self.unsupported(node, f"Flatten of a {src.layout or 'unknown'} tensor is not handled (needs NHWC, axis 1)")
 
-    def _flatten(self, node: onnx.NodeProto, src: _View) -> None:
+    def _flatten(self, node: onnx.NodeProto, src: _View, *, reorder: bool = False) -> None:
+        """A flatten of the NHWC tensor. ``reorder``: the ONNX Flatten is channel-major (PyTorch's flatten of an NCHW /
+        NCW tensor), so the IR's NHWC-order vector holds the same values in another order: ``attrs["onnx_order"][i]``
+        is the ONNX index of IR element i, and the dense layers reading it (its only readers) take their weight rows in
+        that order (:meth:`dense`), so the head of a PyTorch CNN runs on the DPU, exactly. A CPU stage never receives
+        the reordered vector (:func:`~nilmc.backends.dpu.partition.plan_partition` keeps such a flatten with its readers)."""
         size = int(np.prod(src.shape))
-        self.add(DpuOp(node.name, OpKind.FLATTEN, (src.tensor,), node.output[0], (size,), onnx_nodes=(node.name,)), FLAT)
+        attrs: dict[str, Any] = {}
+        if reorder:
+            index = np.arange(size, dtype=np.int64).reshape(1, *onnx_dims(src.layout, src.shape))
+            attrs["onnx_order"] = to_nhwc(index, src.layout, src.shape).reshape(-1).astype(np.int64)
+        self.add(DpuOp(node.name, OpKind.FLATTEN, (src.tensor,), node.output[0], (size,), attrs, onnx_nodes=(node.name,)), FLAT)
+
+    def _flatten_order(self, tensor: str) -> np.ndarray | None:
+        """``onnx_order`` of the reordering flatten that makes IR ``tensor`` (None for any other producer)."""
+        for op in reversed(self.ops):
+            if op.output == tensor:
+                order = op.attrs.get("onnx_order") if op.kind == OpKind.FLATTEN else None
+                return None if order is None else np.asarray(order)
+        return None
+
+    def _dense_readers_only(self, tensor: str) -> bool:
+        """Whether the one reader of ``tensor`` is a weighted dense layer reading it as its input (and it is no graph output)."""
+        users = self.consumers.get(tensor, [])
+        outputs = {o.name for o in self.model.graph.output}
+        return (len(users) == 1 and tensor not in outputs and users[0].name in self.layer_of
+                and self.layer_of[users[0].name].kind == "dense" and self.layer_of[users[0].name].input == tensor)
 
     def pool(self, node: onnx.NodeProto) -> None:
         src = self.view(node.input[0])

@@ -144,8 +144,24 @@ def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode:
         head = _head(graph, pre, post, consumers)
         if head is not None and head.name not in post:
             post[head.name] = PRECISE_HEAD
+    _reordering_flatten_with_its_reader(graph, pre, post, consumers)
     post = {op.name: post[op.name] for op in graph.ops if op.name in post}  # graph order
     return _cut(graph, pre, post, producers)
+
+
+def _reordering_flatten_with_its_reader(graph: DpuGraph, pre: dict[str, str], post: dict[str, str],
+                                        consumers: Mapping[str, list[DpuOp]]) -> None:
+    """A channel-major flatten (``attrs["onnx_order"]``, :meth:`~nilmc.backends.dpu.ir._Builder._flatten`) leaves its
+    vector in the DPU's order, which only its dense reader's reordered weights know: it runs where its reader runs, so
+    a cut never carries that vector (the cut is the flatten's labelled input, converted as any other). In place."""
+    for op in graph.ops:
+        if op.kind != OpKind.FLATTEN or op.attrs.get("onnx_order") is None:
+            continue
+        users = consumers.get(op.output, [])
+        if op.name in pre and not any(u.name in pre for u in users):
+            del pre[op.name]  # its reader runs on the DPU: so does the flatten
+        elif op.name not in pre and op.name not in post and any(u.name in post for u in users):
+            post[op.name] = f"flatten before a CPU layer ({users[0].name}): its channel-major order is the ONNX graph's, {CPU_TAIL}"
 
 
 def next_prefix(graph: DpuGraph, part: Partition) -> list[str]:

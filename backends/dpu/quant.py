@@ -137,7 +137,11 @@ def _subset(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _nhwc(value: np.ndarray, op: DpuOp) -> np.ndarray:
-    """An ONNX tensor in the IR's layout (tf2onnx graphs hold conv outputs as NCHW / NCW views of NHWC tensors)."""
+    """An ONNX tensor in the IR's layout (tf2onnx graphs hold conv outputs as NCHW / NCW views of NHWC tensors; a
+    channel-major flatten's vector is reordered, ``attrs["onnx_order"]``)."""
+    order = op.attrs.get("onnx_order")
+    if order is not None:
+        return np.asarray(value, np.float64).reshape(len(value), -1)[:, np.asarray(order)]
     return to_nhwc(np.asarray(value, np.float64), op.onnx_layout, op.shape)
 
 
@@ -260,6 +264,11 @@ def _replace_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> N
 def _onnx_weight(op: DpuOp, layer_axis: int, values: np.ndarray) -> np.ndarray:
     if op.kind == OpKind.CONV2D:
         return values.transpose(0, 3, 1, 2)  # OHWI -> OIHW
+    order = op.attrs.get("in_order")
+    if order is not None:  # rows back in the ONNX order of the channel-major flatten before it
+        onnx_rows = np.empty_like(values)
+        onnx_rows[np.asarray(order)] = values
+        values = onnx_rows
     return values.T if layer_axis == 0 else values  # Gemm transB stores [out, in]
 
 

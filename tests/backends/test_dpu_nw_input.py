@@ -2,8 +2,8 @@
 
 The ``(N, T)`` input is the NHWC tensor ``(1, T, 1)`` (an ``nw`` view), so the ``Unsqueeze`` only changes the view:
 the first conv reads the float input and runs in FP32 on the CPU (precise input, with the ``Unsqueeze`` in
-``cpu_pre.onnx``), the DPU runs the rest of the conv stack up to the first op it cannot run (the PyTorch ``Flatten`` of an
-NCW tensor, or an LSTM), and the CPU tail runs from there. With one conv before the LSTM nothing is left for the DPU:
+``cpu_pre.onnx``), the DPU runs the rest of the conv stack (and the PyTorch ``Flatten`` of an NCW tensor with the dense
+after it, its weight rows reordered) up to the first op it cannot run (an LSTM), and the CPU tail runs from there. With one conv before the LSTM nothing is left for the DPU:
 refused in one line, and ``dpu.cpu_layers=none`` (the input layer on the DPU) lowers it.
 """
 from __future__ import annotations
@@ -116,11 +116,12 @@ def test_an_nt_input_before_a_conv_is_an_nw_view_and_the_conv_stack_goes_to_the_
     g = from_onnx(m)
     assert g.ops[0].onnx_layout == "nw" and g.ops[0].shape == (1, T, 1)
     assert "/Unsqueeze" not in {op.name for op in g.ops}  # a view change, no op
-    assert [op.name for op in g.unsupported] == ["/Flatten"]  # PyTorch's flatten of NCW (channel-major): the CPU tail
+    assert not g.unsupported  # PyTorch's flatten of NCW (channel-major): folded into fc1's weight rows
+    assert g.op("/Flatten").attrs["onnx_order"][:2].tolist() == [0, T // 2]  # NHWC element (w0, c1) is ONNX (c1, w0)
     part = partition.plan_partition(g, ["/conv1/Conv"])
     assert list(part.pre) == ["input", "/conv1/Conv"] and not part.problems
     dpu = partition.dpu_graph(g, part)
-    assert [op.name for op in dpu.ops if op.weighted] == ["/conv2/Conv", "/conv3/Conv"] and not dpu.unsupported
+    assert [op.name for op in dpu.ops if op.weighted] == ["/conv2/Conv", "/conv3/Conv", "/fc1/Gemm"] and not dpu.unsupported
     assert g.op("/conv2/Conv").attrs["stride"] == (1, 2) and g.op("/conv2/Conv").shape == (1, T // 2, CH)
     # the pre stage (Unsqueeze + conv1 in FP32) and the post stage reproduce the model's own tensors
     x = np.random.default_rng(0).normal(size=(5, T)).astype(np.float32)
@@ -130,8 +131,9 @@ def test_an_nt_input_before_a_conv_is_an_nw_view_and_the_conv_stack_goes_to_the_
     assert {"Unsqueeze", "Conv", "Relu"} <= pre_nodes
     cut = pre.run({"input": x})["r1:nhwc"]
     np.testing.assert_allclose(cut.reshape(5, T, CH), ref["r1"].transpose(0, 2, 1), rtol=1e-6, atol=1e-6)
-    (t_out,) = part.outputs
-    back = post.run({t_out + partition.NHWC_SUFFIX: ref[t_out].transpose(0, 2, 1).reshape(5, 1, T // 2, CH)})
+    (t_out,) = part.outputs  # fc1's output (flat, the usual order): the head runs in FP32 on the CPU (precise head)
+    assert t_out == "feat" and list(part.post) == ["/head/Gemm"]
+    back = post.run({t_out + partition.NHWC_SUFFIX: ref[t_out]})
     np.testing.assert_allclose(back["h"], ref["h"], rtol=1e-5, atol=1e-5)
 
 

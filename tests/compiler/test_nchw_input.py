@@ -2,8 +2,8 @@
 
 It was refused ("a rank-4 model input must end in a channel of 1") with no layout to name. Now the rank-4 input
 ``(1, T, F)`` reads as ``N1TF`` (the canonical windows' values in the same order, the channel axis in front), the DPU
-reads it as the NCHW view of the NHWC tensor ``(T, F, 1)`` (the conv stack on the DPU; PyTorch's channel-major
-Flatten and what follows run on the CPU), and it compiles from the command line alone.
+reads it as the NCHW view of the NHWC tensor ``(T, F, 1)`` (PyTorch's channel-major Flatten folded into the dense
+layer's weight rows after it), and it compiles from the command line alone.
 """
 from __future__ import annotations
 
@@ -48,10 +48,15 @@ def test_the_dpu_reads_it_as_the_nchw_view_of_an_nhwc_tensor(nchw) -> None:
     _, m, ds, meta = nchw
     g = from_onnx(m)
     assert g.ops[0].onnx_layout == NCHW and g.ops[0].shape == (10, 9, 1)
-    assert [op.name for op in g.unsupported] == ["/Flatten"]  # PyTorch's flatten is channel-major: the CPU tail from there
+    assert not g.unsupported  # PyTorch's flatten is channel-major: the dense after it takes its weight rows in NHWC order
+    flat, fc = g.op("/Flatten"), g.op("/fc/Gemm")
+    order = np.asarray(flat.attrs["onnx_order"])
+    assert sorted(order.tolist()) == list(range(720)) and order[:3].tolist() == [0, 90, 180]  # NHWC (10, 9, 8) <- NCHW
+    np.testing.assert_array_equal(fc.weight, np.asarray(onnx.numpy_helper.to_array(
+        next(t for t in m.graph.initializer if t.name == "fc.weight"))).T[order])
     part = partition.plan_partition(g, (), mode="none")
     dpu = partition.dpu_graph(g, part)
-    assert [op.name for op in dpu.ops if op.weighted] == ["/conv1/Conv", "/conv2/Conv"] and not part.problems
+    assert [op.name for op in dpu.ops if op.weighted] == ["/conv1/Conv", "/conv2/Conv", "/fc/Gemm"] and not part.problems
     mean = np.array([meta[f"input_mean_{i}"] for i in range(9)])
     std = np.array([meta[f"input_std_{i}"] for i in range(9)])
     x = ((ds.x[:32, :, :, 0] - mean) / std)[:, None].astype(np.float32)
@@ -59,6 +64,40 @@ def test_the_dpu_reads_it_as_the_nchw_view_of_an_nhwc_tensor(nchw) -> None:
     got = float_forward(dpu, {"input": x})
     for op in dpu.ops:  # the IR alone (NHWC, its own kernels and weights) computes what onnxruntime computes
         np.testing.assert_allclose(got[op.output], ref[op.output], rtol=1e-5, atol=1e-5 * np.abs(ref[op.output]).max(), err_msg=op.name)
+
+
+def test_a_dense_after_the_channel_major_flatten_runs_on_the_dpu(nchw, tmp_path) -> None:
+    """Flatten -> Linear 16 + ReLU -> Linear 1: the hidden dense runs on the DPU with its rows in NHWC order (exact: the
+    emulated deployment agrees with FP32 as an INT8 model does), the head in FP32 on the CPU (precise head); a cut
+    never carries the reordered vector."""
+    from nilmc.backends.dpu import DPUBackend
+    from nilmc.compiler.model import Model
+    from nilmc.quantization.context import QuantContext
+
+    d, m, ds, meta = nchw
+    model = Model(nchw_conv2d_tp(ds, hidden=16), load_contract_file(_contract_file(d, meta)), source="hidden")
+    art = DPUBackend().lower(model, tmp_path, precision="b2304", options={"quant": QuantContext(model, ds)})
+    place = art.info["placement"]
+    assert "/hidden/Gemm" in place["int8"] and "/Flatten" not in {d["op"] for d in place["devices"] if d["device"] == "CPU"}, place
+    x = model.contract.prepare(ds.raw_x()[:200]).astype(np.float32)
+    with DPUBackend().runner(art) as r:
+        y = r.infer({model.input_name: x})["output"].astype(np.float64)
+    ref = quant.fp32_outputs(model.graph, x).astype(np.float64)
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((y - ref) ** 2)) > 25
+    g = from_onnx(model.graph)
+    head_only = partition.plan_partition(g, (), rejected={"/hidden/Gemm": "a test"})  # the dense on the CPU: the flatten too
+    assert "/Flatten" in head_only.post and all(not t.startswith("/Flatten") for t in head_only.outputs), head_only
+
+
+def _contract_file(d, meta) -> object:
+    from nilmc.compiler.contract_flags import ContractFlags, build_contract
+
+    c = build_contract(d / "conv2d.onnx", ContractFlags(
+        appliance="kettle", input_norm="zscore", input_mean=",".join(str(meta[f"input_mean_{i}"]) for i in range(9)),
+        input_std=",".join(str(meta[f"input_std_{i}"]) for i in range(9)), target_mean=meta["target_mean"], target_std=meta["target_std"]))
+    path = d / "contract.json"
+    path.write_text(c.dumps())
+    return path
 
 
 @pytest.mark.slow
