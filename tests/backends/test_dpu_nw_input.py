@@ -3,7 +3,8 @@
 The ``(N, T)`` input is the NHWC tensor ``(1, T, 1)`` (an ``nw`` view), so the ``Unsqueeze`` only changes the view:
 the first conv reads the float input and runs in FP32 on the CPU (precise input, with the ``Unsqueeze`` in
 ``cpu_pre.onnx``), the DPU runs the rest of the conv stack (and the PyTorch ``Flatten`` of an NCW tensor with the dense
-after it, its weight rows reordered) up to the first op it cannot run (an LSTM), and the CPU tail runs from there. With one conv before the LSTM nothing is left for the DPU:
+after it, its weight rows reordered) up to the first op it cannot run (an LSTM), and the CPU tail runs from there.
+With one conv before the LSTM nothing is left for the DPU:
 refused in one line, and ``dpu.cpu_layers=none`` (the input layer on the DPU) lowers it.
 """
 from __future__ import annotations
