@@ -80,7 +80,11 @@ def select_step(y: np.ndarray, step: OutputStep) -> np.ndarray:
 
 def output_step(contract: Any) -> OutputStep | None:
     """The output step a contract selects (its ``output_index``), or None when it selects none (or there is none)."""
-    return contract.output_index if contract is not None and getattr(contract, "output_select", "") else None
+    select = None if contract is None else getattr(contract, "output_select", None)
+    if not select:
+        return None
+    step: OutputStep = contract.output_index
+    return step
 
 
 def mse(reference: np.ndarray, candidate: np.ndarray) -> float:

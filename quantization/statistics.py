@@ -416,7 +416,9 @@ def collect_statistics(onnx_model: onnx.ModelProto, calib_x: np.ndarray, *, batc
     for batch in run_with_intermediates(onnx_model, x, batch_size=batch_size):
         for name, value in batch.items():
             if name not in accs:
-                axis = (_feature_axis(value.shape) if feature_axis == AUTO else feature_axis) if name == input_name else None
+                axis = None
+                if name == input_name:  # AUTO (a str): read from the shape
+                    axis = _feature_axis(value.shape) if isinstance(feature_axis, str) else feature_axis
                 accs[name], shapes[name] = _Accumulator(name, bins, axis), tuple(value.shape[1:])
             accs[name].add(value)
     tensors = {n: a.result(shape=shapes[n]) for n, a in accs.items()}
