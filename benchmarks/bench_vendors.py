@@ -380,8 +380,8 @@ def print_case(case: Case, rows: dict[str, Row], a: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- the run
 def _bench_python(arg: str | None) -> Path | None:
-    if arg:
-        return Path(arg)
+    if arg:  # absolute, not resolved: the workers run elsewhere, and resolving a venv's python leaves the venv
+        return Path(arg).absolute()
     p = REPO / ".venv-bench" / "bin" / "python"
     return p if p.exists() else None
 
