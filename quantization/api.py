@@ -44,7 +44,7 @@ from nilmc.compiler.errors import DataError, QuantizationError
 from nilmc.quantization import _ort
 from nilmc.quantization.bias_correction import BiasCorrectionCheck, BiasCorrectionResult, bias_correction_pays, correct_bias
 from nilmc.quantization.estimators import ESTIMATORS
-from nilmc.quantization.graph import analyze, input_layers, input_read_by_float_ops
+from nilmc.quantization.graph import analyze, input_layers, input_readers
 from nilmc.quantization.mixed_precision import MixedPrecisionResult, SqnrFallback, Unit, mixed_precision, raise_precision, raise_until_sqnr
 from nilmc.quantization.params import QuantParams, TensorQuant, activation_from_range, derive_params, replace_activation
 from nilmc.quantization.selection import (
@@ -267,16 +267,23 @@ def _precise_input_layers(onnx_model: onnx.ModelProto, traits: QuantTraits) -> t
     return tuple(layer.name for layer in layers) if layers else ()
 
 
-def _float_read_input(onnx_model: onnx.ModelProto, traits: QuantTraits) -> tuple[str, ...]:
-    """The graph input (and the tensors sharing its parameters) kept float when only float ops read it
-    (:func:`~nilmc.quantization.graph.input_read_by_float_ops`; ``Techniques.precise_input``), where the traits allow
-    float; else none."""
-    from nilmc.quantization.placement import NOT_COMPUTE
-
+def _precise_input(onnx_model: onnx.ModelProto, traits: QuantTraits) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(layers, tensors)`` kept float so the graph input is never quantized (``Techniques.precise_input``): the
+    weighted layers reading it, and, where other ops read it too (a residual Add from the input, a GRU first, a
+    ReduceMean), the input itself and the tensors sharing its parameters. Those other readers need a target that runs
+    any op in float (``traits.inner_float_layers``, the QDQ targets); a full-integer graph (TFLite) keeps the layers
+    float only when nothing else reads the input (:func:`_precise_input_layers`). Fuzzed: input -> Conv(x) + x ... got
+    QuantizeLinear(input) on onnxruntime / tensorrt int8, its /res/Conv listed INT8, tensorrt:int8 +1.40 points."""
     if not traits.float_layers:
-        return ()
+        return (), ()
+    if not traits.inner_float_layers:
+        return _precise_input_layers(onnx_model, traits), ()
     m = _copy(onnx_model)
-    return tuple(input_read_by_float_ops(m, analyze(m), NOT_COMPUTE))
+    found = input_readers(m, analyze(m))
+    if found is None:
+        return (), ()
+    layers, others, family = found
+    return tuple(layer.name for layer in layers), tuple(family) if others else ()
 
 
 def with_precise_input(params: QuantParams, onnx_model: onnx.ModelProto, techniques: Techniques | None = None) -> QuantParams:
@@ -348,8 +355,7 @@ def ptq_params(
         raise QuantizationError(f"unknown range estimator {estimator!r}", f"use auto or one of {', '.join(ESTIMATORS)}")
     timings: dict[str, float] = {}
     kf = tuple(keep_float)
-    precise = _precise_input_layers(onnx_model, traits) if techniques.precise_input else ()
-    float_input = _float_read_input(onnx_model, traits) if techniques.precise_input and not precise else ()
+    precise, float_input = _precise_input(onnx_model, traits) if techniques.precise_input else ((), ())
     kf += tuple(name for name in (*precise, *float_input) if name not in kf)
 
     def finalize(p: QuantParams) -> QuantParams:
@@ -415,8 +421,8 @@ def ptq_params(
         if symmetric is not None:
             outcome.precise_input["symmetric_ranges"] = symmetric.to_json()
     if float_input:
-        outcome.precise_input = {"float_layers": [], "float_input": list(float_input),
-                                 "why": "only ops nilmc does not quantize read the graph input: it stays float32"}
+        outcome.precise_input = {**(outcome.precise_input or {"float_layers": []}), "float_input": list(float_input),
+                                 "why": "ops other than its float layers read the graph input: it stays float32 for them too"}
     if techniques.bias_correction:
         t0 = time.perf_counter()
         pays = not techniques.only_if_better  # too few windows to measure it: not applied unless asked unconditionally

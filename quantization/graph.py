@@ -234,41 +234,30 @@ def _classify_plain(
 def input_layers(model: onnx.ModelProto, g: QuantGraph) -> list[Layer] | None:
     """The weighted layers that read the graph input (through passthrough ops), or None when any other
     op reads it too (then keeping these layers float would not leave the whole input float)."""
+    found = input_readers(model, g)
+    if found is None or found[1]:
+        return None
+    return found[0] or None
+
+
+def input_readers(model: onnx.ModelProto, g: QuantGraph) -> tuple[list[Layer], list[onnx.NodeProto], list[str]] | None:
+    """Who reads the graph input (through passthrough ops): ``(weighted layers reading it as their input, every other
+    op reading it, the tensors sharing the input's parameters)``; None for a graph of several inputs."""
     if len(g.inputs) != 1:
         return None
     root = g.root(g.inputs[0])
     family = {root} | {t for t, r in g.shared.items() if r == root}
     weighted = {layer.name: layer for layer in g.layers}
-    readers: list[Layer] = []
+    layers: list[Layer] = []
+    others: list[onnx.NodeProto] = []
     for node in model.graph.node:
         if not family.intersection(node.input):
             continue
         if node.name in weighted and weighted[node.name].input in family:
-            readers.append(weighted[node.name])
+            layers.append(weighted[node.name])
         elif not (node.op_type in PASSTHROUGH_OPS and node.output and node.output[0] in family):
-            return None
-    return readers or None
-
-
-def input_read_by_float_ops(model: onnx.ModelProto, g: QuantGraph, quantized_ops: frozenset[str]) -> list[str]:
-    """The graph input's parameter family when only ops nilmc does not quantize read it (through passthrough ops):
-    a recurrent cell first (a PyTorch GRU/LSTM export: input -> Transpose -> GRU). Rounding it to 8 bits would only
-    add noise in front of a float op. ``quantized_ops``: op types a QDQ graph runs on quantized tensors. Else []."""
-    if len(g.inputs) != 1:
-        return []
-    root = g.root(g.inputs[0])
-    family = {root} | {t for t, r in g.shared.items() if r == root}
-    weighted = {layer.name for layer in g.layers}
-    floats = 0
-    for node in model.graph.node:
-        if not family.intersection(node.input):
-            continue
-        if node.op_type in PASSTHROUGH_OPS and node.output and node.output[0] in family:
-            continue
-        if node.name in weighted or node.op_type in quantized_ops:
-            return []
-        floats += 1
-    return sorted(family) if floats else []
+            others.append(node)
+    return layers, others, sorted(family)
 
 
 def prune_dead(graph: onnx.GraphProto) -> None:
