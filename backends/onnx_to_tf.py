@@ -710,7 +710,8 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     bad = sorted({n.op_type for n in nodes if n.op_type not in INT8_DATA_OPS})
     if bad:
         return (f"{target} from an ONNX model places Conv/Gemm/MatMul layers with Relu/Clip and data movement only; "
-                f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
+                f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8 (or try tflite:fp32: onnx2tf "
+                "converts many such graphs in float, not all)")
     adds = [n for n in nodes if n.op_type == "Add" and not _bias_add(n, graph)]
     if adds:
         return (f"{target} from an ONNX model does not place a residual Add ({adds[0].name or adds[0].output[0]}); "
@@ -722,7 +723,7 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     if dilated:  # measured on onnx2tf 1.28 + TF 2.21: the pre-bias CONV_2D output has no ONNX tensor to take a grid from
         return (f"{target} does not place the dilated Conv {dilated[0]!r}: the converter writes it as SPACE_TO_BATCH_ND + a CONV_2D "
                 "without bias + BATCH_TO_SPACE_ND + a bias ADD, and nilmc has no parameters for the pre-bias tensor; "
-                "lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
+                "lower it with onnxruntime:int8 or openvino:int8 (or try tflite:fp32: onnx2tf converts many such graphs in float, not all)")
     return None
 
 

@@ -73,7 +73,15 @@ FP16_OPS = frozenset({
     "Expand", "LSTM", "GRU",
     # Reciprocal (Keras LayerNormalization's rsqrt) and ReduceProd (tf2onnx's shape arithmetic, int64 there): type T, float16 allowed
     "Reciprocal", "ReduceProd",
+    # PyTorch exports' activations and normalizations (fuzzed: tensorrt:int8 took them, tensorrt:fp16 refused them): every
+    # float input is type T, float16 allowed (LayerNormalization's Mean / InvStdDev outputs are type U, also float16)
+    "Softplus", "Softsign", "Elu", "Selu", "HardSigmoid", "HardSwish", "PRelu", "LayerNormalization", "InstanceNormalization",
+    "Log", "ReduceMax", "ReduceMin", "Floor", "Ceil", "Round", "Sign", "Where", "Tile", "ConstantOfShape", "Range",
+    # Resize: X and roi float16; its scales input is tensor(float) in every opset, so it stays float32 (_FLOAT32_INPUTS)
+    "Resize",
 })
+# Inputs that are float32 whatever the op's compute type: left as they are by to_float16.
+_FLOAT32_INPUTS = {"Resize": (2,)}
 
 
 # ---------------------------------------------------------------- FP16
@@ -121,9 +129,11 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     g = m.graph
     nodes = list(g.node)
+    keep32 = {n.input[i] for n in nodes for i in _FLOAT32_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]}
     for node in nodes:
-        _convert_node(node)
-    inits = [_convert_tensor(t) for t in g.initializer]
+        if not (node.op_type == "Constant" and node.output[0] in keep32):
+            _convert_node(node)
+    inits = [t if t.name in keep32 else _convert_tensor(t) for t in g.initializer]
     head = []
     for inp in _float_io(g.input):
         cast_out = inp.name + "_fp16"

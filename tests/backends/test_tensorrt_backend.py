@@ -230,3 +230,28 @@ def test_engine_artifact_needs_tensorrt(tmp_path):
     art = Artifact("tensorrt", "fp16", tmp_path, "model.engine", ["model.engine"])
     with pytest.raises(MissingDependencyError, match="tensorrt"):
         TensorRTBackend().runner(art)
+
+
+def test_fp16_takes_the_activations_and_normalizations_pytorch_exports_use():
+    """Fuzzed: tensorrt:fp16 refused Resize, Softplus and LayerNormalization ("no FP16 rule") on models tensorrt:int8
+    took. Each converts, the result agrees with FP32 to float16 precision, and Resize's scales stay float32 (the op
+    takes tensor(float) there in every opset)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 1, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(4, np.float32), "ln.g"), numpy_helper.from_array(np.zeros(4, np.float32), "ln.b"),
+             numpy_helper.from_array(np.array([1.0, 1.0, 2.0], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1], kernel_shape=[3]),
+             helper.make_node("Softplus", ["c"], ["s"]),
+             helper.make_node("Resize", ["s", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("LayerNormalization", ["t", "ln.g", "ln.b"], ["output"], axis=-1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 16, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=ONNX_IR_VERSION)
+    half = to_float16(m)
+    assert next(t for t in half.graph.initializer if t.name == "scales").data_type == TensorProto.FLOAT
+    assert next(t for t in half.graph.initializer if t.name == "w").data_type == TensorProto.FLOAT16
+    x = rng.normal(size=(5, 1, 8)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {"input": x})[0]
+    got = ort.InferenceSession(half.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)
