@@ -121,8 +121,9 @@ def model_io_shapes(path: str | Path) -> tuple[tuple[int | None, ...], tuple[int
         inits = {t.name for t in proto.graph.initializer}
         inputs = [i for i in proto.graph.input if i.name not in inits]
         if len(inputs) != 1 or len(proto.graph.output) != 1:
-            raise BadInputError(f"{str(path)!r} has {len(inputs)} inputs and {len(proto.graph.output)} outputs",
-                                "nilmc compiles models with one input and one output tensor")
+            from nilmc.compiler.frontend import single_io_remedy
+
+            raise BadInputError(f"{str(path)!r} has {len(inputs)} inputs and {len(proto.graph.output)} outputs", single_io_remedy(proto))
         return _value_shape(inputs[0]), _value_shape(proto.graph.output[0])
     if kind is SourceKind.SAVED_MODEL:
         raise BadInputError(f"nilmc cannot read the input shape of the SavedModel {str(path)!r} without a contract",

@@ -523,7 +523,18 @@ def _graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 def _single_io(proto: onnx.ModelProto, source: str) -> None:
     n_in, n_out = len(_graph_inputs(proto.graph)), len(proto.graph.output)
     if n_in != 1 or n_out != 1:
-        raise ModelLoadError(f"{source} has {n_in} inputs and {n_out} outputs", "nilmc compiles models with one input and one output tensor")
+        raise ModelLoadError(f"{source} has {n_in} inputs and {n_out} outputs", single_io_remedy(proto))
+
+
+def single_io_remedy(proto: onnx.ModelProto) -> str:
+    """What to do with a graph of several inputs or outputs: nilmc compiles one input and one output tensor; a model
+    with several heads (power and ON/OFF state, say) is cut to the one to deploy with ONNX's own extractor."""
+    ins, outs = [i.name for i in _graph_inputs(proto.graph)], [o.name for o in proto.graph.output]
+    if len(ins) == 1 and len(outs) > 1:
+        return (f"nilmc compiles one input and one output tensor: keep the output to deploy ({', '.join(map(repr, outs[:4]))}), e.g. "
+                f"python -c \"import onnx.utils; onnx.utils.extract_model('in.onnx', 'out.onnx', [{ins[0]!r}], [{outs[0]!r}])\", "
+                "or export the model with that head alone")
+    return "nilmc compiles models with one input and one output tensor; export the model with one input (the window) and one output"
 
 
 def _rename_io(proto: onnx.ModelProto) -> None:

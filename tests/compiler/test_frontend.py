@@ -309,6 +309,11 @@ def test_onnx_with_two_outputs(tmp_path: Path) -> None:
         load_model(path, contract=make_contract())
     assert_one_line_naming(err.value, path)
     assert "2 outputs" in str(err.value)
+    # the remedy names the outputs and how to keep one (ONNX's own extractor), runnable as written
+    remedy = err.value.remedy
+    assert "'y', 'mm'" in remedy and "onnx.utils.extract_model('in.onnx', 'out.onnx', ['x'], ['y'])" in remedy
+    onnx.utils.extract_model(str(path), str(tmp_path / "one.onnx"), ["x"], ["y"])
+    assert load_model(tmp_path / "one.onnx", contract=make_contract()).graph.graph.output[0].name == "output"  # renamed on load
 
 
 def test_onnx_invalid_graph(tmp_path: Path) -> None:
