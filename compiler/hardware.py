@@ -154,6 +154,7 @@ def hardware_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 "lower bounds; NCS2 with its RP4 host); $: Table 8 cost; FPS: 1000 / (Table 9 feature extraction + Table 10 "
                 "T-P model latency), from the paper, for its 671 k-parameter T-P model.")
     if implied:
-        text.append(f"  The paper's EACC/FPS implies {min(implied):.0f}-{max(implied):.0f} FPS (its end-to-end pipeline): the two "
+        span = f"{min(implied):.0f}" if round(min(implied)) == round(max(implied)) else f"{min(implied):.0f}-{max(implied):.0f}"
+        text.append(f"  The paper's EACC/FPS implies {span} FPS (its end-to-end pipeline): the two "
                     "EACC/FPS columns are not on one scale.")
     return "\n".join(text)

@@ -65,6 +65,8 @@ def test_the_table_has_table_12s_columns_with_the_papers_numbers_beside():
     line = next(line for line in text.splitlines() if line.startswith("ULTRA96V1"))
     assert "80.76 emulated" in line and "3.37" in line and "12.6" in line and "0.32" in line and "0.79" in line
     assert "not on one scale" in text
+    implied = next(line for line in text.splitlines() if "EACC/FPS implies" in line)  # one board: one number, not "55-55"
+    assert "-" not in implied.split("implies ")[1].split(" FPS")[0], implied
 
 
 def test_a_compile_writes_the_gate_eacc_into_the_manifest(tiny, tiny_ds, tiny_eval, tmp_path):
