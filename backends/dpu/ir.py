@@ -51,6 +51,7 @@ from nilmc.quantization.graph import Layer, analyze
 
 NHWC, NCHW, FLAT = "nhwc", "nchw", "flat"
 NCW = "ncw"  # an ONNX (N, C, W) tensor (a PyTorch Conv1d's) viewing the NHWC tensor (N, 1, W, C)
+ELEMENTWISE_CONST_OPS = frozenset({"Mul", "Add", "Sub", "Div"})  # with constant operands: no DPU op, the layout kept
 NWC = "nwc"  # an ONNX (N, W, C) tensor (a Keras Conv1D's) viewing the NHWC tensor (N, 1, W, C)
 KINDS = tuple(OpKind)
 _AXIS = {"h": 0, "w": 1, "c": 2}  # NHWC axis (without the batch) of each layout letter
@@ -235,12 +236,30 @@ class _Builder:
         (node, bias Add, activation), whose output is the layer's: its quantization point (a bias Add's output, e.g. a
         Keras Dense's MatMul + BiasAdd) is then the CPU stage's tensor, not an alias of the MatMul's."""
         ins = tuple(self.view(i).tensor for i in node.input if i and i not in self.consts)
+        kept = self._elementwise_view(node) if layer is None else None
         for out in (node.output if layer is None else [layer.output]):
             shape = tuple(d for d in self.shapes.get(out, ())[1:])
             # a rank-2 result is a flat feature vector whatever ran before: a dense op after it can be a DPU op again
             layout = FLAT if len(shape) == 1 and shape[0] > 0 else ""
+            if kept is not None:  # x * c, x + c, ... keeps x's layout: the ops after it can be DPU ops again
+                shape, layout = kept.shape, kept.layout
             self.add(DpuOp(node.name, OpKind.UNSUPPORTED, ins, out, shape, {"op_type": node.op_type}, onnx_nodes=(node.name,),
                            reason=reason), layout)
+
+    def _elementwise_view(self, node: onnx.NodeProto) -> _View | None:
+        """The view of the one data input of an element-wise op with constant operands (Mul/Add/Sub/Div: a Keras
+        BatchNormalization after an activation, written as a per-channel Mul and Add) when its output has that input's
+        shape: the values stay in that layout. None otherwise."""
+        if node.op_type not in ELEMENTWISE_CONST_OPS or len(node.output) != 1:
+            return None
+        data = [i for i in node.input if i and i not in self.consts]
+        if len(data) != 1:
+            return None
+        src = self.view(data[0])
+        out = tuple(self.shapes.get(node.output[0], ())[1:])
+        if not _labelled(src) or out != onnx_dims(src.layout, src.shape):
+            return None
+        return src
 
     # ------------------------------------------------------------------ entry
     def build(self) -> DpuGraph:

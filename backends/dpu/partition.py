@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nilmc.backends.dpu.ir import FLAT, DpuGraph, DpuOp, nhwc_perm, onnx_dims, same_order, valid_layout
+from nilmc.backends.dpu.ir import ELEMENTWISE_CONST_OPS, FLAT, DpuGraph, DpuOp, nhwc_perm, onnx_dims, same_order, valid_layout
 from nilmc.backends.dpu.ops import OpKind
 from nilmc.compiler.errors import InternalError
 from nilmc.quantization.graph import prune_dead
@@ -109,6 +109,11 @@ def _op_type(op: DpuOp) -> str:
     return str(op.attrs.get("op_type", "")) if op.kind == OpKind.UNSUPPORTED else ""
 
 
+def _const_elementwise(op: DpuOp) -> bool:
+    """A CPU op computing x * c, x + c, ... of one tensor, whose output keeps that tensor's layout (ir._elementwise_view)."""
+    return op.kind == OpKind.UNSUPPORTED and _op_type(op) in ELEMENTWISE_CONST_OPS and len(op.inputs) == 1 and bool(op.onnx_layout)
+
+
 def _layout_only(op: DpuOp) -> bool:
     """Data movement only: an IR flatten, or an op the DPU has no operator for among :data:`LEADING_OPS`."""
     return op.kind == OpKind.FLATTEN or (op.kind == OpKind.UNSUPPORTED and _op_type(op) in LEADING_OPS)
@@ -136,6 +141,10 @@ def plan_partition(graph: DpuGraph, float_layers: Collection[str] = (), *, mode:
             pre[op.name] = prefix[op.name]
         elif _layout_only(op) and _leads_to(op, float_layers, consumers, mode):
             pre[op.name] = f"{_op_type(op) or op.kind} before a CPU layer: data movement, runs on the CPU with it"
+        elif _const_elementwise(op) and any(o.weighted for o in graph.ops if o.name in pre):
+            # x * c + c' right after the pre stage (a Keras BatchNormalization after the precise-input conv's ReLU): no DPU
+            # operator, and as the CPU tail it would leave nothing after it for the DPU; the pre stage computes it instead
+            pre[op.name] = f"{_op_type(op)} with constants right after the CPU pre stage (no DPU operator): runs in FP32 with it"
         else:
             continue
         on_cpu.add(op.name)
