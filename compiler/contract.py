@@ -326,8 +326,7 @@ class ModelContract:
                 raise ShapeMismatchError(f"the model returns {out.shape[1]} values per window, its contract names {len(self.appliances)} "
                                          f"appliances ({', '.join(self.appliances)})", "pass one --appliances name per output column")
             return out
-        out = out[:, self.output_index(out.shape[1])]
-        return out if self.folded else self.target.to_watts(out)
+        return self.values_to_watts(out[:, self.output_index(out.shape[1])])
 
     def values_to_watts(self, values: np.ndarray) -> np.ndarray:
         """Graph output values (any shape, e.g. the ends of an output grid) -> watts, element-wise: the target

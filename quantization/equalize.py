@@ -588,13 +588,9 @@ def calibration_sqnr(model: Model, calibration: NilmDataset, traits: Any = None)
 
     quant = QuantContext(model, calibration)
     params = quant.params(traits or GENERIC_INT8)
-    from nilmc.quantization._ort import output_step, select_step
-
     x = quant.calib_x
-    step = output_step(model.contract)  # a sequence model is judged on its selected step alone
-    ref, got = _output(model.graph, x), _output(build_qdq_model(model.graph, params), x)
-    if step is not None:
-        ref, got = select_step(ref, step), select_step(got, step)
+    step = _ort.output_step(model.contract)  # a sequence model is judged on its selected step alone
+    ref, got = _ort.output(model.graph, x, step=step), _ort.output(build_qdq_model(model.graph, params), x, step=step)
     return float(sqnr_db(ref.reshape(-1), got.reshape(-1))), quant
 
 
