@@ -536,7 +536,8 @@ class DPUBackend:
         # error over the whole model, clipping allowed) instead of the refinement's per-tensor no-clipping window, whose
         # local MSE the rare large values decide: the example CtRNN (z-scored mains, kettle spikes 100x a fridge's
         # activations) kept one bit too coarse a grid on block 1 and block 3 (7.0 dB on calibration; pinned 19.3 dB).
-        # Taken only when it gains SELECTION_MIN_GAIN_DB on the calibration windows; the CPU pre stage then grows from it.
+        # Taken only when it gains SELECTION_MIN_GAIN_DB on the calibration windows; the CPU pre stage then grows from it
+        # (not at all when it holds the floor: the record below says so)
         selected = {**options, PINNED_FIX: shared_fix_positions(ctx.params(DPU_POT))}
         alt = self._build(model, full, target, ctx, selected, built.part, False, out_dir)
         alt_db = round(measure(alt), 2)
@@ -548,13 +549,6 @@ class DPUBackend:
         if fix_record["taken"] == "selected":
             options, built, best, best_db = selected, alt, alt, alt_db
             steps[0] = _floor_step(model, full, built, alt_db)
-        if best_db >= floor:
-            return built, {"floor_db": floor, "met": True, "deployed_sqnr_db": best_db, "windows": int(len(x)),
-                           "measured_on": "the emulated DPU deployment (CPU stages in FP32 on onnxruntime) vs the FP32 model, "
-                                          "calibration windows", "steps": steps, "fix_positions": fix_record,
-                           "summary": f"calibration SQNR floor {floor:g} dB: {fix_record['refined_db']:.1f} dB with the refined "
-                                      f"fix positions, {alt_db:.1f} dB with the shared selection's",
-                           "min_dpu_macs_share": MIN_DPU_MACS_SHARE}
         prefix: dict[str, str] = {}
         stop = None
         while best_db < floor:
