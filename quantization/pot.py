@@ -19,7 +19,9 @@ Rules (measured on the shipped T-P model and five calibration draws; see the DPU
    absorbs ``E[y_fp32 - y_q]`` per output channel, measured with quantized inputs and weights;
 4. **output** ``fo``: the candidate whose emulated output (after the activation, rounding and
    saturation) is closest in MSE to the FP32 tensor; on the graph output the caller's error
-   (watts) decides and the head must cover the physical peak;
+   (watts) decides and the head must cover the physical peak; with ``output_fix_window`` that error also
+   decides the tensors reaching the output through passthrough ops alone (a conv before the last pooling),
+   over a window that may clip;
 5. **bias** ``fb`` (8-bit): lowest bias MSE, kept inside the shift bounds.
 
 Candidates for every other fix position are the no-clipping position of the shared range and one
@@ -117,6 +119,15 @@ class PotOptions:
     # Deployment headroom: every activation range but an input's with ``input_floor`` is scaled by this before the
     # candidates are placed (evaluation data run past a 1000-window calibration's maxima). Default 1.0 (none).
     headroom: float = 1.0
+    # Candidates (relative to the no-clipping position) for the tensors ``output_error`` judges: the graph outputs and
+    # the tensors that reach one through passthrough ops only (a conv before the last pooling). None: ``fix_window``.
+    # A caller whose error runs the float model after the graph (a CPU post stage) may allow clipping there: that error,
+    # not the local MSE, then decides whether the rare large values or the common small ones keep the grid.
+    output_fix_window: tuple[int, int] | None = None
+    # What a clipping grid of those tensors (finer than the no-clipping position) must gain: its output error is
+    # compared multiplied by ``10 ** (clip_gain_db / 10)``, so it is taken only when it lowers the error by that many
+    # dB on the calibration windows (clipped tails the evaluation data reach cost more there). Default 0 (plain MSE rule).
+    clip_gain_db: float = 0.0
 
 
 class PotOp(Protocol):
@@ -186,6 +197,26 @@ def shared_fix_positions(params: Any) -> dict[str, int]:
     return out
 
 
+def output_chains(ops: Sequence[Any], outputs: Sequence[str], rule: Callable[[Any], PotRule]) -> dict[str, list[Any]]:
+    """``tensor -> passthrough ops`` from ``tensor`` to a graph output, for every tensor that reaches one through
+    passthrough ops alone, each read by that chain only (an output itself maps to ``[]``)."""
+    readers: dict[str, int] = {}
+    for op in ops:
+        for t in op.inputs:
+            readers[t] = readers.get(t, 0) + 1
+    producer = {op.output: op for op in ops}
+    out: dict[str, list[Any]] = {}
+    for o in outputs:
+        chain: list[Any] = []
+        out[o] = []
+        t = o
+        while t in producer and rule(producer[t]) == PotRule.PASSTHROUGH and readers.get(producer[t].inputs[0], 0) == 1:
+            chain.insert(0, producer[t])
+            t = producer[t].inputs[0]
+            out[t] = list(chain)
+    return out
+
+
 # --------------------------------------------------------------------------- the refinement
 @dataclass
 class _Choice:
@@ -205,6 +236,12 @@ class _Refiner:
         self.t, self.params, self.opt, self.ranges, self.start = target, params, options, ranges, start
         self.fixed, self.fixed_w = dict(options.fixed or {}), dict(options.fixed_weights or {})
         self.codes: dict[str, np.ndarray] = {}
+        self.chains = (output_chains(ops, outputs, target.rule)
+                       if options.output_error is not None and options.output_fix_window is not None else {})
+
+    def judged(self, tensor: str) -> bool:
+        """Whether the caller's output error, not the local MSE, decides ``tensor``'s fix position."""
+        return tensor in self.outputs or tensor in self.chains
 
     def amax(self, tensor: str) -> float:
         return float(self.ranges[tensor]) if tensor in self.ranges else float(np.max(np.abs(self.ref[tensor])))
@@ -249,7 +286,7 @@ class _Refiner:
     def elementwise(self, op: Any) -> None:
         ref = self.ref[op.output]
         fis = [self.params.fix[t] for t in op.inputs]
-        cands = list(window(self.deployed_amax(op.output), self.opt.fix_window))
+        cands = list(window(self.deployed_amax(op.output), self._window(op.output)))
         if op.output in self.fixed:
             cands = [int(self.fixed[op.output])]
         if len(op.inputs) > 1:
@@ -352,9 +389,14 @@ class _Refiner:
         pre_q = acc * math.ldexp(1.0, -(fi + fw)) + bias
         return bias + np.mean(pre_fp - pre_q, axis=tuple(range(pre_fp.ndim - 1)))
 
+    def _window(self, tensor: str) -> tuple[int, int]:
+        if self.opt.output_fix_window is not None and self.judged(tensor):
+            return self.opt.output_fix_window
+        return self.opt.fix_window
+
     def _output_candidates(self, op: Any) -> list[int]:
         amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
-        cands = list(window(amax, self.opt.fix_window))
+        cands = list(window(amax, self._window(op.output)))
         if op.output in self.outputs and self.opt.peak_output is not None:
             cap = no_clip_fix(max(float(self.opt.peak_output), amax))
             cands = [fo for fo in cands if fo <= cap] or [cap]
@@ -391,6 +433,21 @@ class _Refiner:
         return best
 
     def _error(self, op: Any, ref: np.ndarray, out: np.ndarray, fo: int) -> float:
+        err = self._raw_error(op, ref, out, fo)
+        if self.opt.clip_gain_db and self.judged(op.output):
+            amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
+            if fo > no_clip_fix(amax):
+                err *= 10.0 ** (self.opt.clip_gain_db / 10.0)
+        return err
+
+    def _raw_error(self, op: Any, ref: np.ndarray, out: np.ndarray, fo: int) -> float:
+        chain = self.chains.get(op.output)
+        if chain:  # run the passthrough ops to the output (they keep the fix position) and judge there
+            self.params.fix[op.output] = fo
+            for c in chain:
+                self.params.fix[c.output] = fo
+                out = self.t.run(c, [out], self.params)
+            return float(self.opt.output_error(self.ref[chain[-1].output], intops.pot_dequantize(out, fo)))  # type: ignore[misc]
         deq = intops.pot_dequantize(out, fo)
         if op.output in self.outputs and self.opt.output_error is not None:
             return float(self.opt.output_error(ref, deq))
