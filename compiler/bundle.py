@@ -337,7 +337,9 @@ def verify_bundle(bundle: str | Path, eval_ds: NilmDataset, *, registry: Registr
         pred = predict_watts(runner, contract, eval_ds.raw_x())
     cand = contract.score(truth, pred)  # the task's metrics: NILM metrics in W, or ON/OFF scores of a classifier
     budget = validate_budget(manifest["verification"].get("budget", {}) if budget is None else budget)
-    report = compare(ref, cand, budget, target=manifest["target"], verification=verification.value)
+    share = (manifest.get("cost") or {}).get("int8_macs_share")  # a quantizing target's, recorded at compile
+    report = compare(ref, cand, budget, target=manifest["target"], verification=verification.value,
+                     int8_share=share if isinstance(share, float) else None)
     return VerifyResult(bundle, [], report, notes)
 
 

@@ -203,6 +203,25 @@ def parse_min_sqnr(text: str | None) -> float | None:
     return v
 
 
+def parse_min_int8_share(text: str | None) -> float | None:
+    """``--min-int8-share``: a share in [0, 1] (a percentage with ``%``), ``off`` (no floor), or None (the default, 0.01)."""
+    from nilmc.compiler.compare import DEFAULT_MIN_INT8_SHARE
+    from nilmc.compiler.errors import BadInputError
+
+    if text is None:
+        return DEFAULT_MIN_INT8_SHARE
+    t = text.strip().lower()
+    if t == "off":
+        return None
+    try:
+        v = float(t.removesuffix("%")) / (100.0 if t.endswith("%") else 1.0)
+    except ValueError:
+        raise BadInputError(f"--min-int8-share {text!r} is not a share", "use e.g. --min-int8-share 0.5 (or 50%), or off") from None
+    if not 0.0 <= v <= 1.0:
+        raise BadInputError(f"--min-int8-share {text!r} is not a share in [0, 1]", "use e.g. --min-int8-share 0.5 (or 50%), or off")
+    return v
+
+
 def _wire_meter_fitter(registry: Any, tlist: list[Any]) -> None:
     """The tflm backend's fitter (pruning + distillation) lives in training/, which only the CLI may import: hand it over."""
     from nilmc.backends.tflm_backend import FittingTFLMBackend, TFLMBackend
@@ -217,7 +236,7 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
                 junit: str | None, as_json: bool, *, force: bool = False, sign: str | None = None, overflow: str = "warn",
                 option_flags: tuple[str, ...] = (), contract_flags: Any = None, min_sqnr: str | None = None,
                 calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0, jobs: int | None = None,
-                report: str | None = None) -> None:
+                report: str | None = None, min_int8_share: str | None = None) -> None:
     from nilmc.backends.registry import default_registry
     from nilmc.compiler.compare import parse_budget
     from nilmc.compiler.contract_flags import load_model_with_flags
@@ -240,6 +259,7 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     # no --max-delta: the driver picks the model's task default (eacc=0.5 for regression, f1w=1 for classifiers)
     budget = parse_budget(max_delta) if max_delta else None
     min_sqnr_db = parse_min_sqnr(min_sqnr)
+    int8_floor = parse_min_int8_share(min_int8_share)
     model = load_model_with_flags(model_path, contract_flags)
     eval_ds = _load_data(eval_path)
     calib_ds = _load_data(calib) if calib else None
@@ -250,7 +270,8 @@ def run_compile(model_path: str, calib: str | None, eval_path: str, targets: str
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     options = CompileOptions(junit=Path(junit) if junit else None, sign_key=Path(sign) if sign else None, force=force,
                              inputs=inputs, debug=debug, overflow=overflow, backend_options=parse_option_flags(option_flags),
-                             min_sqnr_db=min_sqnr_db, calib_windows=calib_windows, calib_selection=calib_select, calib_seed=calib_seed,
+                             min_sqnr_db=min_sqnr_db, min_int8_share=int8_floor, calib_windows=calib_windows, calib_selection=calib_select,
+                             calib_seed=calib_seed,
                              jobs=_jobs(jobs, len(tlist)), skip_refused=frozenset(str(t) for t in tlist) - named)
     with progress:
         summary = compile_model(model, eval_ds, tlist, out, calib=calib_ds, budget=budget, registry=registry, options=options, progress=progress)
@@ -410,6 +431,9 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="A backend option, e.g. dpu.qat_epochs=5 (repeatable; `nilmc backends --json` lists them).")
 @click.option("--min-sqnr", "min_sqnr", default=None, metavar="DB",
               help="Fail a target whose output SQNR vs FP32 is below DB (default 10: an all-zero output scores 0 dB; 'off' drops the floor).")
+@click.option("--min-int8-share", "min_int8_share", default=None, metavar="SHARE",
+              help="Fail an INT8 target whose artifact runs under SHARE of the weighted layers' MACs in INT8 (default 0.01: an "
+                   "'int8' artifact that runs everything in float fails; e.g. 0.5 or 50%; 'off' drops the floor).")
 @click.option("--calib-windows", type=click.IntRange(min=1), default=None,
               help="Calibrate on N windows selected from --calib (default: every window given).")
 @click.option("--calib-select", type=click.Choice(["random", "stratified", "first"]), default="random", show_default=True,
@@ -425,14 +449,14 @@ def contract_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out: str, max_delta: str | None, junit: str | None,
                 sign: str | None, overflow: str, option_flags: tuple[str, ...], force: bool, as_json: bool, contract_flags: Any = None,
                 min_sqnr: str | None = None, calib_windows: int | None = None, calib_select: str = "random", calib_seed: int = 0,
-                jobs: int | None = None, report: str | None = None) -> None:
+                jobs: int | None = None, report: str | None = None, min_int8_share: str | None = None) -> None:
     """Lower MODEL to every target, verify each artifact against FP32, gate on the budget.
 
     Exit code: the most severe over every target (3 internal > 2 bad input > 1 gate failed > 0).
     """
     run_compile(model, calib, eval_path, targets, out, max_delta, junit, as_json, force=force, sign=sign, overflow=overflow,
                 option_flags=option_flags, contract_flags=contract_flags, min_sqnr=min_sqnr, calib_windows=calib_windows,
-                calib_select=calib_select, calib_seed=calib_seed, jobs=jobs, report=report)
+                calib_select=calib_select, calib_seed=calib_seed, jobs=jobs, report=report, min_int8_share=min_int8_share)
 
 
 @cli.command("example")

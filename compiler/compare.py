@@ -3,9 +3,12 @@
 Deltas are losses: positive means the candidate is worse than the FP32 reference
 (``ref - cand`` for higher-is-better EACC/F1, ``cand - ref`` for lower-is-better
 MAE/SAE/NDE). A budget bounds the loss per metric, e.g. ``eacc=0.5`` (points), and may hold
-one floor: ``min_sqnr_db``, the lowest output SQNR vs FP32 a candidate may have (dB; an all-zero
-output scores 0 dB, FP32 itself inf). The floor is checked where the SQNR is known (at compile);
-``nilmc verify``, which has only the stored reference metrics, records it as not checked.
+two floors: ``min_sqnr_db``, the lowest output SQNR vs FP32 a candidate may have (dB; an all-zero
+output scores 0 dB, FP32 itself inf), and ``min_int8_macs_share``, the least share of the weighted layers'
+multiply-accumulates a quantizing target's artifact must run in INT8 (an "int8" artifact that runs everything in
+float is a float model behind an INT8 name; float targets are not checked). The SQNR floor is checked where the SQNR is
+known (at compile); ``nilmc verify``, which has only the stored reference metrics, records it as not checked, and reads
+the INT8 share from the bundle's manifest.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ REGRESSION_BUDGET_METRICS = ("eacc", "mae", "sae", "nde", "f1")
 CLASSIFICATION_BUDGET_METRICS = CLASSIFICATION_METRICS
 KNOWN_BUDGET_METRICS = (*REGRESSION_BUDGET_METRICS, *CLASSIFICATION_BUDGET_METRICS)
 MIN_SQNR_KEY = "min_sqnr_db"  # a floor, not a loss: output SQNR vs FP32 in dB
+MIN_INT8_KEY = "min_int8_macs_share"  # a floor: share (0..1) of the weighted layers' MACs run in INT8, quantizing targets
+FLOOR_KEYS = (MIN_SQNR_KEY, MIN_INT8_KEY)
 DEFAULT_BUDGET: dict[str, float] = {"eacc": 0.5}
 DEFAULT_CLASSIFICATION_BUDGET: dict[str, float] = {"f1w": 1.0}  # one point of weighted F1 = seed 002's 0.01
 
@@ -36,11 +41,13 @@ def default_budget(task: str = "regression") -> dict[str, float]:
 def check_budget_for_task(budget: Mapping[str, float], task: str) -> None:
     """Refuse (before any work) a budget naming metrics the task's comparison does not produce."""
     allowed = CLASSIFICATION_BUDGET_METRICS if task in ("binary", "multilabel") else REGRESSION_BUDGET_METRICS
-    wrong = [k for k in budget if k != MIN_SQNR_KEY and k not in allowed]
+    wrong = [k for k in budget if k not in FLOOR_KEYS and k not in allowed]
     if wrong:
         raise BadInputError(f"the budget names {', '.join(wrong)}, which a {task} model is not scored in",
                             f"pass --max-delta with {', '.join(allowed)} (e.g. --max-delta {allowed[0]}=1)")
 DEFAULT_MIN_SQNR_DB = 10.0  # what the compile driver adds to the budget unless told otherwise
+# ... and the INT8 floor it adds: at least 1 % of the MACs in INT8, i.e. an "int8" artifact that runs none fails
+DEFAULT_MIN_INT8_SHARE = 0.01
 
 
 def parse_budget(text: str | None) -> dict[str, float]:
@@ -48,7 +55,7 @@ def parse_budget(text: str | None) -> dict[str, float]:
 
     Refused (:class:`BadInputError`): unknown metrics, non-numbers, negative / infinite / NaN
     values (an infinite budget would switch the gate off) and a metric named twice.
-    ``min_sqnr_db=DB`` (a floor) takes any finite number.
+    ``min_sqnr_db=DB`` (a floor) takes any finite number, ``min_int8_macs_share=S`` a share in [0, 1].
     """
     if text is None or not text.strip():
         return dict(DEFAULT_BUDGET)
@@ -56,15 +63,17 @@ def parse_budget(text: str | None) -> dict[str, float]:
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         key, sep, val = part.partition("=")
         key = key.strip().lower()
-        if not sep or key not in (*KNOWN_BUDGET_METRICS, MIN_SQNR_KEY):
+        if not sep or key not in (*KNOWN_BUDGET_METRICS, *FLOOR_KEYS):
             raise BadInputError(f"budget entry {part!r} is not METRIC=VALUE with a known metric",
-                                f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)} (and the floor {MIN_SQNR_KEY})")
+                                f"use e.g. eacc=0.5,mae=3; metrics: {', '.join(KNOWN_BUDGET_METRICS)} (and the floors {', '.join(FLOOR_KEYS)})")
         try:
             v = float(val)
         except ValueError:
             raise BadInputError(f"budget value {val!r} for {key} is not a number", "use e.g. eacc=0.5") from None
         if key == MIN_SQNR_KEY and not math.isfinite(v):
             raise BadInputError(f"{MIN_SQNR_KEY} value {val.strip()!r} is infinite or NaN", f"give a finite floor in dB, e.g. {MIN_SQNR_KEY}=10")
+        if key == MIN_INT8_KEY and not 0.0 <= v <= 1.0:
+            raise BadInputError(f"{MIN_INT8_KEY} value {val.strip()!r} is not a share in [0, 1]", f"e.g. {MIN_INT8_KEY}=0.5 (half the MACs in INT8)")
         if key != MIN_SQNR_KEY and (not v >= 0 or v == float("inf")):
             raise BadInputError(f"budget value {val.strip()!r} for {key} is negative, infinite or NaN",
                                 f"a budget is a finite maximum loss >= 0, e.g. {key}=0.5 (omit the metric to leave it ungated)")
@@ -88,6 +97,8 @@ class Violation:
         return self.limit - self.delta if self.floor else self.delta - self.limit
 
     def __str__(self) -> str:
+        if self.floor and self.metric == "int8_macs_share":
+            return f"INT8 MACs {100 * self.delta:.3g} % < min {100 * self.limit:g} %"
         if self.floor:
             return f"output SQNR {self.delta:.3g} dB < min {self.limit:g} dB"
         return f"{self.metric} loss {self.delta:+.4g} > budget {self.limit:g}"
@@ -159,11 +170,13 @@ def validate_budget(budget: Mapping[str, float]) -> dict[str, float]:
 
 
 def compare(reference: AnyMetrics, candidate: AnyMetrics, budget: Mapping[str, float], *, target: str = "", verification: str = "measured",
-            extra: Mapping[str, Any] | None = None, sqnr_db: float | None = None) -> Report:
+            extra: Mapping[str, Any] | None = None, sqnr_db: float | None = None, int8_share: float | None = None) -> Report:
     """Compare candidate metrics with the reference under ``budget``.
 
     ``sqnr_db`` (default None): the candidate's output SQNR vs FP32, checked against the budget's
     ``min_sqnr_db`` floor (NaN fails; +inf passes); without it the floor is listed in ``unchecked``.
+    ``int8_share`` (default None: a float target, not checked): the share of the weighted layers' MACs the artifact
+    runs in INT8, checked against ``min_int8_macs_share``.
     """
     deltas = compare_metrics(reference, candidate)
     violations = []
@@ -174,6 +187,10 @@ def compare(reference: AnyMetrics, candidate: AnyMetrics, budget: Mapping[str, f
                 unchecked.append(metric)
             elif not sqnr_db >= limit:  # NaN fails too
                 violations.append(Violation("sqnr_db", float(sqnr_db), float(limit), floor=True))
+            continue
+        if metric == MIN_INT8_KEY:
+            if int8_share is not None and not int8_share >= limit:
+                violations.append(Violation("int8_macs_share", float(int8_share), float(limit), floor=True))
             continue
         d = deltas.get(metric)
         if d is None:

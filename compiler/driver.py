@@ -26,7 +26,7 @@ from nilmc.backends.base import Verification
 from nilmc.backends.registry import Registry, Target, default_registry
 from nilmc.calibration_data.dataset import NilmDataset
 from nilmc.compiler.bundle import MANIFEST, SUMMARY, BundleWriter, VerifyResult, bundle_name, read_manifest, verify_bundle
-from nilmc.compiler.compare import MIN_SQNR_KEY, Report, check_budget_for_task, compare, default_budget, validate_budget
+from nilmc.compiler.compare import DEFAULT_MIN_INT8_SHARE, MIN_INT8_KEY, MIN_SQNR_KEY, Report, check_budget_for_task, compare, default_budget, validate_budget
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import (
     EXIT_BAD_INPUT,
@@ -69,6 +69,9 @@ class CompileOptions:
     (backend name -> {option: value}, checked against the backend's typed options record),
     ``min_sqnr_db=10.0`` (the output-SQNR floor vs FP32 added to the budget as ``min_sqnr_db`` unless
     the budget names it; an all-zero output scores 0 dB, FP32 itself inf; None: no floor),
+    ``min_int8_share=0.01`` (the least share of the weighted layers' MACs a quantizing target's artifact must run in
+    INT8, added to the budget as ``min_int8_macs_share`` unless the budget names it: an "int8" artifact that runs
+    everything in float fails; None: no floor),
     ``calib_windows=None`` (calibrate on every window given; N: select N of them, see
     :func:`calibration_data.selection.select_calibration`) with ``calib_selection="random"``
     (``"random"``, ``"stratified"`` or ``"first"``; random is the default because it gave the best
@@ -92,6 +95,7 @@ class CompileOptions:
     overflow: str = "warn"
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     min_sqnr_db: float | None = 10.0
+    min_int8_share: float | None = DEFAULT_MIN_INT8_SHARE
     calib_windows: int | None = None
     calib_selection: str = "random"
     calib_seed: int = 0
@@ -162,6 +166,7 @@ class TargetResult:
             "manifest_sha256": self.manifest_sha256,
             "error": self.error,
             "violations": [] if r is None else [str(v) for v in r.worst_first()],
+            "cause": None if r is None or not r.cause else r.cause,  # of a failed gate, from the analysis (README: --json)
         }
 
 
@@ -492,6 +497,8 @@ def compile_model(
     check_budget_for_task(budget, model.contract.task)
     if options.min_sqnr_db is not None and MIN_SQNR_KEY not in budget:
         budget[MIN_SQNR_KEY] = options.min_sqnr_db  # the floor that fails an all-zero output, recorded with the budget
+    if options.min_int8_share is not None and MIN_INT8_KEY not in budget:
+        budget[MIN_INT8_KEY] = options.min_int8_share  # the floor that fails a float model behind an INT8 name
     budget = validate_budget(budget)
     targets = list(dict.fromkeys(targets))
     plans = preflight(model, eval_ds, targets, out_dir, calib=calib, registry=registry, options=options)
@@ -691,6 +698,14 @@ def _worker_run(spec: dict[str, Any]) -> tuple[list[tuple[int, TargetResult]], l
     return out, job.warnings
 
 
+def _float_artifact_cause(target: Target, share: float) -> str:
+    """Why an INT8 target's artifact failed the INT8 floor, and what to do."""
+    return (f"{target} runs {100 * share:.3g} % of the weighted layers' MACs in INT8: every other layer was kept float (precise "
+            f"input / output, the SQNR floor or a precision fallback: the manifest's placement says which and why), so the artifact "
+            f"is a float model behind an INT8 name; use {target.backend}:fp32 (or fp16) for what it is, or lower the floor with "
+            f"--min-int8-share")
+
+
 MIN_INT8_MACS_SHARE = 0.5  # under this share of the MACs in INT8, an int8 target's compile warns (mostly float)
 
 
@@ -845,8 +860,14 @@ class _Job:
         diff_key = "max_abs_diff_probability" if self.model.contract.is_classification else "max_abs_diff_w"
         fidelity = {"output_sqnr_db": round(float(sqnr_db(ref_pred, pred)), 3),
                     diff_key: round(float(np.max(np.abs(ref_pred - pred))), 3 if diff_key.endswith("_w") else 6)}
+        from nilmc.compiler.cost import manifest_cost
+
+        placed = sections.get("placement") if plan.quantizes else None
+        int8_layers = placed.get("int8") if isinstance(placed, dict) and isinstance(placed.get("int8"), list) else None
+        sections["cost"] = manifest_cost(model.graph, int8_layers)  # MACs/FLOPs and seed 002's energy per prediction
+        int8_share = sections["cost"].get("int8_macs_share") if plan.quantizes else None
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity,
-                         sqnr_db=fidelity["output_sqnr_db"])
+                         sqnr_db=fidelity["output_sqnr_db"], int8_share=int8_share if isinstance(int8_share, float) else None)
         from nilmc.compiler.trace import power_trace
 
         if self.truth.ndim == 1:  # a power trace; a classifier predicts no power
@@ -859,7 +880,8 @@ class _Job:
             cpu_tensors = {o for n in model.graph.graph.node if n.name in cpu_ops for o in n.output}
             cause = likely_causes(*findings, float_tensors=cpu_tensors) if findings else ""
             floor = sqnr_floor_hint(lower_options["params"]) if plan.quantizes else None  # the SQNR floor's own verdict
-            known = "; ".join(c for c in (hint, floor) if c)
+            no_int8 = next((_float_artifact_cause(target, v.delta) for v in report.violations if v.metric == "int8_macs_share"), None)
+            known = "; ".join(c for c in (no_int8, hint, floor) if c)
             if known and cause.endswith(NO_CAUSE):  # the backend or the floor found one: "no cause found" is not true
                 cause = "likely cause: " + known
             else:
@@ -868,11 +890,6 @@ class _Job:
         from nilmc.compiler.hardware import manifest_section
 
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on
-        from nilmc.compiler.cost import manifest_cost
-
-        placed = sections.get("placement") if plan.quantizes else None
-        int8_layers = placed.get("int8") if isinstance(placed, dict) and isinstance(placed.get("int8"), list) else None
-        sections["cost"] = manifest_cost(model.graph, int8_layers)  # MACs/FLOPs and seed 002's energy per prediction
         share = sections["cost"].get("int8_macs_share")
         if isinstance(share, float) and share < MIN_INT8_MACS_SHARE:
             self.warnings.append(f"{target}: only {share:.0%} of the MACs run in INT8 ({len(int8_layers or ())} weighted layer(s)); "

@@ -69,3 +69,54 @@ def test_int8_macs_share_shows_how_much_of_an_int8_target_runs_in_int8(tmp_path)
     head = next(i for i, line in enumerate(table) if line.startswith("target"))
     col = table[head].index("INT8 MACs")
     assert [table[head + k][col:col + 3].strip() for k in (2, 3)] == ["-", "1%"], table
+
+
+def _linear_model(ds):
+    """One dense layer on the flattened window: the only weighted layer reads the graph input, so precise input keeps
+    it float and an INT8 target's artifact runs none of its MACs in INT8."""
+    import onnx
+
+    from nilmc.compiler.model import Model
+
+    tiny = tiny_model(ds, hidden=1)
+    m = onnx.ModelProto()
+    m.CopyFrom(tiny.graph)
+    xn = tiny.contract.normalize(ds.raw_x()).reshape(len(ds.x), -1).astype(np.float64)
+    yn = tiny.contract.target.from_watts(ds.y[:, 0]).astype(np.float64)
+    sol, *_ = np.linalg.lstsq(np.c_[xn, np.ones(len(xn))], yn, rcond=None)
+    del m.graph.node[:]
+    m.graph.node.extend([helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+                         helper.make_node("MatMul", ["flat", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["output"])])
+    del m.graph.initializer[:]
+    m.graph.initializer.extend([numpy_helper.from_array(np.array([-1, xn.shape[1]], np.int64), "flat_shape"),
+                                numpy_helper.from_array(sol[:-1, None].astype(np.float32), "w"),
+                                numpy_helper.from_array(sol[-1:].astype(np.float32), "b")])
+    onnx.checker.check_model(m)
+    return Model(m, tiny.contract, source="linear")
+
+
+def test_an_int8_artifact_that_runs_no_mac_in_int8_fails_the_gate(tmp_path):
+    """An 'int8' artifact that is a float model behind an INT8 name passed the gate before (a warning only): the INT8
+    floor (min_int8_macs_share, default 1 %) fails it, names the float target it really is, and is the user's to lower."""
+    from nilmc.backends.registry import Target
+    from nilmc.compiler.driver import CompileOptions, compile_model
+
+    ds = tiny_dataset(200, frames=10, features=9)
+    model = _linear_model(ds)
+    targets = [Target("onnxruntime", "fp32"), Target("onnxruntime", "int8")]
+    s = compile_model(model, ds, targets, tmp_path / "out", calib=ds, options=CompileOptions(latency_windows=2))
+    fp32, int8 = s.results
+    assert fp32.passed and fp32.int8_macs_share is None  # a float target is not held to the INT8 floor
+    assert int8.int8_macs_share == 0.0 and not int8.passed and int8.exit_code == 1
+    assert abs(int8.report.deltas["eacc"]) < 0.5  # the accuracy alone would have passed: it is a float model
+    assert "INT8 MACs 0 % < min 1 %" in int8.report.failure_line()
+    assert "onnxruntime:fp32" in int8.report.cause and "--min-int8-share" in int8.report.cause
+    manifest = json.loads((tmp_path / "out" / int8.bundle.name / "manifest.json").read_text())
+    assert manifest["verification"]["budget"]["min_int8_macs_share"] == 0.01
+    # nilmc verify reads the share from the bundle's manifest: the same verdict without recompiling
+    from nilmc.compiler.bundle import verify_bundle
+
+    assert not verify_bundle(tmp_path / "out" / int8.bundle.name, ds).report.passed
+    # the floor is the user's to lower
+    s = compile_model(model, ds, targets, tmp_path / "off", calib=ds, options=CompileOptions(latency_windows=2, min_int8_share=None))
+    assert all(r.passed for r in s.results)

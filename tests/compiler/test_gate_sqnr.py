@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from nilmc.backends.base import Artifact, Capabilities, Verification
 from nilmc.backends.registry import Target, default_registry
 from nilmc.compiler.cli import cli
-from nilmc.compiler.compare import DEFAULT_MIN_SQNR_DB, compare, parse_budget
+from nilmc.compiler.compare import DEFAULT_MIN_INT8_SHARE, DEFAULT_MIN_SQNR_DB, compare, parse_budget
 from nilmc.compiler.driver import CompileOptions, compile_model
 from nilmc.compiler.errors import BadInputError
 from nilmc.compiler.metrics import nilm_metrics
@@ -72,7 +72,7 @@ def test_an_all_zero_artifact_fails_the_default_gate(registry, tiny, tiny_ds, ti
     assert any(v.metric == "sqnr_db" for v in zero.report.violations)
     assert fp32.report.extra["output_sqnr_db"] == math.inf
     m = json.loads((tmp_path / "o" / "zero-int8" / "manifest.json").read_text())
-    assert m["verification"]["budget"] == {"eacc": 0.5, "min_sqnr_db": DEFAULT_MIN_SQNR_DB}
+    assert m["verification"]["budget"] == {"eacc": 0.5, "min_sqnr_db": DEFAULT_MIN_SQNR_DB, "min_int8_macs_share": DEFAULT_MIN_INT8_SHARE}
     assert any(v["metric"] == "sqnr_db" and v["min"] == DEFAULT_MIN_SQNR_DB for v in m["verification"]["violations"])
     assert m["verification"]["cause"].startswith("likely cause: ")
     table = summary_table(s)
