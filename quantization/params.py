@@ -347,9 +347,27 @@ def derive_params(
         method = per_tensor.get(name, estimator)
         tensors[name] = activation_quant(stats[name], traits, estimator=method, options=options.get(method),
                                          range_name=_activation_range_name(name, dtypes, traits))
+    if traits.pool_shares_grid:
+        _share_pool_grids(model, g, tensors)
     for layer in g.layers:
         _layer_params(layer, g, tensors, traits)
     return QuantParams(traits, tensors, dict(g.shared), list(g.layers), estimator, model_digest(onnx_model))
+
+
+def _share_pool_grids(model: onnx.ModelProto, g: QuantGraph, tensors: dict[str, TensorQuant]) -> None:
+    """Every AveragePool output that is a quantization point takes its input's parameters (``traits.pool_shares_grid``):
+    it becomes a shared tensor of the input's root, and tensors sharing it follow."""
+    for node in model.graph.node:
+        if node.op_type != "AveragePool" or not node.output or node.output[0] not in tensors:
+            continue
+        root = g.root(node.input[0])
+        if root not in tensors or root == node.output[0]:
+            continue
+        del tensors[node.output[0]]
+        g.shared[node.output[0]] = root
+        for name, src in list(g.shared.items()):
+            if src == node.output[0]:
+                g.shared[name] = root
 
 
 def _layer_params(layer: Layer, g: QuantGraph, tensors: dict[str, TensorQuant], traits: QuantTraits) -> None:

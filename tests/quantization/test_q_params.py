@@ -138,3 +138,35 @@ def test_per_tensor_weights_asymmetric() -> None:
     t = weight_quant("w", w, 0, QuantTraits(per_channel_weights=False, symmetric_weights=False))
     assert t.axis is None and len(t.scale) == 1 and t.zero_point[0] != 0
     assert t.scale[0] == float(np.float32((float(w.max()) - float(w.min())) / 255))
+
+
+def test_tflite_traits_put_an_average_pool_on_its_inputs_grid() -> None:
+    """TFLite's int8 AVERAGE_POOL_2D requires its input's scale and zero point on its output (the kernel averages codes
+    without requantizing; on a grid of its own the example CtRNN's integer stage gave 6.6 dB): under ``pool_shares_grid``
+    the pool's output shares its input's parameters; the QDQ targets keep a grid of its own."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nilmc.quantization.statistics import collect_statistics
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["input", "W", "B"], ["c"], name="conv", kernel_shape=[1, 3], pads=[0, 1, 0, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("AveragePool", ["r"], ["p"], name="pool", kernel_shape=[1, 2], strides=[1, 2]),
+             helper.make_node("Conv", ["p", "W2", "B2"], ["output"], name="conv2", kernel_shape=[1, 1])]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 1, 1, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.full(4, 0.1, np.float32), "B"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (2, 4, 1, 1)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "B2")]
+    g = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 1, 16])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, 1, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    stats = collect_statistics(m, rng.normal(0, 1, (64, 1, 1, 16)).astype(np.float32))
+    tfl, ort = derive_params(m, stats, TFLITE_INT8), derive_params(m, stats, GENERIC_INT8)
+    assert TFLITE_INT8.pool_shares_grid and not GENERIC_INT8.pool_shares_grid
+    assert "p" not in tfl.tensors and tfl.shared["p"] == "r" and tfl["p"] == tfl["r"]
+    assert "p" in ort.tensors and ort["p"].scale != ort["r"].scale  # the average's own, narrower range
+    # the layer reading the pool output takes its bias scale from the grid it really reads
+    assert tfl.tensors["B2"].scale[0] == pytest.approx(tfl["r"].scale[0] * tfl.tensors["W2"].scale[0])
