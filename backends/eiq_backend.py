@@ -51,6 +51,9 @@ import numpy as np
 from nilmc.backends import tflite_int8
 from nilmc.backends.base import Artifact, Capabilities
 from nilmc.backends.tflite_int8 import (  # noqa: F401  (graph_ops, UnsupportedOpError: part of this module's API)
+    TAIL_RUNS,
+    TAIL_SUFFIX,
+    TAIL_WHY,
     FullIntegerSpec,
     UnsupportedOpError,
     build_full_integer,
@@ -112,17 +115,19 @@ NPU_PATH = "the i.MX 8M Plus NPU path"
 
 def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8", float_layers: bool = False) -> QuantTraits:
     """eIQ traits: symmetric narrow int8 weights (per channel, or per tensor when ``per_tensor``), asymmetric int8
-    activations, C-round, ``io_dtype`` (default int8) I/O, 16-bit NPU requantization multiplier (emulation only);
+    activations, C-round, ``io_dtype`` (default int8) I/O, 16-bit NPU requantization multiplier (emulation only), an
+    AveragePool on its input's grid (TFLite's int8 AVERAGE_POOL_2D);
     ``float_layers`` (default False): precise input, the layers reading the graph input run in FP32 on the CPU.
 
     Not :data:`~nilmc.quantization.traits.EIQ_PER_TENSOR`: its asymmetric weights are refused by TFLite's int8 kernels."""
     return QuantTraits(name="eiq_int8" + ("_per_tensor" if per_tensor else "") + ("_float_input" if float_layers else ""),
                        per_channel_weights=not per_tensor, symmetric_weights=True, narrow_range_weights=True, rounding=Rounding.HALF_AWAY,
-                       io_dtype=io_dtype, requant_multiplier_bits=16, float_layers=float_layers)
+                       io_dtype=io_dtype, requant_multiplier_bits=16, float_layers=float_layers, pool_shares_grid=True)
 
 
 PRECISE_PRECISIONS = ("int8", "int8_pt")  # uint8_io exists for integer I/O: it stays full integer
 CPU_STAGE = " on the application CPU (Cortex-A53), before the NPU partition"
+TAIL_FILE = "model_eiq" + TAIL_SUFFIX  # a float tail's stage (tflite_int8.TAIL_SUFFIX), on the CPU after the NPU graph
 
 
 def eiq_spec(precision: str, cpu_layers: str = "auto") -> FullIntegerSpec:
@@ -702,17 +707,23 @@ class EIQBackend:
         out_dir = Path(out_dir)
         spec = eiq_spec(precision, str(options.get("cpu_layers", "auto")))
         where = f"model {model.source or '?'!r}"
-        partition = None
+        partition, tail = None, None
         if model.keras_path and keras_placeable(keras_model := load_keras(model)):
             derived = integer_params(model, keras_model, spec, options, estimator=options.get("estimator"))
             result, check = build_full_integer(keras_model, derived.kq, derived.calib_x, spec, where=where, float_input=len(derived.precise),
                                                float_prefix=derived.prefix)
         elif model.keras_path:  # Conv1D / BatchNormalization / recurrent layers: planned from the ONNX graph
-            from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params
+            from nilmc.backends.onnx_to_tf import build_int8_from_keras, build_int8_with_float_tail, float_tail, onnx_integer_params
 
-            derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"))
-            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise),
-                                           float_prefix=derived.prefix)
+            tail = float_tail(model.graph)
+            derived = onnx_integer_params(model, spec, options, estimator=options.get("estimator"), tail=tail)
+            if tail is None:
+                result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise),
+                                               float_prefix=derived.prefix)
+            else:  # the layers from the first one the integer route refuses (a GRU, a transposed conv): float32 on the CPU
+                result, tail_fb = build_int8_with_float_tail(keras_model, model, derived.params, derived.calib_x, spec, tail,
+                                                             float_input=len(derived.precise), float_prefix=derived.prefix)
+                atomic_write_bytes(out_dir / TAIL_FILE, tail_fb)
             # float recurrent cells, BatchNormalization's MUL: the VX delegate leaves what the NPU cannot run to the CPU
             check = check_graph(result.flatbuffer, replace(spec, allowed_ops=None, integer_only=False), where=where)
             partition = check["partition"] = npu_partition(result.flatbuffer, _cpu_reasons(result))
@@ -733,9 +744,17 @@ class EIQBackend:
         extra = ["eiq_check.json"] + write_handoff(out_dir, fb, calib_x[:HANDOFF_WINDOWS])
         info = _info(spec, derived, result, check, extra)
         info["cpu_layers"] = "auto" if spec.float_input else "none"
-        info["placement"] = {**manifest_placement(model.graph, derived.params, result, derived.precise, where=CPU_STAGE, prefix=derived.prefix),
+        tail_why = {} if tail is None else dict.fromkeys(sorted(tail.nodes), TAIL_WHY.format(first=tail.first_op) + " on the application CPU (Cortex-A53)")
+        info["placement"] = {**manifest_placement(model.graph, derived.params, result, derived.precise, where=CPU_STAGE, prefix=derived.prefix,
+                                                  tail=tail_why),
                              **({"devices": _devices(fb, partition)} if partition is not None else {})}
-        ignored = kept_float_ignored(derived.params, derived.float_layers)
+        if tail is not None:
+            names = [layer.name for layer in keras_model.layers]
+            info["float_tail"] = {"file": TAIL_FILE, "cut": tail.cut, "first_op": tail.first_op, "keras_layers": names[names.index(tail.layer):],
+                                  "device": "CPU (Cortex-A53), float32, after the NPU stage", "runs": TAIL_RUNS, "io": check["io"]["output"]}
+            info["handoff"]["float_tail"] = (f"{PRIMARY} runs on the NPU as the scripts run it; {TAIL_FILE} then runs on the CPU on its "
+                                             "dequantized output (tflite_runtime Interpreter, no delegate)")
+        ignored = kept_float_ignored(derived.params, (*derived.float_layers, *(tail.nodes | tail.tensors if tail else ())))
         if ignored:
             info["keep_float_ignored"] = ignored
         if not model.keras_path:
@@ -752,7 +771,10 @@ class EIQBackend:
             info["partition"] = partition
             info["verification_note"] = NPU_NOTE + "; ops outside the NPU partitions run on the Cortex-A53 (CPU), listed in 'partition'"
         unemulated = not_emulated(fb, start)
-        if options.get("npu_emulation", True) and partition is not None and partition["cpu"] and start is None:
+        if options.get("npu_emulation", True) and tail is not None:
+            info["npu_emulation"] = {"label": "not verified", "why": f"a float32 tail stage ({TAIL_FILE}) follows the NPU graph: the drift "
+                                                                     "emulation scores one integer graph's output, so no drift is claimed"}
+        elif options.get("npu_emulation", True) and partition is not None and partition["cpu"] and start is None:
             info["npu_emulation"] = {"label": "not verified",
                                      "why": f"the integer emulation covers {', '.join(EMULATED_OPS)}; the graph also runs "
                                             f"{', '.join(sorted({c['op'] for c in partition['cpu']}))} on the CPU, so the NPU drift is not emulated"}
@@ -769,10 +791,12 @@ class EIQBackend:
               else f"precise input: {float_layers_phrase(result.float_layers, ' on the CPU')}, float32 input, int8 output"
               if result.float_layers else f"{spec.io_dtype} I/O")
         emulated = (f"{len(partition['cpu'])} op(s) on the CPU, NPU drift not emulated" if partition is not None and partition["cpu"] and start is None
-                    else "NPU emulated")
+                    else "NPU drift not emulated" if tail is not None else "NPU emulated")
         kind = (f"eIQ {'' if result.float_layers else 'full-integer '}TFLite for the i.MX 8M Plus NPU ({weights} int8 weights, {io}; "
                 f"CPU reference run, {emulated})")
-        return Artifact(self.name, precision, out_dir, PRIMARY, [PRIMARY], kind=kind, info=info)
+        if tail is not None:
+            kind = kind.removesuffix(")") + f"; float32 tail from {tail.layer} on the CPU, {TAIL_FILE})"
+        return Artifact(self.name, precision, out_dir, PRIMARY, [PRIMARY, *([TAIL_FILE] if tail is not None else [])], kind=kind, info=info)
 
     def precheck(self, model: Model, precision: str) -> str | None:
         """What keeps ``model`` from ``eiq:<precision>``, from the graph alone in milliseconds (None: nothing found)."""
@@ -781,7 +805,7 @@ class EIQBackend:
         if model.keras_path:
             from nilmc.backends.onnx_to_tf import keras_int8_precheck
 
-            return keras_int8_precheck(model.graph, f"eiq:{precision}")
+            return keras_int8_precheck(model.graph, f"eiq:{precision}", tail=True)
         from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available, onnx2tf_precheck
 
         if not onnx2tf_available():
@@ -791,9 +815,9 @@ class EIQBackend:
 
     def runner(self, artifact: Artifact) -> Any:
         """The ai_edge_litert CPU interpreter on the artifact (MEASURED: CPU reference of the eIQ artifact)."""
-        from nilmc.backends.tflite_backend import TFLiteRunner
+        from nilmc.backends.tflite_backend import TFLiteRunner, tail_path
 
-        return TFLiteRunner(artifact.path)
+        return TFLiteRunner(artifact.path, tail=tail_path(artifact))
 
 
 def _cpu_reasons(result: Any) -> dict[int, str]:

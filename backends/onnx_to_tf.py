@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnx.utils
 from onnx import helper, numpy_helper
 
 from nilmc.backends.tflite_int8 import (
@@ -643,6 +644,61 @@ def build_int8_from_keras(keras_model: Any, model: Model, params: QuantParams, r
                          float_input=float_input, float_prefix=float_prefix)
 
 
+def split_keras(keras_model: Any, tail: FloatTail, check: np.ndarray) -> tuple[Any, Any]:
+    """``(integer stage, float tail)`` Keras models of ``keras_model`` cut before layer ``tail.layer``: the model up to
+    that layer's input, and that layer and every one after it rebuilt (same configuration and weights) on that input.
+    Checked on ``check`` windows: the two in sequence must give the model's output (else the layers after the cut are
+    not one chain, and nothing is written)."""
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("splitting the Keras model")
+    names = [layer.name for layer in keras_model.layers]
+    if tail.layer not in names:
+        raise QuantizationError(f"the float tail starts at Keras layer {tail.layer!r} (ONNX {tail.first_op!r}), which the Keras model "
+                                "does not have", "lower it with onnxruntime:int8 or openvino:int8")
+    k = names.index(tail.layer)
+    head = tf.keras.Model(keras_model.inputs, keras_model.layers[k].input, name=f"{keras_model.name}_int8_stage")
+    inp = tf.keras.Input(shape=tuple(keras_model.layers[k].input.shape[1:]), name="cut")
+    x = inp
+    for layer in keras_model.layers[k:]:
+        clone = type(layer).from_config(layer.get_config())
+        x = clone(x)
+        clone.set_weights(layer.get_weights())
+    rest = tf.keras.Model(inp, x, name=f"{keras_model.name}_float_tail")
+    w = np.asarray(check, np.float32)
+    want, got = np.asarray(keras_model(w, training=False)), np.asarray(rest(head(w, training=False), training=False))
+    if want.shape != got.shape or not np.allclose(want, got, rtol=1e-4, atol=1e-5 * max(1.0, float(np.max(np.abs(want))))):
+        raise QuantizationError(f"the Keras layers from {tail.layer!r} to the output are not one chain after the cut (the two stages "
+                                f"differ from the model by {float(np.max(np.abs(want - got))) if want.shape == got.shape else 'shape'})",
+                                "lower it with onnxruntime:int8 or openvino:int8 (they keep float layers inside the graph)")
+    return head, rest
+
+
+def build_int8_with_float_tail(keras_model: Any, model: Model, params: QuantParams, representative: np.ndarray, spec: FullIntegerSpec,
+                               tail: FloatTail, *, float_input: int = 0, float_prefix: Mapping[str, str] | None = None
+                               ) -> tuple[FullIntegerTFLite, bytes]:
+    """``(integer stage, float32 tail flatbuffer)`` of a Keras source with a :func:`float_tail`: the model up to the cut
+    as :func:`build_int8_from_keras` writes it (batch-1 signature, nilmc's ``params`` keyed by the ONNX graph up to the
+    cut), and the tail converted in float32 (batch 1 when it has recurrent layers)."""
+    from dataclasses import replace
+
+    from nilmc.backends.tflite_int8 import convert_keras, structural_tflite
+
+    _check_weight_traits(params, spec)
+    rep = np.asarray(representative, np.float32)[:STRUCTURE_WINDOWS]
+    head, rest = split_keras(keras_model, tail, rep[:8])
+    source = onnx.ModelProto()
+    source.CopyFrom(model.graph)
+    if tail.cut not in {v.name for v in source.graph.value_info}:  # the extractor names its outputs from value_info
+        source.graph.value_info.append(helper.make_tensor_value_info(tail.cut, onnx.TensorProto.FLOAT, None))
+    graph = onnx.utils.Extractor(source).extract_model([model.input_name], [tail.cut])
+    kept = {n.name for n in graph.graph.node} | {o for n in graph.graph.node for o in n.output}
+    head_params = replace(params, layers=[layer for layer in params.layers if layer.name in kept or layer.output in kept])
+    result = _write_params(structural_tflite(head, rep, io_dtype=spec.io_dtype, batch1=True), graph, head_params, spec,
+                           float_input=float_input, float_prefix=float_prefix)
+    return result, convert_keras(rest, "fp32")
+
+
 def _check_weight_traits(params: QuantParams, spec: FullIntegerSpec) -> None:
     if spec.per_tensor and any(t.per_channel for t in params.by_role("weight")):
         raise InternalError(f"{spec.label}: per-tensor weights asked for but the parameters are per channel", "derive them with per-tensor traits")
@@ -669,10 +725,12 @@ def _write_params(structure: bytes, graph: onnx.ModelProto, params: QuantParams,
     return result
 
 
-def onnx_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[str, Any], *, estimator: str | None = None) -> IntegerParams:
+def onnx_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[str, Any], *, estimator: str | None = None,
+                        tail: FloatTail | None = None) -> IntegerParams:
     """nilmc's shared parameters for ``spec`` (``options["params"]`` when the driver derived them under its traits), after
-    the overflow checks; ``kq`` is None (there is no Keras model)."""
-    return shared_integer_params(model, spec, options, estimator=estimator)
+    the overflow checks; ``kq`` is None (there is no Keras model); ``tail``: a :func:`float_tail`'s layers and activations
+    kept float."""
+    return shared_integer_params(model, spec, options, estimator=estimator, float_tail=() if tail is None else tail.nodes | tail.tensors)
 
 
 def output_cover_watts(params: QuantParams, model: Model) -> dict[str, Any]:
@@ -729,21 +787,95 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
 
 # ONNX ops (tf2onnx's form of a Keras model) on the data path that the Keras full-integer route places or keeps float:
 # weighted layers, BatchNormalization as Mul/Add, Sigmoid/Tanh, data movement around recurrent layers, the LSTM (kept float).
-KERAS_INT8_DATA_OPS = INT8_DATA_OPS | frozenset({"Mul", "Sub", "Sigmoid", "Tanh", "Concat", "Slice", "Squeeze", "Unsqueeze", "LSTM"})
+# AveragePool: TFLite's int8 AVERAGE_POOL_2D keeps its input's grid, as the TFLite traits' parameters do (pool_shares_grid).
+KERAS_INT8_DATA_OPS = INT8_DATA_OPS | frozenset({"Mul", "Sub", "Sigmoid", "Tanh", "Concat", "Slice", "Squeeze", "Unsqueeze", "LSTM",
+                                                 "AveragePool"})
 # Recurrent ONNX ops the TFLite converter turns into a WHILE loop: its full-integer quantizer crashes the process on them
 # (a segmentation fault, TensorFlow 2.21, with or without the loop deny-listed; measured on a Keras BiGRU).
 LOOP_RECURRENT_OPS = frozenset({"GRU", "RNN"})
 
 
-def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = False) -> str | None:
+@dataclass(frozen=True)
+class FloatTail:
+    """The layers of a Keras model from the first one the full-integer route cannot take to the output, run as a
+    float32 TFLite stage after the integer one (the accelerator/CPU split: seed 002's CtRNN keeps its conv blocks in
+    int8 and its transposed conv, GRU and dense head in float). ``cut``: the ONNX tensor entering it (the integer
+    stage's output); ``layer``: the Keras name of its first layer; ``nodes`` / ``tensors``: its ONNX nodes and tensors."""
+
+    cut: str
+    layer: str
+    first_op: str
+    nodes: frozenset[str]
+    tensors: frozenset[str]
+
+
+def _refused_keras_ops(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    return [n for n in nodes if n.op_type in LOOP_RECURRENT_OPS or n.op_type not in KERAS_INT8_DATA_OPS]
+
+
+def _keras_scope(node: onnx.NodeProto, g: onnx.GraphProto) -> str | None:
+    """The tf2onnx name scope ``<model>/<layer>/`` of ``node``, or of its nearest producer that has one (tf2onnx names the
+    GRU node it fuses ``GRU__42``; the transpose before it is ``ctrnn/gru/...``)."""
+    producers = {o: n for n in g.node for o in n.output}
+    todo, seen = [node], {id(node)}
+    while todo:
+        n = todo.pop(0)
+        parts = n.name.split("/")
+        if len(parts) >= 3:
+            return "/".join(parts[:2]) + "/"
+        for i in n.input:
+            p = producers.get(i)
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                todo.append(p)
+    return None
+
+
+def float_tail(graph: onnx.ModelProto) -> FloatTail | None:
+    """The float tail of a tf2onnx graph (a Keras source), or None: it starts at the Keras layer (tf2onnx name scope
+    ``<model>/<layer>/``) of the first data-path op the full-integer route refuses, is entered through one tensor, and
+    holds every refused op and the graph output; nothing after the cut reads a tensor before it (one pre -> tail chain)."""
+    nodes = data_path_ops(graph)
+    refused = _refused_keras_ops(nodes)
+    g = graph.graph
+    scope = _keras_scope(refused[0], g) if refused else None
+    if scope is None:
+        return None
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    scoped = [n for n in g.node if n.name.startswith(scope)]
+    produced = {o for n in scoped for o in n.output}
+    entering = list(dict.fromkeys(i for n in scoped for i in n.input if i and i not in produced and i not in consts))
+    if not entering:
+        return None
+    cut = entering[0]  # the scope's first input; the others must come from the cut too (tf2onnx's unscoped helper nodes)
+    if cut in {i.name for i in g.input}:
+        return None  # nothing would be left for the integer stage
+    tensors, tail = {cut}, []
+    for node in g.node:  # topological: everything that depends on the cut
+        if any(i in tensors for i in node.input):
+            tail.append(node)
+            tensors.update(node.output)
+    outside = {i for n in tail for i in n.input if i and i not in tensors and i not in consts} | (set(entering) - tensors)
+    names = {n.name for n in tail}
+    if outside or any(o.name not in tensors for o in g.output) or any(n.name not in names for n in refused):
+        return None
+    return FloatTail(cut, scope.split("/")[1], refused[0].name, frozenset(names), frozenset(tensors - {cut}))
+
+
+def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = False, tail: bool = False) -> str | None:
     """Why the full-integer route cannot take a Keras source whose ONNX form is ``graph`` (one line, remedy after
-    ``; ``), or None. From the graph alone, in milliseconds, before any calibration."""
-    ops = {n.op_type for n in data_path_ops(graph)}
+    ``; ``), or None. From the graph alone, in milliseconds, before any calibration. ``tail`` (default False): the target
+    runs a :func:`float_tail` of the ops it refuses as a float32 stage (tflite:int8)."""
+    nodes = data_path_ops(graph)
+    ops = {n.op_type for n in nodes}
     backend = target.split(":")[0]
+    if tail and not qat and _refused_keras_ops(nodes) and float_tail(graph) is not None:
+        return None
     loops = sorted(ops & LOOP_RECURRENT_OPS)
     if loops:
         return (f"{target} cannot take {', '.join(loops)}: the TFLite converter lowers it to a WHILE loop and its full-integer "
-                f"quantizer crashes on that loop (TensorFlow 2.21); lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
+                f"quantizer crashes on that loop (TensorFlow 2.21), and it is not in a float tail (one tensor into the layers from "
+                f"it to the output); lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
     if qat and ops & {"LSTM"}:
         return f"{target} fine-tunes Conv2D/Dense Keras models and the model has LSTM; use {backend}:int8 (PTQ, the LSTM kept float32)"
     bad = sorted(ops - KERAS_INT8_DATA_OPS)

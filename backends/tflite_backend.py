@@ -83,6 +83,10 @@ import numpy as np
 from nilmc.backends.base import Artifact, Capabilities, Verification
 from nilmc.backends.tflite_int8 import (
     FLOAT_KEPT_OPS,
+    TAIL_ROUTE,
+    TAIL_RUNS,
+    TAIL_SUFFIX,
+    TAIL_WHY,
     FullIntegerSpec,
     build_full_integer,
     check_cpu_layers,
@@ -97,6 +101,7 @@ from nilmc.backends.tflite_int8 import (
     keras_placeable,
     manifest_placement,
     recurrent_layers,
+    tail_path,
     tensor_precisions,
     tflite_placement,
     tflite_traits,
@@ -181,11 +186,13 @@ class TFLiteRunner:
 
     verification = Verification.MEASURED
 
-    def __init__(self, path: Path, *, threads: int = 1, output_name: str = "output") -> None:
+    def __init__(self, path: Path, *, threads: int = 1, output_name: str = "output", tail: Path | None = None) -> None:
         self.path = Path(path)
         self.threads = threads
         self.output_name = output_name
+        self.tail = None if tail is None else Path(tail)  # a float32 tail stage run on the integer stage's (dequantized) output
         self._it: Any = None
+        self._tail_it: Any = None
         self._batch: int | None = None
 
     def __enter__(self) -> TFLiteRunner:
@@ -194,11 +201,14 @@ class TFLiteRunner:
         except ImportError:
             raise MissingDependencyError("ai-edge-litert", "tflite", "running TFLite models") from None
         self._it = Interpreter(model_path=str(self.path), num_threads=self.threads)
+        if self.tail is not None:
+            self._tail_it = Interpreter(model_path=str(self.tail), num_threads=self.threads)
+            self._tail_it.allocate_tensors()
         self._batch = None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._it = None
+        self._it = self._tail_it = None
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(feeds) != 1:
@@ -209,8 +219,11 @@ class TFLiteRunner:
             self._it.allocate_tensors()
             self._batch = 0
         # one invoke per batch (re-allocated when its size changes), or per window for a batch-1 model (recurrent layers)
-        y = invoke_windows(self._it, _to_tensor(x, inp))
-        return {self.output_name: _from_tensor(y, out)}
+        y = _from_tensor(invoke_windows(self._it, _to_tensor(x, inp)), out)
+        if self._tail_it is not None:
+            ti, to = self._tail_it.get_input_details()[0], self._tail_it.get_output_details()[0]
+            y = _from_tensor(invoke_windows(self._tail_it, _to_tensor(y, ti)), to)
+        return {self.output_name: y}
 
 
 def _to_tensor(x: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
@@ -322,7 +335,8 @@ class TFLiteBackend:
 
             if (why := keras_source_precheck(model)) is not None:  # a Keras 3 layer the tf_keras bridge cannot rebuild
                 return f"tflite:{precision}: {why}"
-            return keras_int8_precheck(model.graph, f"tflite:{precision}", qat=precision == "qat_int8") if precision in INT_PRECISIONS else None
+            return (keras_int8_precheck(model.graph, f"tflite:{precision}", qat=precision == "qat_int8", tail=precision == "int8")
+                    if precision in INT_PRECISIONS else None)
         from nilmc.backends.onnx_to_tf import ONNX2TF, int8_precheck, onnx2tf_available, onnx2tf_precheck
 
         if not onnx2tf_available():
@@ -333,7 +347,7 @@ class TFLiteBackend:
         return why
 
     def runner(self, artifact: Artifact) -> TFLiteRunner:
-        return TFLiteRunner(artifact.path)
+        return TFLiteRunner(artifact.path, tail=tail_path(artifact))
 
     # ------------------------------------------------------------------ from ONNX (onnx2tf)
     def _lower_onnx(self, model: Model, out_dir: Path, precision: str, options: dict[str, Any]) -> Artifact:
@@ -459,10 +473,20 @@ class TFLiteBackend:
                            spec: FullIntegerSpec, options: dict[str, Any]) -> Artifact:
         """A Keras source with Conv1D / BatchNormalization / TensorFlowOpLayers / recurrent layers: the converter's graph of
         the Keras model (batch 1 and recurrent cells float32 when it has any), nilmc's parameters keyed by the ONNX graph."""
-        from nilmc.backends.onnx_to_tf import build_int8_from_keras, onnx_integer_params, output_cover_watts
+        from nilmc.backends.onnx_to_tf import build_int8_from_keras, float_tail, onnx_integer_params, output_cover_watts
 
-        derived = onnx_integer_params(model, spec, options, estimator=opts.estimator)
-        result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise), float_prefix=derived.prefix)
+        tail = float_tail(model.graph) if precision == "int8" else None
+        derived = onnx_integer_params(model, spec, options, estimator=opts.estimator, tail=tail)
+        files: list[str] = []
+        if tail is None:
+            result = build_int8_from_keras(keras_model, model, derived.params, derived.calib_x, spec, float_input=len(derived.precise),
+                                           float_prefix=derived.prefix)
+        else:
+            from nilmc.backends.onnx_to_tf import build_int8_with_float_tail
+
+            result, tail_fb = build_int8_with_float_tail(keras_model, model, derived.params, derived.calib_x, spec, tail,
+                                                         float_input=len(derived.precise), float_prefix=derived.prefix)
+            files.append(_write(out_dir, f"model_{precision}{TAIL_SUFFIX}", tail_fb))
         name = _write(out_dir, f"model_{precision}.tflite", result.flatbuffer)
         info: dict[str, Any] = {"tools": ["tensorflow", "ai-edge-litert"],
                                 "route": "Keras -> TFLiteConverter (full integer" + (", batch-1 signature" if recurrent_layers(keras_model) else "")
@@ -474,16 +498,25 @@ class TFLiteBackend:
                                 "layers": dict(sorted((str(k), v) for k, v in result.plan.layer_of_op.items())),
                                 "tflite_placement": tflite_placement(result.flatbuffer, {f["index"]: f["why"] for f in result.float_layers})}
         cells = any(f["op"] in FLOAT_KEPT_OPS for f in info["tflite_placement"]["float"])
-        info["extra_files"] = self._finish(model, result, derived, opts, out_dir, info) if not cells else []
-        if cells:
-            info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise, prefix=derived.prefix)
-            ignored = kept_float_ignored(derived.params, derived.float_layers)
+        info["extra_files"] = self._finish(model, result, derived, opts, out_dir, info) if not (cells or tail) else []
+        tail_why: dict[str, str] = {}
+        if tail is not None:
+            tail_why = dict.fromkeys(sorted(tail.nodes), TAIL_WHY.format(first=tail.first_op))
+            names = [layer.name for layer in keras_model.layers]
+            info["float_tail"] = {"file": files[0], "cut": tail.cut, "first_op": tail.first_op,
+                                  "keras_layers": names[names.index(tail.layer):], "runs": TAIL_RUNS,
+                                  "io": io_quantization(result.flatbuffer)["output"]}
+            info["route"] += "; " + TAIL_ROUTE.format(layer=tail.layer)
+        if cells or tail is not None:
+            info["placement"] = manifest_placement(model.graph, derived.params, result, derived.precise, prefix=derived.prefix, tail=tail_why)
+            ignored = kept_float_ignored(derived.params, (*derived.float_layers, *(tail.nodes | tail.tensors if tail else ())))
             if ignored:
                 info["keep_float_ignored"] = ignored
             if opts.tflm:
-                info["tflm"] = {"skipped": "float32 recurrent cells: the TFLite Micro estimate covers integer graphs only"}
-        return Artifact(self.name, precision, out_dir, name, [name], kind=_kind("PTQ", opts, result, "; recurrent cells float32" if cells else ""),
-                        info=info)
+                info["tflm"] = {"skipped": "a float32 tail stage: the TFLite Micro estimate covers one integer graph" if tail is not None
+                                else "float32 recurrent cells: the TFLite Micro estimate covers integer graphs only"}
+        note = f"; float32 tail from {tail.layer} ({files[0]})" if tail is not None else "; recurrent cells float32" if cells else ""
+        return Artifact(self.name, precision, out_dir, name, [name, *files], kind=_kind("PTQ", opts, result, note), info=info)
 
     def _qat(self, model: Model, keras_model: Any, kq: Any, opts: TFLiteOptions, options: Mapping[str, Any],
              info: dict[str, Any]) -> tuple[Any, Any] | None:

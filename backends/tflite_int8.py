@@ -29,7 +29,7 @@ How :func:`build_int8_tflite` works, and why this route
 Tensors are matched to nilmc's by structure: the k-th CONV_2D / FULLY_CONNECTED op is the
 k-th Keras Conv2D / Dense layer (names checked when the converter kept them), its input,
 output, weight and bias tensors get that layer's parameters, and RESHAPE / SQUEEZE /
-EXPAND_DIMS / MAX_POOL_2D outputs and int8<->uint8 QUANTIZE ops share their input's grid.
+EXPAND_DIMS / MAX_POOL_2D / AVERAGE_POOL_2D outputs and int8<->uint8 QUANTIZE ops share their input's grid.
 Any quantized tensor left unmatched is an error, never a silent converter range.
 Buffers are written 16-byte aligned.
 
@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,18 +82,35 @@ PRECISE_INPUT = ("precise input: reads the float graph input, runs in FP32{where
                  "its output on nilmc's int8 grid)")
 
 
+# A Keras source whose refused layers (a GRU's WHILE loop, a transposed conv) form a tail after one tensor
+# (:func:`~nilmc.backends.onnx_to_tf.float_tail`): the integer stage up to that tensor, the tail as a second, float32 file.
+TAIL_SUFFIX = "_tail_fp32.tflite"
+TAIL_WHY = ("float tail: from {first} (an op the full-integer TFLite route cannot take) to the output, the layers run in a "
+            "float32 TFLite stage after the integer one")
+TAIL_RUNS = ("the integer stage's int8 output, dequantized with its scale and zero point, is the float32 tail's input "
+             "(two interpreters in sequence, as TFLiteRunner runs them)")
+TAIL_ROUTE = "the layers from {layer} on: Keras -> TFLiteConverter (float32) as a second stage"
+
+
+def tail_path(artifact: Any) -> Path | None:
+    """The float32 tail stage of a TFLite artifact (None without one)."""
+    tail = artifact.info.get("float_tail")
+    return artifact.directory / tail["file"] if isinstance(tail, dict) and tail.get("file") else None
+
+
 def precise_why(where: str = "") -> str:
     """Why a layer of a precise-input graph runs in FP32, ``where`` (e.g. " on the application CPU") said."""
     return PRECISE_INPUT.format(where=where)
 
 # TFLite builtin operator codes (schema.fbs) used here.
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, RESHAPE, QUANTIZE = 3, 4, 6, 9, 17, 22, 114
+AVERAGE_POOL_2D = 1
 SQUEEZE, TRANSPOSE, EXPAND_DIMS, PAD = 43, 39, 70, 34
 STRIDED_SLICE, SLICE, REVERSE_V2, CONCATENATION = 45, 65, 105, 2
 # Data movement: TFLite's int8 kernels of these keep the input's scale and zero point on the output (PAD fills with the
 # zero point, i.e. 0.0: the explicit padding onnx2tf writes before a VALID conv; the slices and the reversal are what a
 # Bidirectional recurrent layer becomes around its cells).
-PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, TRANSPOSE, PAD, STRIDED_SLICE, SLICE, REVERSE_V2})
+PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, AVERAGE_POOL_2D, TRANSPOSE, PAD, STRIDED_SLICE, SLICE, REVERSE_V2})
 WEIGHTED = frozenset({CONV_2D, FULLY_CONNECTED})
 # TensorType codes -> (name, lowest code) for the integer activation types we place (int16: the 16x8 mode).
 INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0), 7: ("int16", -32768)}
@@ -172,6 +190,7 @@ def convert_keras(
     per_tensor: bool = False,
     io_dtype: str = "float",
     float_ops: tuple[str, ...] = (),
+    batch1: bool = False,
 ) -> bytes:
     """Run the TFLite converter on a tf_keras model.
 
@@ -182,7 +201,8 @@ def convert_keras(
     ``io_dtype`` ``int16`` or ``float``; needs ``representative``); ``vendor_ptq`` (the converter's default
     full-integer PTQ: ``optimizations=[DEFAULT]`` + ``representative``, float I/O, nothing else set).
     A model with recurrent layers (:func:`recurrent_layers`) is converted from a batch-1 signature: the
-    flatbuffer's input is ``[1, ...]`` and its runners loop over windows (:func:`invoke_windows`).
+    flatbuffer's input is ``[1, ...]`` and its runners loop over windows (:func:`invoke_windows`); so is any model with
+    ``batch1`` (a float tail's integer stage: its Reshape then needs no SHAPE op reading the float input).
     ``float_ops`` (default none; ``full_int8`` only): TFLite ops kept in float32 between int8 neighbours, with
     DEQUANTIZE / QUANTIZE at their edges (the converter's quantizer with these ops deny-listed).
     """
@@ -191,7 +211,8 @@ def convert_keras(
     if mode not in CONVERT_MODES:
         raise BadInputError(f"unknown TFLite conversion mode {mode!r}", f"use one of {', '.join(CONVERT_MODES)}")
     tf = import_tf("converting to TFLite")
-    conv = _batch1_converter(tf, keras_model) if recurrent_layers(keras_model) else tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    batch1 = batch1 or bool(recurrent_layers(keras_model))
+    conv = _batch1_converter(tf, keras_model) if batch1 else tf.lite.TFLiteConverter.from_keras_model(keras_model)
     if mode != "fp32":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "fp16":
@@ -266,7 +287,7 @@ def keras_fingerprint(keras_model: Any) -> str:
 
 
 def structural_tflite(keras_model: Any, representative: np.ndarray, *, io_dtype: str = "int8", float_ops: tuple[str, ...] = (),
-                      activations: str = "int8") -> bytes:
+                      activations: str = "int8", batch1: bool = False) -> bytes:
     """The converter's full-integer graph for ``keras_model`` (per-channel weights, ``io_dtype`` I/O, ``float_ops``
     kept float; ``activations`` ``int8`` (default) or ``int16``: the 16x8 mode), whose parameters :func:`build_int8_tflite`
     overwrites. Converted once per process for the same model content, ``representative`` windows, ``io_dtype``,
@@ -275,13 +296,13 @@ def structural_tflite(keras_model: Any, representative: np.ndarray, *, io_dtype:
     check_int16x8_io(io_dtype) if activations == "int16" else check_io_dtype(io_dtype)
     rep = np.ascontiguousarray(representative, np.float32)
     key = (keras_fingerprint(keras_model), hashlib.sha256(repr(rep.shape).encode() + rep.tobytes()).hexdigest(),
-           f"{io_dtype}|{','.join(float_ops)}|{activations}")
+           f"{io_dtype}|{','.join(float_ops)}|{activations}|{batch1}")
     if key in _CONVERSIONS:
         _CONVERSION_COUNTS["hits"] += 1
         _CONVERSIONS.move_to_end(key)
         return _CONVERSIONS[key]
     _CONVERSION_COUNTS["misses"] += 1
-    fb = convert_keras(keras_model, mode, representative=rep, io_dtype=io_dtype, float_ops=float_ops)
+    fb = convert_keras(keras_model, mode, representative=rep, io_dtype=io_dtype, float_ops=float_ops, batch1=batch1)
     _CONVERSIONS[key] = fb
     while len(_CONVERSIONS) > _CONVERSION_SLOTS:
         _CONVERSIONS.popitem(last=False)
@@ -1112,25 +1133,25 @@ def tflite_placement(fb: bytes, reasons: Mapping[int, str] | None = None) -> dic
 
 
 def manifest_placement(graph: Any, params: Any, result: FullIntegerTFLite, precise: tuple[str, ...] = (), *, where: str = "",
-                       prefix: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       prefix: Mapping[str, str] | None = None, tail: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The manifest's ``placement`` of a TFLite artifact, in the driver's vocabulary (:func:`nilmc.quantization.placement.op_placement`
     of the ONNX ``graph``): ``{"int8": [layers], "float": [{"name", "op", "why"}], "summary"}``, computed from the
     parameters this artifact deploys (``params``), where a layer is float only when the flatbuffer runs it in float32
     (precise input's ``precise`` layers, their reason saying ``where``, e.g. " on the application CPU"; the float
     ``prefix``'s layers with theirs), and the ops nilmc never quantizes (a recurrent cell) are float as they are in the
-    flatbuffer."""
-    from dataclasses import replace
-
+    flatbuffer; ``tail``: the layers of a float32 tail stage, with why."""
     from nilmc.quantization.placement import op_placement
 
-    prefix = dict(prefix or {})
-    kept = (*precise, *prefix) if result.float_layers else ()
+    prefix, tail = dict(prefix or {}), dict(tail or {})
+    kept = ((*precise, *prefix) if result.float_layers else ()) + tuple(tail)
     # a mixed-precision fallback is not honoured here (kept_float_ignored): its units are placed as the INT8 they are
     deployed = replace(params, keep_float=kept, provenance={k: v for k, v in params.provenance.items() if k != "mixed_precision"})
     placed = op_placement(graph, deployed)
     for f in placed["float"]:
         if f["name"] in prefix:
             f["why"] = prefix[f["name"]] + where
+        elif f["name"] in tail:
+            f["why"] = tail[f["name"]]
         elif f["name"] in kept:
             f["why"] = precise_why(where)
     if not placed["float"]:
@@ -1199,9 +1220,12 @@ def integer_params(model: Model, keras_model: Any, spec: FullIntegerSpec, option
     return shared
 
 
-def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[str, Any], *, estimator: str | None = None) -> IntegerParams:
+def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[str, Any], *, estimator: str | None = None,
+                          float_tail: Collection[str] = ()) -> IntegerParams:
     """nilmc's parameters for ``spec`` keyed by the ONNX graph's tensors (``kq`` None): ``options["params"]`` when
-    derived under ``spec.traits`` (I/O dtype aside), else ``QuantContext.params(spec.traits)``; then the overflow checks."""
+    derived under ``spec.traits`` (I/O dtype aside), else ``QuantContext.params(spec.traits)``; then the overflow checks.
+    ``float_tail`` (default none): ONNX nodes and tensors of a float32 tail stage: its layers and activations are kept
+    float, so the overflow, coverage and calibration-floor checks see what is deployed."""
     from nilmc.quantization.context import require_quant
     from nilmc.quantization.overflow import check_overflow
 
@@ -1213,6 +1237,10 @@ def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[
             from nilmc.quantization.api import with_precise_input
 
             params = with_precise_input(params, model.graph, getattr(ctx, "techniques", None))
+    if float_tail:
+        tail = set(float_tail)
+        floats = [la.name for la in params.layers if la.name in tail] + [n for n, t in params.tensors.items() if n in tail and t.role == "activation"]
+        params = replace(params, keep_float=tuple(dict.fromkeys((*params.keep_float, *floats))))
     overflow = check_overflow(model.graph, ctx.statistics, params, spec.traits, peak_output=model.contract,
                               policy=dict(spec.overflow_policy))
     precise = precise_layers(overflow.params) if spec.float_input else ()

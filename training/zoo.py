@@ -104,7 +104,7 @@ def save_model(trained: Trained, out: str | Path) -> dict[str, Path]:
 EXAMPLE_MODELS: dict[str, dict[str, Any]] = {
     "ctrnn": {"appliances": ("kettle", "microwave", "fridge", "washing_machine"), "epochs": 8, "source": "keras",
               "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16", "tensorrt:int8", "tensorrt:fp16",
-                          "tflite:fp32", "tflite:dynamic_int8", "dpu:b2304")},
+                          "tflite:fp32", "tflite:dynamic_int8", "tflite:int8", "eiq:int8", "dpu:b2304")},
     "cloud": {"appliances": ("fridge",), "epochs": 8,
               "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16", "tensorrt:int8", "tensorrt:fp16")},
     "xgboost": {"appliances": ("fridge",), "epochs": None, "targets": ("onnxruntime:fp32",)},
