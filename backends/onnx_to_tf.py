@@ -862,6 +862,23 @@ def float_tail(graph: onnx.ModelProto) -> FloatTail | None:
     return FloatTail(cut, scope.split("/")[1], refused[0].name, frozenset(names), frozenset(tensors - {cut}))
 
 
+def _empty_integer_stage(graph: onnx.ModelProto, tail: FloatTail, target: str) -> str | None:
+    """Why a float tail leaves the integer stage nothing to run in INT8 (its only weighted layers read the float graph
+    input: precise input keeps them float), or None."""
+    from nilmc.quantization.graph import analyze, input_layers
+
+    m = onnx.ModelProto()
+    m.CopyFrom(graph)
+    g = analyze(m)
+    head = [la.name for la in g.layers if la.name not in tail.nodes]
+    reading = {la.name for la in input_layers(m, g) or ()}
+    if head and not set(head) <= reading:
+        return None
+    before = f"before it only {', '.join(head)}, which reads the float input (precise input: kept float)" if head else "no layer before it"
+    return (f"{target} would run the layers from {tail.first_op} on in a float32 tail stage, and {before}: nothing would run in "
+            "INT8; lower it with tflite:fp32, or onnxruntime:int8 / openvino:int8")
+
+
 def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = False, tail: bool = False) -> str | None:
     """Why the full-integer route cannot take a Keras source whose ONNX form is ``graph`` (one line, remedy after
     ``; ``), or None. From the graph alone, in milliseconds, before any calibration. ``tail`` (default False): the target
@@ -869,13 +886,16 @@ def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = Fals
     nodes = data_path_ops(graph)
     ops = {n.op_type for n in nodes}
     backend = target.split(":")[0]
-    if tail and not qat and _refused_keras_ops(nodes) and float_tail(graph) is not None:
-        return None
+    found = float_tail(graph) if _refused_keras_ops(nodes) else None
+    tailed = found is not None
+    if tail and not qat and found is not None:
+        return _empty_integer_stage(graph, found, target)
     loops = sorted(ops & LOOP_RECURRENT_OPS)
     if loops:
+        where = ("; tflite:int8 and eiq:int8 run it in a float32 tail stage after the integer one" if tailed and not tail
+                 else ", and it is not in a float tail (one tensor into the layers from it to the output)")
         return (f"{target} cannot take {', '.join(loops)}: the TFLite converter lowers it to a WHILE loop and its full-integer "
-                f"quantizer crashes on that loop (TensorFlow 2.21), and it is not in a float tail (one tensor into the layers from "
-                f"it to the output); lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
+                f"quantizer crashes on that loop (TensorFlow 2.21){where}; lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")
     if qat and ops & {"LSTM"}:
         return f"{target} fine-tunes Conv2D/Dense Keras models and the model has LSTM; use {backend}:int8 (PTQ, the LSTM kept float32)"
     bad = sorted(ops - KERAS_INT8_DATA_OPS)
