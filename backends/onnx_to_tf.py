@@ -887,12 +887,11 @@ def keras_int8_precheck(graph: onnx.ModelProto, target: str, *, qat: bool = Fals
     ops = {n.op_type for n in nodes}
     backend = target.split(":")[0]
     found = float_tail(graph) if _refused_keras_ops(nodes) else None
-    tailed = found is not None
     if tail and not qat and found is not None:
         return _empty_integer_stage(graph, found, target)
     loops = sorted(ops & LOOP_RECURRENT_OPS)
     if loops:
-        where = ("; tflite:int8 and eiq:int8 run it in a float32 tail stage after the integer one" if tailed and not tail
+        where = ("; tflite:int8 and eiq:int8 run it in a float32 tail stage after the integer one" if found is not None and not tail
                  else ", and it is not in a float tail (one tensor into the layers from it to the output)")
         return (f"{target} cannot take {', '.join(loops)}: the TFLite converter lowers it to a WHILE loop and its full-integer "
                 f"quantizer crashes on that loop (TensorFlow 2.21){where}; lower it with onnxruntime:int8 or openvino:int8, or tflite:fp32")

@@ -865,9 +865,10 @@ class _Job:
         placed = sections.get("placement") if plan.quantizes else None
         int8_layers = placed.get("int8") if isinstance(placed, dict) and isinstance(placed.get("int8"), list) else None
         sections["cost"] = manifest_cost(model.graph, int8_layers)  # MACs/FLOPs and seed 002's energy per prediction
-        int8_share = sections["cost"].get("int8_macs_share") if plan.quantizes else None
+        share = sections["cost"].get("int8_macs_share")  # a quantizing target's only (int8_layers given)
+        share = share if isinstance(share, float) else None
         report = compare(ref_metrics, cand, self.budget, target=str(target), verification=verification.value, extra=fidelity,
-                         sqnr_db=fidelity["output_sqnr_db"], int8_share=int8_share if isinstance(int8_share, float) else None)
+                         sqnr_db=fidelity["output_sqnr_db"], int8_share=share)
         from nilmc.compiler.trace import power_trace
 
         if self.truth.ndim == 1:  # a power trace; a classifier predicts no power
@@ -890,13 +891,12 @@ class _Job:
         from nilmc.compiler.hardware import manifest_section
 
         sections.update(manifest_section(str(target), report))  # EACC per W / $ / FPS on the boards this target runs on
-        share = sections["cost"].get("int8_macs_share")
-        if isinstance(share, float) and share < MIN_INT8_MACS_SHARE:
+        if share is not None and share < MIN_INT8_MACS_SHARE:
             self.warnings.append(f"{target}: only {share:.0%} of the MACs run in INT8 ({len(int8_layers or ())} weighted layer(s)); "
                                  "the rest runs in float (precise input, precision fallbacks for the SQNR floor or the budget: the manifest's "
                                  "placement says which and why), so its speed and size are closer to a float model's")
         size = sum((bundle / f).stat().st_size for f in (art.files or [art.primary]))
         sha, timings = self.writer.write(bundle, target, art, report, sections)
         return TargetResult(target, report, bundle, art.kind, size, lat, compile_s, manifest_sha256=sha, timings=timings, verify_s=verify_s,
-                            int8_macs_share=share if isinstance(share, float) else None)
+                            int8_macs_share=share)
 

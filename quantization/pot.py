@@ -250,6 +250,10 @@ class _Refiner:
         """The range the grid must hold when deployed: the calibration range with the options' headroom."""
         return self.amax(tensor) * float(self.opt.headroom)
 
+    def output_range(self, tensor: str) -> float:
+        """The range an op output's candidates are placed on: a graph output's calibration range, else the deployed one."""
+        return self.amax(tensor) if tensor in self.outputs else self.deployed_amax(tensor)
+
     def record(self, tensor: str, amax: float, cands: Sequence[int], fp: int) -> None:
         """What decided ``tensor``'s fix position (``params.method["choices"]``): the range the candidates were placed
         on, the candidates and the choice, with the chosen grid's largest value (coverage reads against it)."""
@@ -341,7 +345,7 @@ class _Refiner:
             best = self._search_biases(op, acc, fi, fw, [fo], ref)
             assert best is not None
         self.params.fix[op.output] = best.fo
-        amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
+        amax = self.output_range(op.output)
         self.record(op.output, amax, cands, best.fo)
         self.params.weights[op.name] = WeightFix(fw, best.fb, quantize_values(w, fw), best.bias_q)
         self.codes[op.output] = best.out
@@ -395,7 +399,7 @@ class _Refiner:
         return self.opt.fix_window
 
     def _output_candidates(self, op: Any) -> list[int]:
-        amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
+        amax = self.output_range(op.output)
         cands = list(window(amax, self._window(op.output)))
         if op.output in self.outputs and self.opt.peak_output is not None:
             cap = no_clip_fix(max(float(self.opt.peak_output), amax))
@@ -435,8 +439,7 @@ class _Refiner:
     def _error(self, op: Any, ref: np.ndarray, out: np.ndarray, fo: int) -> float:
         err = self._raw_error(op, ref, out, fo)
         if self.opt.clip_gain_db and self.judged(op.output):
-            amax = self.amax(op.output) if op.output in self.outputs else self.deployed_amax(op.output)
-            if fo > no_clip_fix(amax):
+            if fo > no_clip_fix(self.output_range(op.output)):
                 err *= 10.0 ** (self.opt.clip_gain_db / 10.0)
         return err
 
