@@ -85,6 +85,7 @@ from nilmc.quantization.intops import (
     conv2d_accumulate,
     conv2d_zero_point_offset,
     dense_accumulate,
+    grouped_conv2d_accumulate,
     max_pool,
     quantize,
     quantize_multiplier,
@@ -283,6 +284,7 @@ class _Weighted:
     x_zero_point: int
     geometry: tuple[Any, ...] | None  # (strides, pads, dilations) of a conv, None for a dense layer
     requant: _Requant
+    groups: int = 1  # a grouped CONV_2D (the filter's input depth is the input's / groups): a depthwise conv from ONNX
     matmul: IntegerMatmul = field(init=False)
     offsets: dict[tuple[int, ...], tuple[np.ndarray, bool]] = field(default_factory=dict)  # input (H, W) -> (offset, fits int32)
 
@@ -304,7 +306,9 @@ class _Weighted:
 
     def accumulate(self, x: np.ndarray) -> np.ndarray:
         """The int32 accumulator for codes ``x``; it lives in the GEMM's scratch buffer until the next call."""
-        if self.geometry:
+        if self.geometry and self.groups > 1:
+            acc = grouped_conv2d_accumulate(x, self.w, self.groups, *self.geometry)
+        elif self.geometry:
             acc = conv2d_accumulate(x, self.w, *self.geometry, matmul=self.matmul, scratch=True)
         else:
             acc = dense_accumulate(x.reshape(-1, self.w.shape[0]), self.w, matmul=self.matmul, scratch=True)
@@ -315,11 +319,13 @@ class _Weighted:
         return wrap(acc.astype(np.int64) + offset, 32)
 
 
-def _conv(op: Any, t: list[_Tensor]) -> _Weighted:
+def _conv(op: Any, t: list[_Tensor], depthwise: bool = False) -> _Weighted:
     o = op.builtinOptions
     xi, wi = op.inputs[0], op.inputs[1]
     bi = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
     w = t[wi].data
+    if depthwise:  # (1, KH, KW, C * multiplier) -> OHWI with one input channel: a conv of C groups
+        w = np.ascontiguousarray(w.transpose(3, 1, 2, 0))
     sh, sw, dh, dw = int(o.strideH), int(o.strideW), int(o.dilationHFactor or 1), int(o.dilationWFactor or 1)
     pads = (0, 0, 0, 0)
     if int(o.padding) == 0:  # SAME
@@ -328,7 +334,8 @@ def _conv(op: Any, t: list[_Tensor]) -> _Weighted:
         pads = (pt, pl, pb, pr)
     requant = _output_requant(op, t, xi, wi, int(o.fusedActivationFunction))
     bias = np.zeros(w.shape[0], np.int64) if bi is None else t[bi].data.astype(np.int64)
-    return _Weighted(w, bias, int(t[xi].zero_point[0]), ((sh, sw), pads, (dh, dw)), requant)
+    groups = int(t[xi].shape[3]) // int(w.shape[3])  # TFLite's grouped CONV_2D: the filter holds C / groups input channels
+    return _Weighted(w, bias, int(t[xi].zero_point[0]), ((sh, sw), pads, (dh, dw)), requant, groups)
 
 
 def _fc(op: Any, t: list[_Tensor]) -> _Weighted:
@@ -374,8 +381,13 @@ def _quantize_op(op: Any, t: list[_Tensor]) -> _Rescale:
     return _Rescale(int(i.zero_point[0]), _Requant(np.array([real]), int(o.zero_point[0]), rng, (rng.lo, rng.hi)))
 
 
-_PREPARE = {"CONV_2D": _conv, "FULLY_CONNECTED": _fc, "QUANTIZE": _quantize_op}  # ops that accumulate and requantize
-EMULATED_OPS = ("CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D", "QUANTIZE", "TRANSPOSE", "PAD")
+def _depthwise(op: Any, t: list[_Tensor]) -> _Weighted:
+    return _conv(op, t, depthwise=True)
+
+
+_PREPARE = {"CONV_2D": _conv, "DEPTHWISE_CONV_2D": _depthwise, "FULLY_CONNECTED": _fc, "QUANTIZE": _quantize_op}  # accumulate, requantize
+EMULATED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D",
+                "QUANTIZE", "TRANSPOSE", "PAD")
 
 
 def _distinct(xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:

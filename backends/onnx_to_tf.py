@@ -406,10 +406,15 @@ def _onnx_layers(graph: onnx.ModelProto, params: QuantParams) -> list[_OnnxLayer
     return out
 
 
-def _layouts(layer: _OnnxLayer) -> list[np.ndarray]:
-    """Candidate TFLite layouts of an ONNX weight: Conv1d (O,I,K) -> (O,1,K,I) or (O,K,1,I); Conv2d OIHW -> OHWI;
-    Gemm / MatMul -> [out, in]."""
+def _layouts(layer: _OnnxLayer, depthwise: bool = False) -> list[np.ndarray]:
+    """Candidate TFLite layouts of an ONNX weight: Conv1d (O,I,K) -> (O,1,K,I) or (O,K,1,I); Conv2d OIHW -> OHWI (a
+    grouped conv too: I is the input channels per group); Gemm / MatMul -> [out, in]. ``depthwise``: a
+    DEPTHWISE_CONV_2D's ``(1, KH, KW, O)`` from ONNX's ``(O, 1, K)`` / ``(O, 1, KH, KW)``."""
     w = layer.weight
+    if depthwise:
+        if layer.kind != "conv" or w.shape[1] != 1:
+            return []
+        return [w.transpose(1, 2, 0)[:, None], w.transpose(1, 2, 0)[:, :, None]] if w.ndim == 3 else [w.transpose(1, 2, 3, 0)]
     if layer.kind == "conv":
         if w.ndim == 3:
             t = w.transpose(0, 2, 1)
@@ -420,27 +425,33 @@ def _layouts(layer: _OnnxLayer) -> list[np.ndarray]:
     return [w.T]
 
 
+def _along(v: np.ndarray, dim: int, ndim: int) -> np.ndarray:
+    """Per-channel values ``v`` shaped to broadcast along axis ``dim`` of an ``ndim`` tensor (a scalar when one)."""
+    return v.reshape([-1 if a == dim else 1 for a in range(ndim)]) if len(v) > 1 else v[0]
+
+
 def _converter_weights(t: Any, buf: Any) -> np.ndarray | None:
-    """The converter's own int8 weights, dequantized (its per-channel scales along axis 0)."""
+    """The converter's own int8 weights, dequantized (its per-channel scales along its quantized dimension)."""
     if buf is None or not len(buf) or t.quantization is None or t.quantization.scale is None or not len(t.quantization.scale):
         return None
     codes = np.frombuffer(np.asarray(buf, np.uint8).tobytes(), np.int8).reshape([int(d) for d in t.shape]).astype(np.float64)
     s = np.asarray(t.quantization.scale, np.float64)
     z = np.asarray(t.quantization.zeroPoint if t.quantization.zeroPoint is not None else [0], np.float64)
     z = z if len(z) == len(s) else np.zeros_like(s)  # weights are symmetric; an element-wise op's constant may not be
-    per = (lambda v: v.reshape(-1, *([1] * (codes.ndim - 1)))) if len(s) > 1 else (lambda v: v[0])  # noqa: E731
-    return (codes - per(z)) * per(s)
+    dim = int(t.quantization.quantizedDimension or 0)
+    return (codes - _along(z, dim, codes.ndim)) * _along(s, dim, codes.ndim)
 
 
-def _tflite_weight(m: Any, t: Any, layer: _OnnxLayer) -> np.ndarray:
+def _tflite_weight(m: Any, t: Any, layer: _OnnxLayer, depthwise: bool = False) -> np.ndarray:
     """The ONNX weight in the TFLite tensor's layout: the candidate layout of the right shape whose values match
     the converter's own codes within half a step (so a wrong pairing or layout is never written)."""
     shape = tuple(int(d) for d in t.shape)
     deq = _converter_weights(t, m.buffers[t.buffer].data)
     q = t.quantization
     s = np.asarray(q.scale, np.float64) if q is not None and q.scale is not None and len(q.scale) else np.zeros(1)
-    tol = (0.5 * s.reshape(-1, *([1] * (len(shape) - 1))) if len(s) > 1 else 0.5 * s[0]) * 1.001 + 1e-12
-    for cand in _layouts(layer):
+    dim = int(q.quantizedDimension or 0) if q is not None else 0
+    tol = 0.5 * _along(s, dim, len(shape)) * 1.001 + 1e-12
+    for cand in _layouts(layer, depthwise):
         if cand.shape == shape and (deq is None or np.all(np.abs(cand - deq) <= tol)):
             return np.ascontiguousarray(cand, np.float32)
     raise QuantizationError(f"TFLite weight {tensor_name(t)!r} {shape} does not match ONNX layer {layer.name!r} {layer.weight.shape}",
@@ -452,11 +463,9 @@ def plan_onnx_tensors(m: Any, graph: onnx.ModelProto, params: QuantParams) -> Te
     sg = m.subgraphs[0]
     ops = [i for i, op in enumerate(sg.operators) if op_code(m, op) in (CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D)]
     layers = _onnx_layers(graph, params)
-    if any(op_code(m, sg.operators[i]) == DEPTHWISE_CONV_2D for i in ops):
-        raise QuantizationError("the TFLite graph has a DEPTHWISE_CONV_2D, which nilmc's TFLite lowering does not map",
-                                "lower it with an ONNX target (onnxruntime:int8, openvino:int8)")
     if len(ops) != len(layers):
-        raise QuantizationError(f"the TFLite graph has {len(ops)} CONV_2D/FULLY_CONNECTED ops but nilmc's graph {len(layers)} weighted layers",
+        raise QuantizationError(f"the TFLite graph has {len(ops)} CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED ops but nilmc's graph "
+                                f"{len(layers)} weighted layers",
                                 "onnx2tf split or fused layers nilmc cannot map; lower it with an ONNX target (onnxruntime:int8)")
     plan = TensorPlan()
     for i, layer in _pair_layers(m, ops, layers):
@@ -571,8 +580,9 @@ def _pair_layers(m: Any, ops: list[int], layers: list[_OnnxLayer]) -> list[tuple
     pairs = []
     for k, i in enumerate(ops):
         op = sg.operators[i]
-        kind = "conv" if op_name(op_code(m, op)) == "CONV_2D" else "dense"
-        found = next((j for j in left if layers[j].kind == kind and _weight_matches(m, sg.tensors[op.inputs[1]], layers[j])), None)
+        depthwise = op_code(m, op) == DEPTHWISE_CONV_2D
+        kind = "conv" if op_code(m, op) in (CONV_2D, DEPTHWISE_CONV_2D) else "dense"
+        found = next((j for j in left if layers[j].kind == kind and _weight_matches(m, sg.tensors[op.inputs[1]], layers[j], depthwise)), None)
         j = found if found is not None else (left[0] if left else k)
         if j in left:
             left.remove(j)
@@ -580,9 +590,9 @@ def _pair_layers(m: Any, ops: list[int], layers: list[_OnnxLayer]) -> list[tuple
     return pairs
 
 
-def _weight_matches(m: Any, t: Any, layer: _OnnxLayer) -> bool:
+def _weight_matches(m: Any, t: Any, layer: _OnnxLayer, depthwise: bool = False) -> bool:
     try:
-        _tflite_weight(m, t, layer)
+        _tflite_weight(m, t, layer, depthwise)
     except QuantizationError:
         return False
     return True
@@ -591,11 +601,14 @@ def _weight_matches(m: Any, t: Any, layer: _OnnxLayer) -> bool:
 def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantParams, plan: TensorPlan) -> None:
     sg = m.subgraphs[0]
     op = sg.operators[op_index]
-    expected = "CONV_2D" if layer.kind == "conv" else "FULLY_CONNECTED"
-    if op_name(op_code(m, op)) != expected:
+    expected = ("CONV_2D", "DEPTHWISE_CONV_2D") if layer.kind == "conv" else ("FULLY_CONNECTED",)
+    if op_name(op_code(m, op)) not in expected:
         raise QuantizationError(f"ONNX layer {layer.name!r} ({layer.op_type}) pairs with a TFLite {op_name(op_code(m, op))}",
                                 "onnx2tf reordered the layers; lower it with an ONNX target (onnxruntime:int8)")
-    w = _tflite_weight(m, sg.tensors[op.inputs[1]], layer)
+    depthwise = op_code(m, op) == DEPTHWISE_CONV_2D
+    w = _tflite_weight(m, sg.tensors[op.inputs[1]], layer, depthwise)
+    if depthwise:  # weights (1, KH, KW, O): per-channel scales along the last axis
+        plan.weight_dims[op.inputs[1]] = 3
     fused = int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0)
     has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
     output = layer.output
@@ -609,7 +622,7 @@ def _plan_onnx_layer(m: Any, op_index: int, layer: _OnnxLayer, params: QuantPara
     plan.weights[op.inputs[1]] = (layer.weight_q, w)
     bias = layer.bias
     if has_bias:
-        values = np.zeros(w.shape[0], np.float32) if bias is None else bias
+        values = np.zeros(layer.weight.shape[0], np.float32) if bias is None else bias
         bq = layer.bias_q if layer.bias_q is not None else bias_quant(f"{layer.name}/bias", values, layer.input, layer.weight_q, params.traits)
         plan.biases[op.inputs[2]] = (bq, values)
     elif bias is not None and np.any(bias != 0) and layer.bias_output is None:  # a separate bias Add is placed on its own
@@ -774,9 +787,6 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     if adds:
         return (f"{target} from an ONNX model does not place a residual Add ({adds[0].name or adds[0].output[0]}); "
                 "lower it with onnxruntime:int8 or openvino:int8")
-    depthwise = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    if depthwise:
-        return f"{target} does not place grouped/depthwise Conv {depthwise[0]!r}; lower it with onnxruntime:int8 or openvino:int8"
     dilated = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints, default=1) > 1 for a in n.attribute)]
     if dilated:  # measured on onnx2tf 1.28 + TF 2.21: the pre-bias CONV_2D output has no ONNX tensor to take a grid from
         return (f"{target} does not place the dilated Conv {dilated[0]!r}: the converter writes it as SPACE_TO_BATCH_ND + a CONV_2D "

@@ -111,7 +111,7 @@ STRIDED_SLICE, SLICE, REVERSE_V2, CONCATENATION = 45, 65, 105, 2
 # zero point, i.e. 0.0: the explicit padding onnx2tf writes before a VALID conv; the slices and the reversal are what a
 # Bidirectional recurrent layer becomes around its cells).
 PASSTHROUGH = frozenset({RESHAPE, SQUEEZE, EXPAND_DIMS, MAX_POOL_2D, AVERAGE_POOL_2D, TRANSPOSE, PAD, STRIDED_SLICE, SLICE, REVERSE_V2})
-WEIGHTED = frozenset({CONV_2D, FULLY_CONNECTED})
+WEIGHTED = frozenset({CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED})
 # TensorType codes -> (name, lowest code) for the integer activation types we place (int16: the 16x8 mode).
 INT_TYPES = {9: ("int8", -128), 3: ("uint8", 0), 7: ("int16", -32768)}
 TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8"}
@@ -421,6 +421,7 @@ class TensorPlan:
     biases: dict[int, tuple[TensorQuant, np.ndarray]] = field(default_factory=dict)
     layer_of_op: dict[int, str] = field(default_factory=dict)  # op index -> Keras layer name
     float_moves: dict[int, str] = field(default_factory=dict)  # op index -> why: data movement made float by precise input
+    weight_dims: dict[int, int] = field(default_factory=dict)  # weight tensor -> its per-channel axis when not 0 (DEPTHWISE_CONV_2D: 3)
 
     def expected(self) -> Iterator[tuple[int, TensorQuant]]:
         yield from self.activations.items()
@@ -577,12 +578,12 @@ def _set_buffer(model: Any, tensor: Any, data: bytes, refs: dict[int, int]) -> N
     tensor.buffer = len(model.buffers) - 1
 
 
-def _codes(tq: TensorQuant, values: np.ndarray, rounding: Rounding) -> np.ndarray:
-    axis = 0 if tq.per_channel else None
+def _codes(tq: TensorQuant, values: np.ndarray, rounding: Rounding, dim: int = 0) -> np.ndarray:
+    axis = dim if tq.per_channel else None
     scales = tq.scales().astype(np.float64)
     zps = tq.zero_points()
-    if tq.per_channel and len(scales) != values.shape[0]:
-        raise InternalError(f"{len(scales)} scales for {values.shape[0]} channels of {tq.name!r}", "report this model")
+    if tq.per_channel and len(scales) != values.shape[dim]:
+        raise InternalError(f"{len(scales)} scales for {values.shape[dim]} channels of {tq.name!r}", "report this model")
     return quantize(values.astype(np.float64), scales, zps, tq.rng, axis=axis, rounding=rounding)
 
 
@@ -599,9 +600,10 @@ def apply_plan(model: Any, plan: TensorPlan, traits: QuantTraits) -> None:
         t = sg.tensors[idx]
         if t.type != 9:
             raise InternalError(f"weight {tensor_name(t)!r} is stored as type {t.type}, expected int8", "report this model")
-        codes = _codes(tq, values, traits.rounding).astype(np.int8)
+        dim = plan.weight_dims.get(idx, 0)
+        codes = _codes(tq, values, traits.rounding, dim).astype(np.int8)
         _set_buffer(model, t, codes.tobytes(), refs)
-        t.quantization = _quant_params(tq.scales(), tq.zero_points(), 0)
+        t.quantization = _quant_params(tq.scales(), tq.zero_points(), dim)
     for idx, (tq, values) in plan.biases.items():
         t = sg.tensors[idx]
         codes = _codes(tq, values, traits.rounding)
@@ -955,6 +957,8 @@ def check_params(fb: bytes, plan: TensorPlan) -> dict[str, Any]:
             want_z = np.array([_activation_zero_point(tq, _dtype_code(d["dtype"]))])
         if rel > 1e-6 or not np.array_equal(np.broadcast_to(want_z, d["zero_points"].shape), d["zero_points"]):
             mismatches.append(f"{d['name']}: scale {got_s[:2]} zp {d['zero_points'][:2]} vs nilmc {want_s[:2]} {want_z[:2]}")
+        elif want_s.size > 1 and d["quantized_dimension"] != plan.weight_dims.get(idx, 0):
+            mismatches.append(f"{d['name']}: scales along axis {d['quantized_dimension']}, nilmc's along {plan.weight_dims.get(idx, 0)}")
     return {"ok": not mismatches, "tensors_checked": len(list(plan.expected())), "max_rel_scale_diff": worst, "mismatches": mismatches}
 
 

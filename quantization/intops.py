@@ -343,8 +343,11 @@ def conv2d_nhwc(
     pads: tuple[int, int, int, int] = (0, 0, 0, 0),
     dilations: tuple[int, int] = (1, 1),
     acc_bits: int = 32,
+    groups: int = 1,
 ) -> np.ndarray:
-    """Integer Conv2D: x ``(N,H,W,C)``, w ``(O,KH,KW,C)``, pads ``(top, left, bottom, right)`` -> accumulator ``(N,OH,OW,O)``.
+    """Integer Conv2D: x ``(N,H,W,C)``, w ``(O,KH,KW,C/groups)``, pads ``(top, left, bottom, right)`` -> accumulator
+    ``(N,OH,OW,O)``. ``groups`` (default 1): output channel ``o`` reads input channels of group ``o // (O/groups)``
+    (TFLite's grouped CONV_2D, ONNX's ``group``; depthwise when ``groups == C``).
 
     Padding holds real zeros (the zero point); bias is already in accumulator units.
     """
@@ -355,7 +358,13 @@ def conv2d_nhwc(
     (dh, dw), (kh, kw) = dilations, w.shape[1:3]
     win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
     win = win[:, :: strides[0], :: strides[1], :, ::dh, ::dw]  # (N, OH, OW, C, KH, KW)
-    acc = np.einsum("nhwcij,oijc->nhwo", win, wc)
+    if groups == 1:
+        acc = np.einsum("nhwcij,oijc->nhwo", win, wc)
+    else:
+        _check_groups(x.shape[3], w.shape, groups)
+        ci, og = w.shape[3], w.shape[0] // groups
+        win = win.reshape(*win.shape[:3], groups, ci, kh, kw)
+        acc = np.einsum("nhwgcij,goijc->nhwgo", win, wc.reshape(groups, og, kh, kw, ci)).reshape(*win.shape[:3], w.shape[0])
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64)
     return wrap(acc, acc_bits)
@@ -816,6 +825,28 @@ def conv2d_accumulate(x: np.ndarray, w_ohwi: np.ndarray, stride: tuple[int, int]
             return mm(cols, split_groups=w.shape[1] * w.shape[2], scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
     cols = im2col_nhwc(x, w.shape[1:3], stride, pads, dilation, workspace=space)
     return mm(cols, scratch=scratch).reshape(len(x), oh, ow, w.shape[0])
+
+
+def _check_groups(channels: int, w_shape: tuple[int, ...], groups: int) -> None:
+    if groups < 1 or channels != groups * w_shape[3] or w_shape[0] % groups:
+        raise ValueError(f"grouped conv: {channels} input channels, weights {tuple(w_shape)} and {groups} groups do not agree")
+
+
+def grouped_conv2d_accumulate(x: np.ndarray, w_ohwi: np.ndarray, groups: int, stride: tuple[int, int],
+                              pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """Exact accumulator (no bias, no wrap) of a grouped conv: NHWC codes, OHWI codes with ``C / groups`` input
+    channels -> ``(N, OH, OW, O)`` int64; equal to :func:`conv2d_nhwc` with ``groups`` without wrapping.
+
+    One int64 contraction over the patches of :func:`im2col_nhwc` split per group (patches in ``(kh, kw, c)`` order);
+    a depthwise conv is the case ``C / groups == 1``."""
+    w = np.asarray(w_ohwi)
+    x = np.asarray(x)
+    _check_groups(x.shape[3], w.shape, groups)
+    kh, kw, ci = w.shape[1:]
+    oh, ow = _conv_out_hw(x.shape[1], x.shape[2], (kh, kw), stride, pads, dilation)
+    cols = im2col_nhwc(x, (kh, kw), stride, pads, dilation).reshape(-1, kh * kw, groups, ci).astype(np.int64)
+    wg = w.reshape(groups, w.shape[0] // groups, kh * kw, ci).astype(np.int64)
+    return np.einsum("pkgc,gokc->pgo", cols, wg).reshape(len(x), oh, ow, w.shape[0])
 
 
 def conv2d_zero_point_offset(w_ohwi: np.ndarray, in_hw: tuple[int, int], x_zero_point: int, stride: tuple[int, int],

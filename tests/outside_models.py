@@ -87,6 +87,52 @@ def ncw_conv1d_seq2seq(ds: NilmDataset, *, channels: int = 8, kernel: int = 9, s
     return m
 
 
+def ncw_separable_conv1d(ds: NilmDataset, *, channels: int = 8, groups: int = 8, out_channels: int = 8, kernel: int = 9,
+                         seed: int = 0) -> onnx.ModelProto:
+    """A PyTorch-style depthwise-separable Conv1d export: z-scored input (N, 1, T) -> Conv1d(1, C) -> ReLU ->
+    Conv1d(C, ``out_channels``, groups=``groups``) (depthwise when ``groups == C``) -> ReLU -> Conv1d 1x1 -> ReLU ->
+    Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
+    rng = np.random.default_rng(seed)
+    t = ds.x.shape[1]
+    mean, std = float(ds.x.mean()), float(ds.x.std())
+    xz = ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+    pad, ci, og = kernel // 2, channels // groups, out_channels // groups
+    w1 = rng.normal(0, 1 / np.sqrt(kernel), (channels, 1, kernel))
+    wd = rng.normal(0, 1 / np.sqrt(kernel * ci), (out_channels, ci, kernel))
+    wp = rng.normal(0, 1 / np.sqrt(out_channels), (channels, out_channels, 1))
+    b1, bd, bp = np.full(channels, 0.05), np.full(out_channels, 0.05), np.full(channels, 0.05)
+    h = _conv1d_relu(xz[:, None, :], w1, b1, pad)
+    h = np.concatenate([_conv1d_relu(h[:, g * ci:(g + 1) * ci], wd[g * og:(g + 1) * og], bd[g * og:(g + 1) * og], pad)
+                        for g in range(groups)], axis=1)
+    h = _conv1d_relu(h, wp, bp, 0).reshape(len(h), -1)
+    y = ds.y[:, 0].astype(np.float64)
+    ym, ys = float(y.mean()), float(y.std())
+    a = np.c_[h, np.ones(len(h))]
+    sol = np.linalg.solve(a.T @ a + 1.0 * np.eye(a.shape[1]), a.T @ ((y - ym) / ys))
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for v, k in
+             ((w1, "conv1.weight"), (b1, "conv1.bias"), (wd, "dw.weight"), (bd, "dw.bias"), (wp, "pw.weight"), (bp, "pw.bias"),
+              (sol[:-1].reshape(1, -1), "fc.weight"), (sol[-1:], "fc.bias"))]
+    conv = {"kernel_shape": [kernel], "pads": [pad, pad], "strides": [1], "dilations": [1]}
+    nodes = [helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"], name="/conv1/Conv", **conv),
+             helper.make_node("Relu", ["/conv1/Conv_output_0"], ["/act1/Relu_output_0"], name="/act1/Relu"),
+             helper.make_node("Conv", ["/act1/Relu_output_0", "dw.weight", "dw.bias"], ["/dw/Conv_output_0"], name="/dw/Conv", group=groups,
+                              **conv),
+             helper.make_node("Relu", ["/dw/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
+             helper.make_node("Conv", ["/act2/Relu_output_0", "pw.weight", "pw.bias"], ["/pw/Conv_output_0"], name="/pw/Conv",
+                              kernel_shape=[1], pads=[0, 0], strides=[1], dilations=[1]),
+             helper.make_node("Relu", ["/pw/Conv_output_0"], ["/act3/Relu_output_0"], name="/act3/Relu"),
+             helper.make_node("Flatten", ["/act3/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1),
+             helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1)]
+    g = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", 1, t])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", 1])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch", producer_version="2.5.0")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    for key, value in (("input_mean", mean), ("input_std", std), ("target_mean", ym), ("target_std", ys)):
+        m.metadata_props.add(key=f"training.{key}", value=repr(value))
+    return m
+
+
 def with_graph_zscore(m: onnx.ModelProto, mean: float, std: float) -> onnx.ModelProto:
     """``m`` with its input normalization inside the graph, as a PyTorch forward's ``(x - mean) / std`` (Sub, Div)."""
     out = onnx.ModelProto()
@@ -178,19 +224,21 @@ def compile_ncw_from_flags(tmp_path, m: onnx.ModelProto, ds: NilmDataset, ev: Ni
     return r, {t["target"]: t for t in json.loads(r.stdout)["targets"]}
 
 
-def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, hidden: int = 0, seed: int = 0) -> onnx.ModelProto:
+def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, hidden: int = 0, groups: int = 1, seed: int = 0) -> onnx.ModelProto:
     """A PyTorch-style Conv2d export over T-P features: z-scored input (N, 1, T, F) (NCHW, one channel) -> Conv2d 3x3
-    -> ReLU -> Conv2d 3x3 -> ReLU -> Flatten [-> Linear ``hidden`` -> ReLU] -> Linear (ridge fitted) -> (N, 1)
-    appliance watts, z-scored."""
+    -> ReLU -> Conv2d 3x3 (``groups``; depthwise when it is ``channels``) -> ReLU -> Flatten [-> Linear ``hidden``
+    -> ReLU] -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
     rng = np.random.default_rng(seed)
     n, t, f = ds.x.shape[:3]
     mean, std = ds.x.mean(axis=(0, 1, 3)), ds.x.std(axis=(0, 1, 3))
     xz = ((ds.x[:, :, :, 0] - mean) / std)[:, None].astype(np.float64)  # (N, 1, T, F)
     w1 = rng.normal(0, 1 / 3, (channels, 1, 3, 3))
-    w2 = rng.normal(0, 1 / np.sqrt(9 * channels), (channels, channels, 3, 3))
+    ci, og = channels // groups, channels // groups
+    w2 = rng.normal(0, 1 / np.sqrt(9 * ci), (channels, ci, 3, 3))
     b1, b2 = np.full(channels, 0.05), np.full(channels, 0.05)
     h = np.maximum(_conv2d(xz, w1, b1), 0)
-    h = np.maximum(_conv2d(h, w2, b2), 0).reshape(n, -1)  # torch.flatten: channel-major
+    h = np.concatenate([_conv2d(h[:, g * ci:(g + 1) * ci], w2[g * og:(g + 1) * og], b2[g * og:(g + 1) * og]) for g in range(groups)], axis=1)
+    h = np.maximum(h, 0).reshape(n, -1)  # torch.flatten: channel-major
     wh = rng.normal(0, 1 / np.sqrt(h.shape[1]), (hidden, h.shape[1]))
     bh = np.full(hidden, 0.05)
     if hidden:
@@ -205,7 +253,8 @@ def nchw_conv2d_tp(ds: NilmDataset, *, channels: int = 8, hidden: int = 0, seed:
     conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}
     nodes = [helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"], name="/conv1/Conv", **conv),
              helper.make_node("Relu", ["/conv1/Conv_output_0"], ["/act1/Relu_output_0"], name="/act1/Relu"),
-             helper.make_node("Conv", ["/act1/Relu_output_0", "conv2.weight", "conv2.bias"], ["/conv2/Conv_output_0"], name="/conv2/Conv", **conv),
+             helper.make_node("Conv", ["/act1/Relu_output_0", "conv2.weight", "conv2.bias"], ["/conv2/Conv_output_0"], name="/conv2/Conv",
+                              **conv, **({"group": groups} if groups > 1 else {})),
              helper.make_node("Relu", ["/conv2/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
              helper.make_node("Flatten", ["/act2/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1)]
     feat = "/Flatten_output_0"
