@@ -21,10 +21,18 @@ if TYPE_CHECKING:
     from nilmc.compiler.model import Model
 
 
+WEIGHT_STORAGE_WHY = ("nilmc's symmetric int8 weight codes c are stored as uint8 c + 128 with zero point 128 (the same values): "
+                      "onnxruntime's x86 u8 x s8 kernels saturate pairs of products at int16 on CPUs without VNNI (AVX2, "
+                      "AVX-512 before VNNI), and its u8 x u8 kernels do not, so the artifact computes the same on every CPU")
+
+
 class OrtRunner:
     """Runs an ONNX file on onnxruntime's CPU provider, single-threaded for determinism."""
 
     verification = Verification.MEASURED
+    # run the file with its symmetric int8 weights stored as uint8 (qdq.portable_weights: the same values): an emulation
+    # of integer numerics (TensorRT's) must not take on the int16 saturation of this host's fused x86 kernels
+    portable = False
 
     def __init__(self, path: Path, *, threads: int = 1) -> None:
         self.path = Path(path)
@@ -38,7 +46,14 @@ class OrtRunner:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self._sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        source: Any = str(self.path)
+        if self.portable:
+            import onnx
+
+            from nilmc.quantization.qdq import portable_weights
+
+            source = portable_weights(onnx.load(str(self.path)))[0].SerializeToString()
+        self._sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -72,13 +87,15 @@ class OnnxRuntimeBackend:
             return Artifact(self.name, precision, out_dir, "model.onnx", ["model.onnx"], kind="ONNX FP32 (onnxruntime)")
         from nilmc.compiler.model import Model as _Model
         from nilmc.quantization.context import shared_params
-        from nilmc.quantization.qdq import build_qdq_model
+        from nilmc.quantization.qdq import build_qdq_model, portable_weights
 
         params = shared_params(options, GENERIC_INT8, f"{self.name}:{precision}")
-        qdq = _Model(build_qdq_model(model.graph, params), model.contract, source=model.source)
+        graph, stored_u8 = portable_weights(build_qdq_model(model.graph, params))
+        qdq = _Model(graph, model.contract, source=model.source)
         qdq.save_onnx(out_dir / "model_qdq.onnx")
         return Artifact(self.name, precision, out_dir, "model_qdq.onnx", ["model_qdq.onnx"], kind="ONNX QDQ INT8 (onnxruntime)",
-                        info={"quantization": params.to_json()})
+                        info={"quantization": params.to_json(), "weight_storage": {
+                            "stored_as_uint8_plus_128": stored_u8, "why": WEIGHT_STORAGE_WHY}})
 
     def runner(self, artifact: Artifact) -> OrtRunner:
         return OrtRunner(artifact.path)

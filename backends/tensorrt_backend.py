@@ -505,9 +505,11 @@ class TensorRTEngineRunner:
 
 
 class TensorRTOnnxEmulationRunner(OrtRunner):
-    """Executes the strongly typed ONNX on onnxruntime CPU: an emulation, not TensorRT."""
+    """Executes the strongly typed ONNX on onnxruntime CPU: an emulation, not TensorRT (int8 weights run as uint8 + 128,
+    the same values: no int16 saturation from this host's x86 kernels, which TensorRT's do not have either)."""
 
     verification = Verification.EMULATED
+    portable = True
 
 
 # ---------------------------------------------------------------- backend

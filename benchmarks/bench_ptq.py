@@ -102,9 +102,12 @@ def load_everything(args: argparse.Namespace) -> tuple[Model, Path, dict[str, Ni
 def _ort_predict(graph: Any, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
+    from nilmc.quantization.qdq import portable_weights
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(graph.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    # int8 weights as uint8 + 128 (the same values): no int16 saturation from a non-VNNI host's fused kernels
+    sess = ort.InferenceSession(portable_weights(graph)[0].SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + 1000]})[0] for i in range(0, len(x), 1000)]).reshape(len(x), -1)[:, 0]
 

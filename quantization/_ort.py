@@ -15,13 +15,17 @@ DEFAULT_BATCH = 512
 
 
 def session(model: onnx.ModelProto) -> Any:
-    """A CPU onnxruntime session (default graph optimizations, quiet logs)."""
+    """A CPU onnxruntime session (default graph optimizations, quiet logs) of ``model`` with its symmetric int8 weights
+    stored as uint8 (:func:`~nilmc.quantization.qdq.portable_weights`: the same values, and no int16 saturation in the
+    fused kernels of an x86 CPU without VNNI), so a measurement means the same on every host."""
     import onnxruntime as ort
+
+    from nilmc.quantization.qdq import portable_weights
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # the default (all optimizations): QDQ pairs fuse into integer kernels, as the onnxruntime:int8 runner executes them
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(portable_weights(model)[0].SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -133,7 +133,7 @@ def test_a_model_whose_parameters_keep_every_layer_float_lowers_like_onnxruntime
 
     from nilmc.backends.openvino_backend import OpenVINOBackend
     from nilmc.quantization.context import QuantContext
-    from nilmc.quantization.qdq import build_qdq_model
+    from nilmc.quantization.qdq import build_qdq_model, portable_weights
 
     shape = list(tiny_ds.input_shape)
     n_in = int(np.prod(shape))
@@ -155,6 +155,6 @@ def test_a_model_whose_parameters_keep_every_layer_float_lowers_like_onnxruntime
     assert art.info["int8_layers"]["placed_by_nilmc"] == [] and art.info["runtime_precisions"] == {"FullyConnected": {"f32": 1}}
     x = contract.prepare(tiny_eval.raw_x())
     qdq = build_qdq_model(m, quant.params(OpenVINOBackend.capabilities.traits["int8"]))
-    ref = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = ort.InferenceSession(portable_weights(qdq)[0].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     with OpenVINOBackend().runner(art) as r:
         np.testing.assert_allclose(r.infer({"input": x})["output"], ref, rtol=0, atol=1e-4)

@@ -93,7 +93,9 @@ def lowered(conv, quant, tmp_path_factory):
 
 
 def _ort(proto, x):
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    from nilmc.quantization.qdq import portable_weights
+
+    return ort.InferenceSession(portable_weights(proto)[0].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
 def _inits(path):

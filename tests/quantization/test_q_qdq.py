@@ -13,7 +13,7 @@ from nilmc.compiler.errors import QuantizationError
 from nilmc.quantization import intops as io
 from nilmc.quantization.graph import constants
 from nilmc.quantization.params import QuantParams, derive_params, quantize_constant
-from nilmc.quantization.qdq import build_qdq_model
+from nilmc.quantization.qdq import build_qdq_model, portable_weights
 from nilmc.quantization.traits import DPU_POT, EIQ_PER_TENSOR, GENERIC_INT8, PRESETS, TENSORRT_INT8, TFLITE_INT8, QuantTraits
 
 
@@ -108,7 +108,7 @@ def test_integer_reference_agrees_with_qdq(s2p_model, s2p_stats, make_windows, t
     qdq = build_qdq_model(s2p_model, params)
     elem = helper.np_dtype_to_tensor_dtype(params["r1"].rng.np_dtype)
     qdq.graph.output.append(helper.make_tensor_value_info("r1_quantized", elem, None))
-    sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(portable_weights(qdq)[0].SerializeToString(), providers=["CPUExecutionProvider"])
     ort_codes = sess.run(["r1_quantized"], {"input": x})[0].transpose(0, 2, 3, 1).astype(np.int64)
     emu = _layer1_emulated(params, s2p_model, x).astype(np.int64)
     diff = np.abs(ort_codes - emu)
