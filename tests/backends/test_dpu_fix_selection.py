@@ -34,8 +34,11 @@ def test_under_the_floor_the_better_fix_positions_are_deployed(tmp_path):
     floor = json.loads((tmp_path / "out" / res.bundle.name / "manifest.json").read_text())["placement"]["calibration_sqnr"]
     fix = floor["fix_positions"]
     assert fix["refined_db"] < floor["floor_db"]  # the case: the refined grids miss the floor
-    assert fix["selected_db"] >= fix["refined_db"] + fix["min_gain_db"]  # measured on this model: 7.0 -> 19.3 dB
-    assert fix["taken"] == "selected"
-    assert floor["steps"][0]["sqnr_db"] == fix["selected_db"]  # the first split, and the pre stage grew from it
+    # The rule, whichever grids win on the CtRNN this host trains (TensorFlow's float kernels differ between CPUs, so
+    # the seeded model does too): measured 7.0 -> 19.3 dB (selected) on a Xeon with AMX, 16.0 -> 17.6 dB (refined kept,
+    # +0.07 points at 33.0 dB) on an AVX2 EPYC.
+    gain = fix["selected_db"] >= fix["refined_db"] + fix["min_gain_db"]
+    assert fix["taken"] == ("selected" if gain else "refined"), fix
+    assert floor["steps"][0]["sqnr_db"] == fix[f"{fix['taken']}_db"]  # the first split, and the pre stage grew from it
     # the DPU's last conv (before block4's pooling) judged through the CPU tail: +5.18 -> +1.03 points on this model
     assert res.report.deltas["f1w"] < 2.0

@@ -28,9 +28,10 @@ def test_tflm_runs_and_agrees_with_litert(compiled):
     tflm, lite = by["tflm:cortex-m4"], by["tflite:int8"]
     assert tflm.error is None and tflm.report.verification == "measured"
     # The same flatbuffer on two runtimes. Not bit-identical: TFLM's reference kernels and LiteRT's XNNPACK
-    # requantize differently (measured: MAE 12.1 vs 11.7 W on this small model, identical to 0.01 points on the
-    # shipped one), so the TFLM number is the interpreter's own, and close to LiteRT's.
-    assert tflm.report.candidate.mae == pytest.approx(lite.report.candidate.mae, rel=0.1)
+    # requantize differently, and XNNPACK's kernels differ between CPUs (measured: MAE 12.1 vs 11.7 W on this small
+    # model on a Xeon with AMX, 12.0 vs 10.8 W on an AVX2 EPYC; identical to 0.01 points on the shipped one), so the
+    # TFLM number is the interpreter's own, and close to LiteRT's.
+    assert tflm.report.candidate.mae == pytest.approx(lite.report.candidate.mae, rel=0.15)
     assert tflm.report.extra["output_sqnr_db"] == pytest.approx(lite.report.extra["output_sqnr_db"], abs=2.0)
     assert tflm.report.extra["output_sqnr_db"] > 10
 
