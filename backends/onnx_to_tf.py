@@ -93,7 +93,8 @@ MEAN_OPS = frozenset({"GlobalAveragePool", "ReduceMean"})
 
 # ONNX ops the INT8 route places: weighted layers, their fused activations, data movement, and the shape math
 # of a Reshape (never on the data path). Anything else on the data path is refused by the pre-check.
-INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout"}) | ACTIVATION_OPS | PASSTHROUGH_OPS | MEAN_OPS
+# AveragePool: TFLite's int8 AVERAGE_POOL_2D keeps its input's grid, as the TFLite traits' parameters do (pool_shares_grid).
+INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout", "AveragePool"}) | ACTIVATION_OPS | PASSTHROUGH_OPS | MEAN_OPS
 
 
 def require_onnx2tf(purpose: str = "lowering an ONNX model to TFLite") -> Any:
@@ -797,9 +798,7 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
 
 # ONNX ops (tf2onnx's form of a Keras model) on the data path that the Keras full-integer route places or keeps float:
 # weighted layers, BatchNormalization as Mul/Add, Sigmoid/Tanh, data movement around recurrent layers, the LSTM (kept float).
-# AveragePool: TFLite's int8 AVERAGE_POOL_2D keeps its input's grid, as the TFLite traits' parameters do (pool_shares_grid).
-KERAS_INT8_DATA_OPS = INT8_DATA_OPS | frozenset({"Mul", "Sub", "Sigmoid", "Tanh", "Concat", "Slice", "Squeeze", "Unsqueeze", "LSTM",
-                                                 "AveragePool"})
+KERAS_INT8_DATA_OPS = INT8_DATA_OPS | frozenset({"Mul", "Sub", "Sigmoid", "Tanh", "Concat", "Slice", "Squeeze", "Unsqueeze", "LSTM"})
 # Recurrent ONNX ops the TFLite converter turns into a WHILE loop: its full-integer quantizer crashes the process on them
 # (a segmentation fault, TensorFlow 2.21, with or without the loop deny-listed; measured on a Keras BiGRU).
 LOOP_RECURRENT_OPS = frozenset({"GRU", "RNN"})

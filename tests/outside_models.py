@@ -123,12 +123,51 @@ def ncw_separable_conv1d(ds: NilmDataset, *, channels: int = 8, groups: int = 8,
              helper.make_node("Relu", ["/pw/Conv_output_0"], ["/act3/Relu_output_0"], name="/act3/Relu"),
              helper.make_node("Flatten", ["/act3/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1),
              helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1)]
+    return _pytorch_export(nodes, inits, t, {"input_mean": mean, "input_std": std, "target_mean": ym, "target_std": ys})
+
+
+def ncw_conv_avgpool(ds: NilmDataset, *, channels: int = 8, kernel: int = 5, seed: int = 0) -> onnx.ModelProto:
+    """A PyTorch-style export with pooling: z-scored input (N, 1, T) -> Conv1d -> ReLU -> AvgPool1d(2) -> Conv1d -> ReLU
+    -> Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
+    rng = np.random.default_rng(seed)
+    t = ds.x.shape[1]
+    mean, std = float(ds.x.mean()), float(ds.x.std())
+    xz = ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+    pad = kernel // 2
+    w1 = rng.normal(0, 1 / np.sqrt(kernel), (channels, 1, kernel))
+    w2 = rng.normal(0, 1 / np.sqrt(kernel * channels), (channels, channels, kernel))
+    b1, b2 = np.full(channels, 0.05), np.full(channels, 0.05)
+    h = _conv1d_relu(xz[:, None, :], w1, b1, pad)
+    h = h.reshape(len(h), channels, t // 2, 2).mean(axis=-1)
+    h = _conv1d_relu(h, w2, b2, pad).reshape(len(h), -1)
+    y = ds.y[:, 0].astype(np.float64)
+    ym, ys = float(y.mean()), float(y.std())
+    a = np.c_[h, np.ones(len(h))]
+    sol = np.linalg.solve(a.T @ a + 1.0 * np.eye(a.shape[1]), a.T @ ((y - ym) / ys))
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for v, k in
+             ((w1, "conv1.weight"), (b1, "conv1.bias"), (w2, "conv2.weight"), (b2, "conv2.bias"), (sol[:-1].reshape(1, -1), "fc.weight"),
+              (sol[-1:], "fc.bias"))]
+    conv = {"kernel_shape": [kernel], "pads": [pad, pad], "strides": [1], "dilations": [1]}
+    nodes = [helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["/conv1/Conv_output_0"], name="/conv1/Conv", **conv),
+             helper.make_node("Relu", ["/conv1/Conv_output_0"], ["/act1/Relu_output_0"], name="/act1/Relu"),
+             helper.make_node("AveragePool", ["/act1/Relu_output_0"], ["/pool/AveragePool_output_0"], name="/pool/AveragePool",
+                              kernel_shape=[2], strides=[2]),
+             helper.make_node("Conv", ["/pool/AveragePool_output_0", "conv2.weight", "conv2.bias"], ["/conv2/Conv_output_0"], name="/conv2/Conv",
+                              **conv),
+             helper.make_node("Relu", ["/conv2/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
+             helper.make_node("Flatten", ["/act2/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1),
+             helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1)]
+    return _pytorch_export(nodes, inits, t, {"input_mean": mean, "input_std": std, "target_mean": ym, "target_std": ys})
+
+
+def _pytorch_export(nodes: list, inits: list, t: int, stats: dict[str, float]) -> onnx.ModelProto:
+    """The (N, 1, T) -> (N, 1) graph of ``nodes`` as torch.onnx.export writes it, ``stats`` in its metadata."""
     g = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", 1, t])],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", 1])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch", producer_version="2.5.0")
     m.ir_version = 8
     onnx.checker.check_model(m)
-    for key, value in (("input_mean", mean), ("input_std", std), ("target_mean", ym), ("target_std", ys)):
+    for key, value in stats.items():
         m.metadata_props.add(key=f"training.{key}", value=repr(value))
     return m
 

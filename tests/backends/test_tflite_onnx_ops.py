@@ -1,9 +1,15 @@
-"""Grouped and depthwise convolutions (a PyTorch ``Conv1d/Conv2d(groups=...)``) on tflite:int8 and eiq:int8.
+"""ONNX ops the tflite:int8 / eiq:int8 route took on from PyTorch exports: grouped and depthwise convolutions and
+average pooling.
+
+Grouped and depthwise convolutions (a PyTorch ``Conv1d/Conv2d(groups=...)``).
 
 They were refused before calibration ("does not place grouped/depthwise Conv"). onnx2tf writes a 1-D grouped conv as
 a grouped CONV_2D (the filter holds ``C / groups`` input channels) and a 2-D depthwise conv as a DEPTHWISE_CONV_2D
 (weights ``(1, KH, KW, C * multiplier)``, per-channel scales along axis 3). nilmc now writes its own parameters into
 both, and the eIQ integer emulation runs both (one contraction per group, :func:`intops.grouped_conv2d_accumulate`).
+
+Average pooling (``AvgPool1d``) was refused as well; TFLite's int8 AVERAGE_POOL_2D averages codes on its input's grid,
+which the TFLite traits' parameters give its output (``pool_shares_grid``).
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import tiny_dataset
-from outside_models import export_stats, lf_windows, nchw_conv2d_tp, ncw_separable_conv1d
+from outside_models import export_stats, lf_windows, nchw_conv2d_tp, ncw_conv_avgpool, ncw_separable_conv1d
 
 from nilmc.compiler.cli import cli
 from nilmc.quantization import intops
@@ -98,3 +104,27 @@ def test_a_depthwise_conv2d_compiles_for_tflite_and_eiq(tmp_path) -> None:
     manifest = json.loads((tmp_path / "out" / "eiq-int8" / "manifest.json").read_text())
     assert manifest["artifact_info"]["npu_emulation"]["check_32bit_vs_cpu_builtin_kernels"]["max_lsb"] <= 1
     assert "DEPTHWISE_CONV_2D" in manifest["artifact_info"]["partition"]["npu"], manifest["artifact_info"]["partition"]
+
+
+def test_the_onnx_precheck_takes_average_pooling() -> None:
+    from nilmc.backends.onnx_to_tf import int8_precheck
+
+    assert int8_precheck(ncw_conv_avgpool(lf_windows(32, 16, seed=0)), "tflite:int8") is None
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_average_pooling_compiles_for_tflite_and_eiq_on_its_input_grid(tmp_path) -> None:
+    from nilmc.backends.tflite_int8 import graph_ops, tensor_details
+
+    ds, ev = lf_windows(400, 64, seed=0), lf_windows(200, 64, seed=1)
+    m = ncw_conv_avgpool(ds)
+    by = _compile(tmp_path, m, ds, ev, {k: str(v) for k, v in export_stats(m).items()}, "tflite:int8,eiq:int8")
+    for t in ("tflite:int8", "eiq:int8"):
+        assert by[t]["passed"] and by[t]["output_sqnr_db"] > 30 and abs(by[t]["delta_eacc_pts"]) <= 0.5, by[t]
+    fb = (tmp_path / "out" / "tflite-int8" / "model_int8.tflite").read_bytes()
+    details = tensor_details(fb)
+    (pool,) = [o for o in graph_ops(fb) if o["op"] == "AVERAGE_POOL_2D"]
+    src, dst = details[pool["inputs"][0]], details[pool["outputs"][0]]
+    assert src["dtype"] == dst["dtype"] == "int8" and np.array_equal(src["scales"], dst["scales"])
+    assert np.array_equal(src["zero_points"], dst["zero_points"])
