@@ -94,7 +94,8 @@ MEAN_OPS = frozenset({"GlobalAveragePool", "ReduceMean"})
 # ONNX ops the INT8 route places: weighted layers, their fused activations, data movement, and the shape math
 # of a Reshape (never on the data path). Anything else on the data path is refused by the pre-check.
 # AveragePool: TFLite's int8 AVERAGE_POOL_2D keeps its input's grid, as the TFLite traits' parameters do (pool_shares_grid).
-INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout", "AveragePool"}) | ACTIVATION_OPS | PASSTHROUGH_OPS | MEAN_OPS
+# Sigmoid (a PyTorch ON/OFF classifier's head): TFLite's int8 LOGISTIC, a lookup table from nilmc's input grid to its output grid.
+INT8_DATA_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Dropout", "AveragePool", "Sigmoid"}) | ACTIVATION_OPS | PASSTHROUGH_OPS | MEAN_OPS
 
 
 def require_onnx2tf(purpose: str = "lowering an ONNX model to TFLite") -> Any:
@@ -781,7 +782,8 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     nodes = data_path_ops(graph)
     bad = sorted({n.op_type for n in nodes if n.op_type not in INT8_DATA_OPS})
     if bad:
-        return (f"{target} from an ONNX model places Conv/Gemm/MatMul layers with Relu/Clip and data movement only; "
+        return (f"{target} from an ONNX model places Conv/Gemm/MatMul layers (grouped and depthwise too) with Relu/Clip, pooling, a "
+                f"Sigmoid and data movement only; "
                 f"the graph has {', '.join(bad)}; lower it with onnxruntime:int8 or openvino:int8 (or try tflite:fp32: onnx2tf "
                 "converts many such graphs in float, not all)")
     adds = [n for n in nodes if n.op_type == "Add" and not _bias_add(n, graph)]

@@ -126,9 +126,10 @@ def ncw_separable_conv1d(ds: NilmDataset, *, channels: int = 8, groups: int = 8,
     return _pytorch_export(nodes, inits, t, {"input_mean": mean, "input_std": std, "target_mean": ym, "target_std": ys})
 
 
-def ncw_conv_avgpool(ds: NilmDataset, *, channels: int = 8, kernel: int = 5, seed: int = 0) -> onnx.ModelProto:
+def ncw_conv_avgpool(ds: NilmDataset, *, channels: int = 8, kernel: int = 5, sigmoid: bool = False, seed: int = 0) -> onnx.ModelProto:
     """A PyTorch-style export with pooling: z-scored input (N, 1, T) -> Conv1d -> ReLU -> AvgPool1d(2) -> Conv1d -> ReLU
-    -> Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
+    -> Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored; ``sigmoid``: a binary ON/OFF classifier,
+    the Linear's output (the z-scored watts as a logit) through a Sigmoid."""
     rng = np.random.default_rng(seed)
     t = ds.x.shape[1]
     mean, std = float(ds.x.mean()), float(ds.x.std())
@@ -156,7 +157,10 @@ def ncw_conv_avgpool(ds: NilmDataset, *, channels: int = 8, kernel: int = 5, see
                               **conv),
              helper.make_node("Relu", ["/conv2/Conv_output_0"], ["/act2/Relu_output_0"], name="/act2/Relu"),
              helper.make_node("Flatten", ["/act2/Relu_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1),
-             helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1)]
+             helper.make_node("Gemm", ["/Flatten_output_0", "fc.weight", "fc.bias"], ["/fc/Gemm_output_0" if sigmoid else "output"],
+                              name="/fc/Gemm", transB=1)]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["/fc/Gemm_output_0"], ["output"], name="/Sigmoid"))
     return _pytorch_export(nodes, inits, t, {"input_mean": mean, "input_std": std, "target_mean": ym, "target_std": ys})
 
 

@@ -32,20 +32,20 @@ def test_precheck_passes_the_ncw_export_and_names_an_unplaceable_op():
     m, _ = _ncw()
     assert int8_precheck(m, "tflite:int8") is None
     assert "Shape" not in {n.op_type for n in data_path_ops(m)}  # shape math is not on the data path
-    m.graph.node[-1].op_type, m.graph.node[-1].input[:] = "Sigmoid", m.graph.node[-1].input[:1]
+    m.graph.node[-1].op_type, m.graph.node[-1].input[:] = "Softplus", m.graph.node[-1].input[:1]
     why = int8_precheck(m, "eiq:int8")
-    assert why is not None and "Sigmoid" in why and "onnxruntime:int8" in why and "\n" not in why
+    assert why is not None and "Softplus" in why and "onnxruntime:int8" in why and "\n" not in why
 
 
 def test_unplaceable_onnx_model_is_refused_before_calibration(tmp_path):
-    """Through the CLI alone: a Sigmoid head is refused for tflite:int8 / eiq:int8 in one line, before any work."""
+    """Through the CLI alone: a Softplus head is refused for tflite:int8 / eiq:int8 in one line, before any work."""
     ds, ev = lf_windows(200, 32, seed=0), lf_windows(100, 32, seed=1)
     m = ncw_conv1d_seq2seq(ds, channels=4, kernel=3)
     clip = m.graph.node[-1]
     m.graph.node.remove(clip)
-    m.graph.node.append(helper.make_node("Sigmoid", [clip.input[0]], ["output"], name="/Sigmoid"))
+    m.graph.node.append(helper.make_node("Softplus", [clip.input[0]], ["output"], name="/Softplus"))
     r, by = compile_ncw_from_flags(tmp_path, m, ds, ev, "tflite:int8,eiq:int8_pt")
     assert r.exit_code == 2
     for t in ("tflite:int8", "eiq:int8_pt"):
-        assert by[t]["status"] == "BAD INPUT" and "Sigmoid" in by[t]["error"] and "\n" not in by[t]["error"].strip(), by[t]
+        assert by[t]["status"] == "BAD INPUT" and "Softplus" in by[t]["error"] and "\n" not in by[t]["error"].strip(), by[t]
         assert by[t]["compile_s"] < 0.5, by[t]

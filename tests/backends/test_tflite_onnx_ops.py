@@ -8,6 +8,7 @@ a grouped CONV_2D (the filter holds ``C / groups`` input channels) and a 2-D dep
 (weights ``(1, KH, KW, C * multiplier)``, per-channel scales along axis 3). nilmc now writes its own parameters into
 both, and the eIQ integer emulation runs both (one contraction per group, :func:`intops.grouped_conv2d_accumulate`).
 
+A Sigmoid head (a binary ON/OFF classifier) was refused too: TFLite's int8 LOGISTIC now carries it.
 Average pooling (``AvgPool1d``) was refused as well; TFLite's int8 AVERAGE_POOL_2D averages codes on its input's grid,
 which the TFLite traits' parameters give its output (``pool_shares_grid``).
 """
@@ -41,16 +42,17 @@ def test_grouped_accumulate_is_the_per_group_conv(groups, ci, og) -> None:
         intops.grouped_conv2d_accumulate(x, w, groups + 1, *geometry)
 
 
-def _compile(tmp_path, m, ds, ev, stats: dict[str, str], targets: str) -> dict:
+def _compile(tmp_path, m, ds, ev, stats: dict[str, str], targets: str, *, binary: bool = False) -> dict:
     import onnx
 
     onnx.save(m, tmp_path / "m.onnx")
     ds.save(tmp_path / "calib.npz")
     ev.save(tmp_path / "eval.npz")
+    task = ["--task", "binary"] if binary else ["--target-mean", stats["target_mean"], "--target-std", stats["target_std"]]
     r = CliRunner().invoke(cli, [str(a) for a in (
         "compile", tmp_path / "m.onnx", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / "out",
         "--targets", targets, "--input-norm", "zscore", "--input-mean", stats["input_mean"], "--input-std", stats["input_std"],
-        "--target-mean", stats["target_mean"], "--target-std", stats["target_std"], "--appliance", ds.appliances[0], "--json")])
+        *task, "--appliance", ds.appliances[0], "--json")])
     by = {t["target"]: t for t in json.loads(r.stdout)["targets"]}
     print({t: (v["status"], v["delta_eacc_pts"], v["output_sqnr_db"], v["error"]) for t, v in by.items()})
     return by
@@ -106,10 +108,28 @@ def test_a_depthwise_conv2d_compiles_for_tflite_and_eiq(tmp_path) -> None:
     assert "DEPTHWISE_CONV_2D" in manifest["artifact_info"]["partition"]["npu"], manifest["artifact_info"]["partition"]
 
 
-def test_the_onnx_precheck_takes_average_pooling() -> None:
+def test_the_onnx_precheck_takes_average_pooling_and_a_sigmoid_head() -> None:
     from nilmc.backends.onnx_to_tf import int8_precheck
 
     assert int8_precheck(ncw_conv_avgpool(lf_windows(32, 16, seed=0)), "tflite:int8") is None
+    assert int8_precheck(ncw_conv_avgpool(lf_windows(32, 16, seed=0), sigmoid=True), "eiq:int8") is None
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_a_sigmoid_classifier_compiles_for_tflite_and_eiq(tmp_path) -> None:
+    from nilmc.backends.tflite_int8 import graph_ops, tensor_details
+
+    ds, ev = lf_windows(400, 64, seed=0), lf_windows(200, 64, seed=1)
+    m = ncw_conv_avgpool(ds, sigmoid=True)
+    by = _compile(tmp_path, m, ds, ev, {k: str(v) for k, v in export_stats(m).items()}, "tflite:int8,eiq:int8", binary=True)
+    for t in ("tflite:int8", "eiq:int8"):
+        assert by[t]["passed"] and by[t]["output_sqnr_db"] > 30, by[t]
+    fb = (tmp_path / "out" / "eiq-int8" / "model_eiq.tflite").read_bytes()
+    (head,) = [o for o in graph_ops(fb) if o["op"] == "LOGISTIC"]
+    out = tensor_details(fb)[head["outputs"][0]]
+    # int8 codes on nilmc's grid of [0, 1] (LiteRT's int8 LOGISTIC is a lookup table: any output grid)
+    assert out["dtype"] == "int8" and out["zero_points"].tolist() == [-128] and 255 * out["scales"][0] >= 1 - 1e-6
 
 
 @pytest.mark.slow
