@@ -349,7 +349,8 @@ class _Builder:
         group = int(a.get("group", 1))
         orient, reason = _orientation(src, w.ndim - 2, f"Conv input {layer.input!r}")
         if not reason and group != 1:
-            reason = f"grouped/depthwise convolution (group={group}) is not handled by nilmc's DPU lowering"
+            reason = (f"grouped/depthwise convolution (group={group}) is not handled by nilmc's DPU lowering "
+                      "(tflite:int8 and eiq:int8 take it)")
         if not reason and act == "clip":
             reason = "Clip activation (ReLU6) is not handled by nilmc's DPU lowering"
         if reason:

@@ -148,3 +148,11 @@ def test_average_pooling_compiles_for_tflite_and_eiq_on_its_input_grid(tmp_path)
     src, dst = details[pool["inputs"][0]], details[pool["outputs"][0]]
     assert src["dtype"] == dst["dtype"] == "int8" and np.array_equal(src["scales"], dst["scales"])
     assert np.array_equal(src["zero_points"], dst["zero_points"])
+
+
+def test_the_dpu_refusal_of_a_depthwise_conv_names_the_targets_that_take_it() -> None:
+    from nilmc.backends.dpu.ir import from_onnx
+
+    g = from_onnx(ncw_separable_conv1d(lf_windows(32, 16, seed=0)))
+    (op,) = [o for o in g.unsupported if o.name == "/dw/Conv"]
+    assert "group=8" in op.reason and "tflite:int8 and eiq:int8" in op.reason
