@@ -221,6 +221,21 @@ def keras_conv1d_bilstm(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
     _fit_and_save(k.Model(inp, out), ds, path, layout_axes=(t, 1))
 
 
+def keras_separable_conv1d(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
+    """A Keras 2 model with a separable convolution: (N, T, 1) -> Conv1D -> SeparableConv1D -> Flatten -> Dense."""
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("building a test model")
+    tf.keras.utils.set_random_seed(seed)
+    t = ds.x.shape[1]
+    k = tf.keras
+    inp = k.Input((t, 1), name="aggregate")
+    x = k.layers.Conv1D(8, 5, padding="same", activation="relu")(inp)
+    x = k.layers.SeparableConv1D(8, 5, padding="same", activation="relu")(x)
+    out = k.layers.Dense(1)(k.layers.Flatten()(x))
+    _fit_and_save(k.Model(inp, out), ds, path, layout_axes=(t, 1))
+
+
 def keras_bigru_tfop(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
     """A Keras model as the UK-DALE-kettle one: (N, T) -> a TensorFlowOpLayer (tf.expand_dims) -> BiGRU -> Dense."""
     from nilmc.compiler.tfcompat import import_tf

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import tiny_dataset
-from outside_models import export_stats, lf_windows, nchw_conv2d_tp, ncw_conv_avgpool, ncw_separable_conv1d
+from outside_models import export_stats, keras_separable_conv1d, lf_windows, nchw_conv2d_tp, ncw_conv_avgpool, ncw_separable_conv1d
 
 from nilmc.compiler.cli import cli
 from nilmc.quantization import intops
@@ -156,3 +156,24 @@ def test_the_dpu_refusal_of_a_depthwise_conv_names_the_targets_that_take_it() ->
     g = from_onnx(ncw_separable_conv1d(lf_windows(32, 16, seed=0)))
     (op,) = [o for o in g.unsupported if o.name == "/dw/Conv"]
     assert "group=8" in op.reason and "tflite:int8 and eiq:int8" in op.reason
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_a_keras_separable_conv1d_compiles_for_tflite_and_eiq(tmp_path) -> None:
+    """The Keras route maps what its Conv2D/Dense pairing cannot through the model's ONNX graph: the converter's
+    DEPTHWISE_CONV_2D of a SeparableConv1D gets nilmc's parameters as the onnx2tf one does."""
+    ds, ev = lf_windows(300, 64, seed=0), lf_windows(150, 64, seed=1)
+    keras_separable_conv1d(ds, str(tmp_path / "m.keras"))
+    ds.save(tmp_path / "calib.npz")
+    ev.save(tmp_path / "eval.npz")
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "compile", tmp_path / "m.keras", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--out", tmp_path / "out",
+        "--targets", "tflite:int8,eiq:int8", "--input-norm", "zscore", "--input-mean", float(ds.x.mean()), "--input-std", float(ds.x.std()),
+        "--target-mean", float(ds.y.mean()), "--target-std", float(ds.y.std()), "--appliance", "fridge", "--json")])
+    by = {t["target"]: t for t in json.loads(r.stdout)["targets"]}
+    for t in ("tflite:int8", "eiq:int8"):
+        assert by[t]["passed"] and by[t]["output_sqnr_db"] > 30 and abs(by[t]["delta_eacc_pts"]) <= 0.5, by[t]
+    ops = _weight_ops(tmp_path / "out" / "tflite-int8" / "model_int8.tflite")
+    assert [o["op"] for o in ops] == ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "FULLY_CONNECTED"], ops
+    assert ops[1]["weight"]["dtype"] == "int8" and ops[1]["weight"]["quantized_dimension"] == 3
