@@ -790,12 +790,25 @@ def int8_precheck(graph: onnx.ModelProto, target: str) -> str | None:
     if adds:
         return (f"{target} from an ONNX model does not place a residual Add ({adds[0].name or adds[0].output[0]}); "
                 "lower it with onnxruntime:int8 or openvino:int8")
+    padded = [n.name or n.output[0] for n in nodes if n.op_type == "AveragePool" and _padded_excluding_pad(n)]
+    if padded:  # measured on onnx2tf 1.28 + TF 2.21 (a count_include_pad=1 pool is a PAD + AVERAGE_POOL_2D, which is placed)
+        return (f"{target} does not place the padded AveragePool {padded[0]!r} (count_include_pad=0): onnx2tf writes it as PAD + "
+                "AVERAGE_POOL_2D + a MUL by per-position correction constants that nilmc has no parameters for; lower it with "
+                "onnxruntime:int8 or openvino:int8, or export the pool with count_include_pad=True or without padding")
     dilated = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints, default=1) > 1 for a in n.attribute)]
     if dilated:  # measured on onnx2tf 1.28 + TF 2.21: the pre-bias CONV_2D output has no ONNX tensor to take a grid from
         return (f"{target} does not place the dilated Conv {dilated[0]!r}: the converter writes it as SPACE_TO_BATCH_ND + a CONV_2D "
                 "without bias + BATCH_TO_SPACE_ND + a bias ADD, and nilmc has no parameters for the pre-bias tensor; "
                 "lower it with onnxruntime:int8 or openvino:int8 (or try tflite:fp32: onnx2tf converts many such graphs in float, not all)")
     return None
+
+
+def _padded_excluding_pad(node: onnx.NodeProto) -> bool:
+    """An AveragePool with padding that its average leaves out (``count_include_pad`` 0, ONNX's default)."""
+    a = {x.name: x for x in node.attribute}
+    pads = list(a["pads"].ints) if "pads" in a else []
+    auto = a["auto_pad"].s.decode() if "auto_pad" in a else "NOTSET"
+    return (any(pads) or auto in ("SAME_UPPER", "SAME_LOWER")) and not (a["count_include_pad"].i if "count_include_pad" in a else 0)
 
 
 # ONNX ops (tf2onnx's form of a Keras model) on the data path that the Keras full-integer route places or keeps float:
