@@ -123,7 +123,8 @@ def eiq_traits(*, per_tensor: bool = False, io_dtype: str = "int8", float_layers
     Not :data:`~nilmc.quantization.traits.EIQ_PER_TENSOR`: its asymmetric weights are refused by TFLite's int8 kernels."""
     return QuantTraits(name="eiq_int8" + ("_per_tensor" if per_tensor else "") + ("_float_input" if float_layers else ""),
                        per_channel_weights=not per_tensor, symmetric_weights=True, narrow_range_weights=True, rounding=Rounding.HALF_AWAY,
-                       io_dtype=io_dtype, requant_multiplier_bits=16, float_layers=float_layers, pool_shares_grid=True)
+                       io_dtype=io_dtype, requant_multiplier_bits=16, float_layers=float_layers, pool_shares_grid=True,
+                       fixed_lut_grids=True)
 
 
 PRECISE_PRECISIONS = ("int8", "int8_pt")  # uint8_io exists for integer I/O: it stays full integer
@@ -387,7 +388,18 @@ def _depthwise(op: Any, t: list[_Tensor]) -> _Weighted:
 
 _PREPARE = {"CONV_2D": _conv, "DEPTHWISE_CONV_2D": _depthwise, "FULLY_CONNECTED": _fc, "QUANTIZE": _quantize_op}  # accumulate, requantize
 EMULATED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "AVERAGE_POOL_2D",
-                "QUANTIZE", "TRANSPOSE", "PAD")
+                "QUANTIZE", "TRANSPOSE", "PAD", "LOGISTIC")
+
+
+def logistic_table(in_scale: float, in_zp: int, out_scale: float, out_zp: int, rng: Any) -> np.ndarray:
+    """TFLite's int8/uint8 LOGISTIC as its kernels build it: a lookup table over every input code, in float32
+    (``round(sigmoid(s_in * (q - z_in)) / s_out) + z_out``, rounding half away from zero, clamped). Indexed by
+    ``code - rng.lo``. The NPU's own sigmoid unit is assumed to give the same table (not verified on a board)."""
+    codes = np.arange(rng.lo, rng.hi + 1, dtype=np.int32)
+    x = np.float32(in_scale) * (codes - np.int32(in_zp)).astype(np.float32)
+    y = (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32)
+    q = np.sign(y) * np.floor(np.abs(y * (np.float32(1.0) / np.float32(out_scale))) + np.float32(0.5))
+    return np.clip(q.astype(np.int64) + int(out_zp), rng.lo, rng.hi)
 
 
 def _distinct(xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
@@ -422,7 +434,7 @@ class _IntegerGraph:
         vals: dict[int, list[np.ndarray]] = {self.input: [np.asarray(x_codes)] * len(widths)}
         for name, op, prepared in self.steps:
             ins, index = _distinct(vals[op.inputs[0]])
-            if prepared is None:  # reshapes and pools: no requantization
+            if prepared is None:  # reshapes, pools and lookup tables: no requantization multiplier
                 done = [self._shape_op(name, op, x) for x in ins]
                 outs = [done[k] for k in index]
             else:
@@ -455,6 +467,11 @@ class _IntegerGraph:
         if name == "TRANSPOSE":  # codes move, grid unchanged (TFLite's int8 TRANSPOSE keeps scale and zero point)
             perm = [int(v) for v in np.asarray(self.t[op.inputs[1]].data).ravel()]
             return np.ascontiguousarray(np.transpose(x, perm))
+        if name == "LOGISTIC":  # a lookup table from the input grid to the output grid: no multiplier to requantize with
+            src, dst = self.t[op.inputs[0]], self.t[op.outputs[0]]
+            rng = INT_RANGES[dst.dtype]
+            table = logistic_table(float(src.scale[0]), int(src.zero_point[0]), float(dst.scale[0]), int(dst.zero_point[0]), rng)
+            return table[np.asarray(x, np.int64) - rng.lo].astype(x.dtype)
         if name == "PAD":  # filled with the zero point (0.0), grid unchanged
             pads = np.asarray(self.t[op.inputs[1]].data).reshape(-1, 2).astype(np.int64)
             return np.pad(x, [(0, 0), *(tuple(p) for p in pads[1:])], constant_values=int(self.t[op.inputs[0]].zero_point[0]))

@@ -1255,7 +1255,12 @@ def shared_integer_params(model: Model, spec: FullIntegerSpec, options: Mapping[
             prefix = grown.layers
             overflow = check_overflow(model.graph, ctx.statistics, grown.params, spec.traits, peak_output=model.contract,
                                       policy=dict(spec.overflow_policy))
-    return IntegerParams(overflow.params, overflow, None, ctx.calib_x, ctx.calibration, precise, prefix)
+    final = overflow.params
+    if spec.traits.fixed_lut_grids:  # whatever the techniques chose, the LOGISTIC / TANH kernels take one output grid
+        from nilmc.quantization.params import pin_lut_grids
+
+        final = pin_lut_grids(final, model.graph)
+    return IntegerParams(final, overflow, None, ctx.calib_x, ctx.calibration, precise, prefix)
 
 
 def _float_prefix(model: Model, ctx: Any, params: Any) -> Any:

@@ -351,7 +351,37 @@ def derive_params(
         _share_pool_grids(model, g, tensors)
     for layer in g.layers:
         _layer_params(layer, g, tensors, traits)
-    return QuantParams(traits, tensors, dict(g.shared), list(g.layers), estimator, model_digest(onnx_model))
+    params = QuantParams(traits, tensors, dict(g.shared), list(g.layers), estimator, model_digest(onnx_model))
+    return pin_lut_grids(params, model) if traits.fixed_lut_grids else params
+
+
+# TFLite's builtin int8 / uint8 LOGISTIC and TANH kernels require these output grids (activations.cc: "output->params.scale
+# == 1. / 256"): (scale, real value of the lowest code) per op. Measured: LiteRT 2.3's builtin resolver refused a Sigmoid
+# head on nilmc's own [0, 1] grid (scale 1/255) at allocation; the default (XNNPACK) resolver ran it.
+LUT_GRIDS = {"Sigmoid": (1.0 / 256, 0.0), "Tanh": (1.0 / 128, -1.0)}
+
+
+def pin_lut_grids(params: QuantParams, onnx_model: onnx.ModelProto) -> QuantParams:
+    """``params`` with every 8-bit Sigmoid / Tanh output on the fixed grid of :data:`LUT_GRIDS` (``traits.fixed_lut_grids``),
+    and the biases that read it re-derived. Other ranges (int16) and tensors kept float are left as they are."""
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)  # analyze() annotates the graph it reads
+    g = analyze(model)
+    out = params
+    for node in model.graph.node:
+        if node.op_type not in LUT_GRIDS or not node.output:
+            continue
+        name = g.root(node.output[0])
+        tq = out.tensors.get(name)
+        if tq is None or tq.role != "activation" or tq.range_name not in ("int8", "uint8") or name in out.keep_float:
+            continue
+        scale, lowest = LUT_GRIDS[node.op_type]
+        rng = int_range(tq.range_name)
+        zp = int(round(rng.lo - lowest / scale))
+        fixed = replace(tq, scale=(scale,), zero_point=(zp,), lo=(lowest,), hi=((rng.hi - zp) * scale,), method=f"fixed ({node.op_type} LUT)",
+                        fix_position=None)
+        out = replace_activation(out, fixed, g)
+    return out
 
 
 def _share_pool_grids(model: onnx.ModelProto, g: QuantGraph, tensors: dict[str, TensorQuant]) -> None:

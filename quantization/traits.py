@@ -42,6 +42,9 @@ class QuantTraits:
       (16 for the NXP NPU emulation).
     * ``pool_shares_grid`` (False): an AveragePool's output takes its input's parameters (TFLite's int8
       AVERAGE_POOL_2D requires the input's scale and zero point on its output; averaging stays inside the range).
+    * ``fixed_lut_grids`` (False): a Sigmoid's / Tanh's 8-bit output takes the fixed grid TFLite's builtin LOGISTIC /
+      TANH kernels require (scale 1/256 from 0.0, scale 1/128 around 0.0; :func:`params.pin_lut_grids`): on any other
+      grid only the XNNPACK delegate runs the op, the builtin kernels refuse the model at allocation.
     """
 
     name: str = "custom"
@@ -63,6 +66,7 @@ class QuantTraits:
     requant_shift_range: tuple[int, int] | None = None
     requant_multiplier_bits: int = 32
     pool_shares_grid: bool = False
+    fixed_lut_grids: bool = False
 
     def __post_init__(self) -> None:
         if self.io_dtype not in _IO_DTYPES:
@@ -122,7 +126,7 @@ GENERIC_INT8 = QuantTraits(name="generic_int8", activation_signed=False, float_l
 # AVERAGE_POOL_2D keeps its input's grid (pool_shares_grid): on a grid of its own, the example CtRNN's integer stage
 # gave 6.6 dB (the kernel averages codes without requantizing), shared 19.4 dB.
 TFLITE_INT8 = QuantTraits(name="tflite_int8", narrow_range_weights=True, rounding=Rounding.HALF_AWAY, io_dtype="int8",
-                          pool_shares_grid=True)
+                          pool_shares_grid=True, fixed_lut_grids=True)
 
 # TFLite with precise input (tflite:int8, eiq:int8 by default): the same grids, but the layers reading the graph input
 # run as float32 TFLite ops (a QUANTIZE onto nilmc's grid after them), so the input is never on an 8-bit grid

@@ -8,7 +8,8 @@ a grouped CONV_2D (the filter holds ``C / groups`` input channels) and a 2-D dep
 (weights ``(1, KH, KW, C * multiplier)``, per-channel scales along axis 3). nilmc now writes its own parameters into
 both, and the eIQ integer emulation runs both (one contraction per group, :func:`intops.grouped_conv2d_accumulate`).
 
-A Sigmoid head (a binary ON/OFF classifier) was refused too: TFLite's int8 LOGISTIC now carries it.
+A Sigmoid head (a binary ON/OFF classifier) was refused too: TFLite's int8 LOGISTIC now carries it, on the output grid
+its builtin kernel requires (1/256 from 0.0), and the eIQ emulation runs its lookup table.
 Average pooling (``AvgPool1d``) was refused as well; TFLite's int8 AVERAGE_POOL_2D averages codes on its input's grid,
 which the TFLite traits' parameters give its output (``pool_shares_grid``).
 """
@@ -136,11 +137,17 @@ def test_a_sigmoid_classifier_compiles_for_tflite_and_eiq(tmp_path) -> None:
     by = _compile(tmp_path, m, ds, ev, {k: str(v) for k, v in export_stats(m).items()}, "tflite:int8,eiq:int8", binary=True)
     for t in ("tflite:int8", "eiq:int8"):
         assert by[t]["passed"] and by[t]["output_sqnr_db"] > 30, by[t]
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
     fb = (tmp_path / "out" / "eiq-int8" / "model_eiq.tflite").read_bytes()
     (head,) = [o for o in graph_ops(fb) if o["op"] == "LOGISTIC"]
     out = tensor_details(fb)[head["outputs"][0]]
-    # int8 codes on nilmc's grid of [0, 1] (LiteRT's int8 LOGISTIC is a lookup table: any output grid)
-    assert out["dtype"] == "int8" and out["zero_points"].tolist() == [-128] and 255 * out["scales"][0] >= 1 - 1e-6
+    # the grid TFLite's builtin LOGISTIC requires (traits.fixed_lut_grids): on nilmc's own [0, 1] grid (scale 1/255) the
+    # builtin kernels refused the model at allocation ("output->params.scale == 1. / 256"), only XNNPACK ran it
+    assert out["dtype"] == "int8" and out["zero_points"].tolist() == [-128] and np.allclose(out["scales"], [1 / 256])
+    Interpreter(model_content=fb, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES).allocate_tensors()
+    emu = json.loads((tmp_path / "out" / "eiq-int8" / "manifest.json").read_text())["artifact_info"]["npu_emulation"]
+    assert "LOGISTIC" in emu["emulated_ops"] and emu["check_32bit_vs_cpu_builtin_kernels"]["max_lsb"] <= 1, emu
 
 
 @pytest.mark.slow
