@@ -63,6 +63,9 @@ INT_RANGES: dict[str, IntRange] = {
     "int8": IntRange("int8", -128, 127, "int8"),
     "uint8": IntRange("uint8", 0, 255, "uint8"),
     "int8_narrow": IntRange("int8_narrow", -127, 127, "int8"),
+    # 7-bit weights stored as int8: x86 u8 x s8 kernels without VNNI sum pairs of products at int16 (vpmaddubsw),
+    # and 255 * 63 * 2 fits where 255 * 127 * 2 does not (OpenVINO's "saturation issue" workaround, NNCF's overflow_fix)
+    "int7_narrow": IntRange("int7_narrow", -63, 63, "int8"),
     "int16": IntRange("int16", -32768, 32767, "int16"),
     "int32": IntRange("int32", -(2**31), 2**31 - 1, "int32"),
 }
