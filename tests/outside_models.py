@@ -33,12 +33,15 @@ def lf_windows(n: int = 600, t: int = 128, *, seed: int = 0, appliance: str = "f
                        info={"setup": "LF-P", "seed": seed, "window": t})
 
 
+def _zscored(ds: NilmDataset, seed: int) -> tuple[np.random.Generator, int, float, float, np.ndarray]:
+    """``(rng, T, mean, std, z-scored windows (N, T))`` for a builder fitting a model to ``ds``."""
+    mean, std = float(ds.x.mean()), float(ds.x.std())
+    return np.random.default_rng(seed), ds.x.shape[1], mean, std, ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+
+
 def ncw_conv1d_seq2seq(ds: NilmDataset, *, channels: int = 8, kernel: int = 9, seed: int = 0) -> onnx.ModelProto:
     """A PyTorch-style export: z-scored input (N, 1, T) -> 4 Conv1d -> Clip(0) -> (N, 1, T) appliance watts, z-scored."""
-    rng = np.random.default_rng(seed)
-    t = ds.x.shape[1]
-    mean, std = float(ds.x.mean()), float(ds.x.std())
-    xz = ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+    rng, t, mean, std, xz = _zscored(ds, seed)
     pad = kernel // 2
     w1 = rng.normal(0, 1 / np.sqrt(kernel), (channels, 1, kernel))
     w2 = rng.normal(0, 1 / np.sqrt(channels * kernel), (channels, channels, kernel))
@@ -92,10 +95,7 @@ def ncw_separable_conv1d(ds: NilmDataset, *, channels: int = 8, groups: int = 8,
     """A PyTorch-style depthwise-separable Conv1d export: z-scored input (N, 1, T) -> Conv1d(1, C) -> ReLU ->
     Conv1d(C, ``out_channels``, groups=``groups``) (depthwise when ``groups == C``) -> ReLU -> Conv1d 1x1 -> ReLU ->
     Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored."""
-    rng = np.random.default_rng(seed)
-    t = ds.x.shape[1]
-    mean, std = float(ds.x.mean()), float(ds.x.std())
-    xz = ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+    rng, t, mean, std, xz = _zscored(ds, seed)
     pad, ci, og = kernel // 2, channels // groups, out_channels // groups
     w1 = rng.normal(0, 1 / np.sqrt(kernel), (channels, 1, kernel))
     wd = rng.normal(0, 1 / np.sqrt(kernel * ci), (out_channels, ci, kernel))
@@ -130,10 +130,7 @@ def ncw_conv_avgpool(ds: NilmDataset, *, channels: int = 8, kernel: int = 5, sig
     """A PyTorch-style export with pooling: z-scored input (N, 1, T) -> Conv1d -> ReLU -> AvgPool1d(2) -> Conv1d -> ReLU
     -> Flatten -> Linear (ridge fitted) -> (N, 1) appliance watts, z-scored; ``sigmoid``: a binary ON/OFF classifier,
     the Linear's output (the z-scored watts as a logit) through a Sigmoid."""
-    rng = np.random.default_rng(seed)
-    t = ds.x.shape[1]
-    mean, std = float(ds.x.mean()), float(ds.x.std())
-    xz = ((ds.x[:, :, 0, 0] - mean) / std).astype(np.float64)
+    rng, t, mean, std, xz = _zscored(ds, seed)
     pad = kernel // 2
     w1 = rng.normal(0, 1 / np.sqrt(kernel), (channels, 1, kernel))
     w2 = rng.normal(0, 1 / np.sqrt(kernel * channels), (channels, channels, kernel))
@@ -206,12 +203,8 @@ def export_stats(m: onnx.ModelProto) -> dict[str, float]:
 
 def keras_conv1d_bilstm(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
     """A Keras 2 model as the REDD-fridge one: (N, T, 1) -> Conv1D -> BatchNormalization -> BiLSTM -> Dropout -> Dense."""
-    from nilmc.compiler.tfcompat import import_tf
-
-    tf = import_tf("building a test model")
-    tf.keras.utils.set_random_seed(seed)
+    tf, k = _seeded_keras(seed)
     t = ds.x.shape[1]
-    k = tf.keras
     inp = k.Input((t, 1), name="aggregate")
     x = k.layers.Conv1D(8, 9, padding="same", activation="relu")(inp)
     x = k.layers.BatchNormalization()(x)
@@ -223,12 +216,8 @@ def keras_conv1d_bilstm(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
 
 def keras_separable_conv1d(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
     """A Keras 2 model with a separable convolution: (N, T, 1) -> Conv1D -> SeparableConv1D -> Flatten -> Dense."""
-    from nilmc.compiler.tfcompat import import_tf
-
-    tf = import_tf("building a test model")
-    tf.keras.utils.set_random_seed(seed)
+    tf, k = _seeded_keras(seed)
     t = ds.x.shape[1]
-    k = tf.keras
     inp = k.Input((t, 1), name="aggregate")
     x = k.layers.Conv1D(8, 5, padding="same", activation="relu")(inp)
     x = k.layers.SeparableConv1D(8, 5, padding="same", activation="relu")(x)
@@ -238,18 +227,23 @@ def keras_separable_conv1d(ds: NilmDataset, path: str, *, seed: int = 0) -> None
 
 def keras_bigru_tfop(ds: NilmDataset, path: str, *, seed: int = 0) -> None:
     """A Keras model as the UK-DALE-kettle one: (N, T) -> a TensorFlowOpLayer (tf.expand_dims) -> BiGRU -> Dense."""
-    from nilmc.compiler.tfcompat import import_tf
-
-    tf = import_tf("building a test model")
-    tf.keras.utils.set_random_seed(seed)
+    tf, k = _seeded_keras(seed)
     t = ds.x.shape[1]
-    k = tf.keras
     inp = k.Input((t,), name="aggregate")
     x = tf.expand_dims(inp, -1)  # a TFOpLambda layer in the saved model
     x = k.layers.Conv1D(4, 5, strides=4, padding="same", activation="relu")(x)
     x = k.layers.Bidirectional(k.layers.GRU(8))(x)
     out = k.layers.Dense(1)(x)
     _fit_and_save(k.Model(inp, out), ds, path, layout_axes=(t,))
+
+
+def _seeded_keras(seed: int) -> tuple:
+    """TensorFlow and its tf_keras, seeded for a reproducible test model."""
+    from nilmc.compiler.tfcompat import import_tf
+
+    tf = import_tf("building a test model")
+    tf.keras.utils.set_random_seed(seed)
+    return tf, tf.keras
 
 
 def _fit_and_save(model, ds: NilmDataset, path: str, *, layout_axes: tuple[int, ...]) -> None:
