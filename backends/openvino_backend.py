@@ -48,13 +48,14 @@ import collections
 import re
 import tempfile
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nilmc.backends.base import Artifact, Capabilities, Verification
-from nilmc.compiler.errors import MissingDependencyError, QuantizationError, UnknownBackendError
+from nilmc.compiler.errors import BadInputError, MissingDependencyError, QuantizationError, UnknownBackendError
 from nilmc.quantization.traits import GENERIC_INT8, QuantTraits
 
 if TYPE_CHECKING:
@@ -67,6 +68,27 @@ if TYPE_CHECKING:
 # 23.2 dB with 8-bit weights, 28.2 dB with 7-bit (onnxruntime, exact: 28.5); the shipped CNN 38.8 -> 37.2 dB, the
 # bit it costs wherever nothing saturates. uint8 weight storage (onnxruntime's remedy) leaves OpenVINO's convolutions in f32.
 OPENVINO_INT8: QuantTraits = GENERIC_INT8.with_(name="openvino_int8", weight_bits=7, narrow_range_weights=True)
+# openvino.weight_bits=8: full 8-bit weights, for a deployment whose CPUs all have VNNI (or AMX)
+OPENVINO_INT8_W8: QuantTraits = GENERIC_INT8.with_(name="openvino_int8_w8")
+WEIGHT_BITS = {7: OPENVINO_INT8, 8: OPENVINO_INT8_W8}
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    """Typed options of the OpenVINO backend (``--option openvino.NAME=VALUE``): ``weight_bits`` (default 7: weights in
+    [-63, 63], exact on every x86 CPU; 8: [-128, 127], whose u8 x s8 pairs saturate at int16 on CPUs without VNNI, for a
+    fleet that has VNNI or AMX everywhere)."""
+
+    weight_bits: int = 7
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in WEIGHT_BITS:
+            raise BadInputError(f"openvino.weight_bits={self.weight_bits!r} is not one of {sorted(WEIGHT_BITS)}",
+                                "use 7 (the default: exact on every x86 CPU) or 8 (CPUs with VNNI / AMX only)")
+
+    def quant_traits(self, precision: str, traits: Any) -> Any:
+        """The traits ``openvino:int8`` derives its parameters under with these options."""
+        return WEIGHT_BITS[self.weight_bits] if precision == "int8" else traits
 
 XML, BIN = "model.xml", "model.bin"
 COMPUTE_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution"})
@@ -242,6 +264,7 @@ class OpenVINOBackend:
         precisions=("fp32", "fp16", "int8"),
         description="OpenVINO IR (model.xml + model.bin) on the OpenVINO CPU plugin",
         traits={"int8": OPENVINO_INT8},
+        options=OpenVINOOptions,
         requires=("openvino",),
         extra="openvino",
         limitations={
@@ -278,7 +301,8 @@ class OpenVINOBackend:
         from nilmc.quantization.placement import op_placement
         from nilmc.quantization.qdq import build_qdq_model
 
-        params = shared_params(options, OPENVINO_INT8, f"{self.name}:{precision}")
+        bits = int((options or {}).get("weight_bits", OpenVINOOptions.weight_bits))
+        params = shared_params(options, OpenVINOOptions(weight_bits=bits).quant_traits(precision, OPENVINO_INT8), f"{self.name}:{precision}")
         qdq = _Model(build_qdq_model(model.graph, params), model.contract, source=model.source)
         return qdq, {"quantization": params.to_json()}, op_placement(model.graph, params)["int8"]
 

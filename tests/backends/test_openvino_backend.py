@@ -152,3 +152,38 @@ def test_static_batch_becomes_dynamic(tiny, tmp_path, x_eval):
     art = OpenVINOBackend().lower(static, tmp_path, precision="fp32")
     with OpenVINOBackend().runner(art) as r:
         assert r.infer({"input": x_eval[:7]})["output"].shape == (7, 1)
+
+
+@pytest.mark.parametrize("flag, weight_range", [((), "int7_narrow"), (("--option", "openvino.weight_bits=8"), "int8")])
+def test_weight_bits_option_through_the_cli(tmp_path, flag, weight_range):
+    """``openvino.weight_bits=8`` gives the full 8-bit weights back (for CPUs with VNNI / AMX); the default is 7 bits."""
+    import json
+
+    from outside_models import compile_ncw_from_flags, lf_windows, ncw_conv1d_seq2seq
+
+    ds, ev = lf_windows(200, 32, seed=0), lf_windows(100, 32, seed=1)
+    r, by = compile_ncw_from_flags(tmp_path, ncw_conv1d_seq2seq(ds, channels=4, kernel=3), ds, ev, "openvino:int8", *flag)
+    assert by["openvino:int8"]["passed"], by
+    tensors = json.loads((tmp_path / "out" / "openvino-int8" / "manifest.json").read_text())["quantization"]["tensors"]
+    assert {t["range_name"] for t in tensors.values() if t["role"] == "weight"} == {weight_range}
+
+
+def test_weight_bits_other_than_7_or_8_is_bad_input(tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+    from outside_models import lf_windows, ncw_conv1d_seq2seq
+
+    from nilmc.compiler.cli import cli
+
+    ds, ev = lf_windows(64, 32, seed=0), lf_windows(32, 32, seed=1)
+    onnx.save(ncw_conv1d_seq2seq(ds, channels=4, kernel=3), tmp_path / "m.onnx")
+    ds.save(tmp_path / "c.npz")
+    ev.save(tmp_path / "e.npz")
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "compile", tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "--eval", tmp_path / "e.npz", "--out", tmp_path / "o",
+        "--targets", "openvino:int8", "--output", "midpoint", "--input-norm", "zscore", "--input-mean", 200, "--input-std", 50,
+        "--target-mean", 50, "--target-std", 40, "--appliance", "fridge", "--option", "openvino.weight_bits=6", "--json")])
+    err = json.loads(r.stdout)["error"]
+    assert r.exit_code == 2 and "weight_bits=6" in err["message"] and "7" in err["remedy"], err
