@@ -229,12 +229,16 @@ def portable_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     shared = {name for name, _ in todo} & {z for _, z in todo}
     if shared:
         raise QuantizationError(f"a DequantizeLinear reads {sorted(shared)[0]!r} as codes and as a zero point", "report this model")
-    for codes, zp in dict.fromkeys(todo):
-        c = numpy_helper.to_array(inits[codes]).astype(np.int16)
-        inits[codes].CopyFrom(numpy_helper.from_array((c + 128).astype(np.uint8), codes))
-        z = numpy_helper.to_array(inits[zp]).astype(np.int16)
-        inits[zp].CopyFrom(numpy_helper.from_array((z + 128).astype(np.uint8), zp))
-    return out, sorted({c for c, _ in todo})
+    rewritten = {c for c, _ in todo}
+    other_readers = {n.input[2] for n in out.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                     and len(n.input) > 2 and n.input[0] not in rewritten}
+    if other_readers & {z for _, z in todo}:  # a zero point an activation's Q/DQ reads too: it must stay int8
+        raise QuantizationError(f"zero point {sorted(other_readers & {z for _, z in todo})[0]!r} is shared by a weight and an "
+                                "activation", "give each quantized tensor its own zero point")
+    for name in rewritten | {z for _, z in todo}:  # each initializer once, however many nodes read it
+        v = numpy_helper.to_array(inits[name]).astype(np.int16)
+        inits[name].CopyFrom(numpy_helper.from_array((v + 128).astype(np.uint8), name))
+    return out, sorted(rewritten)
 
 
 def build_qdq_model(onnx_model: onnx.ModelProto, params: QuantParams, *, keep_float: Iterable[str] = ()) -> onnx.ModelProto:

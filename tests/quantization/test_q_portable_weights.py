@@ -78,3 +78,11 @@ def test_the_onnxruntime_artifact_stores_its_weights_as_uint8(tmp_path) -> None:
     weights = {t.name: t.data_type for t in saved.graph.initializer if t.name.endswith("/W_quantized")}
     assert weights and set(weights.values()) == {TensorProto.UINT8}, weights
     assert sorted(art.info["weight_storage"]["stored_as_uint8_plus_128"]) == sorted(weights)
+
+
+def test_a_zero_point_two_weights_share_is_shifted_once() -> None:
+    m = _saturating_qdq(8)
+    m.graph.initializer.append(numpy_helper.from_array(np.full((2, 2), 5, np.int8), "w2_q"))
+    m.graph.node.extend([helper.make_node("DequantizeLinear", ["w2_q", "sw", "zw"], ["w2"]), helper.make_node("MatMul", ["y", "w2"], ["y2"])])
+    inits = {t.name: numpy_helper.to_array(t) for t in portable_weights(m)[0].graph.initializer}
+    assert int(inits["zw"]) == 128 and np.all(inits["w2_q"] == 133) and np.all(inits["w_q"] == 255)
