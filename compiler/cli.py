@@ -464,23 +464,29 @@ def compile_cmd(model: str, calib: str | None, eval_path: str, targets: str, out
 @click.option("--targets", default="all", show_default=True, help="Targets to compile (default: every available one).")
 @jobs_option
 @force_option
-@click.option("--all-models", is_flag=True, help="Also train (small, seeded; cached in OUT/models) and compile the CtRNN, the cloud "
-              "Transformer and the XGBoost tree model, each for the targets that take it: one table per model, OUT/<model>/.")
+@click.option("--all-models", is_flag=True, help="Also compile the shipped CtRNN, cloud Transformer and XGBoost tree model, each for the "
+              "targets that take it: one table per model, OUT/<model>/.")
+@click.option("--retrain", is_flag=True, help="--all-models: train those three here (small, seeded; cached in OUT/models) instead of "
+              "compiling the shipped copies; TensorFlow's kernels differ between CPUs, so the models differ from the shipped ones.")
 @json_option
 @handle_errors
-def example_cmd(out: str, targets: str, jobs: int | None, force: bool, as_json: bool, all_models: bool = False) -> None:
+def example_cmd(out: str, targets: str, jobs: int | None, force: bool, as_json: bool, all_models: bool = False, retrain: bool = False) -> None:
     """Compile the shipped reference T-P model with the shipped calibration/evaluation sets."""
     from nilmc.calibration_data.shipped import shipped_paths
 
     p = shipped_paths()
+    if retrain and not all_models:
+        from nilmc.compiler.errors import BadInputError
+
+        raise BadInputError("--retrain applies to the models of --all-models only (the CNN always ships)", "add --all-models")
     if all_models:
-        _example_all_models(out, targets, jobs, force, as_json)
+        _example_all_models(out, targets, jobs, force, as_json, retrain=retrain)
         return
     # The Keras source (not the .onnx) so that Keras-based targets (TFLite, QAT) can lower too.
     run_compile(str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, out, None, None, as_json, force=force, jobs=jobs)
 
 
-def _example_all_models(out: str, targets: str, jobs: int | None, force: bool, as_json: bool) -> None:
+def _example_all_models(out: str, targets: str, jobs: int | None, force: bool, as_json: bool, *, retrain: bool = False) -> None:
     """``example --all-models``: the shipped CNN into OUT/cnn, then each zoo model into OUT/<model>; exit with the worst code."""
     from nilmc.backends.registry import default_registry
     from nilmc.calibration_data.shipped import shipped_paths
@@ -500,12 +506,13 @@ def _example_all_models(out: str, targets: str, jobs: int | None, force: bool, a
 
     one("cnn (shipped seq2point, seed 003)", str(p["keras"]), str(p["calib"]), str(p["eval"]), targets, str(Path(out) / "cnn"))
     for kind, spec in EXAMPLE_MODELS.items():
-        m = example_model(kind, Path(out) / "models")
+        m = example_model(kind, Path(out) / "models", shipped=not retrain)
         tl = targets if targets != "all" else ",".join(t for t in spec["targets"] if t in available)
         if not as_json:
             info = m["info"]
             ops = (f"{info['macs']:,} MACs/prediction" if "macs" in info else f"{info.get('comparisons_per_prediction', 0):,} comparisons/prediction")
-            click.echo(f"\n{kind}: {info.get('parameters', 0):,} parameters, {ops}" + (" (cached)" if m["cached"] else ""))
+            origin = " (shipped)" if m.get("shipped") else (" (trained here, cached)" if m["cached"] else " (trained here)")
+            click.echo(f"\n{kind}: {info.get('parameters', 0):,} parameters, {ops}{origin}")
             if targets == "all":  # every other available target says in one line why it is not in the table
                 for line in _example_refusals(str(m["model"]), [t for t in sorted(available) if t not in tl.split(",")]):
                     click.echo(line)

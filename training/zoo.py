@@ -20,6 +20,7 @@ from typing import Any
 import onnx
 
 from nilmc.calibration_data.dataset import NilmDataset
+from nilmc.calibration_data.shipped import SHIPPED_DIR
 from nilmc.compiler.contract import ModelContract
 from nilmc.compiler.errors import BadInputError
 
@@ -98,11 +99,15 @@ def save_model(trained: Trained, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-# ``nilmc example --all-models``: each reference model trained small and seeded, cached under OUT/models, with the
-# targets that can take it, and the edge targets it is meant for even where they fail their gate (the CtRNN on the
-# DPU); the example prints, for every other available target, why it is left out (its pre-check's line).
+# ``nilmc example --all-models``: each reference model small and seeded, with the targets that can take it, and the
+# edge targets it is meant for even where they fail their gate; the example prints, for every other available target,
+# why it is left out (its pre-check's line). The example compiles the copies that ship in SHIPPED_MODELS_DIR (trained
+# once by build_shipped_models): TensorFlow's float kernels differ between CPUs, so the same seeded training gives a
+# different CtRNN on another machine (weighted F1 0.578 on an AVX2 EPYC against 0.736 on a Xeon with AMX, 8 epochs),
+# and an example whose model depends on the host cannot be a reference. ``example --all-models --retrain`` trains them
+# here instead (cached in OUT/models).
 EXAMPLE_MODELS: dict[str, dict[str, Any]] = {
-    "ctrnn": {"appliances": ("kettle", "microwave", "fridge", "washing_machine"), "epochs": 8, "source": "keras",
+    "ctrnn": {"appliances": ("kettle", "microwave", "fridge", "washing_machine"), "epochs": 30, "source": "keras",
               "targets": ("onnxruntime:fp32", "onnxruntime:int8", "openvino:int8", "openvino:fp16", "tensorrt:int8", "tensorrt:fp16",
                           "tflite:fp32", "tflite:dynamic_int8", "tflite:int8", "eiq:int8", "dpu:b2304")},
     "cloud": {"appliances": ("fridge",), "epochs": 8,
@@ -110,36 +115,116 @@ EXAMPLE_MODELS: dict[str, dict[str, Any]] = {
     "xgboost": {"appliances": ("fridge",), "epochs": None, "targets": ("onnxruntime:fp32",)},
 }
 EXAMPLE_SIZES = {"train": 2000, "val": 400, "calib": 300, "eval": 1000}
+SHIPPED_MODELS_DIR = SHIPPED_DIR / "models"
+SHIPPED_MODELS_MANIFEST = "manifest.json"
 
 
-def example_model(kind: str, cache: str | Path, *, seed: int = 0) -> dict[str, Any]:
-    """Train ``kind`` for the example (or reuse ``cache/<kind>.*`` written by an earlier run with the same settings).
-
-    Returns ``{"onnx", "calib", "eval", "model"}`` paths (``model``: the file to compile: the ``.keras`` model when the
-    kind is a Keras model, so the TFLite targets lower from it, else the ONNX), ``"targets"`` (the example's list)
-    and ``"info"`` (training's)."""
-    import json
-
-    spec = EXAMPLE_MODELS[check_kind(kind)]
-    cache = Path(cache)
-    stem = cache / kind
+def example_key(kind: str, seed: int = 0) -> dict[str, Any]:
+    """What decides the example's ``kind`` model: a cached or shipped copy is used only when its key is this one (the
+    data's own settings too: a copy written before the calibration split changed is not reused)."""
     from nilmc.training.lowfreq_data import CALIB_MIN_DAYS
 
-    # the data's own settings too: a cache written before the calibration split changed is not reused
-    key = {"kind": kind, "seed": seed, "sizes": EXAMPLE_SIZES, "appliances": list(spec["appliances"]), "epochs": spec["epochs"],
-           "window": DEFAULT_DATA[kind]["window"], "calib_min_days": CALIB_MIN_DAYS}
-    paths = {"onnx": stem.with_suffix(".onnx"), "calib": cache / f"{kind}.calib.npz", "eval": cache / f"{kind}.eval.npz"}
-    paths["model"] = stem.with_suffix(".keras") if spec.get("source") == "keras" else paths["onnx"]
-    info_path = stem.with_suffix(".info.json")
+    spec = EXAMPLE_MODELS[check_kind(kind)]
+    return {"kind": kind, "seed": seed, "sizes": EXAMPLE_SIZES, "appliances": list(spec["appliances"]), "epochs": spec["epochs"],
+            "window": DEFAULT_DATA[kind]["window"], "calib_min_days": CALIB_MIN_DAYS}
+
+
+def _example_paths(kind: str, directory: Path) -> dict[str, Path]:
+    stem = directory / kind
+    paths = {"onnx": stem.with_suffix(".onnx"), "calib": directory / f"{kind}.calib.npz", "eval": directory / f"{kind}.eval.npz"}
+    paths["model"] = stem.with_suffix(".keras") if EXAMPLE_MODELS[kind].get("source") == "keras" else paths["onnx"]
+    return paths
+
+
+def _model_files(kind: str, directory: Path) -> list[Path]:
+    """Every file ``save_model`` and the example write for ``kind`` (the Keras contract sidecar too)."""
+    paths = _example_paths(kind, directory)
+    files = {*paths.values(), (directory / kind).with_suffix(".info.json")}
+    if paths["model"].suffix == ".keras":
+        files.add(paths["model"].with_name(paths["model"].name + ".contract.json"))
+    return sorted(files)
+
+
+def shipped_example(kind: str, *, seed: int = 0, directory: str | Path | None = None) -> dict[str, Any] | None:
+    """The shipped copy of the example's ``kind`` model (hashes checked against the manifest), or None when none ships
+    for the example's current settings (:func:`example_key`)."""
+    import json
+
+    from nilmc.compiler.errors import DataError
+    from nilmc.compiler.io import sha256_file
+
+    d = Path(directory) if directory is not None else SHIPPED_MODELS_DIR
+    mpath = d / SHIPPED_MODELS_MANIFEST
+    if not mpath.is_file():
+        return None
+    entry = json.loads(mpath.read_text()).get("models", {}).get(kind)
+    if not entry or entry.get("example_key") != example_key(kind, seed):
+        return None
+    for name, rec in entry["files"].items():
+        path = d / name
+        if not path.is_file() or sha256_file(path) != rec["sha256"]:
+            raise DataError(f"shipped example model file {str(path)!r} is missing or differs from its manifest ({mpath})",
+                            "reinstall nilmc, or train the models here: nilmc example --all-models --retrain")
+    paths = _example_paths(kind, d)
+    info = json.loads((d / f"{kind}.info.json").read_text())
+    return {**paths, "targets": EXAMPLE_MODELS[kind]["targets"], "info": info, "cached": False, "shipped": True}
+
+
+def example_model(kind: str, cache: str | Path, *, seed: int = 0, shipped: bool = True) -> dict[str, Any]:
+    """The example's ``kind`` model: the shipped copy (``shipped``, when one ships for these settings), else trained
+    here (or reused from ``cache/<kind>.*`` written by an earlier run with the same settings).
+
+    Returns ``{"onnx", "calib", "eval", "model"}`` paths (``model``: the file to compile: the ``.keras`` model when the
+    kind is a Keras model, so the TFLite targets lower from it, else the ONNX), ``"targets"`` (the example's list),
+    ``"info"`` (training's), ``"cached"`` and ``"shipped"``."""
+    import json
+
+    if shipped:
+        found = shipped_example(kind, seed=seed)
+        if found is not None:
+            return found
+    spec = EXAMPLE_MODELS[check_kind(kind)]
+    cache = Path(cache)
+    key = example_key(kind, seed)
+    paths = _example_paths(kind, cache)
+    info_path = (cache / kind).with_suffix(".info.json")
     if info_path.is_file() and all(p.is_file() for p in paths.values()):
         info = json.loads(info_path.read_text())
-        if info.get("example_key") == key:  # same settings -> same model (training is seeded): reuse it
-            return {**paths, "targets": spec["targets"], "info": info, "cached": True}
+        if info.get("example_key") == key:  # same settings -> same model on this host (training is seeded): reuse it
+            return {**paths, "targets": spec["targets"], "info": info, "cached": True, "shipped": False}
     cache.mkdir(parents=True, exist_ok=True)
     splits = default_splits(kind, spec["appliances"], seed=seed, sizes=EXAMPLE_SIZES)
     trained = train_model(kind, splits["train"], splits["val"], appliances=spec["appliances"], epochs=spec["epochs"], seed=seed)
     trained.info["example_key"] = key
     splits["calib"].save(paths["calib"])
     splits["eval"].save(paths["eval"])
-    save_model(trained, stem)
-    return {**paths, "targets": spec["targets"], "info": trained.info, "cached": False}
+    save_model(trained, cache / kind)
+    return {**paths, "targets": spec["targets"], "info": trained.info, "cached": False, "shipped": False}
+
+
+def build_shipped_models(directory: str | Path | None = None, kinds: Sequence[str] = tuple(EXAMPLE_MODELS)) -> dict[str, Any]:
+    """Train the example's models into ``directory`` (default: the shipped folder) and write its manifest: per model
+    the example key, the CPU that trained it, and each file's sha256 and size. Run from a checkout to refresh them:
+    ``python -c "from nilmc.training.zoo import build_shipped_models; build_shipped_models()"`` (about 2 min)."""
+    import platform
+
+    from nilmc.compiler.io import atomic_write_json, sha256_file
+
+    d = Path(directory) if directory is not None else SHIPPED_MODELS_DIR
+    models = {}
+    for kind in kinds:
+        example_model(kind, d, shipped=False)
+        models[kind] = {"example_key": example_key(kind), "trained_on": f"{platform.machine()} {_cpu_name()}".strip(),
+                        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _model_files(kind, d)}}
+    manifest = {"what": "nilmc example --all-models: the models beside the shipped CNN (nilmc.training.zoo.build_shipped_models)",
+                "models": models}
+    atomic_write_json(d / SHIPPED_MODELS_MANIFEST, manifest)
+    return manifest
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")

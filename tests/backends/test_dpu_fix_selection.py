@@ -24,7 +24,7 @@ def test_under_the_floor_the_better_fix_positions_are_deployed(tmp_path):
     from nilmc.compiler.frontend import load_model
     from nilmc.training.zoo import example_model
 
-    ex = example_model("ctrnn", tmp_path / "models")  # the example's CtRNN, trained here (seeded, about 15 s)
+    ex = example_model("ctrnn", tmp_path / "models")  # the example's CtRNN: the shipped copy (the same on every CPU)
     model = load_model(ex["onnx"])
     calib, evaluation = NilmDataset.load(ex["calib"]), NilmDataset.load(ex["eval"])
     s = compile_model(model, evaluation, [Target("dpu", "b2304")], tmp_path / "out", calib=calib,
@@ -40,5 +40,6 @@ def test_under_the_floor_the_better_fix_positions_are_deployed(tmp_path):
     gain = fix["selected_db"] >= fix["refined_db"] + fix["min_gain_db"]
     assert fix["taken"] == ("selected" if gain else "refined"), fix
     assert floor["steps"][0]["sqnr_db"] == fix[f"{fix['taken']}_db"]  # the first split, and the pre stage grew from it
-    # the DPU's last conv (before block4's pooling) judged through the CPU tail: +5.18 -> +1.03 points on this model
-    assert res.report.deltas["f1w"] < 2.0
+    # issue 12's edge budget (1 weighted-F1 point) on the shipped CtRNN: -0.115 points at 24.4 dB measured, block4's
+    # last conv on the DPU (28 % of the MACs), its pre stage on the CPU
+    assert res.report.deltas["f1w"] <= 1.0

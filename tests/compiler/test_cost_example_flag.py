@@ -35,8 +35,8 @@ def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_
     calls = _record(monkeypatch, fail_for="ctrnn")
     trained: list[str] = []
 
-    def fake_example_model(kind, cache, *, seed=0):
-        trained.append(kind)
+    def fake_example_model(kind, cache, *, seed=0, shipped=True):
+        trained.append(kind if shipped else f"{kind} (retrained)")
         return {"onnx": Path(cache) / f"{kind}.onnx", "model": Path(cache) / f"{kind}.model", "calib": Path(cache) / "c.npz", "eval": Path(cache) / "e.npz",
                 "targets": zoo.EXAMPLE_MODELS[kind]["targets"], "info": {"parameters": 10, "macs": 20}, "cached": False}
 
@@ -58,3 +58,25 @@ def test_all_models_compiles_each_model_into_its_own_directory(monkeypatch, tmp_
     for (_, others), (_, shown, _) in zip(asked, calls[1:]):
         assert others and not set(others) & set(shown.split(","))
     assert res.output.count("  not in the table: ") == 3
+
+
+def test_retrain_trains_the_models_here_and_needs_all_models(monkeypatch, tmp_path):
+    import nilmc.training.zoo as zoo
+
+    _record(monkeypatch)
+    asked: list[tuple[str, bool]] = []
+
+    def fake_example_model(kind, cache, *, seed=0, shipped=True):
+        asked.append((kind, shipped))
+        return {"onnx": Path(cache) / f"{kind}.onnx", "model": Path(cache) / f"{kind}.model", "calib": Path(cache) / "c.npz", "eval": Path(cache) / "e.npz",
+                "targets": zoo.EXAMPLE_MODELS[kind]["targets"], "info": {"parameters": 10, "macs": 20}, "cached": False, "shipped": shipped}
+
+    monkeypatch.setattr(zoo, "example_model", fake_example_model)
+    monkeypatch.setattr(cli_mod, "_example_refusals", lambda path, others: [])
+    res = CliRunner().invoke(cli_mod.cli, ["example", "--all-models", "--retrain", "--out", str(tmp_path / "o")], catch_exceptions=False)
+    assert asked == [(k, False) for k in ("ctrnn", "cloud", "xgboost")]
+    assert res.output.count("(trained here)") == 3
+    res = CliRunner().invoke(cli_mod.cli, ["example", "--all-models", "--out", str(tmp_path / "p")], catch_exceptions=False)
+    assert asked[3:] == [(k, True) for k in ("ctrnn", "cloud", "xgboost")] and res.output.count("(shipped)") == 3
+    res = CliRunner().invoke(cli_mod.cli, ["example", "--retrain", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "add --all-models" in res.output and "Traceback" not in res.output
