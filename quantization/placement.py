@@ -73,13 +73,20 @@ def _fallback_reasons(params: QuantParams) -> dict[str, str]:
         str(name): (f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the calibration windows, under "
                     f"{sf.get('target_db'):g} dB; keeping it float added {gain:.1f} dB")
         for name, gain in (sf.get("gains_db") or {}).items()}
-    if sf.get("search"):  # mixed_precision._int8_back_under_floor: the greedy stalled, the search went from all-float
-        back = sf["search"]
+    back = sf.get("search") or {}  # mixed_precision._int8_back_under_floor: the greedy stalled, the search went from all-float
+    if back.get("accepted"):
         for name in sf.get("kept", ()):
             floor[str(name)] = (f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the calibration windows, "
                                 f"under {sf.get('target_db'):g} dB, and no single unit kept float raised it enough; from every unit "
                                 f"float, {len(back.get('int8_order', ()))} went back to INT8 (most MACs first) while the floor "
                                 f"held ({sf.get('final_db')} dB): this one could not")
+    elif back:  # not taken: the greedy's units stay float for what they added, and the floor is missed (sqnr_floor_hint)
+        for name in sf.get("kept", ()):
+            floor[str(name)] = (floor.get(str(name), f"calibration SQNR floor: INT8 output {sf.get('initial_db')} dB vs FP32 on the "
+                                                     f"calibration windows, under {sf.get('target_db'):g} dB")
+                                + f"; the floor was not met ({sf.get('final_db')} dB): from every unit float, only "
+                                f"{100 * back.get('int8_macs_share', 0.0):.1f} % of the weighted layers' MACs could go back to INT8 "
+                                f"while it held, under the {100 * back.get('min_int8_macs_share', 0.25):.0f} % a placement needs")
     st = sf.get("structural") or {}  # mixed_precision.structural_regions kept float as one group
     ops = {t: ", ".join(r["ops"]) for r in st.get("regions", ()) for t in [*r["tensors"], *r.get("matmul_outputs", ())]}
     for name in st.get("float_tensors", ()):

@@ -41,6 +41,14 @@ def test_a_placement_with_too_few_int8_macs_is_not_taken_and_the_hint_says_so(s2
     hint = sqnr_floor_hint(kept)
     assert hint is not None and "could go back to INT8" in hint and "fp16/fp32" in hint
     assert f"floor ({floor:g} dB) was not met" in hint
+    # the greedy's units keep the greedy's reason in the manifest, and say the floor was missed; the search's story
+    # ("went back to INT8 while the floor held") is not told of a placement that was not taken
+    kept1, res1 = raise_until_sqnr(s2p_model, params, calib, floor + 30.0, fallback="float", max_units=1)
+    assert res1.kept and res1.search is not None and not res1.search["accepted"]
+    from nilmc.quantization.placement import op_placement
+
+    why = {f["name"]: f["why"] for f in op_placement(s2p_model, kept1)["float"]}[res1.kept[0]]
+    assert "keeping it float added" in why and "floor was not met" in why and "while the floor held" not in why, why
 
 
 def test_the_floor_scores_the_output_step_a_sequence_model_is_judged_on() -> None:
